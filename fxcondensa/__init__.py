@@ -1,0 +1,45 @@
+"""fxcondensa: programmable compression and network thinning for PyTorch, on torch.fx.
+
+The API follows NVIDIA Condensa's (``Compressor``, ``opt``, ``schemes``, ``float16``), so its tutorial runs
+after ``import fxcondensa as condensa``; ``thin`` adds what Condensa never shipped: pruned channels
+physically removed from the graph.
+"""
+
+import torch
+
+from . import functional, schemes
+from .compression import compress, density, layer_densities
+from .errors import (
+    ExampleInputError,
+    FileFormatError,
+    FxCondensaError,
+    ThinningCheckError,
+    TraceError,
+)
+from .footprint import footprint
+from .graph import trace
+
+float16 = torch.float16
+bfloat16 = torch.bfloat16
+float32 = torch.float32
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExampleInputError",
+    "FileFormatError",
+    "FxCondensaError",
+    "ThinningCheckError",
+    "TraceError",
+    "bfloat16",
+    "compress",
+    "density",
+    "float16",
+    "float32",
+    "footprint",
+    "functional",
+    "layer_densities",
+    "models",
+    "schemes",
+    "trace",
+]

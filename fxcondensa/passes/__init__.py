@@ -1,0 +1,1 @@
+"""Graph passes: annotation of parameters, channel analysis, thinning, profiling."""
