@@ -4,10 +4,10 @@ No test touches the network (every call that could download passes download=Fals
 (FXCONDENSA_DATA points at a temporary cache).
 """
 
-from __future__ import os
-import annotations
+from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import pytest
