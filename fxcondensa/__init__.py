@@ -18,6 +18,8 @@ from .errors import (
 )
 from .footprint import footprint
 from .graph import trace
+from .passes.profile import measure_latency
+from .report import Report, report
 
 float16 = torch.float16
 bfloat16 = torch.bfloat16
@@ -29,6 +31,7 @@ __all__ = [
     "ExampleInputError",
     "FileFormatError",
     "FxCondensaError",
+    "Report",
     "ThinningCheckError",
     "TraceError",
     "bfloat16",
@@ -39,7 +42,9 @@ __all__ = [
     "footprint",
     "functional",
     "layer_densities",
+    "measure_latency",
     "models",
+    "report",
     "schemes",
     "trace",
 ]

@@ -1,0 +1,136 @@
+"""MACs and parameter counts against hand counts; latency measurement structure (never its values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxcondensa.models import LeNet5
+from fxcondensa.passes.profile import Latency, measure_latency, node_latency, profile_costs
+
+
+def by_layer(model: nn.Module, *shape: int) -> dict:
+    return {c.layer: c for c in profile_costs(model, torch.randn(*shape))}
+
+
+def test_lenet5_macs_and_params_match_hand_counts():
+    c = by_layer(LeNet5(), 1, 1, 28, 28)
+    assert c["conv1"].macs == 20 * 24 * 24 * (1 * 5 * 5)
+    assert c["conv2"].macs == 50 * 8 * 8 * (20 * 5 * 5)
+    assert c["ip1"].macs == 500 * 800
+    assert c["ip2"].macs == 10 * 500
+    assert c["relu_conv1"].macs == 20 * 24 * 24  # one per element
+    assert c["pool1"].macs == 20 * 12 * 12 * 4  # output elements x 2x2 window
+    assert c["view"].macs == 0 and c["view"].kind == "shape"
+    assert c["conv1"].params == 20 * 25 + 20
+    assert c["conv2"].params == 50 * 20 * 25 + 50
+    assert c["ip1"].params == 800 * 500 + 500
+    assert sum(x.params for x in c.values()) == sum(p.numel() for p in LeNet5().parameters())
+    assert c["conv1"].input_shapes == ((1, 1, 28, 28),) and c["conv1"].output_shape == (1, 20, 24, 24)
+
+
+def test_batch_size_scales_macs_not_params():
+    one, four = by_layer(LeNet5(), 1, 1, 28, 28), by_layer(LeNet5(), 4, 1, 28, 28)
+    assert four["conv2"].macs == 4 * one["conv2"].macs
+    assert four["conv2"].params == one["conv2"].params
+
+
+def test_grouped_and_depthwise_conv():
+    grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+    assert by_layer(nn.Sequential(grouped), 1, 8, 10, 10)["0"].macs == 16 * 10 * 10 * (2 * 3 * 3)
+    depthwise = nn.Conv2d(8, 8, 3, groups=8)
+    assert by_layer(nn.Sequential(depthwise), 2, 8, 6, 6)["0"].macs == 2 * 8 * 4 * 4 * 9
+
+
+def test_conv_transpose_counts_input_elements_times_kernel():
+    ct = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)
+    c = by_layer(nn.Sequential(ct), 1, 4, 5, 5)["0"]
+    assert c.kind == "conv_transpose" and c.macs == 4 * 5 * 5 * 3 * 9
+
+
+def test_linear_on_3d_input():
+    c = by_layer(nn.Sequential(nn.Linear(7, 3)), 2, 5, 7)["0"]
+    assert c.macs == 2 * 5 * 3 * 7 and c.params == 7 * 3 + 3
+
+
+class Functional(nn.Module):
+    """Parameters read through get_attr by functional calls; matmul, bmm, norm and pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.fc = nn.Parameter(torch.randn(4, 6))
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x, a, b):
+        y = F.conv2d(x, self.w)  # 1x6x6x6
+        y = self.bn(y)
+        y = F.max_pool2d(y, 2)  # 1x6x3x3
+        y = F.adaptive_avg_pool2d(y, 1).flatten(1)  # 1x6
+        y = F.linear(y, self.fc)  # 1x4
+        return y + torch.bmm(a, b).sum() + (a @ b).mean()
+
+
+def test_functional_ops_and_matmul():
+    x, a, b = torch.randn(1, 3, 8, 8), torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    c = {k.name: k for k in profile_costs(Functional(), (x, a, b))}
+    assert c["conv2d"].macs == 6 * 6 * 6 * 27 and c["conv2d"].params == 6 * 27
+    assert c["bn"].kind == "norm" and c["bn"].macs == 6 * 6 * 6
+    assert c["max_pool2d"].macs == 6 * 3 * 3 * 4
+    assert c["adaptive_avg_pool2d"].macs == 6 * 3 * 3
+    assert c["linear"].macs == 4 * 6 and c["linear"].params == 24
+    assert c["bmm"].macs == 2 * 3 * 5 * 4
+    assert c["matmul"].macs == 2 * 3 * 5 * 4
+
+
+def test_shared_module_parameters_counted_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    costs = profile_costs(Twice(), torch.randn(1, 4))
+    assert [c.params for c in costs] == [20, 0] and [c.macs for c in costs] == [16, 16]
+
+
+def test_nonzero_params_count_pruned_zeros():
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+    c = by_layer(model, 1, 4)["0"]
+    assert (c.params, c.nonzero_params) == (8, 4)
+
+
+def test_profile_without_shapes_says_how_to_get_them():
+    with pytest.raises(ValueError, match="example_inputs"):
+        profile_costs(LeNet5())
+
+
+def test_measure_latency_records_its_conditions_and_restores_training_mode():
+    model = LeNet5().train()
+    lat = measure_latency(model, torch.randn(3, 1, 28, 28), warmup=1, repeat=4)
+    assert isinstance(lat, Latency)
+    assert (lat.repeat, lat.warmup, lat.batch_size, lat.device) == (4, 1, 3, "cpu")
+    assert lat.threads == torch.get_num_threads()
+    assert lat.min_ms <= lat.q1_ms <= lat.median_ms <= lat.q3_ms <= lat.max_ms
+    assert lat.iqr_ms >= 0 and "ms median" in str(lat)
+    assert model.training and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("kw", [{"repeat": 0}, {"warmup": -1}, {"repeat": 2.5}])
+def test_measure_latency_rejects_bad_counts(kw):
+    with pytest.raises(ValueError, match="warmup|repeat"):
+        measure_latency(LeNet5(), torch.randn(1, 1, 28, 28), **kw)
+
+
+def test_node_latency_times_every_computing_node():
+    lat = node_latency(LeNet5(), torch.randn(1, 1, 28, 28), warmup=1, repeat=2)
+    assert {"conv1", "conv2", "ip1", "ip2", "view"} <= set(lat.per_node_ms)
+    assert "x" not in lat.per_node_ms and "output" not in lat.per_node_ms
+    assert lat.sum_ms == pytest.approx(sum(lat.per_node_ms.values()))
+    assert lat.whole.repeat == 2 and "whole-model median" in lat.note()
