@@ -7,7 +7,7 @@ physically removed from the graph.
 
 import torch
 
-from . import functional, schemes
+from . import export, functional, schemes
 from .compression import compress, density, layer_densities
 from .errors import (
     ExampleInputError,
@@ -37,6 +37,7 @@ __all__ = [
     "bfloat16",
     "compress",
     "density",
+    "export",
     "float16",
     "float32",
     "footprint",
