@@ -1,0 +1,92 @@
+"""Small models shared by the foundation tests (plain helpers, no fixtures).
+
+LeNet5 comes from ``fxcondensa.models`` (the tutorial's network); the others are tiny graphs that cover
+buffers (BatchNorm running statistics), convolutions and parameter sharing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from fxcondensa.models import LeNet5
+
+__all__ = ["LeNet5", "MLP", "ConvBN", "Tied", "state_hash", "lenet_input", "make_mlp", "make_convnet"]
+
+
+class MLP(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Linear, so that buffers travel with the parameters."""
+
+    def __init__(self, sizes: tuple[int, ...] = (8, 16, 4)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers += [nn.BatchNorm1d(b), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvBN(nn.Module):
+    """Conv -> BatchNorm2d -> ReLU -> pooled Linear head."""
+
+    def __init__(self, cin: int = 3, cmid: int = 8, k: int = 3, classes: int = 5):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cmid, k, padding=k // 2)
+        self.bn = nn.BatchNorm2d(cmid)
+        self.head = nn.Linear(cmid, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class Tied(nn.Module):
+    """Two Linear layers sharing one weight: the state dict names the same tensor twice."""
+
+    def __init__(self, n: int = 6):
+        super().__init__()
+        self.a = nn.Linear(n, n)
+        self.b = nn.Linear(n, n)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> MLP:
+    """An MLP with random weights and non-trivial BatchNorm statistics (a few training-mode passes)."""
+    torch.manual_seed(seed)
+    model = MLP(sizes)
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(16, sizes[0]))
+    return model.eval()
+
+
+def make_convnet(cin: int, cmid: int, k: int, seed: int = 0) -> ConvBN:
+    """A ConvBN with random weights and moved BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = ConvBN(cin, cmid, k)
+    with torch.no_grad():
+        model(torch.randn(4, cin, 6, 6))
+    return model.eval()
+
+
+def lenet_input(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 1, 28, 28)
+
+
+def state_hash(model: nn.Module) -> str:
+    """A digest of every parameter and buffer (names, dtypes, shapes, bytes): equal iff the state is equal."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=False).items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
