@@ -20,6 +20,7 @@ from .footprint import footprint
 from .graph import trace
 from .passes.profile import measure_latency
 from .report import Report, report
+from .serialize import load_compressed, save_compressed
 
 float16 = torch.float16
 bfloat16 = torch.bfloat16
@@ -43,9 +44,11 @@ __all__ = [
     "footprint",
     "functional",
     "layer_densities",
+    "load_compressed",
     "measure_latency",
     "models",
     "report",
+    "save_compressed",
     "schemes",
     "trace",
 ]
