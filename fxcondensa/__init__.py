@@ -7,7 +7,7 @@ physically removed from the graph.
 
 import torch
 
-from . import export, functional, schemes
+from . import export, functional, models, schemes
 from .compression import compress, density, layer_densities
 from .errors import (
     ExampleInputError,
@@ -19,6 +19,7 @@ from .errors import (
 from .footprint import footprint
 from .graph import trace
 from .passes.profile import measure_latency
+from .passes.thin import thin
 from .report import Report, report
 from .serialize import load_compressed, save_compressed
 
@@ -50,5 +51,6 @@ __all__ = [
     "report",
     "save_compressed",
     "schemes",
+    "thin",
     "trace",
 ]

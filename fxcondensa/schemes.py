@@ -270,3 +270,10 @@ class Compose(Scheme):
         return f"Compose({self.schemes!r})"
 
 
+
+
+# The structured schemes need the channel analysis, so they live in structured.py; Condensa users import
+# them from here.
+from .structured import FilterPrune, NeuronPrune, StructurePrune  # noqa: E402
+
+__all__ += ["FilterPrune", "NeuronPrune", "StructurePrune"]

@@ -1,0 +1,216 @@
+"""Structured schemes: ``NeuronPrune``, ``FilterPrune`` and ``StructurePrune`` act on channel groups.
+
+A channel's score aggregates every producer row that creates it (all the convs summed into one residual
+stream, the squeeze-excitation conv multiplied into it, ...). The kept channels are chosen with one global
+threshold over the scores (Condensa's rule) or per layer; the masks then zero, for each pruned channel,
+the producers' rows, their biases and the per-channel parameters of the norm layers in the group, so that
+the channel is exactly zero everywhere and ``thin`` can remove it without changing any output.
+
+Example:
+    >>> import torch, torchvision, fxcondensa
+    >>> from fxcondensa.schemes import StructurePrune
+    >>> w = fxcondensa.compress(torchvision.models.resnet18(), StructurePrune(0.5), torch.randn(1, 3, 64, 64))
+    >>> fxcondensa.thin(w, example_inputs=torch.randn(1, 3, 64, 64)).fc.in_features < 512
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import functional as F
+from .passes.annotate import annotate_param, param_owners
+from .passes.channels import ChannelAnalysis, analyze
+from .schemes import Scheme, _LayerSelection, _match, validate_density
+
+__all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "channel_scores", "select_channels"]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+# How each built-in criteria combines per-row partial results across several producers of one channel.
+_STATS = ("sumsq", "amax", "amin", "sumabs", "count")
+
+
+def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any = "l2norm") -> torch.Tensor:
+    """One score per channel, over the rows of all its producers (NaN for channels without producers)."""
+    n = analysis.num_channels
+    producers = [s for s in analysis.slices if s.role == "producer"]
+    rows_of = []
+    for s in producers:
+        w = gm.get_parameter(s.path).detach().float()
+        rows_of.append((analysis.channel_of[s.atoms], w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1)))
+    if isinstance(criteria, str):
+        F.resolve_criteria(criteria)  # validates the name
+        stats = {k: torch.zeros(n) for k in ("sumsq", "sumabs", "count")}
+        stats["amax"] = torch.full((n,), float("-inf"))
+        stats["amin"] = torch.full((n,), float("inf"))
+        for ch, rows in rows_of:
+            a = rows.abs()
+            stats["sumsq"].index_add_(0, ch, rows.pow(2).sum(1))
+            stats["sumabs"].index_add_(0, ch, a.sum(1))
+            stats["count"].index_add_(0, ch, torch.full((len(ch),), float(rows.shape[1])))
+            stats["amax"].scatter_reduce_(0, ch, a.amax(1), reduce="amax")
+            stats["amin"].scatter_reduce_(0, ch, a.amin(1), reduce="amin")
+        has = stats["count"] > 0
+        score = {
+            "l2norm": stats["sumsq"].sqrt(),
+            "max": stats["amax"],
+            "min": stats["amin"],
+            "sum": stats["sumabs"],
+            "mean": stats["sumabs"] / stats["count"].clamp(min=1),
+        }[criteria]
+        return torch.where(has, score, torch.full_like(score, float("nan")))
+    # A custom criteria sees the concatenated rows of each channel: slower, but any function works.
+    fn = F.resolve_criteria(criteria)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for ch, rows in rows_of:
+        for c, r in zip(ch.tolist(), rows, strict=True):
+            parts[c].append(r)
+    return torch.tensor([float(fn(torch.cat(p), (0,))) if p else float("nan") for p in parts])
+
+
+def _balance_grouped(analysis: ChannelAnalysis, keep: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
+    """Keep more channels until every tied grouped conv keeps the same count in each non-empty conv group."""
+    keep = keep.clone()
+    changed = True
+    while changed:
+        changed = False
+        for gc in analysis.grouped:
+            ch = analysis.channel_of[gc.out_atoms].view(gc.groups, -1)
+            k = keep[ch]
+            counts = k.sum(1)
+            target = int(counts.max())
+            for j in torch.nonzero((counts > 0) & (counts < target)).flatten().tolist():
+                missing = ch[j][~k[j]]
+                order = torch.argsort(score[missing], descending=True) if score is not None else torch.arange(len(missing))
+                keep[missing[order[: target - int(counts[j])]]] = True
+                changed = True
+    return keep
+
+
+def select_channels(analysis: ChannelAnalysis, score: torch.Tensor, candidate: torch.Tensor, density: float,
+                    own: Mapping[int, float], align: int | None) -> torch.Tensor:
+    """Bool per channel: True keeps. Non-candidates are always kept.
+
+    Global rule: one threshold over the candidates' scores keeps a ``density`` fraction (Condensa's rule).
+    ``own`` maps group ids to densities of their own. Every group keeps at least one channel (``align``
+    when given), ``align`` rounds each group's kept count up to a multiple of it, and tied grouped convs
+    keep equal counts per conv group.
+    """
+    keep = ~candidate.clone()
+    glob = candidate.clone()
+    for g in own:
+        glob[analysis.groups[g].channels] = False
+    if glob.any():
+        threshold = F.magnitude_threshold(score[glob], density)
+        keep |= glob & (score >= threshold)
+    for g, d in own.items():
+        ch = analysis.groups[g].channels
+        ch = ch[candidate[ch]]
+        if ch.numel():
+            k = F.keep_count(ch.numel(), d)
+            keep[ch[torch.topk(score[ch], k).indices]] = True
+    for group in analysis.groups:
+        ch = group.channels[candidate[group.channels]]
+        if not ch.numel():
+            continue
+        kept = int(keep[ch].sum()) + int((~candidate[group.channels]).sum())
+        total = group.channels.numel()
+        want = max(kept, 1)
+        if align:
+            want = min(total, max(align, -(-want // align) * align))
+        extra = want - kept
+        if extra > 0:
+            dropped = ch[~keep[ch]]
+            keep[dropped[torch.topk(score[dropped], min(extra, dropped.numel())).indices]] = True
+    return _balance_grouped(analysis, keep, score)
+
+
+class _ChannelPrune(Scheme, _LayerSelection):
+    """Shared machinery; subclasses choose which producers define the channels they may prune."""
+
+    _producer_types: tuple[type[nn.Module], ...] = ()
+
+    def __init__(self, density: float, align: int | None = None, criteria: Any = "l2norm", prune_bias: bool = True,
+                 layers: Mapping[str, float] | None = None, exclude: Sequence[str] | str | None = None):
+        self.density = validate_density(density)
+        if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
+            raise ValueError(f"align must be a positive int (e.g. 8) or None, got {align!r}")
+        self.align = align
+        F.resolve_criteria(criteria)
+        self.criteria = criteria
+        if not isinstance(prune_bias, bool):
+            raise TypeError(f"prune_bias must be True or False, got {prune_bias!r}")
+        self.prune_bias = prune_bias
+        self._init_selection(layers, exclude)
+
+    def _eligible(self, gm: fx.GraphModule, producers: list[str]) -> bool:
+        modules = dict(gm.named_modules())
+        return any(isinstance(modules.get(p), self._producer_types) for p in producers)
+
+    def annotate(self, gm: fx.GraphModule) -> None:
+        if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+            raise ValueError(f"{type(self).__name__} needs shapes: give example inputs, e.g. "
+                             "fxcondensa.compress(model, scheme, torch.randn(1, 3, 224, 224))")
+        analysis = analyze(gm)
+        frozen = analysis.frozen_channels()
+        names = [p for g in analysis.groups for p in g.producers]
+        excluded = {n for pat in self.exclude for n in _match(names, pat, "exclude pattern")}
+        own: dict[int, float] = {}
+        for pat, d in self.layers.items():
+            hits = set(_match(names, pat, "layers pattern"))
+            for g in analysis.groups:
+                if hits & set(g.producers):
+                    own.setdefault(g.id, d)
+        candidate = ~frozen
+        for g in analysis.groups:
+            if not self._eligible(gm, g.producers) or excluded & set(g.producers):
+                candidate[g.channels] = False
+                own.pop(g.id, None)
+        score = channel_scores(gm, analysis, self.criteria)
+        candidate &= ~torch.isnan(score)
+        keep = select_channels(analysis, score, candidate, self.density, own, self.align)
+        self._annotate_masks(gm, analysis, keep)
+
+    def _annotate_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
+        params = dict(gm.named_parameters())
+        owners = param_owners(gm)
+        roles = ("producer", "norm", "bias") if self.prune_bias else ("producer", "norm")
+        for s in analysis.slices:
+            if s.role not in roles or s.path not in params or s.path not in owners:
+                continue
+            k = keep[analysis.channel_of[s.atoms]]
+            if bool(k.all()):
+                continue
+            shape = [1] * params[s.path].dim()
+            shape[s.dim] = -1
+            mask = k.view(shape).expand_as(params[s.path]).clone()
+            annotate_param(gm, s.path, mask=mask, owners=owners)
+
+
+class NeuronPrune(_ChannelPrune):
+    """Prune neurons (output features) of Linear layers, with the channels tied to them.
+
+    Example:
+        >>> NeuronPrune(0.5, align=8)
+        NeuronPrune(density=0.5, align=8, criteria='l2norm', prune_bias=True, layers={}, exclude=[])
+    """
+
+    _producer_types = (nn.Linear,)
+
+
+class FilterPrune(_ChannelPrune):
+    """Prune filters (output channels) of Conv layers, with the channels tied to them."""
+
+    _producer_types = _CONV_TYPES
+
+
+class StructurePrune(_ChannelPrune):
+    """Prune neurons and filters with one threshold (Condensa's ``StructurePrune``)."""
+
+    _producer_types = (nn.Linear, *_CONV_TYPES)
