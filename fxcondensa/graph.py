@@ -144,14 +144,17 @@ class _ShapeProp(fx.Interpreter):
         return result
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
-    """Run ShapeProp in eval mode without gradients, restoring each submodule's training flag."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> Any:
+    """Run shape propagation in eval mode without gradients; returns the model's outputs.
+
+    Each submodule's training flag is restored afterwards.
+    """
     inputs = as_input_tuple(example_inputs)
     modes = {name: m.training for name, m in gm.named_modules()}
     gm.eval()
     try:
         with torch.no_grad():
-            _ShapeProp(gm).run(*inputs)
+            return _ShapeProp(gm).run(*inputs)
     except ExampleInputError as exc:
         shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
                            else type(t).__name__ for t in inputs)

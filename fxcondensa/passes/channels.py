@@ -23,6 +23,7 @@ the thinning pass and the structured schemes read it, neither reaches back into 
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,6 +283,11 @@ _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permu
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+
+
+def _zero_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """True for each index along ``dim`` whose slice is all zeros (abs/amax: far faster than bool any)."""
+    return t.movedim(dim, 0).reshape(t.shape[dim], -1).abs().amax(1) == 0
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -572,9 +578,7 @@ class _Analyzer:
         gm = self.gm
 
         def rule(z: dict[str, Any]) -> torch.Tensor:
-            w = gm.get_parameter(weight).detach()
-            dims = [d for d in range(w.dim()) if d != dim]
-            zero = ~(w != 0).any(dim=dims) if dims else w == 0
+            zero = _zero_rows(gm.get_parameter(weight).detach(), dim)
             if bias is not None:
                 zero = zero & (gm.get_parameter(bias).detach() == 0)
             return zero
@@ -715,9 +719,9 @@ class _Analyzer:
             if kind == "scalar":
                 return torch.full((n,), val == 0, dtype=torch.bool)
             if kind == "attr":
-                t = gm.get_parameter(val[0]) if val[0] in dict(gm.named_parameters()) else gm.get_buffer(val[0])
-                other = [k for k in range(t.dim()) if k != val[1]]
-                return ~(t.detach() != 0).any(dim=other) if other else t.detach() == 0
+                owner, _, attr = val[0].rpartition(".")
+                t = getattr(gm.get_submodule(owner) if owner else gm, attr)
+                return _zero_rows(t.detach(), val[1])
             return torch.zeros(n, dtype=torch.bool)
 
         def rule(z: dict[str, Any]) -> torch.Tensor:
@@ -958,10 +962,24 @@ def analyze(gm: fx.GraphModule) -> ChannelAnalysis:
         >>> [(g.name, g.channels.numel(), g.frozen) for g in a.groups][:2]
         [('conv1', 20, []), ('conv2', 50, [])]
     """
+    cached = _CACHE.get(gm)
+    if cached is not None and cached[0] == _graph_key(gm):
+        return cached[1]
     if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
         raise ValueError("analyze needs shape metadata: trace the model with example inputs "
                          "(fxcondensa.trace(model, example_inputs))")
-    return _Analyzer(gm).run()
+    analysis = _Analyzer(gm).run()
+    # Schemes and thin analyse the same graph in turn; the result depends on structure and shapes only
+    # (zero rules read the weights when they run), so it is kept until the graph changes.
+    _CACHE[gm] = (_graph_key(gm), analysis)
+    return analysis
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _graph_key(gm: fx.GraphModule) -> tuple:
+    return tuple((n.name, n.op, str(n.target), id(n.meta.get("tensor_meta"))) for n in gm.graph.nodes)
 
 
 @torch.no_grad()

@@ -121,6 +121,17 @@ def _slice_tensors(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
             _set_tensor(gm, name, value)
 
 
+def _copy_without_annotations(gm: fx.GraphModule) -> fx.GraphModule:
+    """Deep copy of ``gm`` whose nodes carry no fxcondensa metadata: masks and channel infos describe the
+    dense shapes, so they would be wrong on the thinned model, and copying them costs time."""
+    saved = {n: n.meta.pop(META) for n in gm.graph.nodes if META in n.meta}
+    try:
+        return copy.deepcopy(gm)
+    finally:
+        for n, meta in saved.items():
+            n.meta[META] = meta
+
+
 def _kept_count(analysis: ChannelAnalysis, keep: torch.Tensor, info: Any) -> int | None:
     return int(keep[analysis.channel_of[info.atoms]].sum()) if isinstance(info, ChanInfo) else None
 
@@ -228,13 +239,13 @@ def _first_divergence(compressed: fx.GraphModule, thinned: fx.GraphModule, analy
 
 
 def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor,
-           inputs: tuple[torch.Tensor, ...]) -> None:
+           inputs: tuple[torch.Tensor, ...], thinned_outputs: Any) -> None:
     modes = [(m, m.training) for m in [*compressed.modules(), *thinned.modules()]]
     compressed.eval()
     thinned.eval()
     try:
         with torch.no_grad():
-            if not _outputs_close(compressed(*inputs), thinned(*inputs)):
+            if not _outputs_close(compressed(*inputs), thinned_outputs):
                 where = _first_divergence(compressed, thinned, analysis, keep, inputs)
                 raise ThinningCheckError(
                     f"the thinned model differs from the compressed model beyond rtol={RTOL}, atol={ATOL}, first at "
@@ -282,15 +293,15 @@ def thin(
             scheme.delta(compressed)
     analysis = analyze(compressed)
     keep = balance_grouped(analysis, ~removable_channels(compressed, analysis))
-    thinned = copy.deepcopy(compressed)
+    thinned = _copy_without_annotations(compressed)
     _slice_tensors(thinned, analysis, keep)
     _update_modules(thinned, analysis, keep)
     _rewrite_sizes(thinned, analysis, keep)
     thinned.graph.lint()
     thinned.recompile()
-    propagate_shapes(thinned, inputs)
+    outputs = propagate_shapes(thinned, inputs)
     if check:
-        _check(compressed, thinned, analysis, keep, inputs)
+        _check(compressed, thinned, analysis, keep, inputs, outputs)
     thinned.meta[META] = {
         "groups": [
             {"group": g.name, "producers": list(g.producers), "channels": int(g.channels.numel()),
