@@ -25,7 +25,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .graph import as_input_tuple, trace
-from .passes.profile import NodeCost, NodeLatency, node_latency, profile_costs
+from .passes.profile import NodeCost, NodeLatency, compare_latency, node_latency, profile_costs
 
 __all__ = ["report", "Report", "LayerRow", "frozen_groups"]
 
@@ -37,7 +37,8 @@ class LayerRow:
     """One computing node of the original graph, matched by node name with its counterpart in the other.
 
     ``None`` marks a side that lacks the node. ``density`` is the other model's non-zero parameters over the
-    original's parameters (pruned zeros and removed channels both lower it). Latencies are per-node medians
+    original's non-zero parameters (pruned zeros and removed channels both lower it; zeros the original
+    already had, such as freshly initialised biases, do not). ``None`` for layers without parameters. Latencies are per-node medians
     in milliseconds, ``None`` when latency was not measured. ``frozen`` holds the reasons of the frozen
     channel groups this layer belongs to ("" when none).
     """
@@ -124,7 +125,8 @@ class Report:
                       _pair(_get(t, "latency_before", "median_ms"), _get(t, "latency_after", "median_ms"), _ms)])
         lines = [tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True), ""]
         lines.append(f"parameters: {t['params_before']} -> {t['params_after']} ({_ratio(t['params_ratio'])} smaller), "
-                     f"non-zero after: {t['nonzero_params_after']} (density {t['density']:.4f})")
+                     f"non-zero {t['nonzero_params_before']} -> {t['nonzero_params_after']} "
+                     f"(density {t['density']:.4f})")
         lines.append(f"MACs: {t['macs_before']} -> {t['macs_after']} ({_ratio(t['macs_ratio'])} fewer)")
         if t.get("latency_before"):
             lines.append(f"latency before: {_latency_text(t['latency_before'])}")
@@ -189,7 +191,8 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, latency: 
 
     Neither model is changed: both are traced (copies) and run in eval mode without gradients. With
     ``latency=True`` every node is timed ``repeat`` times (after ``warmup`` runs) and the report notes how
-    the sum of per-layer medians compares with each whole model's median.
+    the sum of per-layer medians compares with each whole model's median. The two whole models are timed
+    in alternation, so that a busy machine slows both alike.
 
     Example:
         >>> import torch, fxcondensa
@@ -205,8 +208,9 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, latency: 
     lat_a: NodeLatency | None = None
     lat_b: NodeLatency | None = None
     if latency:
-        lat_a = node_latency(gm_a, inputs, warmup=warmup, repeat=repeat)
-        lat_b = node_latency(gm_b, inputs, warmup=warmup, repeat=repeat)
+        whole_a, whole_b = compare_latency([gm_a, gm_b], inputs, warmup=warmup, repeat=repeat)
+        lat_a = node_latency(gm_a, inputs, warmup=warmup, repeat=repeat, whole=whole_a)
+        lat_b = node_latency(gm_b, inputs, warmup=warmup, repeat=repeat, whole=whole_b)
     frozen = frozen_groups(other)
     reasons: dict[str, list[str]] = {}
     for g in frozen:
@@ -223,11 +227,11 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, latency: 
     rows = [_row(a, b, lat_a, lat_b, reasons) for a, b in pairs]
 
     p_a, p_b = sum(c.params for c in costs_a), sum(c.params for c in costs_b)
-    nz_b = sum(c.nonzero_params for c in costs_b)
+    nz_a, nz_b = sum(c.nonzero_params for c in costs_a), sum(c.nonzero_params for c in costs_b)
     m_a, m_b = sum(c.macs for c in costs_a), sum(c.macs for c in costs_b)
     totals: dict[str, Any] = {
         "params_before": p_a, "params_after": p_b, "params_ratio": _safe_div(p_a, p_b),
-        "nonzero_params_after": nz_b, "density": nz_b / p_a if p_a else 1.0,
+        "nonzero_params_before": nz_a, "nonzero_params_after": nz_b, "density": nz_b / nz_a if nz_a else 1.0,
         "macs_before": m_a, "macs_after": m_b, "macs_ratio": _safe_div(m_a, m_b),
         "latency_before": lat_a.whole.to_dict() if lat_a else None,
         "latency_after": lat_b.whole.to_dict() if lat_b else None,
@@ -251,7 +255,7 @@ def _row(a: NodeCost | None, b: NodeCost | None, lat_a: NodeLatency | None, lat_
     types = some.type if not (a and b) or a.type == b.type else f"{a.type} -> {b.type}"
     density = None
     if a is not None and b is not None:
-        density = b.nonzero_params / a.params if a.params else None
+        density = b.nonzero_params / a.nonzero_params if a.nonzero_params else None
     return LayerRow(
         layer=some.layer, type=types, kind=some.kind,
         input_shape_before=_first_input(a), input_shape_after=_first_input(b),

@@ -33,6 +33,7 @@ import operator
 import statistics
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ __all__ = [
     "profile_costs",
     "Latency",
     "measure_latency",
+    "compare_latency",
     "NodeTimer",
     "NodeLatency",
     "node_latency",
@@ -367,28 +369,53 @@ def measure_latency(model: nn.Module, example_inputs: Any, warmup: int = 10, rep
         >>> lat.repeat, lat.batch_size, lat.device
         (5, 1, 'cpu')
     """
+    return compare_latency([model], example_inputs, warmup=warmup, repeat=repeat)[0]
+
+
+def compare_latency(models: Sequence[nn.Module], example_inputs: Any, warmup: int = 10,
+                    repeat: int = 50) -> list[Latency]:
+    """Time several models on the same inputs, alternating run by run (A, B, A, B, ...).
+
+    Alternation spreads any drift of the machine (other processes, clock changes) over all models alike,
+    so their ratio is fairer than with back-to-back measurements.
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> from fxcondensa.passes.profile import compare_latency
+        >>> a, b = compare_latency([fxcondensa.models.LeNet5()] * 2, torch.randn(1, 1, 28, 28), repeat=3)
+        >>> a.repeat == b.repeat == 3
+        True
+    """
     _check_counts(warmup, repeat)
     inputs = as_input_tuple(example_inputs)
     device = _device(inputs)
-    times: list[float] = []
-    with _EvalMode(model), torch.no_grad():
-        for _ in range(warmup):
-            model(*inputs)
-        if device.type == "cuda":
-            for _ in range(repeat):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                start.record()
-                model(*inputs)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                model(*inputs)
-                times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times, warmup, inputs, device)
+    times: list[list[float]] = [[] for _ in models]
+    with ExitStack() as stack:
+        for m in models:
+            stack.enter_context(_EvalMode(m))
+        stack.enter_context(torch.no_grad())
+        for m in models:
+            for _ in range(warmup):
+                m(*inputs)
+        for _ in range(repeat):
+            for i, m in enumerate(models):
+                times[i].append(_time_once(m, inputs, device))
+    return [_summary(t, warmup, inputs, device) for t in times]
+
+
+def _time_once(model: nn.Module, inputs: tuple, device: torch.device) -> float:
+    """One run in milliseconds: CUDA events after a synchronisation on CUDA, perf_counter elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        model(*inputs)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    model(*inputs)
+    return (time.perf_counter() - t0) * 1e3
 
 
 class NodeTimer(fx.Interpreter):
@@ -455,8 +482,12 @@ class NodeLatency:
                 "Interpreter, which adds Python overhead per node)")
 
 
-def node_latency(model: nn.Module, example_inputs: Any, warmup: int = 3, repeat: int = 10) -> NodeLatency:
+def node_latency(model: nn.Module, example_inputs: Any, warmup: int = 3, repeat: int = 10,
+                 whole: Latency | None = None) -> NodeLatency:
     """Per-node median latency of ``model`` traced to a graph, and the whole graph's own latency.
+
+    ``whole`` is a whole-model measurement made elsewhere (e.g. by ``compare_latency``); without it the
+    graph is timed here.
 
     Example:
         >>> import torch, fxcondensa
@@ -476,4 +507,6 @@ def node_latency(model: nn.Module, example_inputs: Any, warmup: int = 3, repeat:
         for _ in range(repeat):
             timer.run(*inputs)
     per_node = {name: statistics.median(ts) for name, ts in timer.times.items()}
-    return NodeLatency(per_node_ms=per_node, whole=measure_latency(gm, inputs, warmup=warmup, repeat=repeat))
+    if whole is None:
+        whole = measure_latency(gm, inputs, warmup=warmup, repeat=repeat)
+    return NodeLatency(per_node_ms=per_node, whole=whole)
