@@ -7,8 +7,9 @@ physically removed from the graph.
 
 import torch
 
-from . import export, functional, models, schemes
+from . import export, functional, models, opt, schemes
 from .compression import compress, density, layer_densities
+from .compressor import Compressor
 from .errors import (
     ExampleInputError,
     FileFormatError,
@@ -30,6 +31,7 @@ float32 = torch.float32
 __version__ = "0.1.0"
 
 __all__ = [
+    "Compressor",
     "ExampleInputError",
     "FileFormatError",
     "FxCondensaError",
@@ -48,6 +50,7 @@ __all__ = [
     "load_compressed",
     "measure_latency",
     "models",
+    "opt",
     "report",
     "save_compressed",
     "schemes",

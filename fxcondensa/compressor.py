@@ -1,0 +1,164 @@
+"""``Compressor``: run an optimizer with a scheme on a model and collect statistics (Condensa's API).
+
+Example (the tutorial's lines, with fxcondensa in place of condensa):
+    >>> import torch, fxcondensa as condensa
+    >>> from torch.utils.data import TensorDataset
+    >>> from fxcondensa.schemes import Compose, Prune, Quantize
+    >>> data = TensorDataset(torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,)))
+    >>> MEM = Compose([Prune(0.007), Quantize(condensa.float16)])
+    >>> compressor = condensa.Compressor(condensa.opt.Direct(), MEM, condensa.models.LeNet5(),
+    ...                                  data, data, data, torch.nn.CrossEntropyLoss())
+    >>> w_MEM = compressor.run()
+    >>> compressor.statistics["footprint_values_ratio"] > 200
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .compression import density, layer_densities
+from .footprint import footprint
+from .schemes import is_scheme
+from .training import Batches, as_batches, evaluate
+
+__all__ = ["Compressor"]
+
+logger = logging.getLogger("fxcondensa")
+
+# Batch sizes when the optimizer has none (Direct): evaluation only.
+DEFAULT_BATCH_SIZE = 256
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _footprints(model: nn.Module) -> dict[str, int | None]:
+    sizes: dict[str, int | None] = {"values": footprint(model, "values")}
+    try:
+        sizes["stored"] = footprint(model, "stored")
+    except ImportError:  # the compact file format is not available in this build
+        sizes["stored"] = None
+    return sizes
+
+
+class Compressor:
+    """Compress ``model`` with ``scheme`` using optimizer ``opt``; ``run()`` returns the compressed model.
+
+    Args:
+        opt: ``fxcondensa.opt.Direct()`` or ``fxcondensa.opt.LC(...)`` (any object with their ``compress``).
+        scheme: a scheme from ``fxcondensa.schemes`` or any object with ``pi(module)`` and ``delta(module)``.
+        model: the trained model. It is never modified: the optimizer works on a traced copy.
+        trainset, testset, valset: datasets or DataLoaders of ``(inputs, targets)``; ``testset`` and
+            ``valset`` may be None. MNIST-sized datasets are held as tensors on the optimizer's device.
+        criterion: the loss, e.g. ``torch.nn.CrossEntropyLoss()``.
+
+    After ``run()``, ``statistics`` holds: ``optimizer`` and ``optimizer_config``, ``scheme`` (its repr),
+    ``{val,test}_{loss,accuracy}_{before,after}`` (accuracy in percent), ``density`` and
+    ``layer_densities`` of the result, ``footprint_{values,stored}_{before,after,ratio}`` (bytes; stored is
+    None if ``save_compressed`` is unavailable), ``elapsed_seconds``, plus what the optimizer reports
+    (for LC: ``history``, one dict per L-C iteration, and ``best_iteration``).
+    """
+
+    def __init__(self, opt: Any, scheme: Any, model: nn.Module, trainset: Any, testset: Any = None,
+                 valset: Any = None, criterion: Any = None):
+        if not callable(getattr(opt, "compress", None)):
+            raise TypeError(f"opt must be an optimizer such as fxcondensa.opt.Direct() or fxcondensa.opt.LC(...), "
+                            f"got {type(opt).__name__} {opt!r}")
+        if not is_scheme(scheme):
+            raise TypeError(f"scheme must be an fxcondensa scheme or an object with pi(module) and delta(module), "
+                            f"got {type(scheme).__name__} {scheme!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if trainset is None:
+            raise ValueError("trainset is required: example inputs for tracing (and L-C training) come from it")
+        if criterion is None:
+            criterion = nn.CrossEntropyLoss()
+        if not callable(criterion):
+            raise TypeError(f"criterion must be a loss callable(outputs, targets), got {type(criterion).__name__}")
+        self.opt, self.scheme, self.model, self.criterion = opt, scheme, model, criterion
+        self.trainset, self.testset, self.valset = trainset, testset, valset
+        self._statistics: dict[str, Any] | None = None
+
+    @property
+    def statistics(self) -> dict[str, Any] | None:
+        """The statistics of the last ``run()`` (None before)."""
+        return self._statistics
+
+    def _device(self) -> torch.device:
+        device = getattr(self.opt, "resolved_device", None)
+        return torch.device(device) if device is not None else _model_device(self.model)
+
+    def run(self) -> fx.GraphModule:
+        """Compress and return the compressed model (a ``GraphModule``, dense shapes, on the optimizer's device)."""
+        start = time.perf_counter()
+        device = self._device()
+        train_bs = int(getattr(self.opt, "l_batch_size", DEFAULT_BATCH_SIZE))
+        eval_bs = int(getattr(self.opt, "val_batch_size", DEFAULT_BATCH_SIZE))
+        train = as_batches(self.trainset, train_bs, device)
+        val = as_batches(self.valset, eval_bs, device) if self.valset is not None else None
+        test = as_batches(self.testset, eval_bs, device) if self.testset is not None else None
+        # Tracing needs a real batch from the training data: structured schemes read shapes from it.
+        example_inputs = train.first(2).to(_model_device(self.model))
+
+        stats: dict[str, Any] = {
+            "optimizer": type(self.opt).__name__,
+            "optimizer_config": dict(getattr(self.opt, "config", {})),
+            "scheme": repr(self.scheme),
+        }
+        before = self._baseline(device, val, test)
+        stats.update({f"{k}_before": v for k, v in before.items()})
+        fp_before = _footprints(self.model)
+
+        result, opt_stats = self.opt.compress(self.model, self.scheme, train, val, test, self.criterion,
+                                              example_inputs)
+        # The optimizer may hand back the metrics it already measured on exactly this model.
+        after = opt_stats.pop("result_metrics", None) or self._metrics(result, val, test)
+        result.train(self.model.training)
+        stats.update({f"{k}_after": v for k, v in after.items()})
+        stats["density"] = density(result)
+        stats["layer_densities"] = layer_densities(result)
+        fp_after = _footprints(result)
+        for kind in ("values", "stored"):
+            b, a = fp_before[kind], fp_after[kind]
+            stats[f"footprint_{kind}_before"] = b
+            stats[f"footprint_{kind}_after"] = a
+            stats[f"footprint_{kind}_ratio"] = (b / a) if (a and b is not None) else None
+        stats.update(opt_stats)
+        stats["elapsed_seconds"] = time.perf_counter() - start
+        self._statistics = stats
+        for key in ("val", "test"):
+            if f"{key}_accuracy_after" in stats:
+                logger.info("[fxcondensa] %s accuracy: %.2f%% before, %.2f%% after", key.upper(),
+                            stats[f"{key}_accuracy_before"], stats[f"{key}_accuracy_after"])
+        return result
+
+    def _baseline(self, device: torch.device, val: Batches | None, test: Batches | None) -> dict[str, float]:
+        # Evaluate in place when the model is already on the device (evaluate restores its train/eval flag
+        # and runs under no_grad, so nothing in it changes); otherwise a temporary copy on the device.
+        model = self.model if _model_device(self.model) == device else copy.deepcopy(self.model).to(device)
+        metrics = self._metrics(model, val, test)
+        for key in ("val", "test"):
+            if f"{key}_loss" in metrics:
+                logger.info("[fxcondensa] w %s\tloss=%.5f, top1:%.2f", key.upper(), metrics[f"{key}_loss"],
+                            metrics[f"{key}_accuracy"])
+        return metrics
+
+    def _metrics(self, model: nn.Module, val: Batches | None, test: Batches | None) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for key, data in (("val", val), ("test", test)):
+            if data is not None:
+                metrics[f"{key}_loss"], metrics[f"{key}_accuracy"] = evaluate(model, data, self.criterion)
+        return metrics

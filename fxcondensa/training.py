@@ -1,0 +1,231 @@
+"""Batches, evaluation and BatchNorm recalibration shared by the optimizers and the Compressor.
+
+Small datasets (MNIST-sized ones and ``TensorDataset`` s) are held as two tensors on the device and
+batched by indexing: no DataLoader, no workers, no per-item Python. Anything else goes through a
+``DataLoader`` (the user's own, when one is given, used as it is).
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from fxcondensa.training import as_batches, evaluate
+    >>> data = as_batches(TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,))), batch_size=4)
+    >>> [len(y) for _, y in data.ordered()]
+    [4, 4, 2]
+    >>> loss, accuracy = evaluate(torch.nn.Linear(4, 3), data, torch.nn.CrossEntropyLoss())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+__all__ = [
+    "Batches",
+    "TensorBatches",
+    "LoaderBatches",
+    "as_batches",
+    "evaluate",
+    "recalibrate_bn",
+    "has_batchnorm",
+]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Batches:
+    """A source of ``(inputs, targets)`` batches on one device."""
+
+    device: torch.device
+
+    def __len__(self) -> int:  # number of samples
+        raise NotImplementedError
+
+    def ordered(self) -> Iterator[Batch]:
+        """Every sample once, in order (evaluation)."""
+        raise NotImplementedError
+
+    def shuffled(self, generator: torch.Generator) -> Iterator[Batch]:
+        """An endless stream of training batches; the order depends only on ``generator``."""
+        raise NotImplementedError
+
+    def first(self, n: int) -> torch.Tensor:
+        """The inputs of the first ``n`` samples: example inputs for tracing."""
+        x, _ = next(iter(self.ordered()))
+        return x[:n]
+
+
+class TensorBatches(Batches):
+    """Samples held as two tensors on the device; batches are index gathers."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device: Any = None):
+        if len(inputs) != len(targets):
+            raise ValueError(f"inputs and targets differ in length: {len(inputs)} vs {len(targets)}")
+        if len(inputs) == 0:
+            raise ValueError("the dataset is empty; give at least one sample")
+        self.device = torch.device(device) if device is not None else inputs.device
+        self.inputs = inputs.to(self.device)
+        self.targets = targets.to(self.device)
+        self.batch_size = int(batch_size)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def ordered(self) -> Iterator[Batch]:
+        for i in range(0, len(self), self.batch_size):
+            yield self.inputs[i:i + self.batch_size], self.targets[i:i + self.batch_size]
+
+    def shuffled(self, generator: torch.Generator) -> Iterator[Batch]:
+        n, b = len(self), min(self.batch_size, len(self))
+        while True:
+            # The permutation is drawn on the CPU generator (device generators differ across devices);
+            # the incomplete last batch of each epoch is dropped so every step sees a full batch.
+            perm = torch.randperm(n, generator=generator).to(self.device)
+            for i in range(0, n - b + 1, b):
+                idx = perm[i:i + b]
+                yield self.inputs[idx], self.targets[idx]
+
+
+class LoaderBatches(Batches):
+    """A DataLoader's batches moved to the device. A user's loader is used as given (its own order)."""
+
+    def __init__(self, loader: DataLoader | None, device: Any, dataset: Dataset | None = None,
+                 batch_size: int = 256):
+        self.loader, self.dataset, self.batch_size = loader, dataset, int(batch_size)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.loader.dataset if self.loader is not None else self.dataset)  # type: ignore[arg-type]
+
+    def _move(self, batch: Any) -> Batch:
+        x, y = batch[0], batch[1]
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def ordered(self) -> Iterator[Batch]:
+        loader = self.loader or DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)  # type: ignore[arg-type]
+        for batch in loader:
+            yield self._move(batch)
+
+    def shuffled(self, generator: torch.Generator) -> Iterator[Batch]:
+        if self.loader is not None:
+            loader = self.loader  # its sampler draws from the global RNG, which the caller seeds
+        else:
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,  # type: ignore[arg-type]
+                                drop_last=len(self.dataset) >= self.batch_size, generator=generator)  # type: ignore[arg-type]
+        while True:
+            empty = True
+            for batch in loader:
+                empty = False
+                yield self._move(batch)
+            if empty:
+                raise ValueError("the training data yielded no batch; give a non-empty dataset")
+
+
+def _tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The dataset as (inputs, targets) tensors when that is cheap and exact, else None."""
+    base = dataset
+    while isinstance(base, Subset):
+        base = base.dataset
+    if isinstance(base, TensorDataset) and len(base.tensors) >= 2:
+        if isinstance(dataset, TensorDataset):
+            return dataset.tensors[0], dataset.tensors[1]
+        idx = _subset_indices(dataset)
+        return base.tensors[0][idx], base.tensors[1][idx]
+    from .data import _as_tensors_fast  # MNIST-like datasets with a ToTensor/Normalize transform
+
+    return _as_tensors_fast(dataset)
+
+
+def _subset_indices(dataset: Dataset) -> torch.Tensor:
+    indices: torch.Tensor | None = None
+    while isinstance(dataset, Subset):
+        own = torch.as_tensor(dataset.indices, dtype=torch.int64)
+        indices = own if indices is None else own[indices]
+        dataset = dataset.dataset
+    assert indices is not None
+    return indices
+
+
+def as_batches(data: Any, batch_size: int, device: Any = None) -> Batches:
+    """Wrap a dataset or DataLoader as :class:`Batches` on ``device`` (CPU when None).
+
+    MNIST-like datasets (as :func:`fxcondensa.data.load_dataset` returns, and Subsets of them) and
+    TensorDatasets are held as tensors on the device; a DataLoader is used as given (its batch size);
+    any other dataset is read through a DataLoader of ``batch_size`` without workers.
+    """
+    if isinstance(data, Batches):
+        return data
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(data, DataLoader):
+        return LoaderBatches(data, device)
+    if isinstance(data, Dataset):
+        tensors = _tensors_of(data)
+        if tensors is not None:
+            return TensorBatches(tensors[0], tensors[1], batch_size, device)
+        return LoaderBatches(None, device, dataset=data, batch_size=batch_size)
+    raise TypeError(f"expected a torch Dataset or DataLoader, got {type(data).__name__}; "
+                    "wrap tensors as torch.utils.data.TensorDataset(inputs, targets)")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, criterion: Callable[..., torch.Tensor]) -> tuple[float, float]:
+    """``(mean loss, top-1 accuracy in percent)`` of ``model`` in eval mode over every sample.
+
+    The model's training flag is restored afterwards. The loss is weighted by batch size, so it is the
+    mean over samples for a criterion with ``reduction="mean"``.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=batches.device)
+    correct = torch.zeros((), dtype=torch.int64, device=batches.device)
+    n = 0
+    try:
+        for x, y in batches.ordered():
+            out = model(x)
+            # Sums stay on the device: one synchronisation at the end, not one per batch.
+            loss_sum += criterion(out, y).double() * len(y)
+            correct += (out.argmax(dim=1) == y).sum()
+            n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluation data is empty")
+    return float(loss_sum) / n, 100.0 * float(correct) / n
+
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, stream: Iterator[Batch], n_batches: int) -> None:
+    """Recompute BatchNorm running statistics from ``n_batches`` batches of ``stream``.
+
+    Compression moves the activations, so the running statistics recorded for the dense weights are
+    wrong for the compressed ones. Only the BN layers run in train mode (dropout stays off); their
+    momentum is set to None (a plain average over the batches) and restored afterwards.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not bns or n_batches <= 0:
+        return
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for _, (x, _y) in zip(range(n_batches), stream, strict=False):
+            model(x)
+    finally:
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        for m, mode in modes.items():
+            m.training = mode
