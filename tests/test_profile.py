@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcondensa.models import LeNet5
-from fxcondensa.passes.profile import Latency, measure_latency, node_latency, profile_costs
+from fxcondensa.passes.profile import Latency, compare_latency, measure_latency, node_latency, profile_costs
 
 
 def by_layer(model: nn.Module, *shape: int) -> dict:
@@ -134,3 +134,20 @@ def test_node_latency_times_every_computing_node():
     assert "x" not in lat.per_node_ms and "output" not in lat.per_node_ms
     assert lat.sum_ms == pytest.approx(sum(lat.per_node_ms.values()))
     assert lat.whole.repeat == 2 and "whole-model median" in lat.note()
+
+
+def test_compare_latency_alternates_and_keeps_order():
+    calls: list[str] = []
+
+    class Tag(nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return x
+
+    a, b = compare_latency([Tag("a"), Tag("b")], torch.zeros(2, 3), warmup=1, repeat=3)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up each, then alternate
+    assert a.repeat == b.repeat == 3 and a.batch_size == 2

@@ -123,3 +123,17 @@ def test_compressed_model_report_density_and_latency():
     assert len(rep.notes) == 2 and "whole-model median" in rep.notes[0]
     assert "speed-up" in str(rep) and rep.frozen == []
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(not hasattr(fxcondensa, "thin"), reason="fxcondensa.thin not available yet")
+def test_report_on_a_real_thinned_model_lists_its_frozen_groups():
+    from fxcondensa.schemes import StructurePrune
+
+    model = LeNet5()
+    thinned = fxcondensa.thin(model, StructurePrune(0.3), X)
+    rep = report(model, thinned, X, latency=False)
+    rows = {r.layer: r for r in rep.rows}
+    kept = thinned.conv1.out_channels
+    assert rows["conv1"].macs_after == kept * 24 * 24 * 25 and rows["conv1"].output_shape_after[1] == kept
+    assert rep.frozen == thinned.meta["fxcondensa"]["frozen"] and rep.frozen
+    assert all(g["group"] in str(rep) and g["reason"] in str(rep) for g in rep.frozen)
