@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -115,7 +116,7 @@ def trace(
             ) from exc
         gm = fx.GraphModule(work, graph, class_name=type(model).__name__)
     if example_inputs is not None:
-        propagate_shapes(gm, example_inputs)
+        propagate_shapes(gm, example_inputs, fake=True)
     return gm
 
 
@@ -144,16 +145,25 @@ class _ShapeProp(fx.Interpreter):
         return result
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> Any:
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, *, fake: bool = False) -> Any:
     """Run shape propagation in eval mode without gradients; returns the model's outputs.
 
-    Each submodule's training flag is restored afterwards.
+    With ``fake=True`` the pass runs on fake tensors (shapes and dtypes only, no arithmetic), which costs
+    a fraction of a real forward on large inputs; it falls back to a real run for any op fake tensors
+    cannot handle. The returned outputs are then fake too. Training flags are restored afterwards.
     """
     inputs = as_input_tuple(example_inputs)
     modes = {name: m.training for name, m in gm.named_modules()}
     gm.eval()
     try:
         with torch.no_grad():
+            if fake:
+                try:
+                    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+                        return _ShapeProp(gm).run(*fakes)
+                except Exception:  # unsupported under fake tensors, or bad inputs: the real run decides
+                    pass
             return _ShapeProp(gm).run(*inputs)
     except ExampleInputError as exc:
         shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)

@@ -32,9 +32,6 @@ __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "channel_scores", "se
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
-# How each built-in criteria combines per-row partial results across several producers of one channel.
-_STATS = ("sumsq", "amax", "amin", "sumabs", "count")
-
 
 def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any = "l2norm") -> torch.Tensor:
     """One score per channel, over the rows of all its producers (NaN for channels without producers)."""
@@ -46,25 +43,21 @@ def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any 
         rows_of.append((analysis.channel_of[s.atoms], w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1)))
     if isinstance(criteria, str):
         F.resolve_criteria(criteria)  # validates the name
-        stats = {k: torch.zeros(n) for k in ("sumsq", "sumabs", "count")}
-        stats["amax"] = torch.full((n,), float("-inf"))
-        stats["amin"] = torch.full((n,), float("inf"))
-        for ch, rows in rows_of:
-            a = rows.abs()
-            stats["sumsq"].index_add_(0, ch, rows.pow(2).sum(1))
-            stats["sumabs"].index_add_(0, ch, a.sum(1))
-            stats["count"].index_add_(0, ch, torch.full((len(ch),), float(rows.shape[1])))
-            stats["amax"].scatter_reduce_(0, ch, a.amax(1), reduce="amax")
-            stats["amin"].scatter_reduce_(0, ch, a.amin(1), reduce="amin")
-        has = stats["count"] > 0
-        score = {
-            "l2norm": stats["sumsq"].sqrt(),
-            "max": stats["amax"],
-            "min": stats["amin"],
-            "sum": stats["sumabs"],
-            "mean": stats["sumabs"] / stats["count"].clamp(min=1),
+        # Per-row partial results that combine across the producers of a channel: only the one needed.
+        reduce, init, row_stat = {
+            "l2norm": ("sum", 0.0, lambda r: r.pow(2).sum(1)),
+            "sum": ("sum", 0.0, lambda r: r.abs().sum(1)),
+            "mean": ("sum", 0.0, lambda r: r.abs().sum(1)),
+            "max": ("amax", float("-inf"), lambda r: r.abs().amax(1)),
+            "min": ("amin", float("inf"), lambda r: r.abs().amin(1)),
         }[criteria]
-        return torch.where(has, score, torch.full_like(score, float("nan")))
+        acc = torch.full((n,), init)
+        count = torch.zeros(n)
+        for ch, rows in rows_of:
+            acc.scatter_reduce_(0, ch, row_stat(rows), reduce=reduce)
+            count.index_add_(0, ch, torch.full((len(ch),), float(rows.shape[1])))
+        score = acc.sqrt() if criteria == "l2norm" else acc / count.clamp(min=1) if criteria == "mean" else acc
+        return torch.where(count > 0, score, torch.full_like(score, float("nan")))
     # A custom criteria sees the concatenated rows of each channel: slower, but any function works.
     fn = F.resolve_criteria(criteria)
     parts: list[list[torch.Tensor]] = [[] for _ in range(n)]

@@ -1,0 +1,95 @@
+"""How long thinning takes: fxcondensa's ``thin`` vs torch-pruning's MagnitudePruner, same model, same run.
+
+Ours: trace + channel analysis + StructurePrune(0.5) + slicing + the equivalence check (``check=True``),
+and again without the check. Theirs (when ``torch-pruning`` is installed, the ``bench`` extra): dependency
+graph + global magnitude pruning at ratio 0.5 + physical pruning of a copy. Runs alternate, medians of
+``--repeat`` runs are reported, and the ratio is computed from the medians of the same run.
+
+    python bench/thin_speed.py                        # default models at 1x3x224x224
+    python bench/thin_speed.py resnet50 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from tabulate import tabulate
+
+import fxcondensa
+from fxcondensa.schemes import StructurePrune
+
+try:
+    import torch_pruning as tp
+except ImportError:  # the bench extra is optional
+    tp = None
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT = ["resnet18", "resnet50", "densenet121", "mobilenet_v2", "vgg11_bn"]
+
+
+def ours(model: torch.nn.Module, x: torch.Tensor, check: bool) -> tuple[float, int]:
+    start = time.perf_counter()
+    thinned = fxcondensa.thin(model, StructurePrune(0.5), x, check=check)
+    return time.perf_counter() - start, sum(p.numel() for p in thinned.parameters())
+
+
+def theirs(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, int]:
+    start = time.perf_counter()
+    work = copy.deepcopy(model)  # ours never mutates the model; give theirs the same starting point
+    classifier = [m for m in work.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    pruner = tp.pruner.MagnitudePruner(work, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                       global_pruning=True, pruning_ratio=0.5, ignored_layers=classifier)
+    pruner.step()
+    return time.perf_counter() - start, sum(p.numel() for p in work.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", default=DEFAULT)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    rows, records = [], []
+    for name in args.models:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(1, 3, args.size, args.size)
+        times: dict[str, list[float]] = {"ours": [], "ours_nocheck": [], "theirs": []}
+        params: dict[str, int] = {}
+        for _ in range(args.repeat):  # alternate, so both see the same machine load
+            t, params["ours"] = ours(model, x, check=True)
+            times["ours"].append(t)
+            t, _ = ours(model, x, check=False)
+            times["ours_nocheck"].append(t)
+            if tp is not None:
+                t, params["theirs"] = theirs(model, x)
+                times["theirs"].append(t)
+        med = {k: statistics.median(v) for k, v in times.items() if v}
+        rec = {"model": name, "input": list(x.shape), "repeat": args.repeat, "median_s": med, "params": params,
+               "params_dense": sum(p.numel() for p in model.parameters())}
+        ratio = med["ours"] / med["theirs"] if "theirs" in med else None
+        rec["ours_over_theirs"] = ratio
+        records.append(rec)
+        rows.append([name, f"{med['ours']:.2f}", f"{med['ours_nocheck']:.2f}",
+                     f"{med['theirs']:.2f}" if "theirs" in med else "not installed",
+                     f"{ratio:.2f}" if ratio else "-"])
+    print(tabulate(rows, headers=["model", "fxcondensa thin (s)", "without check (s)", "torch-pruning (s)",
+                                  "ours / theirs"], tablefmt="github"))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "thin_speed.json"
+    out.write_text(json.dumps({"machine": platform.platform(), "cpus": torch.get_num_threads(),
+                               "torch": torch.__version__, "torch_pruning": getattr(tp, "__version__", None),
+                               "rows": records}, indent=1))
+    print(f"JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
