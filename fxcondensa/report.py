@@ -240,6 +240,10 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, latency: 
         "speedup": _safe_div(lat_a.whole.median_ms, lat_b.whole.median_ms) if lat_a and lat_b else None,
     }
     notes = [f"before: {lat_a.note()}", f"after:  {lat_b.note()}"] if lat_a and lat_b else []
+    if lat_a and lat_b and (lat_a.whole.noisy or lat_b.whole.noisy):
+        notes.append("warning: the run-to-run spread is wide (IQR above 25% of the median), so the latencies are "
+                     "unreliable: other processes are probably competing for the CPU. Rerun on an idle machine, "
+                     "with more repeats, or with fewer threads (torch.set_num_threads).")
     return Report(rows=rows, totals=totals, frozen=frozen, notes=notes,
                   input_shapes=[tuple(t.shape) for t in inputs if hasattr(t, "shape")])
 

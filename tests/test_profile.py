@@ -118,7 +118,7 @@ def test_measure_latency_records_its_conditions_and_restores_training_mode():
     assert (lat.repeat, lat.warmup, lat.batch_size, lat.device) == (4, 1, 3, "cpu")
     assert lat.threads == torch.get_num_threads()
     assert lat.min_ms <= lat.q1_ms <= lat.median_ms <= lat.q3_ms <= lat.max_ms
-    assert lat.iqr_ms >= 0 and "ms median" in str(lat)
+    assert lat.iqr_ms >= 0 and "ms median" in str(lat) and isinstance(lat.noisy, bool)
     assert model.training and all(m.training for m in model.modules())
 
 

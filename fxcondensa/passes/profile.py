@@ -305,6 +305,11 @@ class Latency:
     def iqr_ms(self) -> float:
         return self.q3_ms - self.q1_ms
 
+    @property
+    def noisy(self) -> bool:
+        """Spread too wide to trust the median: IQR above a quarter of it (a busy or throttling machine)."""
+        return self.repeat >= 4 and self.iqr_ms > 0.25 * self.median_ms
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "iqr_ms": self.iqr_ms}
 
