@@ -24,8 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from . import functional as F
-from .passes.annotate import annotate_param, param_owners
-from .passes.channels import ChannelAnalysis, analyze
+from .passes.annotate import META, annotate_param, param_owners
+from .passes.channels import ChanInfo, ChannelAnalysis, analyze
 from .schemes import Scheme, _LayerSelection, _match, validate_density
 
 __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "channel_scores", "select_channels"]
@@ -129,9 +129,14 @@ class _ChannelPrune(Scheme, _LayerSelection):
 
     _producer_types: tuple[type[nn.Module], ...] = ()
 
-    def __init__(self, density: float, align: int | None = None, criteria: Any = "l2norm", prune_bias: bool = True,
-                 layers: Mapping[str, float] | None = None, exclude: Sequence[str] | str | None = None):
-        self.density = validate_density(density)
+    def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "l2norm",
+                 prune_bias: bool = True, layers: Mapping[str, float] | None = None,
+                 exclude: Sequence[str] | str | None = None, *, target_flops: float | None = None):
+        if (density is None) == (target_flops is None):
+            raise ValueError(f"give exactly one of density (fraction of channels kept) and target_flops (fraction "
+                             f"of the dense MACs kept), got density={density!r}, target_flops={target_flops!r}")
+        self.density = validate_density(density) if density is not None else None
+        self.target_flops = validate_density(target_flops, "target_flops") if target_flops is not None else None
         if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
             raise ValueError(f"align must be a positive int (e.g. 8) or None, got {align!r}")
         self.align = align
@@ -167,8 +172,33 @@ class _ChannelPrune(Scheme, _LayerSelection):
                 own.pop(g.id, None)
         score = channel_scores(gm, analysis, self.criteria)
         candidate &= ~torch.isnan(score)
-        keep = select_channels(analysis, score, candidate, self.density, own, self.align)
+        if self.target_flops is None:
+            keep = select_channels(analysis, score, candidate, self.density, own, self.align)
+        else:
+            keep = self._search_flops(gm, analysis, score, candidate, own)
         self._annotate_masks(gm, analysis, keep)
+
+    def _search_flops(self, gm: fx.GraphModule, analysis: ChannelAnalysis, score: torch.Tensor,
+                      candidate: torch.Tensor, own: Mapping[int, float]) -> torch.Tensor:
+        """Largest global density whose thinned MACs stay within ``target_flops`` of the dense MACs.
+
+        The MAC fraction only grows with the density, so a bisection over it finds the threshold; the
+        reached fraction is recorded in ``gm.meta["fxcondensa"]["target_flops"]`` for the report.
+        """
+        macs = _MacModel(gm, analysis)
+        lo, hi = 0.0, 1.0
+        best = select_channels(analysis, score, candidate, 1e-9, own, self.align)
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            keep = select_channels(analysis, score, candidate, mid, own, self.align)
+            if macs.fraction(keep) <= self.target_flops:
+                lo, best = mid, keep
+            else:
+                hi = mid
+        reached = macs.fraction(best)
+        gm.meta.setdefault(META, {})["target_flops"] = {"target": self.target_flops, "reached": reached,
+                                                       "density": lo}
+        return best
 
     def _annotate_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
         params = dict(gm.named_parameters())
@@ -184,6 +214,45 @@ class _ChannelPrune(Scheme, _LayerSelection):
             shape[s.dim] = -1
             mask = k.view(shape).expand_as(params[s.path]).clone()
             annotate_param(gm, s.path, mask=mask, owners=owners)
+
+
+class _MacModel:
+    """MACs of a thinned model estimated from kept channels, without building it.
+
+    Each node's dense MACs (from ``profile_costs``) scale with the kept fraction of its output channels,
+    and for a conv / linear also with the kept fraction of the input channels it sums over.
+    """
+
+    def __init__(self, gm: fx.GraphModule, analysis: ChannelAnalysis):
+        from .passes.profile import profile_costs  # profile imports nothing from here; keep start-up light
+
+        self.analysis = analysis
+        self.terms: list[tuple[float, torch.Tensor | None, torch.Tensor | None]] = []
+        nodes = {n.name: n for n in gm.graph.nodes}
+        grouped = {g.node for g in analysis.grouped}
+        self.total = 0.0
+        for cost in profile_costs(gm):
+            if not cost.macs:
+                continue
+            self.total += cost.macs
+            node = nodes[cost.name]
+            out = analysis.infos.get(node.name)
+            out_atoms = out.atoms if isinstance(out, ChanInfo) else None
+            in_atoms = None
+            if cost.kind in ("conv", "conv_transpose", "linear") and node.name not in grouped and node.args:
+                x = analysis.infos.get(getattr(node.args[0], "name", None))
+                in_atoms = x.atoms if isinstance(x, ChanInfo) else None
+            self.terms.append((float(cost.macs), out_atoms, in_atoms))
+
+    def fraction(self, keep: torch.Tensor) -> float:
+        kept = 0.0
+        for macs, out_atoms, in_atoms in self.terms:
+            f = macs
+            for atoms in (out_atoms, in_atoms):
+                if atoms is not None and atoms.numel():
+                    f *= float(keep[self.analysis.channel_of[atoms]].float().mean())
+            kept += f
+        return kept / self.total if self.total else 1.0
 
 
 class NeuronPrune(_ChannelPrune):
@@ -204,6 +273,14 @@ class FilterPrune(_ChannelPrune):
 
 
 class StructurePrune(_ChannelPrune):
-    """Prune neurons and filters with one threshold (Condensa's ``StructurePrune``)."""
+    """Prune neurons and filters with one threshold (Condensa's ``StructurePrune``).
+
+    ``StructurePrune(0.3)`` keeps 30% of the prunable channels; ``StructurePrune(target_flops=0.5)`` finds
+    the global threshold whose thinned model keeps at most half of the dense MACs.
+
+    Example:
+        >>> StructurePrune(target_flops=0.5).target_flops
+        0.5
+    """
 
     _producer_types = (nn.Linear, *_CONV_TYPES)

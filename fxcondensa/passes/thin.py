@@ -306,6 +306,7 @@ def thin(
     if check:
         _check(compressed, thinned, analysis, keep, inputs)
     thinned.meta[META] = {
+        **compressed.meta.get(META, {}),  # e.g. the FLOP target a scheme searched for and what it reached
         "groups": [
             {"group": g.name, "producers": list(g.producers), "channels": int(g.channels.numel()),
              "kept": int(keep[g.channels].sum()), "frozen": "; ".join(g.frozen)}
