@@ -10,7 +10,6 @@ and recompiles. By construction the thinned model computes the same outputs as t
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,17 +22,9 @@ from ..schemes import is_scheme
 from .annotate import META
 from .channels import ChanInfo, ChannelAnalysis, analyze, removable_channels
 
-__all__ = ["thin", "ThinResult", "RTOL", "ATOL"]
+__all__ = ["thin", "rethin", "apply_keep", "RTOL", "ATOL"]
 
 RTOL, ATOL = 1e-4, 1e-5
-
-
-@dataclass
-class ThinResult:
-    """What ``thin`` removed, per group, as plain data (also stored in ``thinned.meta["fxcondensa"]``)."""
-
-    groups: list[dict[str, Any]]
-    frozen: list[dict[str, Any]]
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -296,13 +287,7 @@ def thin(
             scheme.delta(compressed)
     analysis = analyze(compressed)
     keep = balance_grouped(analysis, ~removable_channels(compressed, analysis))
-    thinned = _copy_without_annotations(compressed)
-    _slice_tensors(thinned, analysis, keep)
-    _update_modules(thinned, analysis, keep)
-    _rewrite_sizes(thinned, analysis, keep)
-    thinned.graph.lint()
-    thinned.recompile()
-    propagate_shapes(thinned, inputs, fake=True)
+    thinned = apply_keep(compressed, analysis, keep, inputs)
     if check:
         _check(compressed, thinned, analysis, keep, inputs)
     thinned.meta[META] = {
@@ -313,5 +298,49 @@ def thin(
             for g in analysis.groups
         ],
         "frozen": analysis.frozen_report(),
+        # The recipe: which channels stayed (by channel id of the analysis, which is deterministic for an
+        # architecture and input shapes). ``rethin`` rebuilds the same thinned graph from it.
+        "keep": keep.clone(),
+        "input_shapes": [list(t.shape) for t in inputs],
+        "input_dtypes": [str(t.dtype).removeprefix("torch.") for t in inputs],
     }
     return thinned
+
+
+def apply_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor,
+               inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """A thinned copy of ``gm`` that keeps the channels marked in ``keep`` (one bool per channel id)."""
+    thinned = _copy_without_annotations(gm)
+    _slice_tensors(thinned, analysis, keep)
+    _update_modules(thinned, analysis, keep)
+    _rewrite_sizes(thinned, analysis, keep)
+    thinned.graph.lint()
+    thinned.recompile()
+    propagate_shapes(thinned, inputs, fake=True)
+    return thinned
+
+
+def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
+           leaf_modules: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
+    """Rebuild the thinned architecture of ``model`` from a recipe (``thinned.meta["fxcondensa"]["keep"]``).
+
+    The values are those of ``model`` sliced; load the thinned weights afterwards. Raises ``ValueError``
+    when the recipe does not fit the architecture.
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> from fxcondensa.schemes import StructurePrune
+        >>> x = torch.randn(1, 1, 28, 28)
+        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), x)
+        >>> again = rethin(fxcondensa.models.LeNet5(), small.meta["fxcondensa"]["keep"], x)
+        >>> again.conv1.weight.shape == small.conv1.weight.shape
+        True
+    """
+    inputs = as_input_tuple(example_inputs)
+    gm = trace(model, inputs, leaf_modules=leaf_modules)
+    analysis = analyze(gm)
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (analysis.num_channels,):
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"the thinning recipe does not fit {type(model).__name__}: it needs a bool tensor of "
+                         f"{analysis.num_channels} channels, got {got}")
+    return apply_keep(gm, analysis, balance_grouped(analysis, keep), inputs)
