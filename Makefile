@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,onnx]"
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's package when it is missing (torchvision's download is the fallback

@@ -23,6 +23,7 @@ the thinning pass and the structured schemes read it, neither reaches back into 
 from __future__ import annotations
 
 import operator
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,10 +38,6 @@ from .annotate import META
 
 __all__ = ["ChanInfo", "TensorSlice", "GroupedConv", "Group", "ChannelAnalysis", "analyze", "zero_channels"]
 
-try:  # torchvision's stochastic depth is an fx-wrapped function; identity in eval mode, zero-preserving
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    _stochastic_depth = None
 
 
 @dataclass
@@ -253,8 +250,6 @@ _ZERO_PRESERVING_FUNCS = {
     torch.relu, torch.tanh, torch.nn.functional.tanh, torch.relu_, torch.dropout, torch.clone,
     torch.nn.functional.relu_, torch.neg, operator.neg,
 }
-if _stochastic_depth is not None:
-    _ZERO_PRESERVING_FUNCS.add(_stochastic_depth)
 _NONZERO_FUNCS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp, F.logsigmoid}
 _POOL_FUNCS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
@@ -288,6 +283,16 @@ _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 def _zero_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     """True for each index along ``dim`` whose slice is all zeros (abs/amax: far faster than bool any)."""
     return t.movedim(dim, 0).reshape(t.shape[dim], -1).abs().amax(1) == 0
+
+
+def _stochastic_depth() -> Any:
+    """torchvision's stochastic depth (identity in eval mode, zero-preserving), matched by identity.
+
+    Looked up only if torchvision is already imported: a model that calls it has imported it, and
+    importing torchvision here would slow down every start of fxcondensa.
+    """
+    module = sys.modules.get("torchvision.ops.stochastic_depth")
+    return getattr(module, "stochastic_depth", None)
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -447,7 +452,7 @@ class _Analyzer:
                 return self.unknown(node, "functional linear with computed weights")
             out = self.gm.get_parameter(w.target).shape[0]
             return self.linear(node, x, w.target, b.target if b is not None else None, out)
-        if t in _ZERO_PRESERVING_FUNCS:
+        if t in _ZERO_PRESERVING_FUNCS or t is _stochastic_depth():
             return self.passthrough(node, x, True)
         if t in _NONZERO_FUNCS:
             return self.passthrough(node, x, False)
