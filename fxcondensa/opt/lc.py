@@ -189,6 +189,7 @@ class _Run:
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.elapsed_before = 0.0
+        self.warned = False
 
     # -- small helpers ---------------------------------------------------------------------------------------
     def _reset_meta(self) -> None:
@@ -284,6 +285,13 @@ class _Run:
             torch._foreach_add_(theta, lam, alpha=-1.0 / mu)
             self._sync_rest()
         self._project()
+        if j > 0 and not self.warned:
+            extra = [n for n in annotations(self.c) if n not in set(self.names)]
+            if extra:  # the L step trains these without a penalty; say so rather than stay silent
+                self.warned = True
+                logger.warning("[fxcondensa] iteration %d: the scheme now also compresses %s, which iteration 0 "
+                               "left alone; L-C constrains only the parameters compressed at iteration 0",
+                               j, ", ".join(extra))
         if j > 0:  # lambda <- lambda - mu (w - theta), with the projected theta
             theta = self._params(self.c)
             torch._foreach_add_(lam, theta, alpha=mu)
@@ -373,7 +381,9 @@ class _Run:
             mu, lr = lc.mu_at(j), lc.lr_at(j)
             logger.info("[fxcondensa] LC Iteration %d:\tmu=%.5f, lr=%.5f", j, mu, lr)
             # The iteration's own seeds, in a forked RNG: the user's global RNG state is left as it was.
-            devices = [self.device] if self.device.type == "cuda" else []
+            devices = []
+            if self.device.type == "cuda":
+                devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
             with torch.random.fork_rng(devices=devices, device_type=self.device.type):
                 torch.manual_seed(_seed(lc.seed, j, 2))
                 if j == 0:
