@@ -21,6 +21,7 @@ from .footprint import footprint
 from .graph import trace
 from .passes.profile import measure_latency
 from .passes.thin import thin
+from .recipe import load_thinned, save_thinned
 from .report import Report, report
 from .serialize import load_compressed, save_compressed
 
@@ -48,11 +49,13 @@ __all__ = [
     "functional",
     "layer_densities",
     "load_compressed",
+    "load_thinned",
     "measure_latency",
     "models",
     "opt",
     "report",
     "save_compressed",
+    "save_thinned",
     "schemes",
     "thin",
     "trace",
