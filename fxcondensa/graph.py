@@ -157,6 +157,11 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, *, fake: bool = Fa
     gm.eval()
     try:
         with torch.no_grad():
+            # Fake tensors do not check that inputs and weights share a dtype: let a real run refuse that.
+            dtypes = {p.dtype for p in gm.parameters() if p.is_floating_point()}
+            if any(isinstance(t, torch.Tensor) and t.is_floating_point() and dtypes and t.dtype not in dtypes
+                   for t in inputs):
+                fake = False
             if fake:
                 try:
                     with FakeTensorMode(allow_non_fake_inputs=True) as mode:

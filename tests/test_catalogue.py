@@ -123,8 +123,6 @@ def test_missing_example_inputs():
         fxcondensa.thin(model, StructurePrune(0.5))
 
 
-@pytest.mark.xfail(strict=True, reason="fake-tensor shape propagation accepts a dtype mismatch; the real run in "
-                                       "thin's check then raises a bare RuntimeError, not ExampleInputError")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
 def test_example_inputs_of_the_wrong_dtype(dtype):
     model = mlp()
@@ -219,8 +217,6 @@ def test_tied_weights_are_sliced_once_and_stay_equal():
     assert_equivalent(model, scheme, small, 2, 3, 8, 8)
 
 
-@pytest.mark.xfail(strict=True, reason="thin.py _set_tensor wraps each alias name in its own nn.Parameter: the "
-                                       "tie survives only as shared storage, not as one parameter")
 def test_tied_weights_stay_one_parameter():
     _, _, small = _thin_tied()
     assert small.conv3.weight is small.conv2.weight
@@ -240,8 +236,6 @@ class TiedLinears(nn.Module):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-@pytest.mark.xfail(strict=True, reason="channels.py slices the tied weight's input dim for b although a reads the "
-                                       "graph input: thin crashes with an ExampleInputError blaming the inputs")
 def test_tied_weights_whose_users_read_different_channels():
     torch.manual_seed(0)
     model, scheme = TiedLinears().eval(), StructurePrune(0.5)

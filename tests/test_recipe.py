@@ -270,8 +270,6 @@ def test_thinned_and_loaded_models_share_no_storage_with_the_original(lenet_file
         assert not original & mine
 
 
-@pytest.mark.xfail(strict=True, reason="channels.py's analysis cache (a WeakKeyDictionary keyed by the GraphModule) "
-                                       "holds values whose zero rules reference the GraphModule: nothing is freed")
 def test_compressed_and_thinned_models_are_freed():
     import gc
     import weakref

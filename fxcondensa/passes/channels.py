@@ -93,7 +93,9 @@ class Group:
         return self.producers[0] if self.producers else f"group{self.id}"
 
 
-ZeroRule = Callable[[dict[str, Any]], Any]
+# A zero rule gets the zero vectors computed so far and the module (never captured: analyses are cached
+# and must not keep their module alive).
+ZeroRule = Callable[[dict[str, Any], fx.GraphModule], Any]
 
 
 @dataclass
@@ -110,7 +112,8 @@ class ChannelAnalysis:
     grouped: list[GroupedConv] = field(default_factory=list)
     infos: dict[str, Any] = field(default_factory=dict)  # node name -> ChanInfo | list[ChanInfo|None] | None
     rules: dict[str, ZeroRule] = field(default_factory=dict)  # node name -> zero rule
-    reshapes: list[str] = field(default_factory=list)  # view/reshape/split nodes with literal sizes to rewrite
+    reshapes: list[str] = field(default_factory=list)
+    blocked: dict[tuple[str, int], str] = field(default_factory=dict)  # view/reshape/split nodes with literal sizes to rewrite
     # filled by finalize()
     channel_of: torch.Tensor | None = None  # atom -> channel id
     num_channels: int = 0
@@ -134,7 +137,17 @@ class ChannelAnalysis:
     def freeze(self, atoms: torch.Tensor, reason: str) -> None:
         self.frozen.append((atoms, reason))
 
+    def block_slice(self, path: str, dim: int, reason: str) -> None:
+        """A use of this tensor cannot be sliced along ``dim`` (e.g. a tied weight that also reads the graph
+        input): every channel any other use would slice there must stay."""
+        self.blocked.setdefault((path, dim), reason)
+        for s in self.slices:
+            if s.path == path and s.dim == dim:
+                self.freeze(s.atoms, reason)
+
     def add_slice(self, path: str, dim: int, atoms: torch.Tensor, role: str, node: str) -> None:
+        if (path, dim) in self.blocked:
+            self.freeze(atoms, self.blocked[(path, dim)])
         for s in self.slices:
             if s.path == path and s.dim == dim:  # a shared module called twice: its channels are one
                 self.unite(s.atoms, atoms)
@@ -343,6 +356,10 @@ class _Analyzer:
                     if part is not None:
                         self.a.freeze(part.atoms, reason)
 
+    def block(self, path: str, dim: int, node: fx.Node) -> None:
+        self.a.block_slice(self.param_alias.get(path, path), dim,
+                           f"'{path}' is shared with node '{node.name}', whose input channels cannot be sliced")
+
     def slice_param(self, path: str, dim: int, atoms: torch.Tensor, role: str, node: fx.Node) -> None:
         self.a.add_slice(self.param_alias.get(path, path), dim, atoms, role, node.name)
 
@@ -358,9 +375,9 @@ class _Analyzer:
         info = ChanInfo(i.dim if dim is None else dim, i.atoms)
         name = src.name
         if zero_preserving:
-            self.set(node, info, lambda z: z[name])
+            self.set(node, info, lambda z, gm: z[name])
         else:
-            self.set(node, info, lambda z: torch.zeros_like(z[name]))
+            self.set(node, info, lambda z, gm: torch.zeros_like(z[name]))
 
     # -- main loop ------------------------------------------------------------------------------------
     def run(self) -> ChannelAnalysis:
@@ -519,6 +536,8 @@ class _Analyzer:
             if i is not None:
                 self.slice_param(weight, 1, i.atoms, "consumer", node)
                 self.a.exits.append(x.name)
+            else:
+                self.block(weight, 1, node)
             out = self.a.new_atoms(cout, module or node.name)
         elif cin // groups == cout // groups and module is not None:
             # Output channel k of group j reads only the inputs of group j: tie input k to output k, so
@@ -566,12 +585,14 @@ class _Analyzer:
         shape = _shape(x)
         if i is not None and shape is not None and i.dim != len(shape) - 1:
             # Linear mixes only the last dim: for the tracked dim it is a per-channel map.
-            name, b = x.name, (self.gm.get_parameter(bias) if bias else None)
+            name = x.name
             return self.set(node, ChanInfo(i.dim, i.atoms),
-                            lambda z: z[name] & bool(b is None or not b.detach().any()))
+                            lambda z, gm: z[name] & bool(bias is None or not gm.get_parameter(bias).detach().any()))
         if i is not None:
             self.slice_param(weight, 1, i.atoms, "consumer", node)
             self.a.exits.append(x.name)
+        else:
+            self.block(weight, 1, node)
         out = self.a.new_atoms(cout, str(node.target) if node.op == "call_module" else weight.rsplit(".", 1)[0])
         self.slice_param(weight, 0, out, "producer", node)
         if bias is not None:
@@ -580,9 +601,8 @@ class _Analyzer:
         self.set(node, ChanInfo(len(oshape) - 1 if oshape else 1, out), self._producer_rule(weight, bias, 0))
 
     def _producer_rule(self, weight: str, bias: str | None, dim: int) -> ZeroRule:
-        gm = self.gm
 
-        def rule(z: dict[str, Any]) -> torch.Tensor:
+        def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
             zero = _zero_rows(gm.get_parameter(weight).detach(), dim)
             if bias is not None:
                 zero = zero & (gm.get_parameter(bias).detach() == 0)
@@ -602,7 +622,8 @@ class _Analyzer:
             self.slice_param(f"{target}.{n}", 0, i.atoms, "norm", node)
         src = x.name
 
-        def rule(z: dict[str, Any]) -> torch.Tensor:
+        def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+            m = gm.get_submodule(target)
             gamma = m.weight.detach() if m.weight is not None else None
             beta = m.bias.detach() if m.bias is not None else None
             if gamma is not None and beta is not None and not isinstance(m, _INSTANCENORM):
@@ -633,7 +654,8 @@ class _Analyzer:
             self.slice_param(f"{target}.weight", 0, i.atoms, "norm", node)
             self.slice_param(f"{target}.bias", 0, i.atoms, "norm", node)
 
-        def rule(z: dict[str, Any]) -> torch.Tensor:
+        def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+            m = gm.get_submodule(target)
             if not m.affine:
                 return torch.zeros(i.atoms.numel(), dtype=torch.bool)
             return (m.weight.detach() == 0) & (m.bias.detach() == 0)
@@ -693,7 +715,7 @@ class _Analyzer:
         # Untracked operands that vary along the channel dim must be sliced too: possible for parameters
         # and buffers read by get_attr, impossible otherwise.
         parts: list[tuple[str, Any]] = []
-        for k, x in enumerate(operands):
+        for x in operands:
             if self.info(x) is not None:
                 parts.append(("tracked", x.name))
                 continue
@@ -714,10 +736,8 @@ class _Analyzer:
                 continue
             self.a.freeze(atoms, f"elementwise op '{node.name}' combines channels with '{x.name}', which cannot be sliced")
             parts.append(("opaque", None))
-            del k
-        gm = self.gm
 
-        def is_zero(kind: str, val: Any, z: dict[str, Any]) -> torch.Tensor:
+        def is_zero(kind: str, val: Any, z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
             n = atoms.numel()
             if kind == "tracked":
                 return z[val]
@@ -729,8 +749,8 @@ class _Analyzer:
                 return _zero_rows(t.detach(), val[1])
             return torch.zeros(n, dtype=torch.bool)
 
-        def rule(z: dict[str, Any]) -> torch.Tensor:
-            a, b = (is_zero(kind, val, z) for kind, val in parts)
+        def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+            a, b = (is_zero(kind, val, z, gm) for kind, val in parts)
             if is_mul:
                 return a | b
             if is_div:
@@ -755,7 +775,7 @@ class _Analyzer:
                 self.a.unite(tracked[0].atoms, i.atoms)
             names = [t.name for t in tensors]
             return self.set(node, ChanInfo(tracked[0].dim, tracked[0].atoms),
-                            lambda z: torch.stack([z[n] for n in names]).all(0))
+                            lambda z, gm: torch.stack([z[n] for n in names]).all(0))
         parts, names = [], []
         for t, i in zip(tensors, infos, strict=True):
             if i is None:
@@ -769,7 +789,7 @@ class _Analyzer:
             parts.append(i.atoms)
         sizes = [p.numel() for p in parts]
 
-        def rule(z: dict[str, Any]) -> torch.Tensor:
+        def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
             return torch.cat([z[n] if n is not None else torch.zeros(s, dtype=torch.bool)
                               for n, s in zip(names, sizes, strict=True)])
 
@@ -791,13 +811,13 @@ class _Analyzer:
         src = x.name
         if dim != i.dim:
             infos = [ChanInfo(i.dim, i.atoms) for _ in out]
-            return self.set(node, infos, lambda z: [z[src] for _ in infos])
+            return self.set(node, infos, lambda z, gm: [z[src] for _ in infos])
         sizes = [m.shape[dim] for m in out]
         bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
         infos = [ChanInfo(dim, i.atoms[bounds[k]:bounds[k + 1]]) for k in range(len(sizes))]
         self.a.reshapes.append(node.name)
         node.meta.setdefault(META, {})["split_chunk"] = is_chunk
-        self.set(node, infos, lambda z: [z[src][bounds[k]:bounds[k + 1]] for k in range(len(sizes))])
+        self.set(node, infos, lambda z, gm: [z[src][bounds[k]:bounds[k + 1]] for k in range(len(sizes))])
 
     def getitem(self, node: fx.Node) -> None:
         src, idx = node.args
@@ -807,7 +827,7 @@ class _Analyzer:
             name = src.name
             if part is None:
                 return self.unknown(node, "getitem with a non-integer index on a split")
-            return self.set(node, part, lambda z: z[name][idx])
+            return self.set(node, part, lambda z, gm: z[name][idx])
         i = self.info(src)
         if i is None:
             return self.set(node, None, None)
@@ -876,10 +896,10 @@ class _Analyzer:
         name = x.name
         src_atoms = i.atoms
         if atoms.numel() == src_atoms.numel() and torch.equal(atoms, src_atoms):
-            return self.set(node, ChanInfo(new_dim, atoms), lambda z: z[name])
+            return self.set(node, ChanInfo(new_dim, atoms), lambda z, gm: z[name])
         # Each output index carries one input index's atom: map zero flags the same way.
         index = _reshape_index(src_shape, dst_shape, i.dim, new_dim)
-        self.set(node, ChanInfo(new_dim, atoms), lambda z: z[name][index])
+        self.set(node, ChanInfo(new_dim, atoms), lambda z, gm: z[name][index])
 
 
 def _blocks(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
@@ -994,7 +1014,7 @@ def zero_channels(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, An
     for node in gm.graph.nodes:
         rule = analysis.rules.get(node.name)
         if rule is not None:
-            zeros[node.name] = rule(zeros)
+            zeros[node.name] = rule(zeros, gm)
     return zeros
 
 

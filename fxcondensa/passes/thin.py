@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import ThinningCheckError
+from ..errors import ExampleInputError, ThinningCheckError
 from ..graph import as_input_tuple, propagate_shapes, trace
 from ..schemes import is_scheme
 from .annotate import META
@@ -44,13 +44,18 @@ def _resolve(gm: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
     return (gm.get_submodule(owner) if owner else gm), attr
 
 
-def _set_tensor(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
-    module, attr = _resolve(gm, path)
+def _set_tensor(gm: fx.GraphModule, names: list[str], value: torch.Tensor) -> None:
+    """Replace a tensor under all its names by one new object, so that tied weights stay tied."""
+    module, attr = _resolve(gm, names[0])
     old = getattr(module, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(module, attr, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-    else:
-        module._buffers[attr] = value.contiguous()
+    new = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
+        else value.contiguous()
+    for name in names:
+        module, attr = _resolve(gm, name)
+        if isinstance(new, nn.Parameter):
+            setattr(module, attr, new)
+        else:
+            module._buffers[attr] = new
 
 
 def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
@@ -64,13 +69,13 @@ def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
 
 
 def balance_grouped(analysis: ChannelAnalysis, keep: torch.Tensor) -> torch.Tensor:
-    """Keep extra (zero) channels so each tied grouped conv keeps equal counts in its non-empty groups.
-
-    Keeping a removable channel never changes the outputs, so this is always safe.
+    """Keep extra (zero) channels where the layers need them: one index in every sliced tensor dim (a conv
+    with no filters, or a cat part with no channels, cannot run), and equal counts in the non-empty
+    groups of each tied grouped conv. Keeping a removable channel never changes the outputs.
     """
-    from ..structured import _balance_grouped
+    from ..structured import _balance_grouped, _keep_one_per_slice
 
-    return _balance_grouped(analysis, keep, None)
+    return _balance_grouped(analysis, _keep_one_per_slice(analysis, keep, None), None)
 
 
 def _kept(analysis: ChannelAnalysis, keep: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
@@ -108,8 +113,7 @@ def _slice_tensors(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
             parts.append(rows.index_select(1, local) if w.shape[2] == per else rows)
         tensors[path] = torch.cat(parts, 0) if parts else w.new_zeros((0, *w.shape[2:]))
     for path, value in tensors.items():
-        for name in aliases.get(path, [path]):
-            _set_tensor(gm, name, value)
+        _set_tensor(gm, aliases.get(path, [path]), value)
 
 
 def _copy_without_annotations(gm: fx.GraphModule) -> fx.GraphModule:
@@ -239,7 +243,15 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
     thinned.eval()
     try:
         with torch.no_grad():
-            if not _outputs_close(compressed(*inputs), thinned(*inputs)):
+            try:
+                expected = compressed(*inputs)
+            except Exception as exc:  # shapes passed on fake tensors, but real arithmetic refuses the inputs
+                shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs if isinstance(t, torch.Tensor))
+                raise ExampleInputError(
+                    f"the example inputs ({shapes}) do not run through {type(compressed).__name__}: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and "
+                    "device the model expects.") from exc
+            if not _outputs_close(expected, thinned(*inputs)):
                 where = _first_divergence(compressed, thinned, analysis, keep, inputs)
                 raise ThinningCheckError(
                     f"the thinned model differs from the compressed model beyond rtol={RTOL}, atol={ATOL}, first at "
