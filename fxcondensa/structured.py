@@ -33,38 +33,63 @@ __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "channel_scores", "se
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any = "l2norm") -> torch.Tensor:
-    """One score per channel, over the rows of all its producers (NaN for channels without producers)."""
+def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any = "l2norm",
+                   normalize: bool = False) -> torch.Tensor:
+    """One score per channel from the rows of all its producers (NaN for channels without producers).
+
+    Each producer row is scored by ``criteria`` (for a conv: the filter; for a linear: the neuron's
+    weights). A channel with one producer gets exactly that score, Condensa's rule. A channel with several
+    (a residual stream, a squeeze-excitation product) gets their root mean square (``l2norm``), mean
+    (``sum``, ``mean``), maximum or minimum, so that streams with many producers are not ranked above the
+    rest just for having more rows. ``normalize=True`` first divides each producer's row scores by their
+    mean, making layers of different weight scales comparable under one global threshold (useful for
+    untrained models and where BatchNorm makes the scale of conv weights arbitrary).
+    """
     n = analysis.num_channels
-    producers = [s for s in analysis.slices if s.role == "producer"]
     rows_of = []
-    for s in producers:
-        w = gm.get_parameter(s.path).detach().float()
-        rows_of.append((analysis.channel_of[s.atoms], w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1)))
+    for s in analysis.slices:
+        if s.role == "producer":
+            w = gm.get_parameter(s.path).detach().float()
+            rows_of.append((analysis.channel_of[s.atoms], w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1)))
     if isinstance(criteria, str):
         F.resolve_criteria(criteria)  # validates the name
-        # Per-row partial results that combine across the producers of a channel: only the one needed.
-        reduce, init, row_stat = {
-            "l2norm": ("sum", 0.0, lambda r: r.pow(2).sum(1)),
-            "sum": ("sum", 0.0, lambda r: r.abs().sum(1)),
-            "mean": ("sum", 0.0, lambda r: r.abs().sum(1)),
-            "max": ("amax", float("-inf"), lambda r: r.abs().amax(1)),
-            "min": ("amin", float("inf"), lambda r: r.abs().amin(1)),
+        row_score = {
+            "l2norm": lambda r: r.pow(2).sum(1).sqrt(),
+            "sum": lambda r: r.abs().sum(1),
+            "mean": lambda r: r.abs().mean(1),
+            "max": lambda r: r.abs().amax(1),
+            "min": lambda r: r.abs().amin(1),
         }[criteria]
-        acc = torch.full((n,), init)
-        count = torch.zeros(n)
-        for ch, rows in rows_of:
-            acc.scatter_reduce_(0, ch, row_stat(rows), reduce=reduce)
-            count.index_add_(0, ch, torch.full((len(ch),), float(rows.shape[1])))
-        score = acc.sqrt() if criteria == "l2norm" else acc / count.clamp(min=1) if criteria == "mean" else acc
-        return torch.where(count > 0, score, torch.full_like(score, float("nan")))
-    # A custom criteria sees the concatenated rows of each channel: slower, but any function works.
-    fn = F.resolve_criteria(criteria)
-    parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    else:
+        fn = F.resolve_criteria(criteria)
+
+        def row_score(r: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.as_tensor(fn(row, (0,)), dtype=torch.float32) for row in r])
+
+    reduce, init = {"max": ("amax", float("-inf")), "min": ("amin", float("inf"))}.get(criteria, ("sum", 0.0))
+    acc = torch.full((n,), init)
+    producers = torch.zeros(n)
     for ch, rows in rows_of:
-        for c, r in zip(ch.tolist(), rows, strict=True):
-            parts[c].append(r)
-    return torch.tensor([float(fn(torch.cat(p), (0,))) if p else float("nan") for p in parts])
+        r = row_score(rows).float()
+        if normalize:
+            r = r / r.mean().clamp(min=torch.finfo(torch.float32).tiny)
+        acc.scatter_reduce_(0, ch, r.pow(2) if criteria == "l2norm" else r, reduce=reduce)
+        producers.index_add_(0, ch, torch.ones(len(ch)))
+    if reduce == "sum":
+        acc = acc / producers.clamp(min=1)
+        if criteria == "l2norm":
+            acc = acc.sqrt()
+    return torch.where(producers > 0, acc, torch.full_like(acc, float("nan")))
+
+
+def _keep_one_per_slice(analysis: ChannelAnalysis, keep: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
+    """Keep the best channel of any producer or consumer dim that would otherwise keep none."""
+    keep = keep.clone()
+    for s in analysis.slices:
+        ch = analysis.channel_of[s.atoms]
+        if ch.numel() and not bool(keep[ch].any()):
+            keep[ch[int(torch.argmax(score[ch].nan_to_num(float("-inf"))))] if score is not None else ch[0]] = True
+    return keep
 
 
 def _balance_grouped(analysis: ChannelAnalysis, keep: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
@@ -121,17 +146,27 @@ def select_channels(analysis: ChannelAnalysis, score: torch.Tensor, candidate: t
         if extra > 0:
             dropped = ch[~keep[ch]]
             keep[dropped[torch.topk(score[dropped], min(extra, dropped.numel())).indices]] = True
-    return _balance_grouped(analysis, keep, score)
+    return _balance_grouped(analysis, _keep_one_per_slice(analysis, keep, score), score)
 
 
 class _ChannelPrune(Scheme, _LayerSelection):
-    """Shared machinery; subclasses choose which producers define the channels they may prune."""
+    """Shared machinery; subclasses choose which producers define the channels they may prune.
+
+    Arguments are Condensa's (``density``, ``align``, ``criteria``, ``prune_bias``) plus ``layers`` /
+    ``exclude`` (per-layer densities, layers left alone), ``target_flops`` (a MAC budget instead of a
+    density) and ``normalize``. One global threshold ranks all candidate channels. With ``normalize=True``
+    (the default) each layer's scores are divided by their mean first: raw filter norms of different
+    layers are not comparable (initialisation scales differ, and BatchNorm makes the scale of the conv
+    before it arbitrary), and ranking them raw sends whole layers down to one channel, which is slow and
+    inaccurate. ``normalize=False`` ranks raw scores, exactly Condensa's rule.
+    """
 
     _producer_types: tuple[type[nn.Module], ...] = ()
 
     def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "l2norm",
                  prune_bias: bool = True, layers: Mapping[str, float] | None = None,
-                 exclude: Sequence[str] | str | None = None, *, target_flops: float | None = None):
+                 exclude: Sequence[str] | str | None = None, *, target_flops: float | None = None,
+                 normalize: bool = True):
         if (density is None) == (target_flops is None):
             raise ValueError(f"give exactly one of density (fraction of channels kept) and target_flops (fraction "
                              f"of the dense MACs kept), got density={density!r}, target_flops={target_flops!r}")
@@ -145,6 +180,9 @@ class _ChannelPrune(Scheme, _LayerSelection):
         if not isinstance(prune_bias, bool):
             raise TypeError(f"prune_bias must be True or False, got {prune_bias!r}")
         self.prune_bias = prune_bias
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
+        self.normalize = normalize
         self._init_selection(layers, exclude)
 
     def _eligible(self, gm: fx.GraphModule, producers: list[str]) -> bool:
@@ -170,7 +208,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
             if not self._eligible(gm, g.producers) or excluded & set(g.producers):
                 candidate[g.channels] = False
                 own.pop(g.id, None)
-        score = channel_scores(gm, analysis, self.criteria)
+        score = channel_scores(gm, analysis, self.criteria, self.normalize)
         candidate &= ~torch.isnan(score)
         if self.target_flops is None:
             keep = select_channels(analysis, score, candidate, self.density, own, self.align)
