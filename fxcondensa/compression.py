@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from .graph import trace
-from .schemes import LINEAR_CONV, is_scheme
+from .schemes import LINEAR_CONV, check_scheme
 
 __all__ = ["compress", "density", "layer_densities"]
 
@@ -30,9 +30,7 @@ def compress(model: nn.Module, scheme: Any, example_inputs: Any = None) -> fx.Gr
         >>> round(fxcondensa.density(w), 2), round(fxcondensa.density(model), 2)
         (0.1, 1.0)
     """
-    if not is_scheme(scheme):
-        raise TypeError(f"scheme must be an fxcondensa scheme or an object with pi(module) and delta(module), "
-                        f"got {type(scheme).__name__} {scheme!r}")
+    check_scheme(scheme)
     gm = trace(model, example_inputs)
     with torch.no_grad():
         scheme.pi(gm)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .compression import density, layer_densities
 from .footprint import footprint
-from .schemes import is_scheme
+from .schemes import check_scheme
 from .training import Batches, as_batches, evaluate
 
 __all__ = ["Compressor"]
@@ -77,9 +77,7 @@ class Compressor:
         if not callable(getattr(opt, "compress", None)):
             raise TypeError(f"opt must be an optimizer such as fxcondensa.opt.Direct() or fxcondensa.opt.LC(...), "
                             f"got {type(opt).__name__} {opt!r}")
-        if not is_scheme(scheme):
-            raise TypeError(f"scheme must be an fxcondensa scheme or an object with pi(module) and delta(module), "
-                            f"got {type(scheme).__name__} {scheme!r}")
+        check_scheme(scheme)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if trainset is None:

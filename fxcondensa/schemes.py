@@ -27,7 +27,7 @@ from torch import nn
 from . import functional as F
 from .passes.annotate import annotate_param, apply_annotations, param_owners
 
-__all__ = ["Scheme", "Prune", "Quantize", "BlockPrune", "Compose", "is_scheme", "validate_density"]
+__all__ = ["Scheme", "Prune", "Quantize", "BlockPrune", "Compose", "is_scheme", "check_scheme", "validate_density"]
 
 LINEAR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 QUANTIZABLE_DTYPES = (torch.float16, torch.bfloat16)
@@ -46,7 +46,17 @@ def validate_density(density: Any, what: str = "density") -> float:
 
 def is_scheme(obj: Any) -> bool:
     """True for built-in schemes and for any custom object with Condensa's ``pi`` and ``delta``."""
-    return callable(getattr(obj, "pi", None)) and callable(getattr(obj, "delta", None))
+    return not isinstance(obj, type) and callable(getattr(obj, "pi", None)) and callable(getattr(obj, "delta", None))
+
+
+def check_scheme(scheme: Any) -> None:
+    """Raise a TypeError that says what to pass when ``scheme`` is not a scheme (a class is a common slip)."""
+    if isinstance(scheme, type) and callable(getattr(scheme, "pi", None)):
+        raise TypeError(f"scheme must be an instance, got the class {scheme.__name__}; "
+                        f"write e.g. {scheme.__name__}(0.5)")
+    if not is_scheme(scheme):
+        raise TypeError(f"scheme must be an fxcondensa scheme or an object with pi(module) and delta(module), "
+                        f"got {type(scheme).__name__} {scheme!r}")
 
 
 def _graph_module(module: nn.Module) -> fx.GraphModule:
@@ -248,6 +258,8 @@ class Compose(Scheme):
         if not schemes:
             raise ValueError("Compose needs at least one scheme, got an empty list")
         for i, s in enumerate(schemes):
+            if isinstance(s, type):
+                raise TypeError(f"Compose item {i} is the class {s.__name__}, not a scheme: write e.g. {s.__name__}(0.5)")
             if not is_scheme(s):
                 raise TypeError(f"Compose item {i} ({s!r}) is not a scheme: it needs pi(module) and delta(module)")
         self.schemes = list(schemes)

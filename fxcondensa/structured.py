@@ -161,7 +161,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
     inaccurate. ``normalize=False`` ranks raw scores, exactly Condensa's rule.
     """
 
-    _producer_types: tuple[type[nn.Module], ...] = ()
+    _producer_kinds: tuple[str, ...] = ()  # which producers' channels this scheme may prune
 
     def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "l2norm",
                  prune_bias: bool = True, layers: Mapping[str, float] | None = None,
@@ -185,9 +185,6 @@ class _ChannelPrune(Scheme, _LayerSelection):
         self.normalize = normalize
         self._init_selection(layers, exclude)
 
-    def _eligible(self, gm: fx.GraphModule, producers: list[str]) -> bool:
-        modules = dict(gm.named_modules())
-        return any(isinstance(modules.get(p), self._producer_types) for p in producers)
 
     def annotate(self, gm: fx.GraphModule) -> None:
         if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
@@ -205,7 +202,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
                     own.setdefault(g.id, d)
         candidate = ~frozen
         for g in analysis.groups:
-            if not self._eligible(gm, g.producers) or excluded & set(g.producers):
+            if not set(g.kinds) & set(self._producer_kinds) or excluded & set(g.producers):
                 candidate[g.channels] = False
                 own.pop(g.id, None)
         score = channel_scores(gm, analysis, self.criteria, self.normalize)
@@ -301,13 +298,13 @@ class NeuronPrune(_ChannelPrune):
         NeuronPrune(density=0.5, align=8, criteria='l2norm', prune_bias=True, layers={}, exclude=[])
     """
 
-    _producer_types = (nn.Linear,)
+    _producer_kinds = ("linear",)
 
 
 class FilterPrune(_ChannelPrune):
     """Prune filters (output channels) of Conv layers, with the channels tied to them."""
 
-    _producer_types = _CONV_TYPES
+    _producer_kinds = ("conv",)
 
 
 class StructurePrune(_ChannelPrune):
@@ -321,4 +318,4 @@ class StructurePrune(_ChannelPrune):
         0.5
     """
 
-    _producer_types = (nn.Linear, *_CONV_TYPES)
+    _producer_kinds = ("linear", "conv")

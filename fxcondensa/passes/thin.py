@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ExampleInputError, ThinningCheckError
 from ..graph import as_input_tuple, propagate_shapes, trace
-from ..schemes import is_scheme
+from ..schemes import check_scheme
 from .annotate import META
 from .channels import ChanInfo, ChannelAnalysis, analyze, removable_channels
 
@@ -288,9 +288,8 @@ def thin(
         >>> small.conv1.out_channels < 20 and small.ip1.out_features < 500
         True
     """
-    if scheme is not None and not is_scheme(scheme):
-        raise TypeError(f"scheme must be an fxcondensa scheme or an object with pi(module) and delta(module), "
-                        f"got {type(scheme).__name__} {scheme!r}")
+    if scheme is not None:
+        check_scheme(scheme)
     inputs = _example_inputs(model, example_inputs)
     compressed = trace(model, inputs, leaf_modules=leaf_modules)
     if scheme is not None:
