@@ -791,7 +791,7 @@ def test_analysis_is_deterministic():
 
 
 # --------------------------------------------------------------------------------------------------
-# Known bugs (xfail strict: they start passing when fixed)
+# Regression tests for bugs these tests found (each constant says what was wrong)
 
 
 class ClampMin(nn.Module):
@@ -845,7 +845,6 @@ COUNT_BUG = ("the channel count read as a number (x.size(1), x.shape[1], x.numel
              "is not frozen: thinning changes the number and thin raises ThinningCheckError")
 
 
-@pytest.mark.xfail(strict=True, reason=CLAMP_BUG)
 def test_clamp_with_a_positive_min_keeps_zero_channels():
     from fxcondensa.passes.channels import removable_channels
 
@@ -859,7 +858,6 @@ def test_clamp_with_a_positive_min_keeps_zero_channels():
     assert not removable_channels(gm, a)[producer_channels(a, "conv1")[0]]
 
 
-@pytest.mark.xfail(strict=True, reason=VIEW_BUG)
 def test_view_with_a_literal_channel_count_is_recorded_for_rewriting():
     gm = fxcondensa.trace(ViewSameDim(), torch.randn(2, 3, 4, 4))
     a = analyze(gm)
@@ -867,7 +865,6 @@ def test_view_with_a_literal_channel_count_is_recorded_for_rewriting():
     assert views and all(v in a.reshapes for v in views)
 
 
-@pytest.mark.xfail(strict=True, reason=COUNT_BUG)
 def test_channel_count_used_as_a_number_freezes():
     gm = fxcondensa.trace(ChannelCount(), torch.randn(2, 3, 4, 4))
     g = group_of(analyze(gm), "conv1")

@@ -26,7 +26,7 @@ __all__ = ["Analyzer"]
 
 _ZERO_PRESERVING_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Hardtanh, nn.Softsign,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Softsign,
     nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.CELU, nn.SELU,
 )
 _NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
@@ -41,7 +41,7 @@ _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 _ZERO_PRESERVING_FUNCS = {
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, F.mish, F.hardtanh, F.dropout,
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, F.mish, F.dropout,
     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softsign, F.celu, F.selu,
     torch.relu, torch.tanh, torch.nn.functional.tanh, torch.relu_, torch.dropout, torch.clone,
     torch.nn.functional.relu_, torch.neg, operator.neg,
@@ -55,7 +55,7 @@ _POOL_FUNCS = {
 }
 _ZERO_PRESERVING_METHODS = {
     "relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "double", "half", "bfloat16", "to",
-    "type", "detach", "neg", "abs", "clamp", "clamp_", "clip", "requires_grad_",
+    "type", "detach", "neg", "abs", "requires_grad_",
 }
 _NONZERO_METHODS = {"sigmoid", "sigmoid_", "exp", "exp_"}
 _ADD = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, torch.subtract}
@@ -66,6 +66,9 @@ _MUL_METHODS = {"mul", "mul_"}
 _DIV_METHODS = {"div", "div_"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _SPLIT = {torch.split, torch.chunk, torch.tensor_split}
+# Clamp-like ops keep a zero channel zero only when 0 lies within their bounds.
+_CLAMP_FUNCS = {torch.clamp, torch.clip, F.hardtanh}
+_CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_"}
 _SHAPE_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_cuda", "ndimension", "nelement"}
 _RESHAPES = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
              torch.swapaxes, torch.movedim, torch.t}
@@ -79,6 +82,21 @@ _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 def _zero_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     """True for each index along ``dim`` whose slice is all zeros (abs/amax: far faster than bool any)."""
     return t.movedim(dim, 0).reshape(t.shape[dim], -1).abs().amax(1) == 0
+
+
+_SIZE_TAKERS = {"view", "reshape", "expand", "unflatten", torch.reshape}
+
+
+def _sizes_a_reshape(user: fx.Node, value: fx.Node) -> bool:
+    """True when ``value`` is only a size argument of a view / reshape / expand (never its tensor)."""
+    return user.target in _SIZE_TAKERS and bool(user.args) and user.args[0] is not value
+
+
+def _bounds_hold_zero(low: Any, high: Any) -> bool:
+    """True when clamping to [low, high] maps 0 to 0 (None means unbounded; a computed bound is unknown)."""
+    ok_low = low is None or (isinstance(low, (int, float)) and low <= 0)
+    ok_high = high is None or (isinstance(high, (int, float)) and high >= 0)
+    return ok_low and ok_high
 
 
 def _stochastic_depth() -> Any:
@@ -218,6 +236,8 @@ class Analyzer:
             return self.layernorm(node, x, len(m.normalized_shape), f"LayerNorm '{node.target}'")
         if isinstance(m, nn.PReLU):
             return self.prelu(node, x, m)
+        if isinstance(m, nn.Hardtanh):  # ReLU6 too: zero-preserving only when 0 is within the bounds
+            return self.passthrough(node, x, _bounds_hold_zero(m.min_val, m.max_val))
         if isinstance(m, _ZERO_PRESERVING_MODULES):
             return self.passthrough(node, x, True)
         if isinstance(m, _NONZERO_MODULES):
@@ -255,6 +275,10 @@ class Analyzer:
             return self.linear(node, x, w.target, b.target if b is not None else None, out)
         if t in _ZERO_PRESERVING_FUNCS or t is _stochastic_depth():
             return self.passthrough(node, x, True)
+        if t in _CLAMP_FUNCS:
+            low, high = (-1.0, 1.0) if t is F.hardtanh else (None, None)
+            names = ("min_val", "max_val") if t is F.hardtanh else ("min", "max")
+            return self.passthrough(node, x, _bounds_hold_zero(_arg(node, 1, names[0], low), _arg(node, 2, names[1], high)))
         if t in _NONZERO_FUNCS:
             return self.passthrough(node, x, False)
         if t in _POOL_FUNCS:
@@ -278,7 +302,7 @@ class Analyzer:
         if t is operator.getitem:
             return self.getitem(node)
         if t is getattr and node.args[1] in _SHAPE_QUERIES:
-            return self.set(node, None, None)
+            return self.shape_query(node, x)
         if t is F.pad:
             pad = _arg(node, 1, "pad")
             shape = _shape(x)
@@ -292,7 +316,9 @@ class Analyzer:
         t = node.target
         x = node.args[0]
         if t in _SHAPE_QUERIES:
-            return self.set(node, None, None)
+            return self.shape_query(node, x)
+        if t in _CLAMP_METHODS:
+            return self.passthrough(node, x, _bounds_hold_zero(_arg(node, 1, "min"), _arg(node, 2, "max")))
         if t in _ZERO_PRESERVING_METHODS:
             return self.passthrough(node, x, True)
         if t in _NONZERO_METHODS:
@@ -308,6 +334,37 @@ class Analyzer:
         if t in ("softmax", "log_softmax"):
             return self.softmax(node, x, _arg(node, 1, "dim"))
         return self.unknown(node, f"method .{t}()")
+
+    # -- shape queries --------------------------------------------------------------------------------
+    def shape_query(self, node: fx.Node, x: Any) -> None:
+        """``x.size(1)``, ``x.shape``, ``x.numel()``: harmless when the channel count only sizes a reshape (it
+        is read again after thinning), wrong to thin when it is used as a number (``x / x.size(1)``)."""
+        self.set(node, None, None)
+        i, shape = self.info(x), _shape(x)
+        if i is None or shape is None:
+            return
+        what = node.target if node.op == "call_method" else node.args[1]
+        if what in ("size", "shape"):
+            index = _arg(node, 1, "dim") if node.op == "call_method" else None
+            if index is not None:
+                counted = [node] if index % len(shape) == i.dim else []
+            else:  # the whole size: follow the items that pick the channel dim
+                counted = []
+                for user in node.users:
+                    if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
+                        if user.args[1] % len(shape) == i.dim:
+                            counted.append(user)
+                    elif not _sizes_a_reshape(user, node):
+                        counted.append(node)
+        elif what in ("numel", "nelement"):
+            counted = [node]
+        else:  # dim, dtype, device: no channel count in them
+            return
+        for value in counted:
+            for user in value.users:
+                if not _sizes_a_reshape(user, value):
+                    self.a.freeze(i.atoms, f"the channel count of '{x.name}' is used as a number at node '{user.name}'")
+                    return
 
     # -- layer rules ----------------------------------------------------------------------------------
     def conv(self, node: fx.Node, x: Any, weight: str, bias: str | None, groups: int, cin: int, cout: int,
@@ -667,6 +724,8 @@ class Analyzer:
             d = b if i.dim == a else a if i.dim == b else i.dim
             return self.passthrough(node, x, True, dim=d)
         if t in ("expand", "expand_as"):
+            if t == "expand":
+                self.a.reshapes.append(node.name)
             return self.passthrough(node, x, True, dim=i.dim + len(dst_shape) - len(src_shape))
         if t in ("t", torch.t):
             return self.passthrough(node, x, True, dim=1 - i.dim)
@@ -676,7 +735,7 @@ class Analyzer:
         if found is None:
             return self.unknown(node, f"reshape {tuple(src_shape)} -> {tuple(dst_shape)} that mixes the channel dim")
         new_dim, atoms = found
-        if dst_shape[new_dim] != src_shape[i.dim] or new_dim != i.dim:
+        if t in ("view", "reshape", torch.reshape):  # literal sizes may count channels: thin rewrites them
             self.a.reshapes.append(node.name)
         name = x.name
         src_atoms = i.atoms

@@ -180,19 +180,26 @@ def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
             node.args = (x, sizes, dim)
             node.kwargs = {}
             continue
-        if not isinstance(info, ChanInfo) or node.target not in ("view", "reshape", torch.reshape):
+        if not isinstance(info, ChanInfo) or node.target not in ("view", "reshape", "expand", torch.reshape):
             continue
         new = _kept_count(analysis, keep, info)
-        args = list(node.args)
-        if node.target is torch.reshape or (len(args) == 2 and isinstance(args[1], (list, tuple))):
-            shape = list(args[1] if len(args) > 1 else node.kwargs["shape"])
-            if isinstance(shape[info.dim], int) and shape[info.dim] != -1:
-                shape[info.dim] = new
-            if len(args) > 1:
-                args[1] = type(node.args[1])(shape)
-        elif isinstance(args[1 + info.dim], int) and args[1 + info.dim] != -1:
-            args[1 + info.dim] = new
-        node.args = tuple(args)
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if "shape" in kwargs or "size" in kwargs:  # x.reshape(shape=(...)), x.view(size=(...))
+            key = "shape" if "shape" in kwargs else "size"
+            kwargs[key] = _with_size(kwargs[key], info.dim, new)
+        elif len(args) == 2 and isinstance(args[1], (list, tuple)):  # x.view((b, c, -1)), torch.reshape(x, shape)
+            args[1] = _with_size(args[1], info.dim, new)
+        elif node.target is not torch.reshape:  # x.view(b, c, -1)
+            args[1:] = _with_size(args[1:], info.dim, new)
+        node.args, node.kwargs = tuple(args), kwargs
+
+
+def _with_size(shape: Any, dim: int, new: int) -> Any:
+    """``shape`` with a literal channel count at ``dim`` replaced (-1 and computed sizes are left alone)."""
+    items = list(shape)
+    if dim < len(items) and isinstance(items[dim], int) and items[dim] != -1:
+        items[dim] = new
+    return type(shape)(items) if isinstance(shape, tuple) else items
 
 
 def _outputs_close(a: Any, b: Any) -> bool:
