@@ -207,9 +207,11 @@ def test_random_graphs_random_masks(model, data, seed):
     for xi in (inputs(3, seed + 1), inputs(1, seed + 2) * 4):
         torch.testing.assert_close(outputs(thinned, xi), outputs(model, xi), rtol=RTOL, atol=ATOL)
     assert n_params(thinned) <= before
-    # thinning a thinned model again removes nothing more
+    # Thinning again never grows the model and still computes the same. It can remove more: a tied grouped
+    # conv left with one conv group becomes a plain conv, whose input channels can then go on their own.
     again = thin(thinned, example_inputs=x)
-    assert n_params(again) == n_params(thinned)
+    assert n_params(again) <= n_params(thinned)
+    torch.testing.assert_close(outputs(again, x), outputs(thinned, x), rtol=RTOL, atol=ATOL)
 
 
 @given(model=nets(), seed=st.integers(0, 999))
