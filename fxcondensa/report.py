@@ -128,6 +128,10 @@ class Report:
                      f"non-zero {t['nonzero_params_before']} -> {t['nonzero_params_after']} "
                      f"(density {t['density']:.4f})")
         lines.append(f"MACs: {t['macs_before']} -> {t['macs_after']} ({_ratio(t['macs_ratio'])} fewer)")
+        if t.get("flop_target"):
+            ft = t["flop_target"]
+            lines.append(f"MAC target: {ft['target']:.3f} of the dense MACs; the scheme's search reached "
+                         f"{ft['reached']:.3f} (global density {ft['density']:.3f})")
         if t.get("latency_before"):
             lines.append(f"latency before: {_latency_text(t['latency_before'])}")
             lines.append(f"latency after:  {_latency_text(t['latency_after'])}")
@@ -238,6 +242,8 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, latency: 
         "layer_latency_sum_before_ms": lat_a.sum_ms if lat_a else None,
         "layer_latency_sum_after_ms": lat_b.sum_ms if lat_b else None,
         "speedup": _safe_div(lat_a.whole.median_ms, lat_b.whole.median_ms) if lat_a and lat_b else None,
+        # StructurePrune(target_flops=...) records its MAC budget and what its search reached
+        "flop_target": (getattr(other, "meta", {}) or {}).get("fxcondensa", {}).get("target_flops"),
     }
     notes = [f"before: {lat_a.note()}", f"after:  {lat_b.note()}"] if lat_a and lat_b else []
     if lat_a and lat_b and (lat_a.whole.noisy or lat_b.whole.noisy):

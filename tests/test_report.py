@@ -137,3 +137,18 @@ def test_report_on_a_real_thinned_model_lists_its_frozen_groups():
     assert rows["conv1"].macs_after == kept * 24 * 24 * 25 and rows["conv1"].output_shape_after[1] == kept
     assert rep.frozen == thinned.meta["fxcondensa"]["frozen"] and rep.frozen
     assert all(g["group"] in str(rep) and g["reason"] in str(rep) for g in rep.frozen)
+
+
+def test_report_shows_the_mac_target_and_what_was_reached():
+    import torch
+
+    import fxcondensa
+    from fxcondensa.schemes import StructurePrune
+
+    model, x = fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28)
+    small = fxcondensa.thin(model, StructurePrune(target_flops=0.4), x)
+    r = fxcondensa.report(model, small, x, latency=False)
+    target = r.totals["flop_target"]
+    assert target["target"] == 0.4 and target["reached"] <= 0.4
+    assert abs(r.totals["macs_after"] / r.totals["macs_before"] - target["reached"]) < 0.02
+    assert "MAC target: 0.400" in str(r)
