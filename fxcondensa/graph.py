@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -145,29 +146,53 @@ class _ShapeProp(fx.Interpreter):
         return result
 
 
+class _MetaShapeProp(_ShapeProp):
+    """Shape propagation on the meta device: parameters are viewed as meta tensors per call, no data moves."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        state = {k: v.to("meta") for k, v in [*module.named_parameters(), *module.named_buffers()]}
+        return functional_call(module, state, args, kwargs)
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, *, fake: bool = False) -> Any:
     """Run shape propagation in eval mode without gradients; returns the model's outputs.
 
-    With ``fake=True`` the pass runs on fake tensors (shapes and dtypes only, no arithmetic), which costs
-    a fraction of a real forward on large inputs; it falls back to a real run for any op fake tensors
-    cannot handle. The returned outputs are then fake too. Training flags are restored afterwards.
+    With ``fake=True`` the pass runs on meta (or else fake) tensors: shapes and dtypes only, no arithmetic,
+    a fraction of a real forward's cost on large inputs; it falls back to a real run for any op neither can
+    handle. The returned outputs are then meta / fake too. Training flags are restored afterwards.
     """
     inputs = as_input_tuple(example_inputs)
     modes = {name: m.training for name, m in gm.named_modules()}
     gm.eval()
     try:
         with torch.no_grad():
-            # Fake tensors do not check that inputs and weights share a dtype: let a real run refuse that.
-            dtypes = {p.dtype for p in gm.parameters() if p.is_floating_point()}
-            if any(isinstance(t, torch.Tensor) and t.is_floating_point() and dtypes and t.dtype not in dtypes
-                   for t in inputs):
-                fake = False
+            # Meta and fake tensors do not check that inputs and weights share a dtype and a device: let a
+            # real run refuse a mismatch, with the real error.
+            params = list(gm.parameters())
+            dtypes = {p.dtype for p in params if p.is_floating_point()}
+            devices = {p.device for p in params}
+            for t in inputs:
+                if isinstance(t, torch.Tensor) and (
+                        (t.is_floating_point() and dtypes and t.dtype not in dtypes) or (devices and t.device not in devices)):
+                    fake = False
             if fake:
+                # Meta tensors first (cheapest: meta kernels only), then fake tensors (slower, but they
+                # handle ops that create real tensors on the way); a real run decides what both refuse.
+                try:
+                    metas = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs]
+                    return _MetaShapeProp(gm).run(*metas)
+                except Exception:
+                    pass
                 try:
                     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                         fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
                         return _ShapeProp(gm).run(*fakes)
-                except Exception:  # unsupported under fake tensors, or bad inputs: the real run decides
+                except Exception:
                     pass
             return _ShapeProp(gm).run(*inputs)
     except ExampleInputError as exc:
