@@ -26,6 +26,7 @@ from torch import nn
 
 from .compression import density, layer_densities
 from .footprint import footprint
+from .opt import distributed as dist_lc
 from .schemes import check_scheme
 from .training import Batches, as_batches, evaluate
 
@@ -89,6 +90,7 @@ class Compressor:
         self.opt, self.scheme, self.model, self.criterion = opt, scheme, model, criterion
         self.trainset, self.testset, self.valset = trainset, testset, valset
         self._statistics: dict[str, Any] | None = None
+        self._group: dist_lc.Group | None = None  # set during run() under torchrun
 
     @property
     def statistics(self) -> dict[str, Any] | None:
@@ -100,9 +102,18 @@ class Compressor:
         return torch.device(device) if device is not None else _model_device(self.model)
 
     def run(self) -> fx.GraphModule:
-        """Compress and return the compressed model (a ``GraphModule``, dense shapes, on the optimizer's device)."""
-        start = time.perf_counter()
+        """Compress and return the compressed model (a ``GraphModule``, dense shapes, on the optimizer's device).
+
+        Under ``torchrun`` every rank calls ``run()`` with the same arguments; rank 0 alone evaluates and
+        logs, and every rank returns the same model and statistics (see ``fxcondensa.opt.LC``).
+        """
         device = self._device()
+        with dist_lc.process_group(device) as group, dist_lc.quiet_followers(group):
+            return self._run(device, group)
+
+    def _run(self, device: torch.device, group: dist_lc.Group | None) -> fx.GraphModule:
+        start = time.perf_counter()
+        self._group = group
         train_bs = int(getattr(self.opt, "l_batch_size", DEFAULT_BATCH_SIZE))
         eval_bs = int(getattr(self.opt, "val_batch_size", DEFAULT_BATCH_SIZE))
         train = as_batches(self.trainset, train_bs, device)
@@ -144,10 +155,17 @@ class Compressor:
         return result
 
     def _baseline(self, device: torch.device, val: Batches | None, test: Batches | None) -> dict[str, float]:
+        group = self._group
+        if group is not None and not group.lead:  # rank 0 evaluates, the others receive its numbers
+            return dist_lc.broadcast_object(group, None)
+        metrics = self._baseline_lead(device, val, test)
+        return metrics if group is None else dist_lc.broadcast_object(group, metrics)
+
+    def _baseline_lead(self, device: torch.device, val: Batches | None, test: Batches | None) -> dict[str, float]:
         # Evaluate in place when the model is already on the device (evaluate restores its train/eval flag
         # and runs under no_grad, so nothing in it changes); otherwise a temporary copy on the device.
         model = self.model if _model_device(self.model) == device else copy.deepcopy(self.model).to(device)
-        metrics = self._metrics(model, val, test)
+        metrics = self._metrics_here(model, val, test)
         for key in ("val", "test"):
             if f"{key}_loss" in metrics:
                 logger.info("[fxcondensa] w %s\tloss=%.5f, top1:%.2f", key.upper(), metrics[f"{key}_loss"],
@@ -155,6 +173,12 @@ class Compressor:
         return metrics
 
     def _metrics(self, model: nn.Module, val: Batches | None, test: Batches | None) -> dict[str, float]:
+        group = self._group
+        if group is not None:
+            return dist_lc.broadcast_object(group, self._metrics_here(model, val, test) if group.lead else None)
+        return self._metrics_here(model, val, test)
+
+    def _metrics_here(self, model: nn.Module, val: Batches | None, test: Batches | None) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for key, data in (("val", val), ("test", test)):
             if data is not None:

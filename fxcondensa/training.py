@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset, TensorDataset
 
 __all__ = [
     "Batches",
@@ -48,8 +48,12 @@ class Batches:
         """Every sample once, in order (evaluation)."""
         raise NotImplementedError
 
-    def shuffled(self, generator: torch.Generator) -> Iterator[Batch]:
-        """An endless stream of training batches; the order depends only on ``generator``."""
+    def shuffled(self, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """An endless stream of training batches; the order depends only on ``generator``.
+
+        With ``world_size > 1`` (distributed L-C), every rank draws the same global batches and keeps
+        the samples ``rank, rank + world_size, ...`` of each (``DistributedSampler``'s split).
+        """
         raise NotImplementedError
 
     def first(self, n: int) -> torch.Tensor:
@@ -78,14 +82,14 @@ class TensorBatches(Batches):
         for i in range(0, len(self), self.batch_size):
             yield self.inputs[i:i + self.batch_size], self.targets[i:i + self.batch_size]
 
-    def shuffled(self, generator: torch.Generator) -> Iterator[Batch]:
-        n, b = len(self), min(self.batch_size, len(self))
+    def shuffled(self, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        n, b = len(self), _global_batch(self.batch_size, len(self), world_size)
         while True:
             # The permutation is drawn on the CPU generator (device generators differ across devices);
             # the incomplete last batch of each epoch is dropped so every step sees a full batch.
             perm = torch.randperm(n, generator=generator).to(self.device)
             for i in range(0, n - b + 1, b):
-                idx = perm[i:i + b]
+                idx = perm[i:i + b] if world_size == 1 else perm[i + rank:i + b:world_size]
                 yield self.inputs[idx], self.targets[idx]
 
 
@@ -109,19 +113,58 @@ class LoaderBatches(Batches):
         for batch in loader:
             yield self._move(batch)
 
-    def shuffled(self, generator: torch.Generator) -> Iterator[Batch]:
+    def shuffled(self, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         if self.loader is not None:
-            loader = self.loader  # its sampler draws from the global RNG, which the caller seeds
+            # Its sampler draws from the global RNG, which the caller seeds. Under distributed L-C a
+            # user's loader is used as given on each rank: it should hold that rank's share (e.g. a
+            # DistributedSampler, whose epoch is advanced here) and its batches are that rank's part.
+            loader = self.loader
+        elif world_size > 1:
+            # The one-process loader below, each of its batches cut into per-rank parts: the same samplers
+            # drawing from the same generator, so the ranks together see the same global batches.
+            b = _global_batch(self.batch_size, len(self.dataset), world_size)  # type: ignore[arg-type]
+            batches = BatchSampler(RandomSampler(self.dataset, generator=generator), b, drop_last=True)  # type: ignore[arg-type]
+            loader = DataLoader(self.dataset, batch_sampler=_ShardedBatches(batches, rank, world_size),  # type: ignore[arg-type]
+                                generator=generator)
         else:
             loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,  # type: ignore[arg-type]
                                 drop_last=len(self.dataset) >= self.batch_size, generator=generator)  # type: ignore[arg-type]
+        epoch = 0
         while True:
             empty = True
+            set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+            if world_size > 1 and callable(set_epoch):
+                set_epoch(int(torch.randint(2**31 - 1, (), generator=generator)) + epoch)
+            epoch += 1
             for batch in loader:
                 empty = False
                 yield self._move(batch)
             if empty:
                 raise ValueError("the training data yielded no batch; give a non-empty dataset")
+
+
+def _global_batch(batch_size: int, n: int, world_size: int) -> int:
+    """The global batch: ``batch_size`` (at most ``n``), a multiple of ``world_size`` so ranks share it evenly."""
+    b = min(batch_size, n)
+    b -= b % world_size
+    if b == 0:
+        raise ValueError(f"the training set has {n} samples, too few for a batch of at least one sample on each "
+                         f"of {world_size} ranks")
+    return b
+
+
+class _ShardedBatches(Sampler[list[int]]):
+    """This rank's part (every ``world_size``-th index from ``rank``) of each batch of ``batches``."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield batch[self.rank::self.world_size]
 
 
 def _tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -14,6 +14,15 @@ The algorithm (Carreira-Perpinan's L-C, as Condensa runs it), over the compresse
 ``Delta(theta)`` is evaluated after each C step, its BatchNorm statistics first recalibrated on training
 batches; the result is the one with the best validation accuracy (ties: lower loss).
 
+Distributed (``torchrun --nproc_per_node=N``, single- or multi-node): the L step runs under
+DistributedDataParallel. ``l_batch_size`` is the *global* batch: every rank draws the same global batch
+and trains on its ``l_batch_size / N`` samples (DistributedSampler's strided split; ``l_batch_size`` must
+be a multiple of N), and the averaged gradient is the global batch's. BatchNorm layers use each rank's
+own batch statistics during the L step (DDP's default), and their running statistics follow rank 0.
+Every rank runs the same C step and multiplier update on identical inputs, checked bit for bit after each
+iteration; rank 0 alone evaluates, logs, shows progress and writes checkpoints, and at the end broadcasts
+the best state, so every rank returns the same model and statistics. See ``fxcondensa.opt.distributed``.
+
 Memory: besides the trained model ``w`` (with its SGD momentum), only ``theta`` (held by a second
 GraphModule, on which ``scheme.pi`` runs) and ``lambda`` for the compressed parameters, plus the best
 state seen. The penalty gradient and the multiplier update are ``torch._foreach_*`` over those lists.
@@ -31,12 +40,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from ..compression import density
 from ..graph import as_input_tuple, trace
 from ..passes.annotate import META, annotations
 from ..training import Batches, evaluate, recalibrate_bn
+from . import distributed as dist_lc
 from .checkpoint import FORMAT, VERSION, config_mismatch, load_checkpoint, model_fingerprint, save_atomic
 
 __all__ = ["LC"]
@@ -147,9 +159,10 @@ class LC:
 
     @property
     def resolved_device(self) -> torch.device:
+        """The device to train on; under a multi-rank torchrun launch, ``cuda`` means ``cuda:LOCAL_RANK``."""
         if self.device is not None:
-            return self.device
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            return dist_lc.local_device(self.device)
+        return dist_lc.local_device(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
 
     def __repr__(self) -> str:
         return "LC(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self._HYPER) + ")"
@@ -164,22 +177,36 @@ class LC:
     # -- the algorithm --------------------------------------------------------------------------------------
     def compress(self, model: nn.Module, scheme: Any, train: Batches, val: Batches | None, test: Batches | None,
                  criterion: Any, example_inputs: Any) -> tuple[fx.GraphModule, dict[str, Any]]:
-        """Run L-C on a copy of ``model``; return ``(Delta(theta) of the best iteration, statistics)``."""
-        run = _Run(self, model, scheme, train, val, test, criterion, example_inputs)
-        return run.execute()
+        """Run L-C on a copy of ``model``; return ``(Delta(theta) of the best iteration, statistics)``.
+
+        Under torchrun (a live process group, or one initialisable from ``RANK``, ``WORLD_SIZE``,
+        ``MASTER_ADDR``, ``MASTER_PORT``) the run is distributed over the ranks; every rank must call this
+        with the same arguments, and every rank returns the same result.
+        """
+        with dist_lc.process_group(self.resolved_device) as group:
+            if group is not None and self.l_batch_size % group.world_size:
+                raise ValueError(f"LC: l_batch_size is the global batch, split evenly across ranks; "
+                                 f"{self.l_batch_size} is not a multiple of the {group.world_size} ranks")
+            with dist_lc.quiet_followers(group):
+                run = _Run(self, model, scheme, train, val, test, criterion, example_inputs, group)
+                return run.execute()
 
 
 class _Run:
     """The state of one L-C run: w (trained), theta (held by the GraphModule ``c``), lambda, mu, history."""
 
     def __init__(self, lc: LC, model: nn.Module, scheme: Any, train: Batches, val: Batches | None,
-                 test: Batches | None, criterion: Any, example_inputs: Any):
+                 test: Batches | None, criterion: Any, example_inputs: Any, group: dist_lc.Group | None = None):
         self.lc, self.scheme, self.criterion = lc, scheme, criterion
+        self.group = group
+        self.lead = group is None or group.lead  # the rank that evaluates, logs and checkpoints
+        self.ddp: nn.Module | None = None
         self.train_data, self.val_data, self.test_data = train, val, test
         self.device = lc.resolved_device
         self.fingerprint = model_fingerprint(model) if lc.checkpoint else ""
         self.w = trace(model, example_inputs).to(self.device)
         inputs = tuple(t.to(self.device) for t in as_input_tuple(example_inputs))
+        self.inputs = inputs
         self.c = trace(self.w, inputs)  # a second copy, with shape metadata, on which scheme.pi runs
         # Fresh metadata before every C step: annotations merge with earlier ones, and a C step must not
         # inherit the previous iteration's masks. (Top-level assignment: deepcopy shares nested meta dicts.)
@@ -209,6 +236,8 @@ class _Run:
         return [gm.get_parameter(n) for n in self.names]
 
     def _progress(self) -> bool:
+        if not self.lead:
+            return False
         p = self.lc.progress
         return logger.isEnabledFor(logging.INFO) if p is None else p
 
@@ -223,6 +252,38 @@ class _Run:
         w_buffers = dict(self.w.named_buffers())
         for name, b in self.c.named_buffers():
             b.copy_(w_buffers[name])
+
+    # -- distributed helpers ---------------------------------------------------------------------------------
+    def _model(self) -> nn.Module:
+        """The module the L step runs: w itself, or w under DistributedDataParallel (built once per run)."""
+        if self.group is None:
+            return self.w
+        if self.ddp is None:
+            # DDP must be told about parameters a forward leaves unused, and that costs a graph walk per
+            # step: probe once (eval mode, no statistics updated) and ask for it only when needed.
+            params = [p for p in self.w.parameters() if p.requires_grad]
+            was_training = self.w.training
+            self.w.eval()
+            try:
+                out = [t for t in tree_leaves(self.w(*self.inputs))
+                       if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+                grads = torch.autograd.grad(sum(t.sum() for t in out), params, allow_unused=True) if out else []
+            finally:
+                self.w.train(was_training)
+            unused = not out or any(g is None for g in grads)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.w, device_ids=ids, find_unused_parameters=unused)
+        return self.ddp
+
+    @torch.no_grad()
+    def _agree(self, j: int, lam: list[torch.Tensor]) -> None:
+        """Check that every rank holds the same w, theta and lambda after iteration j (one small all-reduce)."""
+        if self.group is None:
+            return
+        named = [(f"w.{k}", v) for k, v in self.w.state_dict().items()]
+        named += [(f"theta.{n}", t) for n, t in zip(self.names, self._params(self.c), strict=True)]
+        named += [(f"lambda.{n}", t) for n, t in zip(self.names, lam, strict=True)]
+        dist_lc.check_identical(self.group, named, f"the state after L-C iteration {j}")
 
     # -- one iteration -----------------------------------------------------------------------------------------
     def _l_step(self, j: int, mu: float, lr: float, lam: list[torch.Tensor]) -> float:
@@ -241,12 +302,17 @@ class _Run:
         m, wd = lc.momentum, lc.weight_decay
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         gen = torch.Generator().manual_seed(_seed(lc.seed, j, 0))
-        stream = self.train_data.shuffled(gen)
+        model = self._model()
+        if self.group is None:
+            stream = self.train_data.shuffled(gen)
+        else:  # the same global batches on every rank, each keeping its share; dropout differs per rank
+            stream = self.train_data.shuffled(gen, rank=self.group.rank, world_size=self.group.world_size)
+            torch.manual_seed(_seed(lc.seed * 65_537 + self.group.rank + 1, j, 3))
         self.w.train()
         bar = tqdm(total=n_iter, desc=f"L-step {j}", ascii=True, leave=False, disable=not self._progress())
         for _ in range(n_iter):
             x, y = next(stream)
-            loss = self.criterion(self.w(x), y)
+            loss = self.criterion(model(x), y)  # under DDP, backward averages the gradients over ranks
             for p in params:
                 p.grad = None
             loss.backward()
@@ -275,6 +341,12 @@ class _Run:
         bar.close()
         for p in params:
             p.grad = None
+        if self.group is not None:
+            # The mean loss over the global batches; BatchNorm running statistics follow rank 0 (as DDP's
+            # broadcast_buffers does at each forward), so the C step sees the same w on every rank.
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= self.group.world_size
+            dist_lc.broadcast_tensors(list(self.w.buffers()))
         return float(loss_sum) / n_iter
 
     @torch.no_grad()
@@ -345,6 +417,7 @@ class _Run:
             "history": self.history,
             "best": None if self.best is None else dict(self.best),
             "best_state": None if self.best_state is None else {k: cpu(v) for k, v in self.best_state.items()},
+            "world_size": 1 if self.group is None else self.group.world_size,
         }
         save_atomic(state, self.lc.checkpoint)  # type: ignore[arg-type]
 
@@ -363,11 +436,39 @@ class _Run:
         lam = [state["lambda"][n].to(self.device) for n in self.names]
         self.history = list(state["history"])
         self.best = state["best"]
-        if state["best_state"] is not None:
+        if state.get("best_state") is not None:
             self.best_state = {k: v.to(self.device) for k, v in state["best_state"].items()}
         self.elapsed_before = float(state["elapsed"])
         logger.info("[fxcondensa] Resuming L-C from %s at iteration %d", path, state["next_iteration"])
+        ranks, saved_ranks = 1 if self.group is None else self.group.world_size, int(state.get("world_size", 1))
+        if ranks != saved_ranks:
+            logger.warning("[fxcondensa] the checkpoint was written by a run on %d process(es), this one runs on "
+                           "%d: the rest of the run differs from an uninterrupted one in float reduction order "
+                           "(and dropout masks), not in its hyper-parameters", saved_ranks, ranks)
         return int(state["next_iteration"]), lam
+
+    def _load_resume_state(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from, or None. Distributed: rank 0 reads it and sends it to the others
+        (their file system may not have it); a file rank 0 refuses stops every rank with the same error."""
+        path = self.lc.checkpoint
+        if self.group is None:
+            return load_checkpoint(path) if path and os.path.exists(path) else None
+        reply: tuple[str, Any] = ("none", None)
+        if self.lead and path and os.path.exists(path):
+            try:
+                state = load_checkpoint(path)
+                # The followers never read best_state (rank 0 broadcasts the final best at the end).
+                reply = ("state", {k: v for k, v in state.items() if k != "best_state"})
+            except Exception as exc:  # sent to the other ranks, then raised here too
+                reply = ("error", f"{type(exc).__name__}: {exc}")
+                dist_lc.broadcast_object(self.group, reply)
+                raise
+        kind, payload = dist_lc.broadcast_object(self.group, reply)
+        if kind == "error":
+            raise RuntimeError(f"distributed L-C: rank 0 could not resume from its checkpoint: {payload}")
+        if kind == "state" and self.lead:
+            return state
+        return payload
 
     # -- the loop --------------------------------------------------------------------------------------------
     def execute(self) -> tuple[fx.GraphModule, dict[str, Any]]:
@@ -375,8 +476,13 @@ class _Run:
         start = time.perf_counter()
         logger.info("[fxcondensa] LC ENGINE CONFIG [%s]", ", ".join(f"{k}={v!r}" for k, v in lc.config.items()))
         first, lam = 0, None
-        if lc.checkpoint and os.path.exists(lc.checkpoint):
-            first, lam = self._restore(load_checkpoint(lc.checkpoint))
+        if self.group is not None:  # every rank starts from rank 0's model (and names its checkpoint the same)
+            with torch.no_grad():
+                dist_lc.broadcast_tensors(list(self.w.state_dict().values()) + list(self.c.state_dict().values()))
+            self.fingerprint = dist_lc.broadcast_object(self.group, self.fingerprint)
+        resume = self._load_resume_state() if lc.checkpoint else None
+        if resume is not None:
+            first, lam = self._restore(resume)
         for j in range(first, lc.steps):
             mu, lr = lc.mu_at(j), lc.lr_at(j)
             logger.info("[fxcondensa] LC Iteration %d:\tmu=%.5f, lr=%.5f", j, mu, lr)
@@ -397,22 +503,41 @@ class _Run:
                     assert lam is not None
                     l_loss = self._l_step(j, mu, lr, lam)
                     self._c_step(j, mu, lam)
-                metrics = self._evaluate(j)
+                self._agree(j, lam)
+                metrics = self._evaluate(j) if self.lead else {}
             elapsed = self.elapsed_before + time.perf_counter() - start
-            self.history.append({"iteration": j, "mu": mu, "lr": lr, "l_loss": l_loss, **metrics,
-                                 "density": density(self.c), "elapsed": elapsed})
-            if self._is_better(metrics):
+            entry: dict[str, Any] | None = None
+            better = False
+            if self.lead:
+                entry = {"iteration": j, "mu": mu, "lr": lr, "l_loss": l_loss, **metrics,
+                         "density": density(self.c), "elapsed": elapsed}
+                better = self._is_better(metrics)
+            if self.group is not None:  # the followers wait here for rank 0's evaluation
+                entry, better, metrics = dist_lc.broadcast_object(self.group, (entry, better, metrics))
+            assert entry is not None
+            self.history.append(entry)
+            if better:
                 basis = "VAL" if "val_accuracy" in metrics else "TEST" if "test_accuracy" in metrics else "most recent"
                 logger.info("[fxcondensa] Saving model based on %s", basis)
-                self._keep_best(j, metrics)
-            if lc.checkpoint:
+                if self.lead:
+                    self._keep_best(j, metrics)
+                else:  # rank 0 holds the best state and sends it at the end
+                    self.best = {"iteration": j, **metrics}
+            if lc.checkpoint and self.lead:
                 self._save(j + 1, lam, elapsed)  # type: ignore[arg-type]
         return self._finish(start)
 
     @torch.no_grad()
     def _finish(self, start: float) -> tuple[fx.GraphModule, dict[str, Any]]:
-        assert self.best is not None and self.best_state is not None
-        self.c.load_state_dict(self.best_state)
+        assert self.best is not None
+        if self.lead:
+            assert self.best_state is not None
+            self.c.load_state_dict(self.best_state)
+        if self.group is not None:  # every rank returns rank 0's best (BN statistics recalibrated there)
+            dist_lc.broadcast_tensors(list(self.c.state_dict().values()))
+            if not self.lead:
+                self.best_state = {k: v.detach().clone() for k, v in self.c.state_dict().items()}
+        assert self.best_state is not None
         # Rebuild the annotations (masks, dtypes) of the best theta: Pi is a projection, so projecting a
         # point of the compressed set leaves it where it is; any scheme for which that fails keeps its values.
         values = [t.clone() for t in self._params(self.c)]
