@@ -26,7 +26,7 @@ demo: $(STAMP) data
 	$(PY) examples/lenet5.py
 
 test: $(STAMP) data
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q tests fxcondensa --doctest-modules
 
 lint: $(STAMP)
 	$(PY) -m ruff check fxcondensa tests examples bench

@@ -11,7 +11,7 @@ Example:
     >>> MEM = Compose([Prune(0.007), Quantize(fxcondensa.float16)])
     >>> w = fxcondensa.compress(fxcondensa.models.LeNet5(), MEM)
     >>> round(fxcondensa.density(w), 3)
-    0.008
+    0.007
 """
 
 from __future__ import annotations

@@ -294,8 +294,8 @@ class NeuronPrune(_ChannelPrune):
     """Prune neurons (output features) of Linear layers, with the channels tied to them.
 
     Example:
-        >>> NeuronPrune(0.5, align=8)
-        NeuronPrune(density=0.5, align=8, criteria='l2norm', prune_bias=True, layers={}, exclude=[])
+        >>> NeuronPrune(0.5, align=8).align
+        8
     """
 
     _producer_kinds = ("linear",)
