@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import FxCondensaError
-from .graph import as_input_tuple
+from .graph import as_input_tuple, flatten_outputs
 
 __all__ = ["torchscript", "torch_export", "onnx", "export", "ExportCheckError", "FORMATS", "RTOL", "ATOL"]
 
@@ -54,19 +54,8 @@ def _quiet_torchscript() -> Iterator[None]:
         yield
 
 
-def _outputs(result: Any) -> list[torch.Tensor]:
-    """Flatten a model's result (tensor, tuple, list, dict) to a list of tensors, in a stable order."""
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, dict):
-        return [t for k in sorted(result) for t in _outputs(result[k])]
-    if isinstance(result, (list, tuple)):
-        return [t for r in result for t in _outputs(r)]
-    return []
-
-
 def _check(expected: Any, got: Any, fmt: str, path: Path) -> None:
-    want, have = _outputs(expected), [torch.as_tensor(t) for t in _outputs(got)]
+    want, have = flatten_outputs(expected), [torch.as_tensor(t) for t in flatten_outputs(got)]
     if len(want) != len(have):
         raise ExportCheckError(f"{fmt} export to {path}: the reloaded file returns {len(have)} tensors, the model "
                                f"{len(want)}; the file was not written")

@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import ExampleInputError, TraceError
 
-__all__ = ["trace", "as_input_tuple", "DEFAULT_LEAF_MODULES"]
+__all__ = ["trace", "as_input_tuple", "flatten_outputs", "DEFAULT_LEAF_MODULES"]
 
 # Modules whose forward torch.fx cannot trace (data-dependent checks inside), kept as opaque calls.
 # The channel analysis freezes the channels that flow through them.
@@ -68,6 +68,17 @@ def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}; "
         "pass e.g. torch.randn(1, 3, 224, 224)"
     )
+
+
+def flatten_outputs(result: Any) -> list[torch.Tensor]:
+    """A model's result (tensor, tuple, list, dict) as a flat list of tensors, in a stable order."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, dict):
+        return [t for k in sorted(result) for t in flatten_outputs(result[k])]
+    if isinstance(result, (list, tuple)):
+        return [t for r in result for t in flatten_outputs(r)]
+    return []
 
 
 def _user_frame(tb) -> str:

@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +39,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import FileFormatError, TraceError
+from .fileio import save_atomic
+from .graph import flatten_outputs
 from .passes.annotate import META
 from .serialize import decode_tensor, encode_tensor
 
@@ -83,23 +84,13 @@ def _reference_inputs(specs: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, ..
     return tuple(out)
 
 
-def _flat_outputs(result: Any) -> list[torch.Tensor]:
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, dict):
-        return [t for k in sorted(result) for t in _flat_outputs(result[k])]
-    if isinstance(result, (list, tuple)):
-        return [t for r in result for t in _flat_outputs(r)]
-    return []
-
-
 def _run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[dict[str, Any]]:
     """The model's outputs (eval mode, no grad) as shapes plus leading values; training flags restored."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            outs = _flat_outputs(model(*inputs))
+            outs = flatten_outputs(model(*inputs))
     finally:
         for m, mode in modes:
             m.training = mode
@@ -118,27 +109,6 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items() if isinstance(k, (str, int))}
     return repr(obj)
-
-
-def _write_atomic(payload: dict[str, Any], path: str, overwrite: bool) -> int:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        size = os.path.getsize(tmp)
-        if os.path.exists(path) and not overwrite:  # appeared while we wrote: still not ours to replace
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return size
 
 
 # -- save -------------------------------------------------------------------------------------------------
@@ -183,7 +153,7 @@ def save_thinned(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
         "reference": _run_reference(model, _reference_inputs(specs)),
         "meta": _plain(extra),
     }
-    return _write_atomic(payload, path, overwrite)
+    return save_atomic(payload, path, overwrite=overwrite)
 
 
 # -- load -------------------------------------------------------------------------------------------------

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import FileFormatError
+from .fileio import save_atomic
 from .footprint import storage_dtypes
 
 __all__ = ["save_compressed", "load_compressed", "encode_tensor", "decode_tensor", "MAGIC", "FORMAT_VERSION"]
@@ -177,20 +177,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
         "model_class": type(model).__name__,
         "tensors": _entries(model),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return size
+    return save_atomic(payload, path, overwrite=overwrite)
 
 
 def _read(path: str) -> dict[str, Any]:

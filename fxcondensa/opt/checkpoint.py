@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import FileFormatError
+from ..fileio import save_atomic as write_atomic
 
 __all__ = ["FORMAT", "VERSION", "save_atomic", "load_checkpoint", "model_fingerprint", "config_mismatch"]
 
@@ -25,20 +25,7 @@ VERSION = 1
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(state, path, make_dirs=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

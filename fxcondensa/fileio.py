@@ -1,0 +1,53 @@
+"""Atomic file writes shared by every writer (compressed models, thinned models, L-C checkpoints).
+
+A payload of plain data (dicts, lists, strings, numbers, tensors) is ``torch.save``d to a temporary file in
+the target's folder, flushed to disk, then renamed over the target: a process killed at any moment leaves
+either the old file or the new one, whole, and never a half-written file under the target's name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+__all__ = ["save_atomic"]
+
+
+def save_atomic(payload: Any, path: str | os.PathLike[str], *, overwrite: bool = True, make_dirs: bool = False) -> int:
+    """Write ``payload`` to ``path`` atomically; returns the bytes written.
+
+    With ``overwrite=False`` an existing ``path`` raises ``FileExistsError`` (also when it appeared while we
+    wrote). ``make_dirs`` creates a missing folder; otherwise a missing folder is a ``FileNotFoundError``.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.pt")
+        >>> save_atomic({"a": 1}, path) > 0 and os.path.exists(path)
+        True
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if make_dirs:
+        os.makedirs(folder, exist_ok=True)
+    elif not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        size = os.path.getsize(tmp)
+        if os.path.exists(path) and not overwrite:  # appeared while we wrote: still not ours to replace
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return size
