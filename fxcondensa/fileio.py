@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_atomic"]
+from .errors import FileFormatError
+
+__all__ = ["save_atomic", "load_plain"]
 
 
 def save_atomic(payload: Any, path: str | os.PathLike[str], *, overwrite: bool = True, make_dirs: bool = False) -> int:
@@ -51,3 +53,19 @@ def save_atomic(payload: Any, path: str | os.PathLike[str], *, overwrite: bool =
             os.unlink(tmp)
         raise
     return size
+
+
+def load_plain(path: str, what: str) -> Any:
+    """Read a file written by ``save_atomic`` with ``torch.load(weights_only=True)``: no pickled code ever runs.
+
+    A missing file is a ``FileNotFoundError`` naming ``what`` should be there; a truncated, foreign or
+    crafted file is a ``FileFormatError`` naming ``path``. Callers check the payload's own fields.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, text, foreign pickle, crafted pickle refused by weights_only
+        first = (str(exc).splitlines() or [""])[0]
+        raise FileFormatError(f"{path} is not a readable fxcondensa file (truncated, or another format): "
+                              f"{type(exc).__name__}: {first}") from exc

@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import FileFormatError, TraceError
-from .fileio import save_atomic
+from .fileio import load_plain, save_atomic
 from .graph import flatten_outputs
 from .passes.annotate import META
 from .serialize import decode_tensor, encode_tensor
@@ -163,14 +163,7 @@ def _fail(path: str, what: str) -> FileFormatError:
 
 def _read(path: str) -> dict[str, Any]:
     """The payload, checked field by field; FileFormatError naming ``path`` for anything else."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no thinned model file at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, text, crafted pickle refused by weights_only, ...
-        first = (str(exc).splitlines() or [""])[0]
-        raise FileFormatError(f"{path} is not a readable fxcondensa file (truncated, or another format): "
-                              f"{type(exc).__name__}: {first}") from exc
+    payload = load_plain(path, "thinned model")
     if not isinstance(payload, dict) or payload.get("magic") != MAGIC:
         raise FileFormatError(f"{path} is not an fxcondensa thinned-model file (no '{MAGIC}' marker); "
                               "write it with fxcondensa.save_thinned")

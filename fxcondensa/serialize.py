@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .errors import FileFormatError
-from .fileio import save_atomic
+from .fileio import load_plain, save_atomic
 from .footprint import storage_dtypes
 
 __all__ = ["save_compressed", "load_compressed", "encode_tensor", "decode_tensor", "MAGIC", "FORMAT_VERSION"]
@@ -182,14 +182,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
 
 def _read(path: str) -> dict[str, Any]:
     """The file's payload, checked to be ours; FileFormatError (naming ``path``) for anything else."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no compressed model file at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, text, foreign pickle, crafted pickle refused by weights_only
-        first = (str(exc).splitlines() or [""])[0]
-        raise FileFormatError(f"{path} is not a readable fxcondensa file (truncated, or another format): "
-                              f"{type(exc).__name__}: {first}") from exc
+    payload = load_plain(path, "compressed model")
     if not isinstance(payload, dict) or payload.get("magic") != MAGIC:
         raise FileFormatError(f"{path} is not an fxcondensa compressed-model file (no '{MAGIC}' marker); "
                               "write it with fxcondensa.save_compressed")
