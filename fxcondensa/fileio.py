@@ -55,17 +55,24 @@ def save_atomic(payload: Any, path: str | os.PathLike[str], *, overwrite: bool =
     return size
 
 
-def load_plain(path: str, what: str) -> Any:
+def load_plain(path: str, what: str, magic: str, version: int, writer: str) -> dict[str, Any]:
     """Read a file written by ``save_atomic`` with ``torch.load(weights_only=True)``: no pickled code ever runs.
 
     A missing file is a ``FileNotFoundError`` naming ``what`` should be there; a truncated, foreign or
-    crafted file is a ``FileFormatError`` naming ``path``. Callers check the payload's own fields.
+    crafted file, one without the ``magic`` marker or of another format ``version`` is a ``FileFormatError``
+    naming ``path`` (and ``writer``, the function that writes such files). Callers check the other fields.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {what} file at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, text, foreign pickle, crafted pickle refused by weights_only
         first = (str(exc).splitlines() or [""])[0]
         raise FileFormatError(f"{path} is not a readable fxcondensa file (truncated, or another format): "
                               f"{type(exc).__name__}: {first}") from exc
+    if not isinstance(payload, dict) or payload.get("magic") != magic:
+        raise FileFormatError(f"{path} is not an fxcondensa {what} file (no '{magic}' marker); write it with {writer}")
+    if payload.get("version") != version:
+        raise FileFormatError(f"{path} has format version {payload.get('version')!r}; this fxcondensa reads "
+                              f"version {version}")
+    return payload

@@ -163,12 +163,7 @@ def _fail(path: str, what: str) -> FileFormatError:
 
 def _read(path: str) -> dict[str, Any]:
     """The payload, checked field by field; FileFormatError naming ``path`` for anything else."""
-    payload = load_plain(path, "thinned model")
-    if not isinstance(payload, dict) or payload.get("magic") != MAGIC:
-        raise FileFormatError(f"{path} is not an fxcondensa thinned-model file (no '{MAGIC}' marker); "
-                              "write it with fxcondensa.save_thinned")
-    if payload.get("version") != FORMAT_VERSION:
-        raise _fail(path, f"format version {payload.get('version')!r}; this fxcondensa reads version {FORMAT_VERSION}")
+    payload = load_plain(path, "thinned-model", MAGIC, FORMAT_VERSION, "fxcondensa.save_thinned")
     keep = payload.get("keep")
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 1:
         raise _fail(path, "the recipe's 'keep' is not a 1-D bool tensor")

@@ -182,13 +182,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
 
 def _read(path: str) -> dict[str, Any]:
     """The file's payload, checked to be ours; FileFormatError (naming ``path``) for anything else."""
-    payload = load_plain(path, "compressed model")
-    if not isinstance(payload, dict) or payload.get("magic") != MAGIC:
-        raise FileFormatError(f"{path} is not an fxcondensa compressed-model file (no '{MAGIC}' marker); "
-                              "write it with fxcondensa.save_compressed")
-    if payload.get("version") != FORMAT_VERSION:
-        raise FileFormatError(f"{path} has format version {payload.get('version')!r}; this fxcondensa reads "
-                              f"version {FORMAT_VERSION}")
+    payload = load_plain(path, "compressed-model", MAGIC, FORMAT_VERSION, "fxcondensa.save_compressed")
     if not isinstance(payload.get("tensors"), dict):
         raise FileFormatError(f"{path} has no 'tensors' table")
     return payload
