@@ -1,40 +1,63 @@
 #!/usr/bin/env bash
-# Dense vs thinned (vs torch-pruning) latency on a CUDA GPU: CUDA-event timing, fp32 and bf16 autocast,
-# the same rows as the CPU table (LeNet-5 at 0.3; resnet18, resnet50, mobilenet_v2, vgg11_bn, vit_b_32 at
-# densities 0.7 0.5 0.3; batch 1 and 32 (256 for LeNet-5), all at 224x224 on CUDA).
-# Runs from the repository root of a fresh copy; at most ~8 minutes in all (each step has its own timeout,
-# and speedup.py rewrites its JSON after every model, so a timeout keeps what was measured).
-# Results: $OUT/gpu_*.json (or bench/results/ when OUT is unset), logs beside them.
+# The GPU check, in one run that fits a 15-minute device budget with time to rerun it (under 6 minutes on
+# one H200, every step under its own `timeout -k`):
+#   1. `pytest -m cuda -x`: the CUDA tests (tests/test_cuda.py, tests/test_opt_device.py);
+#   2. dense vs thinned (vs torch-pruning) latency rows with CUDA events, fp32 and bf16 autocast, cuDNN
+#      benchmark mode and TF32 on (recorded in the JSON), 224x224 inputs;
+#   3. an align study (channels multiples of 8 for tensor cores, channels_last) on two conv nets.
+# torch.compile is left out: compiling dense and thinned models alike takes minutes, more than the budget.
+# Runs from the repository root of a fresh copy. speedup.py rewrites its JSON after every row, so a time
+# limit keeps what was measured. Output is unbuffered (python -u, PYTHONUNBUFFERED) and goes to the
+# terminal and to the logs without a pipe that would hold it back.
+# Results: $OUT/gpu_*.json and gpu_*.log (or bench/results/ when OUT is unset).
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-bench/results}"
 mkdir -p "$OUT_DIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-"$PY" -c "import fxcondensa" 2>/dev/null || "$PY" -m pip install -q --no-deps -e . >/dev/null 2>&1 || true
-"$PY" - <<'PYEOF'
-import torch, importlib.util
+START=$SECONDS
+
+# What the run needs: fxcondensa from this tree, and torch-pruning (the `bench` extra) for its columns.
+# Wheels shipped in .whl/ (see /work/.library/device/README.md) are installed first; else pip tries the
+# index; without either, the rows are measured without torch-pruning and the run says so loudly.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+"$PY" -c "import torch_pruning" 2>/dev/null || timeout -k 5 30 "$PY" -m pip install -q "torch-pruning>=1.4" 2>/dev/null
+TP_FLAG=""
+if ! "$PY" -c "import torch_pruning" 2>/dev/null; then
+    printf '\n%s\nWARNING: torch-pruning is not installed and could not be installed: the tp_* columns will be\nempty. Ship its wheel in .whl/ (pip download torch-pruning) to fill them.\n%s\n\n' \
+        "$(printf '!%.0s' {1..100})" "$(printf '!%.0s' {1..100})" | tee "$OUT_DIR/gpu_WARNING.txt"
+    TP_FLAG="--no-torch-pruning"
+fi
+"$PY" -u - <<'PYEOF'
+import importlib.util, torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "-",
       "torch_pruning", importlib.util.find_spec("torch_pruning") is not None)
 PYEOF
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null || true
 
-run() {  # name, timeout (s), speedup.py args...
+step() {  # name, limit (s), command...: output to the terminal and to $OUT_DIR/gpu_<name>.log, unbuffered
     local name=$1 limit=$2; shift 2
-    echo "== $name: $* (limit ${limit}s)"
-    timeout --signal=INT "$limit" "$PY" bench/speedup.py --device cuda --out "$OUT_DIR/gpu_$name.json" "$@" \
-        2>&1 | tee "$OUT_DIR/gpu_$name.log" | grep -v '^  torch-pruning failed' || true
+    echo "== $name (limit ${limit}s, $((SECONDS - START))s elapsed): $*"
+    timeout -k 10 --signal=INT "$limit" "$@" > >(tee "$OUT_DIR/gpu_$name.log") 2>&1
+    local rc=$?
+    echo "== $name: exit $rc$( [ $rc = 124 ] && echo ' (time limit: the JSON holds the rows measured so far)')"
 }
 
-# 1. The table: fp32 and bf16 on the same thinned models; torch-pruning matched in 6 bisection steps.
-run main 330 --amp fp32 bf16 --warmup 10 --repeat 30 --tp-steps 6 \
-    --models lenet5 resnet18 resnet50 mobilenet_v2 vgg11_bn vit_b_32
-# 2. Align on tensor cores: bf16 convs want channel counts that are multiples of 8; channels_last is cuDNN's
+# 1. The CUDA tests first: a broken GPU path makes the rows meaningless.
+#    Every `cuda`-marked test of the suite (tests/test_cuda.py, tests/test_opt_device.py, ...).
+step tests 110 "$PY" -u -m pytest -m cuda -x -q -p no:cacheprovider tests
+# 2. The table: fp32 and bf16 on the same thinned models; torch-pruning matched in 5 bisection steps.
+step main 150 "$PY" -u bench/speedup.py --device cuda --out "$OUT_DIR/gpu_main.json" --amp fp32 bf16 \
+    --warmup 10 --repeat 30 --tp-steps 5 --densities 0.5 0.3 $TP_FLAG \
+    --models lenet5 resnet18 resnet50 mobilenet_v2 vit_b_32
+# 3. Align on tensor cores: bf16 convs want channel counts that are multiples of 8; channels_last is cuDNN's
 #    fast layout for them.
-run align 80 --amp bf16 --channels-last --align 0 8 32 --densities 0.5 --models resnet50 mobilenet_v2 \
-    --throughput-only --no-torch-pruning --warmup 10 --repeat 30
-# 3. torch.compile (inductor) of dense and thinned alike, one model, if time is left.
-run compile 60 --amp bf16 --compile --densities 0.5 --models resnet50 --throughput-only --no-torch-pruning \
-    --warmup 5 --repeat 30
+step align 45 "$PY" -u bench/speedup.py --device cuda --out "$OUT_DIR/gpu_align.json" --amp bf16 --channels-last \
+    --align 0 8 --densities 0.5 --models resnet50 mobilenet_v2 --throughput-only --no-torch-pruning \
+    --warmup 10 --repeat 30
+echo "== done in $((SECONDS - START))s"
 ls -l "$OUT_DIR"/gpu_* 2>/dev/null

@@ -71,7 +71,7 @@ def bench_case(name: str, model: nn.Module, scheme, batch: int, iters: int, roun
             opt.step()
 
     def lc_block() -> None:
-        run._l_step(2, 1e-3, 0.01, lam)
+        run._l_step(2, 1e-3, lam)
 
     # Wall time, and the process's CPU time: on a shared machine the second is not inflated by the time
     # this process spends waiting for a core.

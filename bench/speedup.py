@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import os
 import platform
@@ -45,7 +46,8 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa.graph import trace
-from fxcondensa.passes.profile import NodeTimer, compare_latency, profile_costs
+from fxcondensa.latency import NodeTimer, compare_latency
+from fxcondensa.passes.costs import profile_costs
 from fxcondensa.schemes import StructurePrune
 
 try:
@@ -170,8 +172,13 @@ def _input(shape: tuple[int, ...], batch: int, device: torch.device, channels_la
 def bench_model(name: str, densities: list[float], *, batches: list[int] | None = None, thr_size: int = 128,
                 align: int | None = None, device: str = "cpu", amp: str | list[str | None] | None = None,
                 channels_last: bool = False, compile_: bool = False, warmup: int = 3, repeat: int = 10,
-                torch_pruning: bool = True, layers: bool = False, tp_steps: int = 9, log: Any = print) -> list[dict[str, Any]]:
-    """Rows (dicts) for one model: every density x batch, dense / thinned / torch-pruning side by side."""
+                torch_pruning: bool = True, layers: bool = False, tp_steps: int = 9, log: Any = print,
+                on_row: Any = None) -> list[dict[str, Any]]:
+    """Rows (dicts) for one model: every density x batch, dense / thinned / torch-pruning side by side.
+
+    ``on_row(row)`` is called as soon as each row is measured (the command line rewrites its JSON there, so
+    that a time limit keeps every finished row).
+    """
     dev = torch.device(device)
     amps = amp if isinstance(amp, list) else [amp]
     channels_last = channels_last and name != "lenet5"  # its x.view(n, -1) needs contiguous NCHW
@@ -228,6 +235,8 @@ def bench_model(name: str, densities: list[float], *, batches: list[int] | None 
                     row["layers"] = layer_breakdown(model, thinned, x, repeat=max(3, repeat // 2))
                 row["goal"] = goal(row, thr)
                 rows.append(row)
+                if on_row is not None:
+                    on_row(row)
                 log(f"  {name} d={density} b={b} {amp or 'fp32'} {'x'.join(map(str, s[1:]))}: dense {row['dense_ms']:.2f} ms, "
                     f"thinned {row['thinned_ms']:.2f} ms, x{speedup:.2f} at FLOPs /{flop_ratio:.2f}, "
                     f"eff {row['efficiency']:.2f}" + (f", tp {row['tp_ms']:.2f} ms" if row["tp_ms"] else ""))
@@ -307,31 +316,54 @@ def table(rows: list[dict[str, Any]]) -> str:
                     tablefmt="github")
 
 
+TP_MISSING = ("torch-pruning is not installed: the tp_* columns stay empty. Install the bench extra "
+              "(pip install 'fxcondensa[bench]') or pass --no-torch-pruning")
+
+
 def run(args: argparse.Namespace, log: Any = print, out: Path | None = None) -> dict[str, Any]:
-    """All rows of the command line's models; with ``out``, the JSON is rewritten after every model."""
+    """All rows of the command line's models; with ``out``, the JSON is rewritten after every row."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
+    gpu_settings: dict[str, Any] = {}
+    if args.device.startswith("cuda"):
+        # What a GPU user runs with: cuDNN picks its fastest kernels per shape (dense and thinned shapes
+        # differ, so each gets its own), and float32 matmuls may use TF32. Recorded with the rows.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        gpu_settings = {"cudnn_benchmark": True, "tf32": True}
     warmup, repeat = (1, 3) if args.quick else (args.warmup, args.repeat)
     models = args.models or (["lenet5", "resnet18", "mobilenet_v2", "vit_b_32"] if args.quick else MODELS)
     densities = args.densities or ([0.5] if args.quick else DENSITIES)
     rows: list[dict[str, Any]] = []
+    warnings_: list[str] = []
+    if tp is None and not args.no_torch_pruning:
+        warnings_.append(TP_MISSING)
+        print(f"\n{'!' * 100}\nWARNING: {TP_MISSING}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     result = {"command": " ".join(["python", *sys.argv]),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(args.device),
-              "torch": torch.__version__, "torch_pruning": getattr(tp, "__version__", None), "rows": rows}
+              "torch": torch.__version__, "torch_pruning": getattr(tp, "__version__", None), **gpu_settings,
+              "warnings": warnings_, "rows": rows}
+
+    def on_row(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if out is not None:  # partial results survive a time limit
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, out)  # a kill mid-write leaves the previous JSON whole
+
     for name in models:
         for align in args.align or [None]:
             log(f"{name}" + (f" align={align}:" if align else ":"))
             batches = [1, throughput_batch(name, args.batch)]
-            rows += bench_model(name, densities, batches=batches[1:] if args.throughput_only else batches,
-                                thr_size=args.thr_size, align=align or None, device=args.device,
-                                amp=[None if a == "fp32" else a for a in args.amp], tp_steps=args.tp_steps,
-                                channels_last=args.channels_last, compile_=args.compile, warmup=warmup,
-                                repeat=repeat, torch_pruning=not args.no_torch_pruning, layers=args.layers, log=log)
-            if out is not None:  # partial results survive a time limit
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(result, indent=1))
+            bench_model(name, densities, batches=batches[1:] if args.throughput_only else batches,
+                        thr_size=args.thr_size, align=align or None, device=args.device,
+                        amp=[None if a == "fp32" else a for a in args.amp], tp_steps=args.tp_steps,
+                        channels_last=args.channels_last, compile_=args.compile, warmup=warmup,
+                        repeat=repeat, torch_pruning=not args.no_torch_pruning, layers=args.layers, log=log,
+                        on_row=on_row)
     return result
 
 
@@ -384,8 +416,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    log = functools.partial(print, flush=True)  # unbuffered progress, also through a pipe
     out = args.out or (Path(os.environ["OUT"]) / "speedup.json" if os.environ.get("OUT") else RESULTS / "speedup.json")
-    result = run(args, out=out)
+    result = run(args, log=log, out=out)
     print(table(result["rows"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

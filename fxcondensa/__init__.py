@@ -16,12 +16,14 @@ from .errors import (
     FxCondensaError,
     ThinningCheckError,
     TraceError,
+    UnknownOpError,
 )
 from .footprint import footprint
 from .graph import trace
-from .passes.profile import measure_latency
+from .latency import measure_latency
 from .passes.thin import thin
 from .recipe import load_thinned, save_thinned
+from .registry import register_rule, unregister_rule
 from .report import Report, report
 from .serialize import load_compressed, save_compressed
 
@@ -39,6 +41,7 @@ __all__ = [
     "Report",
     "ThinningCheckError",
     "TraceError",
+    "UnknownOpError",
     "bfloat16",
     "compress",
     "density",
@@ -53,10 +56,12 @@ __all__ = [
     "measure_latency",
     "models",
     "opt",
+    "register_rule",
     "report",
     "save_compressed",
     "save_thinned",
     "schemes",
     "thin",
     "trace",
+    "unregister_rule",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import importlib
 import importlib.util
 import sys
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
+
+from . import __version__, models, schemes
+from . import export as exporting
+from .compression import compress
+from .errors import ExampleInputError
+from .footprint import footprint
+from .passes.costs import profile_costs
+from .passes.thin import thin
+from .report import frozen_groups, report
 
 __all__ = ["main", "parse_scheme", "parse_input_shape", "build_model", "SCHEME_NAMES", "SchemeSyntaxError"]
 
@@ -83,8 +94,6 @@ def _build(node: ast.AST) -> Any:
 
 
 def _call(node: ast.Call) -> Any:
-    from . import schemes
-
     if not isinstance(node.func, ast.Name):
         raise _scheme_error(node, "only plain scheme names can be called (no attribute access)")
     name = node.func.id
@@ -110,7 +119,7 @@ def parse_scheme(text: str) -> Any:
 
     Example:
         >>> parse_scheme("Compose([Prune(0.02), Quantize(float16)])")
-        Compose([Prune(density=0.02, layers={}, exclude=[]), Quantize(dtype=torch.float16, layers={}, exclude=[])])
+        Compose([Prune(density=0.02, layers={}, exclude=[]), Quantize(dtype=torch.float16, exclude=[])])
         >>> parse_scheme("__import__('os')")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -140,8 +149,6 @@ def _torchvision_names() -> list[str]:
 
 
 def _fxcondensa_names() -> list[str]:
-    from . import models
-
     return list(models.__all__)
 
 
@@ -167,8 +174,6 @@ def build_model(spec: str) -> nn.Module:
 
         return torchvision.models.get_model(name, weights=None).eval()
     if head == "fxcondensa":
-        from . import models
-
         known = _fxcondensa_names()
         if name not in known:
             raise _unknown("fxcondensa", name, known, "fxcondensa:")
@@ -222,8 +227,6 @@ class _Progress:
     (where tqdm's carriage returns would garble the file); nothing with --quiet."""
 
     def __init__(self, steps: int, quiet: bool):
-        from tqdm import tqdm
-
         self.total, self.done, self.quiet = steps, 0, quiet
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=steps, file=sys.stderr, leave=False, bar_format="{desc} [{n_fmt}/{total_fmt}, {elapsed}]",
@@ -243,8 +246,6 @@ class _Progress:
 
 
 def _summary(before: nn.Module, after: nn.Module, x: torch.Tensor, what: str) -> str:
-    from .passes.profile import profile_costs
-
     a, b = profile_costs(before, x), profile_costs(after, x)
     pa, pb = sum(c.params for c in a), sum(c.params for c in b)
     nza, nzb = sum(c.nonzero_params for c in a), sum(c.nonzero_params for c in b)
@@ -254,10 +255,6 @@ def _summary(before: nn.Module, after: nn.Module, x: torch.Tensor, what: str) ->
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from . import export as exporting
-    from .compression import compress
-    from .report import frozen_groups, report
-
     shape = args.input_shape or _DEFAULT_SHAPES.get(args.model)
     if shape is None and args.model.startswith("torchvision:"):
         shape = (1, 3, 224, 224)
@@ -280,18 +277,18 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         with progress.step(f"building {args.model}"):
             model = build_model(args.model)
+        leaf_modules = tuple(args.leaf_module)
         if thinning:
-            from .passes.thin import thin
-
             with progress.step(f"thinning with {type(args.scheme).__name__ if args.scheme else 'the zeros in the model'}"):
-                result = thin(model, args.scheme, x, check=not args.no_check)
+                result = thin(model, args.scheme, x, check=not args.no_check, leaf_modules=leaf_modules)
         else:
             with progress.step(f"compressing with {type(args.scheme).__name__}"):
-                result = compress(model, args.scheme, x)
+                result = compress(model, args.scheme, x, leaf_modules=leaf_modules)
         rep = None
         if want_report:
             with progress.step("measuring layers" + ("" if args.no_latency else " and latency")):
-                rep = report(model, result, x, latency=not args.no_latency, repeat=args.repeat)
+                rep = report(model, result, x, latency=not args.no_latency, repeat=args.repeat,
+                             leaf_modules=leaf_modules)
         if args.export:
             with progress.step(f"exporting to {args.export}"):
                 written = exporting.export(result, args.export, x, overwrite=args.overwrite)
@@ -305,8 +302,6 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         print(_summary(model, result, x, "thinned" if thinning else "compressed"))
         if args.command == "compress":
-            from .footprint import footprint
-
             fa, fb = footprint(model), footprint(result)
             print(f"footprint (non-zero values x storage bytes): {fa} -> {fb} bytes ({fa / max(fb, 1):.1f}x smaller)")
         frozen = frozen_groups(result)
@@ -321,8 +316,6 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="fxcondensa", description="Compress and thin PyTorch models on torch.fx.",
         epilog="Example: fxcondensa thin --model torchvision:resnet18 --scheme \"StructurePrune(0.5)\" "
@@ -346,6 +339,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        help="shape of the random example input (default: 1,1,28,28 for fxcondensa:LeNet5, "
                             "1,3,224,224 for torchvision models)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random example input (default 0)")
+        p.add_argument("--leaf-module", action="append", default=[], type=_module_class, metavar="MODULE.CLASS",
+                       help="a module class torch.fx keeps as one opaque call (its channels are frozen), e.g. "
+                            "torchvision.ops.misc.SqueezeExcitation; repeat for several")
         if name == "report":
             p.add_argument("--thin", action="store_true", help="compare with the thinned model")
             p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -373,6 +369,20 @@ def _scheme_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _module_class(text: str) -> type[nn.Module]:
+    """``--leaf-module torch.nn.MultiheadAttention`` -> the class; the module named is imported (your code)."""
+    module_name, _, name = text.rpartition(".")
+    if not module_name:
+        raise argparse.ArgumentTypeError(f"{text!r}: name the class with its module, e.g. torch.nn.MultiheadAttention")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot import it ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise argparse.ArgumentTypeError(f"{text!r} is a {type(cls).__name__}, not a torch.nn.Module class")
+    return cls
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -392,8 +402,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         footprint (non-zero values x storage bytes): 1724320 -> ... bytes (...x smaller)
         0
     """
-    from .errors import ExampleInputError
-
     parser, subs = _parser()
     args = None
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,13 +15,16 @@ from .schemes import LINEAR_CONV, check_scheme
 __all__ = ["compress", "density", "layer_densities"]
 
 
-def compress(model: nn.Module, scheme: Any, example_inputs: Any = None) -> fx.GraphModule:
+def compress(model: nn.Module, scheme: Any, example_inputs: Any = None, *,
+             leaf_modules: Sequence[type[nn.Module]] = (), concrete_args: dict[str, Any] | None = None
+             ) -> fx.GraphModule:
     """Return a compressed copy of ``model``: same shapes, zeros where pruned, values rounded to storage dtypes.
 
     The result is a ``GraphModule`` whose state-dict keys equal the model's, so
     ``original.load_state_dict(compressed.state_dict())`` works. Annotations (masks, dtypes) stay in its
     node metadata for ``footprint``, ``save_compressed`` and ``thin``. ``example_inputs`` are needed by
     structured schemes (shapes drive the channel analysis); unstructured ones work without.
+    ``leaf_modules`` and ``concrete_args`` are the tracing options of ``fxcondensa.trace``.
 
     Example:
         >>> import torch, fxcondensa
@@ -31,7 +35,7 @@ def compress(model: nn.Module, scheme: Any, example_inputs: Any = None) -> fx.Gr
         (0.1, 1.0)
     """
     check_scheme(scheme)
-    gm = trace(model, example_inputs)
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     with torch.no_grad():
         scheme.pi(gm)
         scheme.delta(gm)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from .opt import distributed as dist_lc
 from .schemes import check_scheme
 from .training import Batches, as_batches, evaluate
 
-__all__ = ["Compressor"]
+__all__ = ["Compressor", "Statistics"]
 
 logger = logging.getLogger("fxcondensa")
 
@@ -55,18 +57,90 @@ def _footprints(model: nn.Module) -> dict[str, int | None]:
     return sizes
 
 
+_METRICS = [f"{k}_{m}_{w}" for w in ("before", "after") for k in ("val", "test") for m in ("loss", "accuracy")]
+
+
+@dataclass
+class Statistics(Mapping[str, Any]):
+    """What ``Compressor.run`` records, typed, and readable as the dict Condensa's tutorial prints.
+
+    ``statistics["footprint_values_ratio"]``, ``statistics.items()``, ``dict(statistics)`` work as on
+    Condensa's dict; the same values are attributes (``statistics.density``). Metrics of a missing val/test
+    set are absent (None as attributes); ``optimizer_stats`` holds what the optimizer reports besides
+    ``history`` and ``best_iteration`` (LC: ``elapsed_lc``, ``budget``, ...), flattened into the dict view.
+
+    Example:
+        >>> s = Statistics(optimizer="Direct", optimizer_config={}, scheme="Prune(density=0.1)", density=0.1,
+        ...                layer_densities={}, test_accuracy_after=91.5)
+        >>> s["test_accuracy_after"], "val_accuracy_after" in s, s.density
+        (91.5, False, 0.1)
+    """
+
+    optimizer: str
+    optimizer_config: dict[str, Any]
+    scheme: str
+    density: float
+    layer_densities: dict[str, float]
+    val_loss_before: float | None = None
+    val_accuracy_before: float | None = None
+    test_loss_before: float | None = None
+    test_accuracy_before: float | None = None
+    val_loss_after: float | None = None
+    val_accuracy_after: float | None = None
+    test_loss_after: float | None = None
+    test_accuracy_after: float | None = None
+    footprint_values_before: int | None = None
+    footprint_values_after: int | None = None
+    footprint_values_ratio: float | None = None
+    footprint_stored_before: int | None = None
+    footprint_stored_after: int | None = None
+    footprint_stored_ratio: float | None = None
+    history: list[dict[str, Any]] | None = None
+    best_iteration: int | None = None
+    optimizer_stats: dict[str, Any] = field(default_factory=dict)
+    elapsed_seconds: float = 0.0
+
+    def _keys(self) -> list[str]:
+        keys = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "optimizer_stats":
+                keys.extend(value)
+            elif not (value is None and (f.name in _METRICS or f.name in ("history", "best_iteration"))):
+                keys.append(f.name)
+        return keys
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.optimizer_stats:
+            return self.optimizer_stats[key]
+        if key != "optimizer_stats" and key in self._keys():
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (for JSON)."""
+        return dict(self.items())
+
+
 class Compressor:
     """Compress ``model`` with ``scheme`` using optimizer ``opt``; ``run()`` returns the compressed model.
 
     Args:
-        opt: ``fxcondensa.opt.Direct()`` or ``fxcondensa.opt.LC(...)`` (any object with their ``compress``).
+        opt: ``fxcondensa.opt.Direct()``, ``FineTune(...)``, ``Gradual(...)`` or ``LC(...)`` (any object with
+            their ``compress``).
         scheme: a scheme from ``fxcondensa.schemes`` or any object with ``pi(module)`` and ``delta(module)``.
         model: the trained model. It is never modified: the optimizer works on a traced copy.
         trainset, testset, valset: datasets or DataLoaders of ``(inputs, targets)``; ``testset`` and
             ``valset`` may be None. MNIST-sized datasets are held as tensors on the optimizer's device.
         criterion: the loss, e.g. ``torch.nn.CrossEntropyLoss()``.
 
-    After ``run()``, ``statistics`` holds: ``optimizer`` and ``optimizer_config``, ``scheme`` (its repr),
+    After ``run()``, ``statistics`` (a :class:`Statistics`, readable as a dict) holds: ``optimizer`` and ``optimizer_config``, ``scheme`` (its repr),
     ``{val,test}_{loss,accuracy}_{before,after}`` (accuracy in percent), ``density`` and
     ``layer_densities`` of the result, ``footprint_{values,stored}_{before,after,ratio}`` (bytes; stored is
     None if ``save_compressed`` is unavailable), ``elapsed_seconds``, plus what the optimizer reports
@@ -89,11 +163,11 @@ class Compressor:
             raise TypeError(f"criterion must be a loss callable(outputs, targets), got {type(criterion).__name__}")
         self.opt, self.scheme, self.model, self.criterion = opt, scheme, model, criterion
         self.trainset, self.testset, self.valset = trainset, testset, valset
-        self._statistics: dict[str, Any] | None = None
+        self._statistics: Statistics | None = None
         self._group: dist_lc.Group | None = None  # set during run() under torchrun
 
     @property
-    def statistics(self) -> dict[str, Any] | None:
+    def statistics(self) -> Statistics | None:
         """The statistics of the last ``run()`` (None before)."""
         return self._statistics
 
@@ -145,9 +219,13 @@ class Compressor:
             stats[f"footprint_{kind}_before"] = b
             stats[f"footprint_{kind}_after"] = a
             stats[f"footprint_{kind}_ratio"] = (b / a) if (a and b is not None) else None
-        stats.update(opt_stats)
+        for key in ("history", "best_iteration"):
+            if key in opt_stats:
+                stats[key] = opt_stats.pop(key)
+        stats["optimizer_stats"] = opt_stats
         stats["elapsed_seconds"] = time.perf_counter() - start
-        self._statistics = stats
+        self._statistics = Statistics(**stats)
+        stats = self._statistics
         for key in ("val", "test"):
             if f"{key}_accuracy_after" in stats:
                 logger.info("[fxcondensa] %s accuracy: %.2f%% before, %.2f%% after", key.upper(),

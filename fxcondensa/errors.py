@@ -8,6 +8,7 @@ __all__ = [
     "ExampleInputError",
     "ThinningCheckError",
     "FileFormatError",
+    "UnknownOpError",
 ]
 
 
@@ -29,3 +30,7 @@ class ThinningCheckError(FxCondensaError, AssertionError):
 
 class FileFormatError(FxCondensaError, ValueError):
     """A file given to a loader is not a valid fxcondensa file (truncated, foreign or crafted)."""
+
+
+class UnknownOpError(FxCondensaError, ValueError):
+    """``strict=True``: the channel analysis met an op it has no rule for (or whose rule failed)."""

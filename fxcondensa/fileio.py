@@ -1,21 +1,25 @@
-"""Atomic file writes shared by every writer (compressed models, thinned models, L-C checkpoints).
+"""Atomic file writes shared by every writer (compressed models, thinned models, L-C checkpoints, exports).
 
 A payload of plain data (dicts, lists, strings, numbers, tensors) is ``torch.save``d to a temporary file in
 the target's folder, flushed to disk, then renamed over the target: a process killed at any moment leaves
 either the old file or the new one, whole, and never a half-written file under the target's name.
+
+Writers that check a file against the model's outputs compute those outputs under ``no_tf32``.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from .errors import FileFormatError
 
-__all__ = ["save_atomic", "load_plain"]
+__all__ = ["save_atomic", "load_plain", "no_tf32"]
 
 
 def save_atomic(payload: Any, path: str | os.PathLike[str], *, overwrite: bool = True, make_dirs: bool = False) -> int:
@@ -55,12 +59,13 @@ def save_atomic(payload: Any, path: str | os.PathLike[str], *, overwrite: bool =
     return size
 
 
-def load_plain(path: str, what: str, magic: str, version: int, writer: str) -> dict[str, Any]:
+def load_plain(path: str, what: str, magic: str, version: int | tuple[int, ...], writer: str) -> dict[str, Any]:
     """Read a file written by ``save_atomic`` with ``torch.load(weights_only=True)``: no pickled code ever runs.
 
     A missing file is a ``FileNotFoundError`` naming ``what`` should be there; a truncated, foreign or
-    crafted file, one without the ``magic`` marker or of another format ``version`` is a ``FileFormatError``
-    naming ``path`` (and ``writer``, the function that writes such files). Callers check the other fields.
+    crafted file, one without the ``magic`` marker or of a format version other than ``version`` (one, or a
+    tuple of those this fxcondensa reads) is a ``FileFormatError`` naming ``path`` (and ``writer``, the
+    function that writes such files). Callers check the other fields.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {what} file at {path}")
@@ -72,7 +77,31 @@ def load_plain(path: str, what: str, magic: str, version: int, writer: str) -> d
                               f"{type(exc).__name__}: {first}") from exc
     if not isinstance(payload, dict) or payload.get("magic") != magic:
         raise FileFormatError(f"{path} is not an fxcondensa {what} file (no '{magic}' marker); write it with {writer}")
-    if payload.get("version") != version:
-        raise FileFormatError(f"{path} has format version {payload.get('version')!r}; this fxcondensa reads "
-                              f"version {version}")
+    versions = (version,) if isinstance(version, int) else tuple(version)
+    found = payload.get("version")
+    if isinstance(found, bool) or found not in versions:
+        newer = isinstance(found, int) and not isinstance(found, bool) and found > max(versions)
+        raise FileFormatError(
+            f"{path} has {what} format version {found!r}; this fxcondensa reads version"
+            f"{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}"
+            + ("; it was written by a newer fxcondensa: upgrade fxcondensa to read it" if newer else
+               f"; write it again with {writer}"))
     return payload
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """Float32 matmuls and convolutions in full precision on CUDA for a while (TF32 keeps 10 mantissa bits:
+    enough alone to fail a reference check). The previous settings are restored; no effect on the CPU.
+
+    Example:
+        >>> with no_tf32():
+        ...     torch.backends.cuda.matmul.allow_tf32
+        False
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

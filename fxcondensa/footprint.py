@@ -1,27 +1,21 @@
-"""How many bytes a model takes: Condensa's values-only accounting, and the size of a real compact file."""
+"""How many bytes a model takes: Condensa's values-only accounting, and the size of a real compact file.
+
+Data flows one way: this module reads the writer (``serialize``: storage dtypes, the file itself); the
+writer never imports this module.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 
-import torch
-import torch.fx as fx
 from torch import nn
 
-from .passes.annotate import annotations
+from .serialize import save_compressed, storage_dtypes
 
 __all__ = ["footprint", "storage_dtypes"]
 
 ACCOUNTINGS = ("values", "stored")
-
-
-def storage_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
-    """The dtype each parameter is stored in: its annotated dtype (Quantize) or its own."""
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    if isinstance(model, fx.GraphModule):
-        dtypes.update({n: a.dtype for n, a in annotations(model).items() if a.dtype is not None})
-    return dtypes
 
 
 def footprint(model: nn.Module, accounting: str = "values") -> int:
@@ -40,8 +34,6 @@ def footprint(model: nn.Module, accounting: str = "values") -> int:
         dtypes = storage_dtypes(model)
         return sum(int(p.count_nonzero()) * dtypes[n].itemsize for n, p in model.named_parameters())
     if accounting == "stored":
-        from .serialize import save_compressed
-
         fd, path = tempfile.mkstemp(suffix=".fxc")
         os.close(fd)
         try:

@@ -7,9 +7,7 @@ The user's model is never touched: we trace a deep copy, and shape propagation r
 from __future__ import annotations
 
 import copy
-import linecache
 import os
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +19,9 @@ from torch.func import functional_call
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from .capture import CAPTURE_KEY, export_capture, graph_inputs, split_inputs, user_frame
 from .errors import ExampleInputError, TraceError
+from .records import RecordedGraphModule
 
 __all__ = ["trace", "as_input_tuple", "flatten_outputs", "DEFAULT_LEAF_MODULES"]
 
@@ -34,10 +34,18 @@ _OWN_DIR = os.path.dirname(__file__)
 
 
 class _Tracer(fx.Tracer):
-    """A tracer that remembers which module it is inside, so that a failure can name it."""
+    """A tracer that remembers which module it is inside, so that a failure can name it.
 
-    def __init__(self, leaf_modules: Sequence[type[nn.Module]]):
+    A ``GraphModule`` remembers the class of the tracer that made it, and unpickling (``torch.load`` of a
+    whole module, ``pickle.loads``, ``copy`` through ``__reduce__``) rebuilds its graph by instantiating that
+    class with no arguments: every argument therefore has a default. Unpickling retraces the generated code
+    with every submodule a leaf, so the leaf types do not matter there.
+    """
+
+    def __init__(self, leaf_modules: Sequence[type[nn.Module]] = ()):
         super().__init__()
+        # Source lines on every node, so that strict thinning can say where an unknown op was called.
+        self.record_stack_traces = True
         self.leaf_types = tuple(leaf_modules)
         self._inside: list[str] = []
         self.failed_in: str | None = None  # the innermost module whose forward raised
@@ -83,12 +91,7 @@ def flatten_outputs(result: Any) -> list[torch.Tensor]:
 
 def _user_frame(tb) -> str:
     """The innermost frame of the traceback outside torch itself: the user's line that failed."""
-    where = "unknown location"
-    for frame in traceback.extract_tb(tb):
-        if not os.path.abspath(frame.filename).startswith((_TORCH_DIR, _OWN_DIR)):
-            code = frame.line or linecache.getline(frame.filename, frame.lineno or 0).strip()
-            where = f'{frame.filename}:{frame.lineno}, in {frame.name}: "{code}"'
-    return where
+    return user_frame(tb)
 
 
 def trace(
@@ -97,8 +100,16 @@ def trace(
     *,
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
+    capture: str = "auto",
 ) -> fx.GraphModule:
-    """Trace a copy of ``model`` to a ``GraphModule``; with example inputs, annotate shapes.
+    """Capture a copy of ``model`` as a ``GraphModule``; with example inputs, annotate shapes.
+
+    ``capture`` picks the frontend: ``"fx"`` (torch.fx symbolic tracing: module calls stay visible,
+    any input shape), ``"export"`` (``torch.export``, non-strict, specialised to the example inputs, see
+    ``fxcondensa.capture``), or ``"auto"`` (symbolic tracing, and ``torch.export`` when that fails).
+    ``example_inputs`` is a tensor, a tuple of positional inputs, or a dict of keyword inputs
+    (``{"input_ids": ids, "attention_mask": mask}``); the graph takes the inputs the model takes.
+    ``fxcondensa.capture.capture_of(gm)`` says which frontend made it.
 
     Every node then has ``node.meta["tensor_meta"]`` (shape, dtype, ...) as written by
     ``torch.fx.passes.shape_prop.ShapeProp``. The state-dict keys of the result equal the model's.
@@ -111,25 +122,88 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    work = copy.deepcopy(model)
-    if isinstance(work, fx.GraphModule) and not leaf_modules and concrete_args is None:
-        gm = work
+    if capture not in CAPTURES:
+        raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
+    if example_inputs is not None:
+        split_inputs(example_inputs)  # a bad container fails here, before any tracing
+    if isinstance(model, fx.GraphModule) and not leaf_modules and concrete_args is None:
+        gm = copy.deepcopy(model)  # already captured (by either frontend): keep its graph
+    elif capture == "export":
+        gm = _export(model, example_inputs, None)
     else:
-        tracer = _Tracer(tuple(DEFAULT_LEAF_MODULES) + tuple(leaf_modules))
         try:
-            graph = tracer.trace(work, concrete_args=concrete_args)
-        except Exception as exc:  # any failure inside the user's forward: report where it happened
-            module = tracer.failed_in or "<root>"
-            raise TraceError(
-                f"torch.fx could not trace {type(model).__name__} (inside module '{module}', at "
-                f"{_user_frame(exc.__traceback__)}): {type(exc).__name__}: {exc}. "
-                "Make the module that holds this code a leaf (trace(..., leaf_modules=[ThatModule])), "
-                "or fix the arguments that drive the control flow with concrete_args={...}."
-            ) from exc
-        gm = fx.GraphModule(work, graph, class_name=type(model).__name__)
+            gm = _fx_trace(model, leaf_modules, concrete_args)
+        except TraceError as exc:
+            if capture == "fx" or example_inputs is None:
+                raise
+            gm = _export(model, example_inputs, exc)
+        else:
+            if example_inputs is not None and capture == "auto":
+                try:
+                    propagate_shapes(gm, example_inputs, fake=True)
+                except ExampleInputError as exc:
+                    # The symbolic trace baked a value that the real inputs contradict (a size read from a
+                    # default argument, a branch taken on a proxy): torch.export runs the real Python.
+                    try:
+                        gm = export_capture(model, *split_inputs(example_inputs))
+                    except Exception:
+                        raise exc from None
+                else:
+                    return gm
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs, fake=True)
     return gm
+
+
+CAPTURES = ("auto", "fx", "export")
+
+
+def _fx_trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
+              concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+    work = copy.deepcopy(model)
+    tracer = _Tracer(tuple(DEFAULT_LEAF_MODULES) + tuple(leaf_modules))
+    try:
+        graph = tracer.trace(work, concrete_args=concrete_args)
+    except Exception as exc:  # any failure inside the user's forward: report where it happened
+        module = tracer.failed_in or "<root>"
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__} (inside module '{module}', at "
+            f"{_user_frame(exc.__traceback__)}): {type(exc).__name__}: {_first_line(exc)}. "
+            "Make the module that holds this code a leaf (trace(..., leaf_modules=[ThatModule])), "
+            "or fix the arguments that drive the control flow with concrete_args={...}."
+        ) from exc
+    gm = RecordedGraphModule(work, graph, class_name=type(model).__name__)
+    gm.meta[CAPTURE_KEY] = "fx"
+    return gm
+
+
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [""])[0])[:300]
+
+
+def _export(model: nn.Module, example_inputs: Any, fx_error: TraceError | None) -> fx.GraphModule:
+    """Capture with torch.export; on failure one ``TraceError`` names both frontends' failures."""
+    if example_inputs is None:
+        raise ValueError("capture='export' needs example inputs: torch.export specialises the graph to them; "
+                         "pass e.g. trace(model, torch.randn(1, 3, 224, 224), capture='export')")
+    args, kwargs = split_inputs(example_inputs)
+    try:
+        return export_capture(model, args, kwargs)
+    except Exception as exc:
+        export_part = (f"torch.export could not capture it either (at {user_frame(exc.__traceback__)}): "
+                       f"{type(exc).__name__}: {_first_line(exc)}")
+        if fx_error is None:
+            raise TraceError(
+                f"torch.export could not capture {type(model).__name__} (at {user_frame(exc.__traceback__)}): "
+                f"{type(exc).__name__}: {_first_line(exc)}. Try capture='fx' (symbolic tracing), or wrap the "
+                "code at that line in a module with a plain tensor forward (an adapter).") from exc
+        fx_part = str(fx_error).split(". Make the module")[0]
+        raise TraceError(
+            f"{fx_part}; and {export_part}. The model is unchanged. What to do: make the module holding the "
+            "first line a leaf (leaf_modules=[ThatModule]) or fix the branch inputs with concrete_args={...} "
+            "for torch.fx; or give torch.export inputs the model runs on, or wrap the offending code in a module "
+            "with a plain tensor forward (an adapter)."
+        ) from exc
 
 
 class _ShapeProp(fx.Interpreter):
@@ -177,7 +251,10 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, *, fake: bool = Fa
     a fraction of a real forward's cost on large inputs; it falls back to a real run for any op neither can
     handle. The returned outputs are then meta / fake too. Training flags are restored afterwards.
     """
-    inputs = as_input_tuple(example_inputs)
+    try:
+        inputs = graph_inputs(gm, example_inputs)
+    except ValueError as exc:
+        raise ExampleInputError(str(exc)) from exc
     modes = {name: m.training for name, m in gm.named_modules()}
     gm.eval()
     try:

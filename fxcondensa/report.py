@@ -1,7 +1,7 @@
 """Per-layer comparison of two models (original vs compressed or thinned): shapes, parameters, MACs, latency.
 
 Rows are plain data (``LayerRow``); ``Report.__str__`` renders them with tabulate, ``to_json`` and ``to_csv``
-serialise the very same rows. MACs are counted as described in ``fxcondensa.passes.profile``.
+serialise the very same rows. MACs are counted as described in ``fxcondensa.passes.costs``.
 
 Example:
     >>> import torch, fxcondensa
@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,7 +26,10 @@ from tabulate import tabulate
 from torch import nn
 
 from .graph import as_input_tuple, trace
-from .passes.profile import NodeCost, NodeLatency, compare_latency, node_latency, profile_costs
+from .latency import NodeLatency, compare_latency, node_latency
+from .passes.costs import NodeCost, profile_costs
+from .recipe import thinning_record
+from .records import META
 
 __all__ = ["report", "Report", "LayerRow", "frozen_groups"]
 
@@ -80,9 +84,11 @@ class Report:
     frozen: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     input_shapes: list[Shape] = field(default_factory=list)
+    whole_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "whole_reason": self.whole_reason,
             "input_shapes": [list(s) for s in self.input_shapes],
             "rows": [r.to_dict() for r in self.rows],
             "totals": self.totals,
@@ -123,7 +129,8 @@ class Report:
         table.append(["TOTAL", "", "", "", _pair(t["params_before"], t["params_after"], _human),
                       f"{t['density']:.3f}", _pair(t["macs_before"], t["macs_after"], _human),
                       _pair(_get(t, "latency_before", "median_ms"), _get(t, "latency_after", "median_ms"), _ms)])
-        lines = [tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True), ""]
+        lines = [f"left whole: {self.whole_reason}", ""] if self.whole_reason else []
+        lines += [tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True), ""]
         lines.append(f"parameters: {t['params_before']} -> {t['params_after']} ({_ratio(t['params_ratio'])} smaller), "
                      f"non-zero {t['nonzero_params_before']} -> {t['nonzero_params_after']} "
                      f"(density {t['density']:.4f})")
@@ -178,25 +185,28 @@ def _latency_text(d: dict[str, Any]) -> str:
 
 
 def frozen_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """The channel groups ``thin`` could not prune, from ``model.meta["fxcondensa"]["frozen"]`` ([] if none)."""
-    meta = getattr(model, "meta", None)
-    info = meta.get("fxcondensa") if isinstance(meta, dict) else None
-    frozen = info.get("frozen") if isinstance(info, dict) else None
-    return [dict(g) for g in frozen] if isinstance(frozen, list) else []
+    """The channel groups ``thin`` could not prune, from the model's ``ThinRecord``, as plain data:
+    ``{"group", "layers", "reason"}`` ([] for a model that was not thinned)."""
+    rec = thinning_record(model)
+    return [] if rec is None else [{"group": f.group, "layers": list(f.layers), "reason": f.reason}
+                                   for f in rec.frozen]
 
 
 def _safe_div(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def report(original: nn.Module, other: nn.Module, example_inputs: Any, latency: bool = True, *,
-           warmup: int = 3, repeat: int = 10) -> Report:
+def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latency: bool = True,
+           warmup: int = 3, repeat: int = 10, leaf_modules: Sequence[type[nn.Module]] = (),
+           concrete_args: dict[str, Any] | None = None) -> Report:
     """Compare ``original`` with ``other`` (compressed or thinned) layer by layer on ``example_inputs``.
 
     Neither model is changed: both are traced (copies) and run in eval mode without gradients. With
     ``latency=True`` every node is timed ``repeat`` times (after ``warmup`` runs) and the report notes how
     the sum of per-layer medians compares with each whole model's median. The two whole models are timed
-    in alternation, so that a busy machine slows both alike.
+    in alternation, so that a busy machine slows both alike. ``leaf_modules`` and ``concrete_args`` are the
+    tracing options of ``fxcondensa.trace`` (pass those given to ``thin`` or ``compress``). When ``other``
+    was left whole by ``thin``, the report says why on its first line.
 
     Example:
         >>> import torch, fxcondensa
@@ -207,7 +217,8 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, latency: 
         2322940
     """
     inputs = as_input_tuple(example_inputs)
-    gm_a, gm_b = trace(original, inputs), trace(other, inputs)
+    tracing = {"leaf_modules": leaf_modules, "concrete_args": concrete_args}
+    gm_a, gm_b = trace(original, inputs, **tracing), trace(other, inputs, **tracing)
     costs_a, costs_b = profile_costs(gm_a), profile_costs(gm_b)
     lat_a: NodeLatency | None = None
     lat_b: NodeLatency | None = None
@@ -243,15 +254,33 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, latency: 
         "layer_latency_sum_after_ms": lat_b.sum_ms if lat_b else None,
         "speedup": _safe_div(lat_a.whole.median_ms, lat_b.whole.median_ms) if lat_a and lat_b else None,
         # StructurePrune(target_flops=...) records its MAC budget and what its search reached
-        "flop_target": (getattr(other, "meta", {}) or {}).get("fxcondensa", {}).get("target_flops"),
+        "flop_target": _flop_target(other),
     }
     notes = [f"before: {lat_a.note()}", f"after:  {lat_b.note()}"] if lat_a and lat_b else []
     if lat_a and lat_b and (lat_a.whole.noisy or lat_b.whole.noisy):
         notes.append("warning: the run-to-run spread is wide (IQR above 25% of the median), so the latencies are "
                      "unreliable: other processes are probably competing for the CPU. Rerun on an idle machine, "
                      "with more repeats, or with fewer threads (torch.set_num_threads).")
+    rec = thinning_record(other)
     return Report(rows=rows, totals=totals, frozen=frozen, notes=notes,
-                  input_shapes=[tuple(t.shape) for t in inputs if hasattr(t, "shape")])
+                  input_shapes=[tuple(t.shape) for t in inputs if hasattr(t, "shape")],
+                  whole_reason=rec.whole_reason if rec is not None else None)
+
+
+def _flop_target(model: nn.Module) -> dict[str, float] | None:
+    """The FLOP target of a thinned model (its ``ThinRecord``) or of a compressed graph (its ``GraphRecord``,
+    or the dict schemes wrote before the typed records) as ``{"target", "reached", "density"}``."""
+    rec = thinning_record(model)
+    target = rec.target if rec is not None else None
+    if target is None:
+        meta = getattr(model, "meta", None)
+        found = meta.get(META) if isinstance(meta, dict) else None
+        target = getattr(found, "target", None)
+        if isinstance(found, dict) and isinstance(found.get("target_flops"), dict):
+            return dict(found["target_flops"])
+    if target is None or target.kind != "flops":
+        return None
+    return {"target": target.target, "reached": target.reached, "density": target.density}
 
 
 def _first_input(c: NodeCost | None) -> Shape | None:

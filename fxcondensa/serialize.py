@@ -1,7 +1,7 @@
 """A compact, honest file for a compressed model: storage dtypes, sparse where that is smaller.
 
 ``save_compressed`` writes every parameter and persistent buffer (BatchNorm running statistics included) of
-a model, each in its storage dtype (``footprint.storage_dtypes``: the Quantize annotation, else its own)
+a model, each in its storage dtype (``storage_dtypes``: the Quantize annotation, else its own)
 and each in whichever of two encodings is smaller:
 
 - ``dense``: the values, flat;
@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .errors import FileFormatError
 from .fileio import load_plain, save_atomic
-from .footprint import storage_dtypes
+from .passes.annotate import annotations
 
-__all__ = ["save_compressed", "load_compressed", "encode_tensor", "decode_tensor", "MAGIC", "FORMAT_VERSION"]
+__all__ = ["save_compressed", "load_compressed", "architecture", "storage_dtypes", "encode_tensor", "decode_tensor",
+           "decode_table", "MAGIC", "FORMAT_VERSION"]
 
 MAGIC = "fxcondensa-compressed"
 FORMAT_VERSION = 1
@@ -53,6 +56,23 @@ _VALUE_DTYPES = {
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
 }
+
+
+def storage_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """The dtype each parameter is stored in: its annotated dtype (Quantize) or its own.
+
+    It lives with the writer (``footprint`` reads it from here): the file decides what "stored" means.
+
+    Example:
+        >>> import fxcondensa
+        >>> from fxcondensa.schemes import Quantize
+        >>> storage_dtypes(fxcondensa.compress(fxcondensa.models.LeNet5(), Quantize(fxcondensa.float16)))["ip1.weight"]
+        torch.float16
+    """
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    if isinstance(model, fx.GraphModule):
+        dtypes.update({n: a.dtype for n, a in annotations(model).items() if a.dtype is not None})
+    return dtypes
 
 
 def index_dtype(cols: int) -> torch.dtype:
@@ -184,12 +204,13 @@ def _read(path: str) -> dict[str, Any]:
     """The file's payload, checked to be ours; FileFormatError (naming ``path``) for anything else."""
     payload = load_plain(path, "compressed-model", MAGIC, FORMAT_VERSION, "fxcondensa.save_compressed")
     if not isinstance(payload.get("tensors"), dict):
-        raise FileFormatError(f"{path} has no 'tensors' table")
+        raise FileFormatError(f"{path}: 'tensors' is missing or not a dict")
     return payload
 
 
-def _decode_all(path: str, payload: dict[str, Any]) -> dict[str, torch.Tensor]:
-    table = payload["tensors"]
+def decode_table(path: str, table: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of a file's table by name (aliases resolved); FileFormatError naming ``path`` and the
+    tensor for a malformed entry. Shared by both loaders."""
     tensors: dict[str, torch.Tensor] = {}
     for name, entry in table.items():
         if isinstance(entry, dict) and entry.get("kind") == "alias":
@@ -209,38 +230,53 @@ def _decode_all(path: str, payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 def _match(path: str, payload: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
     """The file must hold exactly the model's state-dict keys with the same shapes; name the first misfit."""
     expected = model.state_dict()
-    saved_from = f"the file was saved from a {payload.get('model_class')!r}, the model is a {type(model).__name__}"
+    misfit = (f"{path}: the file does not fit {type(model).__name__} (saved from a "
+              f"{payload.get('model_class')!r})")
     for key, t in expected.items():
         if key not in tensors:
-            raise FileFormatError(f"{path} does not fit the model: key '{key}' is missing from the file ({saved_from})")
+            raise FileFormatError(f"{misfit}: key '{key}' of the model is missing from the file")
         if tuple(tensors[key].shape) != tuple(t.shape):
-            raise FileFormatError(f"{path} does not fit the model: '{key}' has shape {tuple(tensors[key].shape)} "
-                                  f"in the file, {tuple(t.shape)} in the model ({saved_from})")
+            raise FileFormatError(f"{misfit}: '{key}' has shape {tuple(tensors[key].shape)} in the file, "
+                                  f"{tuple(t.shape)} in the model")
     for key in tensors:
         if key not in expected:
-            raise FileFormatError(f"{path} does not fit the model: unexpected key '{key}' ({saved_from})")
+            raise FileFormatError(f"{misfit}: key '{key}' of the file is not in the model")
 
 
-def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """A new copy of ``model`` holding the parameters and buffers saved in ``path`` (``model`` is untouched).
+def architecture(model_or_factory: Any) -> nn.Module:
+    """The model a loader fills: ``model_or_factory`` itself, or what calling it returns (both loaders)."""
+    if isinstance(model_or_factory, nn.Module):
+        return model_or_factory
+    if callable(model_or_factory):
+        model = model_or_factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the factory returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
+    raise TypeError("model_or_factory must be the torch.nn.Module the file was saved from (any weights: they "
+                    "are replaced), or a callable that builds it, got " + type(model_or_factory).__name__)
 
-    Values come back in the model's own dtypes. A file that is missing, truncated, of another format,
-    crafted, or of another architecture is refused before any model is built.
+
+def load_compressed(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    """A new copy of the model holding the parameters and buffers saved in ``path``.
+
+    ``model_or_factory`` is the model the file was saved from (any weights: they are replaced), or a
+    callable returning it; it is not modified. Values come back in the model's own dtypes, on its device.
+    A file that is missing, truncated, of another format, crafted, or of another architecture is refused
+    before any model is built. (No tracing options: the file holds a state dict, loaded without tracing.)
 
     Example:
         >>> import fxcondensa
         >>> m = fxcondensa.models.LeNet5()
         >>> _ = fxcondensa.save_compressed(m, "/tmp/m.fxc", overwrite=True)
-        >>> type(fxcondensa.load_compressed("/tmp/m.fxc", m)).__name__
+        >>> type(fxcondensa.load_compressed("/tmp/m.fxc", fxcondensa.models.LeNet5)).__name__
         'LeNet5'
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
-    payload = _read(path)
-    tensors = _decode_all(path, payload)
+    payload = _read(path)  # before building anything: a bad file costs no model
+    tensors = decode_table(path, payload["tensors"])
+    model = architecture(model_or_factory)
     _match(path, payload, tensors, model)
     loaded = copy.deepcopy(model)
     with torch.no_grad():
-        loaded.load_state_dict(tensors, strict=True)  # copy_ converts each value to the model's dtype
+        loaded.load_state_dict(tensors, strict=True)  # copy_ converts each value to the model's dtype and device
     return loaded

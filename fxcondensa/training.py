@@ -2,7 +2,9 @@
 
 Small datasets (MNIST-sized ones and ``TensorDataset`` s) are held as two tensors on the device and
 batched by indexing: no DataLoader, no workers, no per-item Python. Anything else goes through a
-``DataLoader`` (the user's own, when one is given, used as it is).
+``DataLoader`` (the user's own, when one is given, used as it is). On CUDA, the loaders made here pin
+their batches, copies are asynchronous (``non_blocking``) only from pinned memory, and the next batch's
+copy is issued before the current batch is handed out (one batch of prefetch).
 
 Example:
     >>> import torch
@@ -104,14 +106,34 @@ class LoaderBatches(Batches):
     def __len__(self) -> int:
         return len(self.loader.dataset if self.loader is not None else self.dataset)  # type: ignore[arg-type]
 
+    @property
+    def _pin(self) -> bool:
+        """Pin the loaders made here when batches go to a GPU (page-locked memory: asynchronous copies)."""
+        return self.device.type == "cuda"
+
     def _move(self, batch: Any) -> Batch:
-        x, y = batch[0], batch[1]
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return _to(batch[0], self.device), _to(batch[1], self.device)
+
+    def _moved(self, loader: Any) -> Iterator[Batch]:
+        """The loader's batches on the device. On CUDA, batch i+1's copy is issued before batch i is yielded,
+        so it overlaps the step that uses batch i (asynchronous when the loader pins its memory)."""
+        if self.device.type != "cuda":
+            for batch in loader:
+                yield self._move(batch)
+            return
+        ahead: Batch | None = None
+        for batch in loader:
+            moved = self._move(batch)
+            if ahead is not None:
+                yield ahead
+            ahead = moved
+        if ahead is not None:
+            yield ahead
 
     def ordered(self) -> Iterator[Batch]:
-        loader = self.loader or DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)  # type: ignore[arg-type]
-        for batch in loader:
-            yield self._move(batch)
+        loader = self.loader or DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,  # type: ignore[arg-type]
+                                           pin_memory=self._pin)
+        yield from self._moved(loader)
 
     def shuffled(self, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         if self.loader is not None:
@@ -125,10 +147,11 @@ class LoaderBatches(Batches):
             b = _global_batch(self.batch_size, len(self.dataset), world_size)  # type: ignore[arg-type]
             batches = BatchSampler(RandomSampler(self.dataset, generator=generator), b, drop_last=True)  # type: ignore[arg-type]
             loader = DataLoader(self.dataset, batch_sampler=_ShardedBatches(batches, rank, world_size),  # type: ignore[arg-type]
-                                generator=generator)
+                                generator=generator, pin_memory=self._pin)
         else:
             loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,  # type: ignore[arg-type]
-                                drop_last=len(self.dataset) >= self.batch_size, generator=generator)  # type: ignore[arg-type]
+                                drop_last=len(self.dataset) >= self.batch_size, generator=generator,  # type: ignore[arg-type]
+                                pin_memory=self._pin)
         epoch = 0
         while True:
             empty = True
@@ -136,11 +159,17 @@ class LoaderBatches(Batches):
             if world_size > 1 and callable(set_epoch):
                 set_epoch(int(torch.randint(2**31 - 1, (), generator=generator)) + epoch)
             epoch += 1
-            for batch in loader:
+            for batch in self._moved(loader):
                 empty = False
-                yield self._move(batch)
+                yield batch
             if empty:
                 raise ValueError("the training data yielded no batch; give a non-empty dataset")
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; asynchronous only from pinned memory (from pageable memory ``non_blocking`` buys
+    nothing and leaves the copy's source unprotected)."""
+    return t.to(device, non_blocking=t.device.type == "cpu" and device.type == "cuda" and t.is_pinned())
 
 
 def _global_batch(batch_size: int, n: int, world_size: int) -> int:

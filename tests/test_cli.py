@@ -104,6 +104,12 @@ def test_bad_scheme_exits_2_with_usage(capsys):
     (["compress", "--model", "fxcondensa:LeNet5", "--scheme", "Prune(0.1)", "--input-shape", "1,3,28,28"],
      "--input-shape 1,3,28,28"),
     (["frobnicate"], "invalid choice"),
+    (["compress", "--model", "fxcondensa:LeNet5", "--scheme", "Prune(0.1)", "--leaf-module", "Linear"],
+     "'Linear': name the class with its module"),
+    (["compress", "--model", "fxcondensa:LeNet5", "--scheme", "Prune(0.1)", "--leaf-module", "torch.nn.Nope"],
+     "'torch.nn.Nope': cannot import it"),
+    (["compress", "--model", "fxcondensa:LeNet5", "--scheme", "Prune(0.1)", "--leaf-module", "torch.nn.init"],
+     "not a torch.nn.Module class"),
 ])
 def test_bad_arguments_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -230,3 +236,11 @@ def test_help_and_version_exit_0(capsys):
     assert run(capsys, "thin", "--help")[0] == 0
     code, out, _ = run(capsys, "--version")
     assert code == 0 and fxcondensa.__version__ in out
+
+
+def test_leaf_module_keeps_the_layer_whole(capsys):
+    """--leaf-module reaches thin: a block kept opaque freezes the channels flowing through it."""
+    code, out, _ = run(capsys, "thin", "--model", "torchvision:resnet18", "--scheme", "StructurePrune(0.5)",
+                       "--input-shape", "1,3,32,32", "--leaf-module", "torchvision.models.resnet.BasicBlock",
+                       "--quiet")
+    assert code == 0 and "'layer1.0' (BasicBlock)" in out and "frozen channel groups" in out

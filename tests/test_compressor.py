@@ -115,3 +115,28 @@ def test_bad_dataset_type_is_named():
     c = condensa.Compressor(condensa.opt.Direct(), Prune(0.1), tiny_model(), [1, 2, 3], None, None, CE)
     with pytest.raises(TypeError, match="Dataset or DataLoader"):
         c.run()
+
+
+def test_statistics_are_a_typed_record_read_as_condensas_dict():
+    train, val, test = tiny_problem()
+    c = condensa.Compressor(lc(), MEM, tiny_model(), train, test, val, CE)
+    c.run()
+    s = c.statistics
+    assert isinstance(s, condensa.compressor.Statistics)
+    assert s.density == s["density"] and s.footprint_values_ratio == s["footprint_values_ratio"]
+    assert s["history"] is s.history and s["best_iteration"] == s.best_iteration
+    assert s["elapsed_lc"] == s.optimizer_stats["elapsed_lc"] and s["budget"] == c.opt.budget
+    lines = [f"{k}: {v}" for k, v in s.items()]  # the tutorial's loop
+    assert lines[0] == "optimizer: LC" and any(x.startswith("footprint_values_ratio: ") for x in lines)
+    assert "optimizer_stats" not in s and list(s) == list(s.to_dict()) and len(s) == len(lines)
+    with pytest.raises(KeyError):
+        s["no_such_statistic"]
+
+
+def test_statistics_without_val_or_history_leave_those_keys_out():
+    train, _, test = tiny_problem()
+    c = condensa.Compressor(condensa.opt.Direct(), MEM, tiny_model(), train, test, None, CE)
+    c.run()
+    s = c.statistics
+    assert "val_accuracy_after" not in s and s.val_accuracy_after is None and "history" not in s
+    assert "test_accuracy_after" in s and s["footprint_stored_ratio"] == s.footprint_stored_ratio

@@ -26,7 +26,8 @@ def load_and_run(path, x):
             return torch.jit.load(str(path))(x)
     if suffix == ".pt2":
         return torch.export.load(str(path)).module()(x)
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort  # the onnx extra is part of `make test`'s set-up: no skip when it is missing
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
@@ -34,15 +35,8 @@ def load_and_run(path, x):
 FORMATS = [".pt", ".pt2", ".onnx"]
 
 
-def _needs(suffix):
-    if suffix == ".onnx":
-        pytest.importorskip("onnxruntime")
-        pytest.importorskip("onnxscript")
-
-
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_reloaded_file_matches_the_model(tmp_path, suffix):
-    _needs(suffix)
     model = fxcondensa.compress(LeNet5(), Prune(0.2))  # a compressed GraphModule, as the CLI exports
     path = export.export(model, tmp_path / f"m{suffix}", X)
     assert path == tmp_path / f"m{suffix}" and path.is_file()
@@ -66,7 +60,6 @@ def test_named_functions_write_their_format(tmp_path, fn):
 
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_existing_file_refused_unless_overwrite(tmp_path, suffix):
-    _needs(suffix)
     path = tmp_path / f"m{suffix}"
     path.write_bytes(b"keep me")
     with pytest.raises(FileExistsError, match=r"overwrite=True") as info:
@@ -86,7 +79,6 @@ class Noisy(nn.Module):
 
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_failed_check_leaves_no_file(tmp_path, suffix):
-    _needs(suffix)
     with pytest.raises(ExportCheckError, match="differs from the model's.*not written"):
         export.export(Noisy(), tmp_path / f"n{suffix}", torch.zeros(2, 3))
     assert os.listdir(tmp_path) == []
@@ -131,3 +123,85 @@ def test_bad_suffix_and_missing_folder(tmp_path):
         export.export(LeNet5(), tmp_path / "m.bin", X)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export.torchscript(LeNet5(), tmp_path / "nope" / "m.pt", X)
+
+
+# -- dynamic shapes ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", FORMATS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_files_take_other_batch_sizes_by_default(tmp_path, suffix, batch):
+    """An example of batch 1 (which torch.export would specialise) or 3; the file runs at 1, 2 and 5."""
+    model = fxcondensa.compress(LeNet5(), Prune(0.2)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", export.StaticShapeWarning)
+        path = export.export(model, tmp_path / f"m{suffix}", torch.randn(batch, 1, 28, 28))
+    for n in (1, 2, 5):
+        x = torch.randn(n, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(load_and_run(path, x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class Tokens(nn.Module):
+    """Token ids in, one vector per sequence out: batch and sequence length both vary in deployment."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.out(self.emb(ids).mean(1))
+
+
+@pytest.mark.parametrize("fn", [export.torch_export, export.onnx])
+def test_token_inputs_take_other_sequence_lengths(tmp_path, fn):
+    model = Tokens().eval()
+    path = fn(model, tmp_path / "t", torch.randint(0, 50, (1, 6)))
+    if fn is export.torch_export:
+        run = torch.export.load(str(path)).module()
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def run(ids):
+            return torch.from_numpy(session.run(None, {name: ids.numpy()})[0])
+    for shape in ((1, 6), (4, 3), (2, 11)):
+        ids = torch.randint(0, 50, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(run(ids), model(ids), rtol=1e-4, atol=1e-5)
+
+
+class FixedBatch(nn.Module):
+    """Code that fixes the batch size: no file of it can take another batch."""
+
+    def forward(self, x):
+        return x.reshape(2, 12).sum(1)  # x is 2x3x4: fails at any other batch size
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_a_model_that_fixes_its_batch_falls_back_to_static_shapes_with_a_warning(tmp_path, suffix):
+    x = torch.randn(2, 3, 4)
+    with pytest.warns(export.StaticShapeWarning, match=r"FixedBatch could not be exported with a dynamic batch "
+                                                        r"size \(.+\); the file is fixed to .*2x3x4.*dynamic=False") as rec:
+        path = export.export(FixedBatch(), tmp_path / f"f{suffix}", x)
+    assert rec[0].filename == __file__  # attributed to the caller's line
+    torch.testing.assert_close(load_and_run(path, x), FixedBatch()(x))
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_dynamic_false_keeps_static_shapes_silently(tmp_path, suffix):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no StaticShapeWarning either
+        path = export.export(FixedBatch(), tmp_path / f"f{suffix}", torch.randn(2, 3, 4), dynamic=False)
+    assert path.is_file()
+    if suffix == ".pt2":  # the program is specialised: another batch size is refused
+        with pytest.raises(Exception, match="2"):  # noqa: B017 - torch.export's guard error
+            torch.export.load(str(path)).module()(torch.randn(3, 3, 4))
+
+
+def test_dynamic_spec_marks_the_batch_and_the_sequence_of_token_inputs():
+    spec = export.dynamic_spec((torch.zeros(2, 3), torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 7),
+                                torch.tensor(1.0)))
+    assert [sorted(s) if s else None for s in spec] == [[0], [0, 1], [0], None]
+    assert spec[0][0] is spec[1][0]  # one batch dimension shared by every input

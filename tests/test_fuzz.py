@@ -1,27 +1,29 @@
 """Fuzzing: random models from the supported ops, random schemes, random inputs.
 
-compress, thin, save/load (compressed and thinned) and TorchScript export either raise one of fxcondensa's
-documented errors (``FxCondensaError`` subclasses, ``ValueError``, ``TypeError``) or return a model whose
-outputs equal the compressed model's. The number of examples comes from the hypothesis profile in
-conftest.py (bounded in CI; ``make fuzz`` runs the long profile).
+compress, thin, save/load (compressed and thinned) and TorchScript export of a valid random model with a
+valid random scheme return models whose outputs equal the compressed model's. docs/catalogue.md documents
+no error for such inputs (its errors are for bad densities, inputs, files and untraceable code), so any
+exception fails the test; the loaders given random bytes raise ``FileFormatError`` with the message the
+catalogue gives for a foreign or truncated file. The number of examples comes from the hypothesis profile
+in conftest.py (bounded in CI; ``make fuzz`` runs the long profile).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
+import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import event, given, note
+from hypothesis import given, note
 from hypothesis import strategies as st
 from torch import nn
 
 import fxcondensa
-from fxcondensa.errors import FxCondensaError
 from fxcondensa.schemes import Compose, FilterPrune, NeuronPrune, Prune, StructurePrune
 
-DOCUMENTED = (FxCondensaError, ValueError, TypeError)
 RTOL, ATOL = 1e-4, 1e-5
 
 
@@ -160,15 +162,11 @@ def pipeline(model: nn.Module, scheme, shape: tuple[int, ...], folder: str) -> N
 
 
 @given(models(), schemes)
-def test_pipeline_raises_only_documented_errors_and_keeps_outputs(drawn, scheme):
+def test_pipeline_raises_nothing_and_keeps_outputs(drawn, scheme):
     model, shape = drawn
     note(f"scheme={scheme!r}")
     with tempfile.TemporaryDirectory() as folder:
-        try:
-            pipeline(model, scheme, shape, folder)
-        except DOCUMENTED as exc:
-            event(f"documented error: {type(exc).__name__}")
-            note(f"documented error: {type(exc).__name__}: {exc}")
+        pipeline(model, scheme, shape, folder)
 
 
 @given(st.binary(max_size=2048), st.sampled_from(["load_compressed", "load_thinned"]))
@@ -177,11 +175,11 @@ def test_loaders_refuse_random_bytes(data, loader):
         path = os.path.join(folder, "random.bin")
         with open(path, "wb") as f:
             f.write(data)
-        try:
+        what = "thinned-model" if loader == "load_thinned" else "compressed-model"
+        expected = (rf"^{re.escape(path)} is not a readable fxcondensa file \(truncated, or another format\): "
+                    rf"|^{re.escape(path)} is not an fxcondensa {what} file")
+        with pytest.raises(fxcondensa.FileFormatError, match=expected):
             getattr(fxcondensa, loader)(path, fxcondensa.models.LeNet5())
-        except fxcondensa.FileFormatError:
-            return
-        raise AssertionError("random bytes were accepted")
 
 
 # -- regressions found by the fuzzer -----------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.utils.data import TensorDataset
 
 import fxcondensa as condensa
 from fxcondensa.opt import LC, Direct
+from fxcondensa.opt import lc as lc_module
 from fxcondensa.schemes import Compose, Prune, Quantize
 from fxcondensa.training import as_batches, evaluate
 
@@ -154,9 +156,69 @@ def test_lr_end_weight_decay_and_no_validation_set():
     assert "val_accuracy_after" not in c.statistics and c.statistics["test_accuracy_after"] > 50
 
 
-def test_progress_bar_and_info_logs(caplog, capsys):
+def test_progress_is_one_line_per_l_step_when_not_a_terminal(caplog, capsys):
     with caplog.at_level("INFO", logger="fxcondensa"):
         run(LC(**{**ARGS, "steps": 2, "sgd_iterations_first_l": 5}, device="cpu"), Prune(0.5))
     text = caplog.text
     assert "LC Iteration 1" in text and "Nested (theta) VAL" in text and "Saving model based on VAL" in text
-    assert "L-step 1" in capsys.readouterr().err  # the tqdm bar, on by default at INFO
+    assert "L-step 1: 5 minibatches, mean loss" in text  # on by default at INFO
+    assert "\r" not in capsys.readouterr().err  # no tqdm carriage returns in a log file
+
+
+def test_progress_bar_on_a_terminal(caplog, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    with caplog.at_level("INFO", logger="fxcondensa"):
+        run(LC(**{**ARGS, "steps": 2, "sgd_iterations_first_l": 5}, device="cpu"), Prune(0.5))
+    assert "L-step 1" in capsys.readouterr().err and "L-step 1: 5 minibatches" not in caplog.text
+
+
+def test_defaults_choose_the_schedule_from_the_budget():
+    lc = LC(steps=6, sgd_iterations_first_l=100, sgd_iterations_per_l=20, l_batch_size=64)
+    assert lc.automatic and lc.finetune_steps == 2 and lc.l_start == "projection" and lc.budget == 180
+    pulls = [lc.pull(j) for j in range(1, lc.lc_steps + 1)]
+    assert pulls[0] == pytest.approx(lc_module.PULL_FIRST) and pulls[-1] == pytest.approx(lc_module.PULL_LAST)
+    mus = [lc.mu_at(j) for j in range(1, lc.lc_steps + 1)]
+    assert all(b > a for a, b in zip(mus, mus[1:], strict=False))  # geometric growth of mu
+    assert lc.mu_at(5) == 0.0 and lc.masked(4) and lc.masked(5) and not lc.masked(3)  # the last two fine-tune
+    assert [len(lc.step_lrs(j)) for j in range(6)] == [0, 66, 12, 12, 45, 45]  # half the budget fine-tunes
+    tail = lc.step_lrs(4) + lc.step_lrs(5)
+    assert len(tail) == 90 and tail[0] == pytest.approx(lc.lr) and tail[-1] < 0.01 * lc.lr
+    assert lc.config["mu_init"] == lc.mu_init and "finetune_steps" in lc.config
+
+
+def test_every_argument_has_a_default_and_a_reaching_schedule():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the automatic schedule never warns
+        lc = LC()
+    assert sum(lc.pull(j) for j in range(1, lc.lc_steps + 1)) >= lc_module.PULL_ENOUGH
+
+
+def test_explicit_schedule_that_cannot_reach_the_set_warns_with_the_fix():
+    tutorial = dict(steps=2, l_batch_size=512, lr=0.02, lr_decay=0.98, momentum=0.95, sgd_iterations_per_l=2000,
+                    sgd_iterations_first_l=10000, mu_init=9.765625e-05, mu_multiplier=1.1, mu_cap=10000,
+                    val_batch_size=100)
+    with pytest.warns(UserWarning, match=r"removes only about 0.39 e-folds.*Multiply mu_init by about 7.68"):
+        lc = LC(**tutorial)
+    assert lc.finetune_steps == 0 and lc.l_start == "w"  # explicit schedules run as Condensa's
+    fixed = {**tutorial, "mu_init": 9.765625e-05 * 7.68}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LC(**fixed)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mu_init=1e-3), "give all of mu_init, mu_multiplier and mu_cap, or none"),
+    (dict(l_start="theta"), "l_start must be 'w'"),
+    (dict(steps=3, finetune_steps=2), "finetune_steps=2 leaves no L-C iteration"),
+])
+def test_inconsistent_defaults_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LC(**kw)
+
+
+def test_lc_with_defaults_beats_direct_on_the_tiny_problem():
+    model = tiny_model()
+    _, d = run(Direct(), Prune(0.05), model)
+    _, s = run(LC(steps=4, sgd_iterations_first_l=60, sgd_iterations_per_l=30, l_batch_size=64, device="cpu",
+                  progress=False), Prune(0.05), model)
+    assert s["val_accuracy_after"] > d["val_accuracy_after"] + 3 and s["density"] == pytest.approx(0.05, abs=1e-3)

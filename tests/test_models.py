@@ -66,3 +66,30 @@ def test_traces_with_torch_fx_and_keeps_the_view():
 def test_rejects_other_image_sizes():
     with pytest.raises(RuntimeError):
         LeNet5()(torch.randn(1, 1, 32, 32))
+
+
+def test_resnet20_shapes_parameters_and_stages():
+    from fxcondensa.models import ResNet20
+
+    model = ResNet20().eval()
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert sum(p.numel() for p in model.parameters()) == 272186
+    assert [len(s) for s in (model.layer1, model.layer2, model.layer3)] == [3, 3, 3]
+    feats = model.layer3(model.layer2(model.layer1(model.relu(model.bn1(model.conv1(torch.randn(1, 1, 28, 28)))))))
+    assert feats.shape == (1, 64, 7, 7)
+
+
+def test_resnet20_thins_to_half_its_macs_exactly():
+    import fxcondensa
+    from fxcondensa.models import ResNet20
+    from fxcondensa.schemes import StructurePrune
+
+    torch.manual_seed(0)
+    model = ResNet20().eval()
+    x = torch.randn(4, 1, 28, 28)
+    scheme = StructurePrune(target_flops=0.5)
+    small = fxcondensa.thin(model, scheme, x)
+    dense = fxcondensa.compress(model, scheme, x).eval()
+    y = torch.randn(2, 1, 28, 28)  # other inputs than the ones thin checked
+    torch.testing.assert_close(small(y), dense(y), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())

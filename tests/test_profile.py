@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from fxcondensa.latency import Latency, compare_latency, measure_latency, node_latency
 from fxcondensa.models import LeNet5
-from fxcondensa.passes.profile import Latency, compare_latency, measure_latency, node_latency, profile_costs
+from fxcondensa.passes.costs import profile_costs
 
 
 def by_layer(model: nn.Module, *shape: int) -> dict:
@@ -118,8 +120,20 @@ def test_measure_latency_records_its_conditions_and_restores_training_mode():
     assert (lat.repeat, lat.warmup, lat.batch_size, lat.device) == (4, 1, 3, "cpu")
     assert lat.threads == torch.get_num_threads()
     assert lat.min_ms <= lat.q1_ms <= lat.median_ms <= lat.q3_ms <= lat.max_ms
-    assert lat.iqr_ms >= 0 and "ms median" in str(lat) and isinstance(lat.noisy, bool)
+    assert lat.iqr_ms == lat.q3_ms - lat.q1_ms and "ms median" in str(lat)
     assert model.training and all(m.training for m in model.modules())
+
+
+def _latency(median: float, q1: float, q3: float, repeat: int = 10) -> Latency:
+    return Latency(median_ms=median, q1_ms=q1, q3_ms=q3, min_ms=q1, max_ms=q3, repeat=repeat, warmup=1, threads=1,
+                   batch_size=1, device="cpu")
+
+
+def test_noisy_means_an_iqr_above_a_quarter_of_the_median():
+    assert _latency(1.0, 0.9, 1.1).noisy is False  # IQR 0.2 of the median
+    assert _latency(1.0, 0.8, 1.3).noisy is True  # IQR 0.5
+    assert _latency(1.0, 0.8, 1.3, repeat=3).noisy is False  # too few runs to judge
+    assert _latency(2.0, 1.5, 2.5).iqr_ms == 1.0
 
 
 @pytest.mark.parametrize("kw", [{"repeat": 0}, {"warmup": -1}, {"repeat": 2.5}])
@@ -151,3 +165,76 @@ def test_compare_latency_alternates_and_keeps_order():
     a, b = compare_latency([Tag("a"), Tag("b")], torch.zeros(2, 3), warmup=1, repeat=3)
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up each, then alternate
     assert a.repeat == b.repeat == 3 and a.batch_size == 2
+
+
+# -- CUDA timing without a GPU: the events must be recorded on the inputs' device -------------------------
+class _CudaLog:
+    """Stands in for torch.cuda's device context, streams, events and synchronisation; logs each call."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple] = []
+        log = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+
+            def record(self, stream=None):
+                log.calls.append(("record", stream))
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, other):
+                return 1.5
+
+        class Device:
+            def __init__(self, device):
+                self.device = torch.device(device)
+
+            def __enter__(self):
+                log.current = self.device
+                log.calls.append(("enter", self.device))
+
+            def __exit__(self, *exc):
+                log.current = torch.device("cuda:0")
+
+        self.current = torch.device("cuda:0")  # the process's current device
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "device", Device)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream", torch.device(device or self.current)))
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.calls.append(("sync", device)))
+
+
+class _Passthrough(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def _on_cuda1() -> tuple[FakeTensorMode, torch.Tensor]:
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        x = torch.empty(4, 3, device="cuda:1")  # a fake tensor: no GPU needed
+    return mode, x
+
+
+def test_cuda_events_are_recorded_on_the_inputs_device(monkeypatch):
+    log = _CudaLog(monkeypatch)
+    mode, x = _on_cuda1()
+    with mode:
+        lat = measure_latency(_Passthrough(), x, warmup=0, repeat=2)
+    assert (lat.device, lat.median_ms) == ("cuda:1", 1.5)
+    records = [c for c in log.calls if c[0] == "record"]
+    assert records == [("record", ("stream", torch.device("cuda:1")))] * 4
+    assert ("sync", torch.device("cuda:1")) in log.calls and ("enter", torch.device("cuda:1")) in log.calls
+
+
+def test_node_timer_records_on_the_inputs_device(monkeypatch):
+    log = _CudaLog(monkeypatch)
+    mode, x = _on_cuda1()
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU(), nn.Tanh()))
+    with mode:
+        lat = node_latency(gm, x, warmup=0, repeat=1, whole=_latency(1.0, 1.0, 1.0))
+    assert set(lat.per_node_ms) == {"_0", "_1"} and lat.per_node_ms["_0"] == 1.5
+    streams = {c[1] for c in log.calls if c[0] == "record"}
+    assert streams == {("stream", torch.device("cuda:1"))}

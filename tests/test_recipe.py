@@ -12,6 +12,7 @@ from _models import LeNet5, state_hash
 
 import fxcondensa
 from fxcondensa.errors import FileFormatError
+from fxcondensa.recipe import reference_tolerance, thinning_record
 from fxcondensa.schemes import StructurePrune
 
 CASES = {
@@ -75,7 +76,10 @@ def test_round_trip_is_exact(thinned):
         for attr in ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features"):
             assert getattr(m1, attr, None) == getattr(m2, attr, None), (n1, attr)
     assert loaded.code == small.code  # rewritten view / reshape / split sizes included
-    assert loaded.meta["fxcondensa"]["frozen"] == small.meta["fxcondensa"]["frozen"]
+    a, b = thinning_record(loaded), thinning_record(small)
+    assert (a.frozen, a.groups, a.target, a.input_shapes, a.input_dtypes, a.rule_failures, a.capture) == \
+        (b.frozen, b.groups, b.target, b.input_shapes, b.input_dtypes, b.rule_failures, b.capture)
+    assert torch.equal(a.keep, b.keep)
     assert state_hash(model) == before, "the user's model changed"
     assert not ({t.data_ptr() for t in model.state_dict().values()}
                 & {t.data_ptr() for t in loaded.state_dict().values() if t.numel()})
@@ -210,7 +214,61 @@ def _tampered(lenet_file, tmp_path, change) -> str:
 
 
 def test_other_version(lenet_file, tmp_path):
-    _refused(_tampered(lenet_file, tmp_path, lambda p: p.update(version=99)), "format version 99")
+    _refused(_tampered(lenet_file, tmp_path, lambda p: p.update(version=99)),
+             r"format version 99; this fxcondensa reads versions 1, 2; .*newer fxcondensa: upgrade")
+    _refused(_tampered(lenet_file, tmp_path, lambda p: p.update(version=0)),
+             r"format version 0; this fxcondensa reads versions 1, 2; write it again with fxcondensa.save_thinned")
+
+
+def _as_version_1(p) -> None:
+    """The payload as fxcondensa wrote it before the typed records: the record as a dict under "meta"
+    (groups, frozen, the FLOP target under "target_flops"), an always-None "scheme", no reference device."""
+    record = p.pop("record")
+    p.pop("reference_device")
+    target = record.pop("target")
+    p["meta"] = {"groups": record["groups"], "frozen": record["frozen"]}
+    if target is not None:
+        p["meta"]["target_flops"] = {k: target[k] for k in ("target", "reached", "density")}
+    p.update(version=1, scheme=None)
+
+
+def test_a_file_of_format_version_1_still_loads(tmp_path):
+    """Files written before this change (format 1) load, with the same record; this one had a FLOP target."""
+    model = _build("lenet5")
+    small = fxcondensa.thin(model, StructurePrune(target_flops=0.5), torch.randn(2, 1, 28, 28))
+    path = tmp_path / "new.thin"
+    fxcondensa.save_thinned(small, path)
+    old = _tampered((small, path), tmp_path, _as_version_1)
+    payload = torch.load(old, weights_only=True)
+    assert payload["version"] == 1 and "record" not in payload and payload["scheme"] is None
+    loaded = fxcondensa.load_thinned(old, LeNet5)
+    _same_state(small, loaded)
+    a, b = thinning_record(loaded), thinning_record(small)
+    assert (a.groups, a.frozen, a.target) == (b.groups, b.frozen, b.target)
+    assert a.target is not None and a.target.kind == "flops"
+    again = tmp_path / "again.thin"  # and it is written back in the current format
+    fxcondensa.save_thinned(loaded, again)
+    assert torch.load(again, weights_only=True)["version"] == fxcondensa.recipe.FORMAT_VERSION == 2
+
+
+def test_the_recipe_has_no_scheme_field(lenet_file):
+    assert "scheme" not in torch.load(lenet_file[1], weights_only=True)
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"groups": [{"group": "conv1"}], "frozen": []}, "thinning record is malformed: KeyError"),
+    ({"groups": [], "frozen": [], "rule_failures": "many"}, "thinning record is malformed: TypeError"),
+    ([], "'record' is missing or not a dict"),
+])
+def test_malformed_record(lenet_file, tmp_path, record, match):
+    _refused(_tampered(lenet_file, tmp_path, lambda p: p.update(record=record)), match)
+
+
+def test_reference_tolerance_is_looser_when_cuda_computed_a_side():
+    assert reference_tolerance(torch.float32, {"cpu"}) == (1e-3, 1e-4)
+    assert reference_tolerance(torch.float32, {"cuda"}) == reference_tolerance(torch.float32, {"cpu", "cuda"})
+    assert reference_tolerance(torch.float32, {"cuda"}) > reference_tolerance(torch.float32, {"cpu"})
+    assert reference_tolerance(torch.bfloat16, {"cpu"})[0] == 8 * torch.finfo(torch.bfloat16).eps
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -279,3 +337,44 @@ def test_compressed_and_thinned_models_are_freed():
             weakref.ref(fxcondensa.thin(LeNet5(), StructurePrune(0.3), x))]
     gc.collect()
     assert [r() is None for r in refs] == [True, True]
+
+
+# -- devices: fake CUDA tensors (no GPU needed) refuse any CPU/CUDA mix ------------------------------------
+def _to_fake_cuda(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter and buffer replaced by a fake CUDA tensor (call inside a FakeTensorMode)."""
+    for mod in model.modules():
+        for k, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[k] = torch.nn.Parameter(p.detach().to("cuda"), requires_grad=p.requires_grad)
+        for k, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[k] = b.to("cuda")
+    return model
+
+
+def test_reference_outputs_are_computed_on_the_models_device():
+    """save_thinned of a CUDA model: the seeded reference inputs go where the model is (they were CPU tensors,
+    so a CUDA model could not be saved), and the stored heads come back to the CPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxcondensa import recipe
+
+    specs = [{"shape": [2, 1, 28, 28], "dtype": "float32"}]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = _to_fake_cuda(LeNet5().eval())
+        device = recipe._device_of(model)
+        inputs = recipe._reference_inputs(specs, device)
+        reference = recipe._run_reference(model, inputs)
+    assert device.type == "cuda" and inputs[0].device.type == "cuda"
+    assert reference[0]["shape"] == [2, 10] and reference[0]["head"].device.type == "cpu"
+
+
+def test_reference_inputs_are_the_same_values_on_every_device():
+    """Drawn on the CPU with one seed, then moved: a file saved on CUDA checks on the CPU against the same
+    inputs."""
+    from fxcondensa import recipe
+
+    specs = [{"shape": [3, 4], "dtype": "float32"}, {"shape": [3], "dtype": "int64"}]
+    a = recipe._reference_inputs(specs, torch.device("cpu"))
+    b = recipe._reference_inputs(specs, torch.device("cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[1].dtype == torch.int64

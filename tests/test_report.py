@@ -16,6 +16,7 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa.models import LeNet5
+from fxcondensa.records import FrozenGroup, GroupRecord, ThinRecord, thin_record
 from fxcondensa.report import Report, report
 from fxcondensa.schemes import Prune
 
@@ -35,9 +36,15 @@ def small_lenet(c1: int = 10, c2: int = 25, hidden: int = 250) -> nn.Module:
 FROZEN = [{"group": "ip2.out", "layers": ["ip2"], "reason": "graph output: the model's outputs keep their size"}]
 
 
-def thinned_stand_in() -> nn.Module:
+def thinned_stand_in(groups: list[GroupRecord] | None = None) -> nn.Module:
+    """The hand-thinned LeNet-5 with the record ``thin`` leaves (conv1 lost channels; ip2's group frozen)."""
     gm = fxcondensa.trace(small_lenet(), X)
-    gm.meta["fxcondensa"] = {"frozen": [dict(g) for g in FROZEN]}
+    groups = groups if groups is not None else [GroupRecord("conv1", ("conv1",), 20, 10),
+                                                GroupRecord("ip2.out", ("ip2",), 10, 10, FROZEN[0]["reason"])]
+    gm.meta["fxcondensa"] = ThinRecord(
+        keep=torch.ones(sum(g.channels for g in groups), dtype=torch.bool), input_shapes=[[1, 1, 28, 28]],
+        input_dtypes=["float32"], groups=groups,
+        frozen=[FrozenGroup(g["group"], tuple(g["layers"]), g["reason"]) for g in FROZEN])
     return gm
 
 
@@ -105,6 +112,18 @@ def test_frozen_groups_listed_beneath_the_table_and_in_data(rep):
     assert "graph output" in rep.to_csv()
 
 
+def test_a_model_left_whole_says_why_at_the_top():
+    whole = thinned_stand_in([GroupRecord("ip2.out", ("ip2",), 10, 10, FROZEN[0]["reason"])])
+    rep = report(LeNet5(), whole, X, latency=False)
+    first = str(rep).splitlines()[0]
+    assert first == f"left whole: every channel group is frozen: {FROZEN[0]['reason']}"
+    assert json.loads(rep.to_json())["whole_reason"] == first.removeprefix("left whole: ")
+
+
+def test_a_thinned_model_has_no_whole_reason(rep):
+    assert rep.whole_reason is None and not str(rep).startswith("left whole")
+
+
 def test_rendering_shows_before_and_after(rep):
     text = str(rep)
     assert "1x20x24x24 -> 1x10x24x24" in text
@@ -125,7 +144,6 @@ def test_compressed_model_report_density_and_latency():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.skipif(not hasattr(fxcondensa, "thin"), reason="fxcondensa.thin not available yet")
 def test_report_on_a_real_thinned_model_lists_its_frozen_groups():
     from fxcondensa.schemes import StructurePrune
 
@@ -135,7 +153,9 @@ def test_report_on_a_real_thinned_model_lists_its_frozen_groups():
     rows = {r.layer: r for r in rep.rows}
     kept = thinned.conv1.out_channels
     assert rows["conv1"].macs_after == kept * 24 * 24 * 25 and rows["conv1"].output_shape_after[1] == kept
-    assert rep.frozen == thinned.meta["fxcondensa"]["frozen"] and rep.frozen
+    record = thin_record(thinned)
+    assert rep.frozen == [{"group": f.group, "layers": list(f.layers), "reason": f.reason} for f in record.frozen]
+    assert rep.frozen
     assert all(g["group"] in str(rep) and g["reason"] in str(rep) for g in rep.frozen)
 
 

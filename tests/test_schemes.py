@@ -15,7 +15,16 @@ import fxcondensa
 from fxcondensa import functional as F
 from fxcondensa.compression import compress, density, layer_densities
 from fxcondensa.footprint import storage_dtypes
-from fxcondensa.schemes import BlockPrune, Compose, Prune, Quantize, is_scheme
+from fxcondensa.schemes import (
+    BlockPrune,
+    Compose,
+    FilterPrune,
+    NeuronPrune,
+    Prune,
+    Quantize,
+    StructurePrune,
+    is_scheme,
+)
 
 LENET_WEIGHTS = ["conv1.weight", "conv2.weight", "ip1.weight", "ip2.weight"]
 
@@ -255,3 +264,27 @@ def test_bad_layers_argument():
 def test_scheme_repr_shows_arguments():
     assert repr(Prune(0.1, exclude=["ip2"])) == "Prune(density=0.1, layers={}, exclude=['ip2'])"
     assert "Quantize(dtype=torch.float16" in repr(Compose([Quantize()]))
+
+
+@pytest.mark.parametrize("scheme", [
+    Prune(0.1, layers={"conv*": 0.5}, exclude=["ip2"]),
+    Quantize(torch.bfloat16, exclude="ip1"),
+    Quantize(),
+    BlockPrune(0.5, (2, 4), criteria="max"),
+    StructurePrune(0.3, align=8, prune_bias=False),
+    FilterPrune(target_flops=0.5, normalize=False),
+    NeuronPrune(0.2, layers={"ip1": 0.7}),
+    Compose([Prune(0.02), Quantize(torch.float16)]),
+])
+def test_repr_rebuilds_an_equal_scheme(scheme):
+    # The repr is the L-C checkpoint's resume key and what a user pastes back into a script.
+    import fxcondensa.schemes as namespace
+
+    rebuilt = eval(repr(scheme), {"torch": torch, **vars(namespace)})
+    assert rebuilt == scheme and repr(rebuilt) == repr(scheme)
+    assert type(scheme)(**scheme.config()) == scheme
+
+
+def test_schemes_with_different_arguments_are_not_equal():
+    assert Prune(0.1) != Prune(0.2) and Quantize(torch.float16) != Quantize(torch.bfloat16)
+    assert StructurePrune(0.5) != FilterPrune(0.5) and Prune(0.1) != "Prune(0.1)"

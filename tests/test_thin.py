@@ -28,7 +28,8 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa import ThinningCheckError, compress, thin
-from fxcondensa.passes.profile import profile_costs
+from fxcondensa.passes.costs import profile_costs
+from fxcondensa.records import thin_record
 from fxcondensa.schemes import FilterPrune, NeuronPrune, Prune, StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -100,7 +101,7 @@ def assert_attributes_match_tensors(gm: nn.Module) -> None:
 
 def kept(gm: fx.GraphModule) -> dict[str, tuple[int, int, str]]:
     """Group name -> (channels, kept, frozen reason), from the thinned model's metadata."""
-    return {g["group"]: (g["channels"], g["kept"], g["frozen"]) for g in gm.meta["fxcondensa"]["groups"]}
+    return {g.group: (g.channels, g.kept, g.frozen) for g in thin_record(gm).groups}
 
 
 class Wide(nn.Module):
@@ -146,7 +147,7 @@ def test_thinned_equals_compressed_and_is_smaller(p):
         assert n_macs(thinned, x) < n_macs(model, x)
     else:
         assert n_params(thinned) == n_params(model)
-        assert thinned.meta["fxcondensa"]["frozen"], "a pattern frozen by design reports its frozen groups"
+        assert thin_record(thinned).frozen, "a pattern frozen by design reports its frozen groups"
 
 
 @pytest.mark.parametrize("p", cases())
@@ -405,8 +406,8 @@ def test_metadata_records_groups_and_frozen_reasons():
     assert set(groups) == {"conv1", "conv2", "ip1", "ip2"}
     assert groups["conv1"][0] == 20 and groups["conv1"][1] == thinned.conv1.out_channels
     assert groups["ip1"][1] == thinned.ip1.out_features
-    frozen = thinned.meta["fxcondensa"]["frozen"]
-    assert [f["group"] for f in frozen] == ["ip2"] and "output" in frozen[0]["reason"]
+    frozen = thin_record(thinned).frozen
+    assert [f.group for f in frozen] == ["ip2"] and "output" in frozen[0].reason
 
 
 # --------------------------------------------------------------------------------------------------

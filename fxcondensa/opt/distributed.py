@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Group", "process_group", "world_size_from_env", "local_device", "broadcast_object",
-           "broadcast_tensors", "check_identical", "quiet_followers"]
+           "broadcast_tensors", "flat_buckets", "unflatten_into", "check_identical", "quiet_followers"]
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -99,9 +99,36 @@ def broadcast_object(group: Group, obj: Any) -> Any:
 
 @torch.no_grad()
 def broadcast_tensors(tensors: Sequence[torch.Tensor]) -> None:
-    """Overwrite ``tensors`` on every rank with rank 0's, in place (same order and shapes on every rank)."""
+    """Overwrite ``tensors`` on every rank with rank 0's, in place (same order and shapes on every rank).
+
+    One broadcast per (device, dtype): the tensors are flattened into one buffer (made on their device),
+    not sent one by one (a model's BatchNorm buffers are dozens of tiny tensors; each call has a latency).
+    """
+    for bucket in flat_buckets(tensors):
+        if len(bucket) == 1:
+            dist.broadcast(bucket[0], src=0)
+            continue
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.broadcast(flat, src=0)
+        unflatten_into(flat, bucket)
+
+
+def flat_buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by (device, dtype), in first-seen order (the same on every rank)."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for t in tensors:
-        dist.broadcast(t, src=0)
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    return list(buckets.values())
+
+
+@torch.no_grad()
+def unflatten_into(flat: torch.Tensor, bucket: Sequence[torch.Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` back into the tensors of ``bucket``, in place."""
+    offset = 0
+    for t in bucket:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -1,7 +1,7 @@
 """Parameter annotations in node metadata, and the pass that applies them.
 
 A scheme writes, for each parameter it compresses, a ``ParamAnnotation`` (a keep-mask and/or a storage
-dtype) into ``node.meta["fxcondensa"]["params"][attr]`` of the node that owns the parameter: the
+dtype) into ``node_record(node).params[attr]`` of the node that owns the parameter: the
 ``call_module`` node of its module, or the ``get_attr`` node that reads it. ``apply_annotations`` then
 makes the weights agree with the annotations (zeros where masked, values rounded to the dtype). Applying
 twice changes nothing, so schemes compose by annotating and applying in turn.
@@ -9,31 +9,13 @@ twice changes nothing, so schemes compose by annotating and applying in turn.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 
 from ..functional import round_trip
+from ..records import META, ParamAnnotation, node_record
 
 __all__ = ["META", "ParamAnnotation", "param_owners", "annotations", "annotate_param", "apply_annotations"]
-
-META = "fxcondensa"
-
-
-@dataclass
-class ParamAnnotation:
-    """What a scheme decided for one parameter: ``mask`` (bool, True keeps) and/or storage ``dtype``."""
-
-    mask: torch.Tensor | None = None
-    dtype: torch.dtype | None = None
-
-    def merged(self, mask: torch.Tensor | None, dtype: torch.dtype | None) -> ParamAnnotation:
-        """A later scheme narrows the mask (logical and) and overrides the dtype."""
-        if mask is not None and self.mask is not None:
-            mask = mask & self.mask
-        return ParamAnnotation(mask if mask is not None else self.mask, dtype if dtype is not None else self.dtype)
-
 
 def param_owners(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, str]]:
     """Qualified parameter name -> (node that owns it, attribute path relative to that node's target).
@@ -57,7 +39,8 @@ def annotations(gm: fx.GraphModule) -> dict[str, ParamAnnotation]:
     """Every annotated parameter of ``gm`` by qualified name, in graph order."""
     found: dict[str, ParamAnnotation] = {}
     for node in gm.graph.nodes:
-        for attr, ann in node.meta.get(META, {}).get("params", {}).items():
+        rec = node_record(node, create=False)
+        for attr, ann in (rec.params.items() if rec is not None else ()):
             name = f"{node.target}.{attr}" if attr else node.target
             found.setdefault(name, ann)
     return found
@@ -75,7 +58,7 @@ def annotate_param(
     if name not in owners:
         raise KeyError(f"parameter '{name}' is not used by any node of the graph")
     node, attr = owners[name]
-    store = node.meta.setdefault(META, {}).setdefault("params", {})
+    store = node_record(node).params
     if mask is not None:
         param = gm.get_parameter(name)
         if mask.shape != param.shape or mask.dtype is not torch.bool:
@@ -89,7 +72,9 @@ def apply_annotations(gm: fx.GraphModule) -> fx.GraphModule:
     for name, ann in annotations(gm).items():
         param = gm.get_parameter(name)
         if ann.mask is not None:
-            param.mul_(ann.mask.to(device=param.device, dtype=param.dtype))
+            # A mask made on another device moves once; one made next to its weight is used as it is.
+            mask = ann.mask if ann.mask.device == param.device else ann.mask.to(param.device)
+            param.mul_(mask)
         if ann.dtype is not None and ann.dtype != param.dtype:
             param.copy_(round_trip(param, ann.dtype))
     return gm

@@ -10,31 +10,42 @@ and recompiles. By construction the thinned model computes the same outputs as t
 from __future__ import annotations
 
 import copy
+import operator
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import registry
+from ..capture import capture_notes, capture_of, graph_inputs, split_inputs
 from ..errors import ExampleInputError, ThinningCheckError
-from ..graph import as_input_tuple, propagate_shapes, trace
+from ..graph import propagate_shapes, trace
+from ..records import META, GroupRecord, ThinRecord, graph_record
+from ..rules.shapes import channel_slice_rewrite
 from ..schemes import check_scheme
-from .annotate import META
-from .channels import ChanInfo, ChannelAnalysis, analyze, removable_channels
+from .analysis import analyze, balance_grouped, removable_channels
+from .channels import ChanInfo, ChannelAnalysis, KeptView
 
 __all__ = ["thin", "rethin", "apply_keep", "RTOL", "ATOL"]
 
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def _example_inputs(model: nn.Module, example_inputs: Any) -> Any:
+    """The example inputs as the model takes them (tensor, tuple, or dict of keyword inputs)."""
     if example_inputs is not None:
-        return as_input_tuple(example_inputs)
+        split_inputs(example_inputs)  # a bad container fails here, with the message saying what to pass
+        return example_inputs
     if isinstance(model, fx.GraphModule):
         metas = [n.meta.get("tensor_meta") for n in model.graph.nodes if n.op == "placeholder"]
         if metas and all(m is not None and hasattr(m, "shape") for m in metas):
-            return tuple(torch.randn(m.shape, dtype=m.dtype) if m.dtype.is_floating_point
-                         else torch.zeros(m.shape, dtype=m.dtype) for m in metas)
+            # Made where the model lives: a CUDA model gets CUDA inputs.
+            device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+            return tuple(torch.randn(m.shape, dtype=m.dtype, device=device) if m.dtype.is_floating_point
+                         else torch.zeros(m.shape, dtype=m.dtype, device=device) for m in metas)
     raise ValueError("thin needs example inputs to learn the tensor shapes, e.g. "
                      "thin(model, scheme, example_inputs=torch.randn(1, 3, 224, 224))")
 
@@ -68,23 +79,44 @@ def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
     return names
 
 
-def balance_grouped(analysis: ChannelAnalysis, keep: torch.Tensor) -> torch.Tensor:
-    """Keep extra (zero) channels where the layers need them: one index in every sliced tensor dim (a conv
-    with no filters, or a cat part with no channels, cannot run), and equal counts in the non-empty
-    groups of each tied grouped conv. Keeping a removable channel never changes the outputs.
-    """
-    from ..structured import _balance_grouped, _keep_one_per_slice
-
-    return _balance_grouped(analysis, _keep_one_per_slice(analysis, keep, None), None)
-
-
 def _kept(analysis: ChannelAnalysis, keep: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-    return torch.nonzero(keep[analysis.channel_of[atoms]]).flatten()
+    return analysis.kept_indices(keep, atoms)
 
 
 def _slice_tensors(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
-    aliases = _aliases(gm)
+    _apply_slices(gm, _slice_plan(analysis, keep))
+
+
+# One step of a slicing plan: (tensor path, dim, kept indices) for a plain slice, or (path, -1, (rows, cols))
+# for a tied grouped conv, whose rows are its kept filters and cols the kept in-group inputs of each row.
+SliceStep = tuple[str, int, Any]
+
+
+def _slice_plan(analysis: ChannelAnalysis, keep: torch.Tensor) -> list[SliceStep]:
+    """What to cut, as CPU indices: decided once from the analysis, applied on any device."""
     grouped_weights = {f"{g.module}.weight": g for g in analysis.grouped}
+    plan: list[SliceStep] = []
+    for s in analysis.slices:
+        if s.path in grouped_weights and s.dim == 0:
+            continue  # rows and in-group columns of a tied grouped conv are cut together below
+        idx = _kept(analysis, keep, s.atoms)
+        if idx.numel() != s.atoms.numel():
+            plan.append((s.path, s.dim, idx))
+    for path, gc in grouped_weights.items():
+        k = analysis.kept(keep, gc.out_atoms).view(gc.groups, -1)
+        if bool(k.all()):
+            continue
+        per = k.shape[1]
+        rows = torch.nonzero(k.flatten()).flatten()  # group-major: the kept filters of each kept group in turn
+        # Within a group, kept output k reads kept input k: the same local indices select the columns.
+        cols = torch.stack([torch.nonzero(k[j]).flatten() for j in torch.nonzero(k.any(1)).flatten().tolist()])
+        plan.append((path, -1, (rows, cols.repeat_interleave(cols.shape[1], 0), per)))
+    return plan
+
+
+def _apply_slices(gm: fx.GraphModule, plan: list[SliceStep]) -> None:
+    """Cut the tensors of ``gm`` as planned; indices move to each tensor's device, nothing else does."""
+    aliases = _aliases(gm)
     tensors: dict[str, torch.Tensor] = {}
 
     def current(path: str) -> torch.Tensor:
@@ -93,25 +125,17 @@ def _slice_tensors(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
             tensors[path] = getattr(module, attr).detach()
         return tensors[path]
 
-    for s in analysis.slices:
-        if s.path in grouped_weights and s.dim == 0:
-            continue  # rows and in-group columns of a tied grouped conv are cut together below
-        idx = _kept(analysis, keep, s.atoms)
-        if idx.numel() != s.atoms.numel():
-            tensors[s.path] = current(s.path).index_select(s.dim, idx.to(current(s.path).device))
-    for path, gc in grouped_weights.items():
+    for path, dim, idx in plan:
         w = current(path)
-        k = keep[analysis.channel_of[gc.out_atoms]].view(gc.groups, -1)
-        if bool(k.all()):
+        if dim >= 0:
+            tensors[path] = w.index_select(dim, idx.to(w.device))
             continue
-        per = k.shape[1]
-        w = w.view(gc.groups, per, w.shape[1], *w.shape[2:])
-        parts = []
-        for j in torch.nonzero(k.any(1)).flatten().tolist():
-            local = torch.nonzero(k[j]).flatten()
-            rows = w[j].index_select(0, local)
-            parts.append(rows.index_select(1, local) if w.shape[2] == per else rows)
-        tensors[path] = torch.cat(parts, 0) if parts else w.new_zeros((0, *w.shape[2:]))
+        rows, cols, per = idx
+        out = w.index_select(0, rows.to(w.device))
+        if w.shape[1] == per:  # depthwise-like: each filter's inputs are the kept ones of its group
+            index = cols.to(w.device).view(*cols.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
+            out = out.gather(1, index)
+        tensors[path] = out
     for path, value in tensors.items():
         _set_tensor(gm, aliases.get(path, [path]), value)
 
@@ -131,36 +155,36 @@ def _copy_without_annotations(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _kept_count(analysis: ChannelAnalysis, keep: torch.Tensor, info: Any) -> int | None:
-    return int(keep[analysis.channel_of[info.atoms]].sum()) if isinstance(info, ChanInfo) else None
+    return int(analysis.kept(keep, info.atoms).sum()) if isinstance(info, ChanInfo) else None
 
 
 def _update_modules(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
-    """Make each module's size attributes agree with its new tensors (they are used by repr and export)."""
+    """Make each module's size attributes agree with its new tensors (they are used by repr and export):
+    a tied grouped conv gets its new group count here, the rest is each registry entry's ``resize``."""
     grouped = {g.module: g for g in analysis.grouped}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         m = gm.get_submodule(node.target)
-        x = node.args[0] if node.args else None
-        cin = _kept_count(analysis, keep, analysis.infos.get(x.name)) if isinstance(x, fx.Node) else None
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if node.target in grouped:
-                g = grouped[node.target]
-                m.groups = int(keep[analysis.channel_of[g.out_atoms]].view(g.groups, -1).any(1).sum())
-            m.out_channels = m.weight.shape[0]
-            m.in_channels = m.weight.shape[1] * m.groups
-        elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            m.in_channels = m.weight.shape[0]
-            m.out_channels = m.weight.shape[1] * m.groups
-        elif isinstance(m, nn.Linear):
-            m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, nn.GroupNorm) and cin is not None:
-            per = m.num_channels // m.num_groups
-            m.num_channels, m.num_groups = cin, cin // per
-        elif isinstance(m, (nn.modules.batchnorm._NormBase,)) and cin is not None:
-            m.num_features = cin
-        elif isinstance(m, nn.PReLU) and m.weight.numel() > 1:
-            m.num_parameters = m.weight.numel()
+        if node.target in grouped:
+            g = grouped[node.target]
+            m.groups = int(analysis.kept(keep, g.out_atoms).view(g.groups, -1).any(1).sum())
+        rule = registry.rule_for(node, m)
+        if rule is not None and rule.resize is not None:
+            x = node.args[0] if node.args else None
+            cin = _kept_count(analysis, keep, analysis.infos.get(x.name)) if isinstance(x, fx.Node) else None
+            rule.resize(m, cin)
+
+
+def _rewrite_ops(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
+    """Ops whose registry entry has a ``rewrite`` change form to stay exact over the kept channels."""
+    view = KeptView(analysis, keep)
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        rule = registry.rule_for(node, gm.get_submodule(node.target) if node.op == "call_module" else None)
+        if rule is not None and rule.rewrite is not None:
+            rule.rewrite(gm, node, view)
 
 
 def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
@@ -169,6 +193,9 @@ def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
     for name in dict.fromkeys(analysis.reshapes):
         node = nodes[name]
         info = analysis.infos.get(name)
+        if node.target is operator.getitem or getattr(node.target, "overloadpacket", None) is torch.ops.aten.slice:
+            channel_slice_rewrite(node, KeptView(analysis, keep))  # x[:, a:b]: bounds in kept channels
+            continue
         if isinstance(info, list):  # split / chunk: sizes of the parts along the channel dim
             sizes = [_kept_count(analysis, keep, part) for part in info]
             x = node.args[0]
@@ -180,7 +207,7 @@ def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
             node.args = (x, sizes, dim)
             node.kwargs = {}
             continue
-        if not isinstance(info, ChanInfo) or node.target not in ("view", "reshape", "expand", torch.reshape):
+        if not isinstance(info, ChanInfo):
             continue
         new = _kept_count(analysis, keep, info)
         args, kwargs = list(node.args), dict(node.kwargs)
@@ -189,7 +216,7 @@ def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
             kwargs[key] = _with_size(kwargs[key], info.dim, new)
         elif len(args) == 2 and isinstance(args[1], (list, tuple)):  # x.view((b, c, -1)), torch.reshape(x, shape)
             args[1] = _with_size(args[1], info.dim, new)
-        elif node.target is not torch.reshape:  # x.view(b, c, -1)
+        elif node.op == "call_method":  # x.view(b, c, -1)
             args[1:] = _with_size(args[1:], info.dim, new)
         node.args, node.kwargs = tuple(args), kwargs
 
@@ -210,6 +237,14 @@ def _outputs_close(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_outputs_close(a[k], b[k]) for k in a)
     return a == b
+
+
+def _run(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
+    """Call ``gm`` on its placeholder values. A graph captured by torch.export takes the model's own
+    (possibly keyword, nested) inputs; the interpreter feeds its placeholders directly."""
+    if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
+        return fx.Interpreter(gm).run(*inputs)
+    return gm(*inputs)
 
 
 class _Recorder(fx.Interpreter):
@@ -258,19 +293,19 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
     try:
         with torch.no_grad():
             try:
-                expected = compressed(*inputs)
+                expected = _run(compressed, inputs)
             except Exception as exc:  # shapes passed on fake tensors, but real arithmetic refuses the inputs
                 shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs if isinstance(t, torch.Tensor))
                 raise ExampleInputError(
                     f"the example inputs ({shapes}) do not run through {type(compressed).__name__}: "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and "
                     "device the model expects.") from exc
-            if not _outputs_close(expected, thinned(*inputs)):
+            if not _outputs_close(expected, _run(thinned, inputs)):
                 # Removing zero channels changes the order of float32 sums; in a deep net with large
                 # activations that rounding alone can exceed the tolerance. The same comparison in float64
                 # tells rounding (it vanishes) from a wrong model (it does not).
                 compressed, thinned, inputs = _as_float64(compressed), _as_float64(thinned), _as_float64(inputs)
-                if _outputs_close(compressed(*inputs), thinned(*inputs)):
+                if _outputs_close(_run(compressed, inputs), _run(thinned, inputs)):
                     return
                 where = _first_divergence(compressed, thinned, analysis, keep, inputs)
                 raise ThinningCheckError(
@@ -287,9 +322,12 @@ def thin(
     model: nn.Module,
     scheme: Any = None,
     example_inputs: Any = None,
-    check: bool = True,
     *,
-    leaf_modules: tuple[type[nn.Module], ...] = (),
+    check: bool = True,
+    strict: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    capture: str = "auto",
 ) -> fx.GraphModule:
     """Return a smaller ``GraphModule`` with pruned channels physically removed.
 
@@ -297,10 +335,15 @@ def thin(
     channels that are already zero across their whole group are removed (e.g. the output of L-C with a
     structured scheme). The model is never modified. ``check=True`` compares the thinned model with the
     compressed dense one on ``example_inputs`` (eval mode, rtol 1e-4, atol 1e-5) and raises
-    ``ThinningCheckError`` naming the first node that differs.
+    ``ThinningCheckError`` naming the first node that differs. ``strict=True`` raises ``UnknownOpError`` at
+    the first op the channel analysis has no rule for, instead of keeping its channels whole (see
+    ``fxcondensa.register_rule``). ``leaf_modules``, ``concrete_args`` and ``capture`` are passed to ``trace``:
+    a model torch.fx cannot trace symbolically is captured with ``torch.export`` (``capture="auto"``), and
+    ``example_inputs`` may be a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``);
+    the thinned module takes the inputs the model takes.
 
-    What was removed, and which channel groups were frozen and why, is in
-    ``thinned.meta["fxcondensa"]["groups"]`` and ``["frozen"]``.
+    What was removed, which channel groups were frozen and why, and the recipe are in
+    ``fxcondensa.records.thin_record(thinned)`` (a ``ThinRecord``).
 
     Example:
         >>> import torch, fxcondensa
@@ -311,31 +354,37 @@ def thin(
     """
     if scheme is not None:
         check_scheme(scheme)
-    inputs = _example_inputs(model, example_inputs)
-    compressed = trace(model, inputs, leaf_modules=leaf_modules)
+    example = _example_inputs(model, example_inputs)
+    compressed = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
+    inputs = graph_inputs(compressed, example)  # the placeholder values, in graph order
+    if strict:  # fail before spending time on the scheme
+        analyze(compressed, strict=True)
     if scheme is not None:
         with torch.no_grad():
             scheme.pi(compressed)
             scheme.delta(compressed)
-    analysis = analyze(compressed)
+    analysis = analyze(compressed, strict=strict)
     keep = balance_grouped(analysis, ~removable_channels(compressed, analysis))
     thinned = apply_keep(compressed, analysis, keep, inputs)
     if check:
         _check(compressed, thinned, analysis, keep, inputs)
-    thinned.meta[META] = {
-        **compressed.meta.get(META, {}),  # e.g. the FLOP target a scheme searched for and what it reached
-        "groups": [
-            {"group": g.name, "producers": list(g.producers), "channels": int(g.channels.numel()),
-             "kept": int(keep[g.channels].sum()), "frozen": "; ".join(g.frozen)}
-            for g in analysis.groups
-        ],
-        "frozen": analysis.frozen_report(),
+    thinned.meta[META] = ThinRecord(
         # The recipe: which channels stayed (by channel id of the analysis, which is deterministic for an
         # architecture and input shapes). ``rethin`` rebuilds the same thinned graph from it.
-        "keep": keep.clone(),
-        "input_shapes": [list(t.shape) for t in inputs],
-        "input_dtypes": [str(t.dtype).removeprefix("torch.") for t in inputs],
-    }
+        keep=keep.clone(),
+        input_shapes=[list(t.shape) if isinstance(t, torch.Tensor) else [] for t in inputs],
+        input_dtypes=[str(t.dtype).removeprefix("torch.") if isinstance(t, torch.Tensor) else type(t).__name__
+                      for t in inputs],
+        groups=[GroupRecord(g.name, tuple(g.producers), int(g.channels.numel()), int(keep[g.channels].sum()),
+                            "; ".join(g.frozen)) for g in analysis.groups],
+        frozen=analysis.frozen_report(),
+        target=graph_record(compressed).target,  # e.g. the FLOP target a scheme searched for, and what it reached
+        rule_failures=len(analysis.rule_failures),
+        capture=capture_of(compressed),
+    )
+    thinned.meta.update({k: v for k, v in compressed.meta.items() if k.startswith("fxcondensa.")})
+    for note in capture_notes(compressed):
+        warnings.warn(f"thin: {type(model).__name__} was {note}", stacklevel=2)
     return thinned
 
 
@@ -346,6 +395,7 @@ def apply_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor
     _slice_tensors(thinned, analysis, keep)
     _update_modules(thinned, analysis, keep)
     _rewrite_sizes(thinned, analysis, keep)
+    _rewrite_ops(thinned, analysis, keep)
     thinned.graph.lint()
     thinned.recompile()
     propagate_shapes(thinned, inputs, fake=True)
@@ -353,8 +403,9 @@ def apply_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor
 
 
 def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
-           leaf_modules: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
-    """Rebuild the thinned architecture of ``model`` from a recipe (``thinned.meta["fxcondensa"]["keep"]``).
+           leaf_modules: Sequence[type[nn.Module]] = (), concrete_args: dict[str, Any] | None = None,
+           capture: str = "auto") -> fx.GraphModule:
+    """Rebuild the thinned architecture of ``model`` from a recipe (``thin_record(thinned).keep``).
 
     The values are those of ``model`` sliced; load the thinned weights afterwards. Raises ``ValueError``
     when the recipe does not fit the architecture.
@@ -364,12 +415,14 @@ def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
         >>> from fxcondensa.schemes import StructurePrune
         >>> x = torch.randn(1, 1, 28, 28)
         >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), x)
-        >>> again = rethin(fxcondensa.models.LeNet5(), small.meta["fxcondensa"]["keep"], x)
+        >>> from fxcondensa.records import thin_record
+        >>> again = rethin(fxcondensa.models.LeNet5(), thin_record(small).keep, x)
         >>> again.conv1.weight.shape == small.conv1.weight.shape
         True
     """
-    inputs = as_input_tuple(example_inputs)
-    gm = trace(model, inputs, leaf_modules=leaf_modules)
+    split_inputs(example_inputs)
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
+    inputs = graph_inputs(gm, example_inputs)
     analysis = analyze(gm)
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (analysis.num_channels,):
         got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__

@@ -21,94 +21,21 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
-from . import functional as F
-from .passes.annotate import META, annotate_param, param_owners
-from .passes.channels import ChanInfo, ChannelAnalysis, analyze
-from .schemes import Scheme, _LayerSelection, _match, validate_density
+from .. import functional as F
+from ..passes.analysis import analyze, balance_grouped
+from ..passes.annotate import annotate_param, param_owners
+from ..passes.channels import ChanInfo, ChannelAnalysis, host
+from ..passes.costs import profile_costs
+from ..records import TargetRecord, graph_record
+from ..rules.attention import head_channels
+from .base import Scheme, _LayerSelection, _match, validate_density
+from .scores import channel_scores, check_criteria
 
-__all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "channel_scores", "select_channels"]
+__all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "select_channels", "ATTENTION_CHOICES"]
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+ATTENTION_CHOICES = (None, "heads", "keep")
 
-
-def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any = "l2norm",
-                   normalize: bool = False) -> torch.Tensor:
-    """One score per channel from the rows of all its producers (NaN for channels without producers).
-
-    Each producer row is scored by ``criteria`` (for a conv: the filter; for a linear: the neuron's
-    weights). A channel with one producer gets exactly that score, Condensa's rule. A channel with several
-    (a residual stream, a squeeze-excitation product) gets their root mean square (``l2norm``), mean
-    (``sum``, ``mean``), maximum or minimum, so that streams with many producers are not ranked above the
-    rest just for having more rows. ``normalize=True`` first divides each producer's row scores by their
-    mean, making layers of different weight scales comparable under one global threshold (useful for
-    untrained models and where BatchNorm makes the scale of conv weights arbitrary).
-    """
-    n = analysis.num_channels
-    rows_of = []
-    for s in analysis.slices:
-        if s.role == "producer":
-            w = gm.get_parameter(s.path).detach().float()
-            rows_of.append((analysis.channel_of[s.atoms], w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1)))
-    if isinstance(criteria, str):
-        F.resolve_criteria(criteria)  # validates the name
-        row_score = {
-            "l2norm": lambda r: r.pow(2).sum(1).sqrt(),
-            "sum": lambda r: r.abs().sum(1),
-            "mean": lambda r: r.abs().mean(1),
-            "max": lambda r: r.abs().amax(1),
-            "min": lambda r: r.abs().amin(1),
-        }[criteria]
-    else:
-        fn = F.resolve_criteria(criteria)
-
-        def row_score(r: torch.Tensor) -> torch.Tensor:
-            return torch.stack([torch.as_tensor(fn(row, (0,)), dtype=torch.float32) for row in r])
-
-    reduce, init = {"max": ("amax", float("-inf")), "min": ("amin", float("inf"))}.get(criteria, ("sum", 0.0))
-    acc = torch.full((n,), init)
-    producers = torch.zeros(n)
-    for ch, rows in rows_of:
-        r = row_score(rows).float()
-        if normalize:
-            r = r / r.mean().clamp(min=torch.finfo(torch.float32).tiny)
-        acc.scatter_reduce_(0, ch, r.pow(2) if criteria == "l2norm" else r, reduce=reduce)
-        producers.index_add_(0, ch, torch.ones(len(ch)))
-    if reduce == "sum":
-        acc = acc / producers.clamp(min=1)
-        if criteria == "l2norm":
-            acc = acc.sqrt()
-    return torch.where(producers > 0, acc, torch.full_like(acc, float("nan")))
-
-
-def _keep_one_per_slice(analysis: ChannelAnalysis, keep: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
-    """Keep the best channel of any producer or consumer dim that would otherwise keep none."""
-    keep = keep.clone()
-    for s in analysis.slices:
-        ch = analysis.channel_of[s.atoms]
-        if ch.numel() and not bool(keep[ch].any()):
-            keep[ch[int(torch.argmax(score[ch].nan_to_num(float("-inf"))))] if score is not None else ch[0]] = True
-    return keep
-
-
-def _balance_grouped(analysis: ChannelAnalysis, keep: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
-    """Keep more channels until every tied grouped conv keeps the same count in each non-empty conv group."""
-    keep = keep.clone()
-    changed = True
-    while changed:
-        changed = False
-        for gc in analysis.grouped:
-            ch = analysis.channel_of[gc.out_atoms].view(gc.groups, -1)
-            k = keep[ch]
-            counts = k.sum(1)
-            target = int(counts.max())
-            for j in torch.nonzero((counts > 0) & (counts < target)).flatten().tolist():
-                missing = ch[j][~k[j]]
-                order = torch.argsort(score[missing], descending=True) if score is not None else torch.arange(len(missing))
-                keep[missing[order[: target - int(counts[j])]]] = True
-                changed = True
-    return keep
 
 
 def select_channels(analysis: ChannelAnalysis, score: torch.Tensor, candidate: torch.Tensor, density: float,
@@ -146,7 +73,7 @@ def select_channels(analysis: ChannelAnalysis, score: torch.Tensor, candidate: t
         if extra > 0:
             dropped = ch[~keep[ch]]
             keep[dropped[torch.topk(score[dropped], min(extra, dropped.numel())).indices]] = True
-    return _balance_grouped(analysis, _keep_one_per_slice(analysis, keep, score), score)
+    return balance_grouped(analysis, keep, score)
 
 
 class _ChannelPrune(Scheme, _LayerSelection):
@@ -159,6 +86,12 @@ class _ChannelPrune(Scheme, _LayerSelection):
     layers are not comparable (initialisation scales differ, and BatchNorm makes the scale of the conv
     before it arbitrary), and ranking them raw sends whole layers down to one channel, which is slow and
     inaccurate. ``normalize=False`` ranks raw scores, exactly Condensa's rule.
+
+    ``attention`` says what happens to attention heads (q/k/v projections reshaped into heads, and
+    ``nn.MultiheadAttention``): ``None`` (the default) prunes whole heads like any other channel where the
+    analysis finds them, ``"heads"`` does the same but raises ``ValueError`` when the model has none, and
+    ``"keep"`` keeps every head. A head is scored over everything it owns: its query, key and value rows
+    and its out-projection columns.
     """
 
     _producer_kinds: tuple[str, ...] = ()  # which producers' channels this scheme may prune
@@ -166,7 +99,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
     def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "l2norm",
                  prune_bias: bool = True, layers: Mapping[str, float] | None = None,
                  exclude: Sequence[str] | str | None = None, *, target_flops: float | None = None,
-                 normalize: bool = True):
+                 normalize: bool = True, attention: str | None = None):
         if (density is None) == (target_flops is None):
             raise ValueError(f"give exactly one of density (fraction of channels kept) and target_flops (fraction "
                              f"of the dense MACs kept), got density={density!r}, target_flops={target_flops!r}")
@@ -175,7 +108,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
         if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
             raise ValueError(f"align must be a positive int (e.g. 8) or None, got {align!r}")
         self.align = align
-        F.resolve_criteria(criteria)
+        check_criteria(criteria)
         self.criteria = criteria
         if not isinstance(prune_bias, bool):
             raise TypeError(f"prune_bias must be True or False, got {prune_bias!r}")
@@ -183,6 +116,11 @@ class _ChannelPrune(Scheme, _LayerSelection):
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be True or False, got {normalize!r}")
         self.normalize = normalize
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES} (None: prune whole heads where "
+                             f"found, 'heads': the same but the model must have attention, 'keep': keep every "
+                             f"head), got {attention!r}")
+        self.attention = attention
         self._init_selection(layers, exclude)
 
 
@@ -206,6 +144,17 @@ class _ChannelPrune(Scheme, _LayerSelection):
                 candidate[g.channels] = False
                 own.pop(g.id, None)
         score = channel_scores(gm, analysis, self.criteria, self.normalize)
+        heads = head_channels(gm, analysis)
+        if self.attention == "heads" and not bool(heads.any()):
+            raise ValueError(
+                f"{type(self).__name__}(attention='heads'): the model {type(gm).__name__} has no attention "
+                "heads the channel analysis recognises. It looked for q/k/v projections reshaped into "
+                "(..., heads, head_dim) and multiplied (matmul, scaled_dot_product_attention), and for "
+                "nn.MultiheadAttention modules. Use attention=None to prune without requiring heads.")
+        if self.attention == "keep":
+            candidate &= ~heads
+        elif bool(heads.any()) and self.criteria == "l2norm":
+            score = torch.where(heads, _owned_scores(gm, analysis, self.normalize), score)
         candidate &= ~torch.isnan(score)
         if self.target_flops is None:
             keep = select_channels(analysis, score, candidate, self.density, own, self.align)
@@ -218,7 +167,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
         """Largest global density whose thinned MACs stay within ``target_flops`` of the dense MACs.
 
         The MAC fraction only grows with the density, so a bisection over it finds the threshold; the
-        reached fraction is recorded in ``gm.meta["fxcondensa"]["target_flops"]`` for the report.
+        reached fraction is recorded in ``graph_record(gm).target`` for the report.
         """
         macs = _MacModel(gm, analysis)
         lo, hi = 0.0, 1.0
@@ -231,8 +180,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
             else:
                 hi = mid
         reached = macs.fraction(best)
-        gm.meta.setdefault(META, {})["target_flops"] = {"target": self.target_flops, "reached": reached,
-                                                       "density": lo}
+        graph_record(gm).target = TargetRecord("flops", self.target_flops, reached, lo)
         return best
 
     def _annotate_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
@@ -242,13 +190,35 @@ class _ChannelPrune(Scheme, _LayerSelection):
         for s in analysis.slices:
             if s.role not in roles or s.path not in params or s.path not in owners:
                 continue
-            k = keep[analysis.channel_of[s.atoms]]
+            k = analysis.kept(keep, s.atoms)
             if bool(k.all()):
                 continue
             shape = [1] * params[s.path].dim()
             shape[s.dim] = -1
-            mask = k.view(shape).expand_as(params[s.path]).clone()
+            # Masks live with their parameter, so that applying them never moves a weight off its device.
+            param = params[s.path]
+            mask = torch.empty_like(param, dtype=torch.bool).copy_(k.view(shape).expand(param.shape))
             annotate_param(gm, s.path, mask=mask, owners=owners)
+
+
+def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool) -> torch.Tensor:
+    """Root mean square per channel over every row (producers) and column (consumers) it owns: for a head,
+    its q, k and v rows and its out-projection columns. With ``normalize`` each tensor's scores are first
+    divided by their mean, as in ``channel_scores``."""
+    n = analysis.num_channels
+    acc, count = torch.zeros(n), torch.zeros(n)
+    params = dict(gm.named_parameters())
+    for s in analysis.slices:
+        if s.role not in ("producer", "consumer") or s.path not in params:
+            continue
+        w = params[s.path].detach().float()
+        r = host(w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1).pow(2).sum(1).sqrt())
+        if normalize:
+            r = r / r.mean().clamp(min=torch.finfo(torch.float32).tiny)
+        ch = analysis.channel_of[s.atoms]
+        acc.index_add_(0, ch, r.pow(2))
+        count.index_add_(0, ch, torch.ones(len(ch)))
+    return torch.where(count > 0, (acc / count.clamp(min=1)).sqrt(), torch.full((n,), float("nan")))
 
 
 class _MacModel:
@@ -259,8 +229,6 @@ class _MacModel:
     """
 
     def __init__(self, gm: fx.GraphModule, analysis: ChannelAnalysis):
-        from .passes.profile import profile_costs  # profile imports nothing from here; keep start-up light
-
         self.analysis = analysis
         self.terms: list[tuple[float, torch.Tensor | None, torch.Tensor | None]] = []
         nodes = {n.name: n for n in gm.graph.nodes}
@@ -285,7 +253,7 @@ class _MacModel:
             f = macs
             for atoms in (out_atoms, in_atoms):
                 if atoms is not None and atoms.numel():
-                    f *= float(keep[self.analysis.channel_of[atoms]].float().mean())
+                    f *= float(self.analysis.kept(keep, atoms).float().mean())
             kept += f
         return kept / self.total if self.total else 1.0
 

@@ -1,4 +1,4 @@
-"""Compression schemes with Condensa's names and arguments.
+"""The unstructured schemes and the scheme protocol, with Condensa's names and arguments.
 
 A scheme is a pass over a traced ``GraphModule``: ``annotate(gm)`` reads the current weights and records,
 per parameter, a keep-mask and/or a storage dtype in node metadata (see ``passes/annotate.py``). Condensa's
@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,8 +25,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import functional as F
-from .passes.annotate import annotate_param, apply_annotations, param_owners
+from .. import functional as F
+from ..graph import trace
+from ..passes.annotate import annotate_param, apply_annotations, param_owners
 
 __all__ = ["Scheme", "Prune", "Quantize", "BlockPrune", "Compose", "is_scheme", "check_scheme", "validate_density"]
 
@@ -60,8 +62,6 @@ def check_scheme(scheme: Any) -> None:
 
 
 def _graph_module(module: nn.Module) -> fx.GraphModule:
-    from .graph import trace  # local: graph imports nothing from here, but keep the module light
-
     return module if isinstance(module, fx.GraphModule) else trace(module)
 
 
@@ -84,9 +84,22 @@ class Scheme:
     def delta(self, module: nn.Module) -> None:
         """Decompress in place. Values already live in float32 (dtypes are storage-only): nothing to do."""
 
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this scheme: ``type(s)(**s.config()) == s``."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name, p in params.items()
+                if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        # The repr is the checkpoint's resume key and what users paste back: it must rebuild an equal scheme.
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.config() == self.config()
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
 
 
 def _layers(gm: fx.GraphModule, types: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
@@ -182,7 +195,7 @@ class Quantize(Scheme, _LayerSelection):
 
     Example:
         >>> Quantize(torch.bfloat16)
-        Quantize(dtype=torch.bfloat16, layers={}, exclude=[])
+        Quantize(dtype=torch.bfloat16, exclude=[])
     """
 
     def __init__(self, dtype: Any = torch.float16, exclude: Sequence[str] | str | None = None):
@@ -249,7 +262,7 @@ class Compose(Scheme):
 
     Example:
         >>> Compose([Prune(0.02), Quantize(torch.float16)])
-        Compose([Prune(density=0.02, layers={}, exclude=[]), Quantize(dtype=torch.float16, layers={}, exclude=[])])
+        Compose([Prune(density=0.02, layers={}, exclude=[]), Quantize(dtype=torch.float16, exclude=[])])
     """
 
     def __init__(self, schemes: Sequence[Any]):
@@ -278,14 +291,8 @@ class Compose(Scheme):
         for s in reversed(self.schemes):
             s.delta(module)
 
+    def config(self) -> dict[str, Any]:
+        return {"schemes": list(self.schemes)}
+
     def __repr__(self) -> str:
         return f"Compose({self.schemes!r})"
-
-
-
-
-# The structured schemes need the channel analysis, so they live in structured.py; Condensa users import
-# them from here.
-from .structured import FilterPrune, NeuronPrune, StructurePrune  # noqa: E402
-
-__all__ += ["FilterPrune", "NeuronPrune", "StructurePrune"]

@@ -1,0 +1,192 @@
+"""The second capture frontend: ``torch.export``, for models that torch.fx's symbolic tracing cannot follow.
+
+Symbolic tracing runs ``forward`` on proxies, so Python that branches on shapes or dtypes, iterates over a
+proxy, or calls through ``*args/**kwargs`` wrappers stops it (Hugging Face models, some timm models).
+``torch.export.export(model, args, kwargs, strict=False)`` runs the real Python on fake tensors instead and
+records the ATen ops that ran, specialised to the example inputs (their shapes and every branch taken).
+The result here is a plain ``fx.GraphModule`` whose nodes are ``get_attr`` (parameters, under their usual
+names) and ``call_function`` of ATen ops (``aten.conv2d``, ``aten.linear``, ``aten.layer_norm``, ...), the
+ops the registry's ATen keys cover.
+
+What such a graph is, compared with a symbolically traced one:
+
+- It takes the model's own inputs, positional and keyword (``gm(input_ids=..., attention_mask=...)``),
+  and returns the model's output structure (a ``ModelOutput``, dict, tuple): its code flattens and
+  unflattens them with the specs kept in ``gm._in_spec`` / ``gm._out_spec``.
+- It is captured in eval mode and stays so: dropout is off and BatchNorm uses its running statistics
+  whatever ``train()`` / ``eval()`` say afterwards (the ops are baked into the graph).
+- It holds only the shapes of the example inputs: other shapes need another capture.
+- Models with a key-value cache (``config.use_cache``, GPT-2, Llama) are captured with the cache turned off
+  (``config.use_cache = False``, unless the caller passes ``use_cache`` explicitly): a cache object is not
+  a tensor structure the graph can return. The captured model returns everything else.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from fxcondensa.capture import export_capture, capture_of
+    >>> class Branchy(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(4, 3)
+    ...     def forward(self, x, *, scale=None):
+    ...         y = self.fc(x)
+    ...         return {"y": y * scale if scale is not None else y}
+    >>> gm = export_capture(Branchy(), (torch.randn(2, 4),), {"scale": torch.tensor(2.0)})
+    >>> capture_of(gm), sorted(gm(torch.randn(2, 4), scale=torch.tensor(2.0)))
+    ('export', ['y'])
+"""
+
+from __future__ import annotations
+
+import copy
+import linecache
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+__all__ = ["CAPTURE_KEY", "split_inputs", "export_capture", "capture_of", "capture_notes", "graph_inputs",
+           "call_with", "user_frame"]
+
+CAPTURE_KEY = "fxcondensa.capture"  # gm.meta key: "fx" or "export"
+NOTES_KEY = "fxcondensa.capture_notes"  # gm.meta key: what the capture changed (e.g. the cache turned off)
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Example inputs as ``(args, kwargs)``: a tensor, a tuple/list of positional inputs, or a dict of
+    keyword inputs (``{"input_ids": ids, "attention_mask": mask}``)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict) and example_inputs:
+        bad = [k for k in example_inputs if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"keyword example inputs need string keys (argument names of forward), got {bad[0]!r}")
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a tensor, a non-empty tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}; pass e.g. torch.randn(1, 3, 224, 224) or "
+        "{'input_ids': ids, 'attention_mask': mask}")
+
+
+def user_frame(tb: Any) -> str:
+    """The innermost frame of a traceback outside torch and fxcondensa: the user's line that failed."""
+    where = "unknown location"
+    for frame in traceback.extract_tb(tb):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith((_TORCH_DIR, _OWN_DIR)) and "<eval_with_key>" not in path:
+            code = frame.line or linecache.getline(frame.filename, frame.lineno or 0).strip()
+            where = f'{frame.filename}:{frame.lineno}, in {frame.name}: "{code}"'
+    return where
+
+
+def _disable_cache(model: nn.Module, kwargs: dict[str, Any]) -> list[str]:
+    """Turn off a Hugging Face style key-value cache on the (copied) model: the cache object it would
+    return is no tensor structure. Returns what was changed, for the record."""
+    config = getattr(model, "config", None)
+    if "use_cache" in kwargs or not getattr(config, "use_cache", False):
+        return []
+    config.use_cache = False
+    for sub in model.modules():  # sub-models (an encoder inside a seq2seq model) keep their own config
+        sub_config = getattr(sub, "config", None)
+        if getattr(sub_config, "use_cache", False):
+            sub_config.use_cache = False
+    return ["captured with config.use_cache=False: the captured model returns no key-value cache"]
+
+
+def export_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Capture a copy of ``model`` with ``torch.export`` (non-strict, eval mode, specialised to the inputs)
+    as a plain ``fx.GraphModule`` that takes the model's inputs and returns its output structure.
+
+    Raises whatever ``torch.export`` raises; ``fxcondensa.trace`` turns that into a ``TraceError``.
+    """
+    kwargs = dict(kwargs or {})
+    work = copy.deepcopy(model).eval()
+    notes = _disable_cache(work, kwargs)
+    with torch.no_grad():
+        ep = torch.export.export(work, tuple(args), kwargs, strict=False)
+    source = ep.module()
+    # ep.module() is a special GraphModule subclass that refuses train()/eval() and cannot be pickled;
+    # a plain GraphModule over the same graph and submodules does both.
+    graph = copy.deepcopy(source.graph)
+    for node in list(graph.nodes):
+        # The input guard module re-checks the example shapes on every call; the thinned graph is checked
+        # against the compressed one instead, and the channel analysis has nothing to learn from it.
+        if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
+            graph.erase_node(node)
+    gm = fx.GraphModule(source, graph, class_name=type(model).__name__)
+    gm._in_spec = getattr(source, "_in_spec", None)
+    gm._out_spec = getattr(source, "_out_spec", None)
+    gm.meta[CAPTURE_KEY] = "export"
+    gm.meta[NOTES_KEY] = notes
+    return gm
+
+
+def capture_of(gm: Any) -> str:
+    """``"export"`` for a graph captured by ``export_capture``, ``"fx"`` otherwise."""
+    meta = getattr(gm, "meta", None)
+    return meta.get(CAPTURE_KEY, "fx") if isinstance(meta, dict) else "fx"
+
+
+def capture_notes(gm: Any) -> list[str]:
+    """What the capture changed about the model (e.g. the key-value cache turned off), one line each."""
+    meta = getattr(gm, "meta", None)
+    return list(meta.get(NOTES_KEY, [])) if isinstance(meta, dict) else []
+
+
+def graph_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[Any, ...]:
+    """The values of ``gm``'s placeholders, in graph order, for example inputs given as the model takes
+    them (a tensor, positional inputs, or a dict of keyword inputs); what ``fx.Interpreter.run`` needs."""
+    args, kwargs = split_inputs(example_inputs)
+    spec = getattr(gm, "_in_spec", None)
+    if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen) and spec is not None:
+        flat, got = pytree.tree_flatten((args, kwargs))
+        if got != spec and not kwargs and len(args) == spec.num_leaves:
+            return tuple(args)  # already the flat placeholder values (what thin rebuilds from shape metadata)
+        if got != spec:
+            raise ValueError(
+                f"the inputs do not have the structure {type(gm).__name__} was captured with: expected "
+                f"{_spec_text(spec)}, got {_spec_text(got)}; pass the same positional and keyword inputs")
+        return tuple(flat)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not kwargs:
+        return tuple(args)
+    values = []
+    for k, node in enumerate(placeholders):
+        name = node.target.lstrip("*")
+        if k < len(args):
+            values.append(args[k])
+        elif name in kwargs:
+            values.append(kwargs[name])
+        elif node.args:  # the forward's default
+            values.append(node.args[0])
+        else:
+            raise ValueError(f"no example input for argument '{name}' of {type(gm).__name__}: pass it "
+                             f"positionally or as {{'{name}': ...}}")
+    unknown = sorted(set(kwargs) - {n.target.lstrip("*") for n in placeholders[len(args):]})
+    if unknown:
+        raise ValueError(f"{type(gm).__name__} has no argument named {unknown[0]!r} (it takes "
+                         f"{[n.target for n in placeholders]}); fix the keys of the example inputs")
+    return tuple(values)
+
+
+def _spec_text(spec: Any) -> str:
+    try:
+        args, kwargs = pytree.tree_unflatten(["t"] * spec.num_leaves, spec)
+        return f"{len(args)} positional and keywords {sorted(kwargs)}"
+    except Exception:
+        return str(spec)
+
+
+def call_with(module: Any, example_inputs: Any) -> Any:
+    """Call ``module`` with example inputs in the form the model takes them (tensor, tuple or dict)."""
+    args, kwargs = split_inputs(example_inputs)
+    return module(*args, **kwargs)

@@ -1,0 +1,272 @@
+"""Latency: whole-model timing (no_grad, warm-up, median and spread) and per-node timing.
+
+``measure_latency`` times the whole model; ``compare_latency`` times several models alternating run by run;
+``NodeTimer`` is an ``fx.Interpreter`` that times every node, and ``node_latency`` compares the sum of the
+per-node medians with the whole-model median (the interpreter adds Python overhead per node, so the sum is
+usually larger).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .graph import as_input_tuple, trace
+
+__all__ = ["Latency", "measure_latency", "compare_latency", "NodeTimer", "NodeLatency", "node_latency"]
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Whole-model latency over ``repeat`` timed runs, in milliseconds.
+
+    ``threads`` is ``torch.get_num_threads()`` at measurement time; ``batch_size`` the first input's
+    leading dimension.
+    """
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+    repeat: int
+    warmup: int
+    threads: int
+    batch_size: int | None
+    device: str
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.q3_ms - self.q1_ms
+
+    @property
+    def noisy(self) -> bool:
+        """Spread too wide to trust the median: IQR above a quarter of it (a busy or throttling machine)."""
+        return self.repeat >= 4 and self.iqr_ms > 0.25 * self.median_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "iqr_ms": self.iqr_ms}
+
+    def __str__(self) -> str:
+        return (f"{self.median_ms:.3f} ms median (IQR {self.iqr_ms:.3f}, min {self.min_ms:.3f}, "
+                f"max {self.max_ms:.3f}; {self.repeat} runs, {self.threads} threads, "
+                f"batch {self.batch_size}, {self.device})")
+
+
+def _summary(times_ms: list[float], warmup: int, inputs: tuple, device: torch.device) -> Latency:
+    if len(times_ms) >= 2:
+        q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = times_ms[0]
+    first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+    return Latency(
+        median_ms=statistics.median(times_ms), q1_ms=q1, q3_ms=q3, min_ms=min(times_ms), max_ms=max(times_ms),
+        repeat=len(times_ms), warmup=warmup, threads=torch.get_num_threads(),
+        batch_size=int(first.shape[0]) if first is not None and first.dim() > 0 else None, device=str(device),
+    )
+
+
+def _device(inputs: tuple) -> torch.device:
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def _check_counts(warmup: int, repeat: int) -> None:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+
+
+class _EvalMode:
+    """Put a module in eval mode for a while and restore every submodule's training flag afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.modes = {name: m.training for name, m in self.model.named_modules()}
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, m in self.model.named_modules():
+            m.training = self.modes[name]
+
+
+def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 10, repeat: int = 50) -> Latency:
+    """Time ``model(*example_inputs)`` in eval mode under ``no_grad``: ``warmup`` untimed runs, then ``repeat``.
+
+    On CUDA each run is timed with CUDA events, after a synchronisation so that earlier work is not billed
+    to it; on CPU with ``time.perf_counter``. The model's training flags are restored afterwards.
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> lat = fxcondensa.measure_latency(fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28), repeat=5)
+        >>> lat.repeat, lat.batch_size, lat.device
+        (5, 1, 'cpu')
+    """
+    return compare_latency([model], example_inputs, warmup=warmup, repeat=repeat)[0]
+
+
+def compare_latency(models: Sequence[nn.Module], example_inputs: Any, *, warmup: int = 10,
+                    repeat: int = 50) -> list[Latency]:
+    """Time several models on the same inputs, alternating run by run (A, B, A, B, ...).
+
+    Alternation spreads any drift of the machine (other processes, clock changes) over all models alike,
+    so their ratio is fairer than with back-to-back measurements.
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> from fxcondensa.latency import compare_latency
+        >>> a, b = compare_latency([fxcondensa.models.LeNet5()] * 2, torch.randn(1, 1, 28, 28), repeat=3)
+        >>> a.repeat == b.repeat == 3
+        True
+    """
+    _check_counts(warmup, repeat)
+    inputs = as_input_tuple(example_inputs)
+    device = _device(inputs)
+    times: list[list[float]] = [[] for _ in models]
+    with ExitStack() as stack:
+        for m in models:
+            stack.enter_context(_EvalMode(m))
+        stack.enter_context(torch.no_grad())
+        for m in models:
+            for _ in range(warmup):
+                m(*inputs)
+        for _ in range(repeat):
+            for i, m in enumerate(models):
+                times[i].append(_time_once(m, inputs, device))
+    return [_summary(t, warmup, inputs, device) for t in times]
+
+
+def _time_once(model: nn.Module, inputs: tuple, device: torch.device) -> float:
+    """One run in milliseconds: CUDA events after a synchronisation on CUDA, perf_counter elsewhere.
+
+    On CUDA the events are recorded on the current stream *of the inputs' device*, with that device made
+    current for the run: events recorded on another device's stream (the process's current device, often
+    cuda:0) would time nothing of the model's work.
+    """
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record(stream)
+            model(*inputs)
+            end.record(stream)
+            end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    model(*inputs)
+    return (time.perf_counter() - t0) * 1e3
+
+
+class NodeTimer(fx.Interpreter):
+    """An interpreter that records how long each node takes, in milliseconds, per run.
+
+    ``times[node.name]`` collects one value per ``run``. On CUDA, nodes are bracketed by events and read
+    after the run's final synchronisation, so timing does not serialise the stream node by node more than
+    the events themselves do.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=True)
+        self.times: dict[str, list[float]] = {}
+        self._events: list[tuple[str, Any, Any]] = []
+        self._stream: Any = None  # the CUDA stream of the inputs' device during a run on CUDA
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        device = _device(args)
+        if device.type != "cuda":
+            self._stream = None
+            return super().run(*args, **kwargs)
+        with torch.cuda.device(device):  # events and kernels on the inputs' device, as in _time_once
+            self._stream = torch.cuda.current_stream(device)
+            torch.cuda.synchronize(device)
+            result = super().run(*args, **kwargs)
+            torch.cuda.synchronize(device)
+        for name, start, end in self._events:
+            self.times.setdefault(name, []).append(start.elapsed_time(end))
+        self._events.clear()
+        return result
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("placeholder", "output", "get_attr"):
+            return super().run_node(n)
+        if self._stream is not None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self._stream)
+            result = super().run_node(n)
+            end.record(self._stream)
+            self._events.append((n.name, start, end))
+            return result
+        t0 = time.perf_counter()
+        result = super().run_node(n)
+        self.times.setdefault(n.name, []).append((time.perf_counter() - t0) * 1e3)
+        return result
+
+
+@dataclass(frozen=True)
+class NodeLatency:
+    """Median latency per node (ms, by node name), their sum, and the whole-model measurement."""
+
+    per_node_ms: dict[str, float]
+    whole: Latency
+    sum_ms: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sum_ms", float(sum(self.per_node_ms.values())))
+
+    @property
+    def ratio(self) -> float:
+        """Sum of per-node medians over the whole-model median (above 1: interpreter overhead)."""
+        return self.sum_ms / self.whole.median_ms if self.whole.median_ms > 0 else float("nan")
+
+    def note(self) -> str:
+        return (f"per-layer latencies sum to {self.sum_ms:.3f} ms, {self.ratio:.2f}x the whole-model "
+                f"median of {self.whole.median_ms:.3f} ms (layers are timed one by one through an fx "
+                "Interpreter, which adds Python overhead per node)")
+
+
+def node_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 3, repeat: int = 10,
+                 whole: Latency | None = None, leaf_modules: Sequence[type[nn.Module]] = (),
+                 concrete_args: dict[str, Any] | None = None) -> NodeLatency:
+    """Per-node median latency of ``model`` traced to a graph, and the whole graph's own latency.
+
+    ``whole`` is a whole-model measurement made elsewhere (e.g. by ``compare_latency``); without it the
+    graph is timed here. A model that is not a ``GraphModule`` is traced with ``leaf_modules`` and
+    ``concrete_args`` (as ``fxcondensa.trace`` takes them).
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> from fxcondensa.latency import node_latency
+        >>> lat = node_latency(fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28), repeat=3)
+        >>> sorted(lat.per_node_ms)[:2]
+        ['conv1', 'conv2']
+    """
+    _check_counts(warmup, repeat)
+    inputs = as_input_tuple(example_inputs)
+    gm = (model if isinstance(model, fx.GraphModule) and not leaf_modules and concrete_args is None
+          else trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args))
+    timer = NodeTimer(gm)
+    with _EvalMode(gm), torch.no_grad():
+        for _ in range(warmup):
+            timer.run(*inputs)
+        timer.times.clear()
+        for _ in range(repeat):
+            timer.run(*inputs)
+    per_node = {name: statistics.median(ts) for name, ts in timer.times.items()}
+    if whole is None:
+        whole = measure_latency(gm, inputs, warmup=warmup, repeat=repeat)
+    return NodeLatency(per_node_ms=per_node, whole=whole)

@@ -1,0 +1,610 @@
+"""Built-in rules for attention: the reshape into heads, products of two activations (matmul, bmm),
+``F.scaled_dot_product_attention``, ``unbind`` of a fused q/k/v tensor, and ``nn.MultiheadAttention``.
+
+Heads are channels. When a reshape splits the channel dim into ``(..., heads, head_dim)`` (``q.view(B, N,
+H, D)``, a fused ``qkv.reshape(B, N, 3, H, D)``), the analysis tracks the heads dim: every index of a head
+(its ``head_dim`` slots, and its q/k/v slots in a fused projection) becomes one channel, so a head goes as a
+whole or stays. ``permute`` / ``transpose`` carry the heads dim along; ``q @ k.transpose(-2, -1)``, the
+softmax over keys and ``attn @ v`` treat it as a batch dim (the products unite q's, k's and v's heads);
+the reshape back to ``(B, N, H * D)`` hands each head's ``D`` columns to the out-projection. A head can go
+when its value rows are zero (its output then is exactly zero), whatever its query and key rows hold.
+Removing heads keeps ``head_dim``, so softmax scales do not change. Grouped-query attention
+(``enable_gqa=True``) ties each key/value head to its group of query heads.
+
+``nn.MultiheadAttention`` (a leaf module) is thinned per head the same way and replaced by
+``fxcondensa.nn.ThinMultiheadAttention`` (same arithmetic, its own head count and widths).
+
+The reshape rule wraps the ``view`` entry of ``rules/shapes.py`` (``replace=True``): every reshape that
+entry handles is handed to it unchanged; only the head split is new, and literal or computed sizes of the
+heads' merged width are rewritten to the kept count.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .. import nn as fxnn
+from ..passes.channels import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
+from ..passes.reshape_map import reshape_target
+from ..registry import CostCall, register_rule, rule_for_key
+from . import elementwise, shapes  # noqa: F401  (entries this module wraps must exist first)
+from .layers import zero_rows
+
+aten = torch.ops.aten
+
+_ORIGINAL_VIEW = rule_for_key(torch.reshape)
+
+
+def _matmul_cost(c: CostCall) -> int:
+    a = c.in_shapes[0] if c.in_shapes else None
+    return c.out_numel * (a[-1] if a else 0)
+
+
+def _addmm_cost(c: CostCall) -> int:
+    a = c.in_shapes[1] if len(c.in_shapes) > 1 else None
+    return c.out_numel * (a[-1] if a else 0)
+
+
+def _sdpa_cost(c: CostCall) -> int:
+    q = c.in_shapes[0] if c.in_shapes else None
+    k = c.in_shapes[1] if len(c.in_shapes) > 1 else None
+    if not q or not k or len(q) < 2:
+        return 0
+    # q @ k^T and attn @ v: two products of (..., Nq, D) by (..., D, Nk)
+    return 2 * math.prod(q) * k[-2]
+
+
+def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+# ----------------------------------------------------------------------------------- reshape into heads
+
+def _head_split(src: tuple[int, ...], dst: tuple[int, ...], dim: int) -> tuple[int, tuple[int, ...]] | None:
+    """When ``dst`` only splits dim ``dim`` of ``src`` into two or more dims, (first split dim, split sizes)."""
+    k = len(dst) - len(src) + 1
+    if k < 2 or tuple(src[:dim]) != tuple(dst[:dim]) or tuple(src[dim + 1:]) != tuple(dst[dim + k:]):
+        return None
+    sizes = tuple(dst[dim:dim + k])
+    return (dim, sizes) if math.prod(sizes) == src[dim] and all(s > 1 for s in sizes[-2:]) else None
+
+
+def view_rule(ctx: RuleContext, node: fx.Node) -> None:
+    x = node.args[0]
+    i, src, dst = ctx.info(x), node_shape(x), node_shape(node)
+    if i is None or src is None or dst is None or reshape_target(src, dst, i.dim, i.atoms) is not None:
+        return _ORIGINAL_VIEW.channels(ctx, node)
+    found = _head_split(src, dst, i.dim)
+    if found is None:
+        return _ORIGINAL_VIEW.channels(ctx, node)
+    first, sizes = found
+    heads_at = len(sizes) - 2  # (..., heads, head_dim): the second to last split dim counts heads
+    grid = i.atoms.view(sizes).movedim(heads_at, 0).reshape(sizes[heads_at], -1)
+    for col in range(1, grid.shape[1]):  # one head, all its slots, is one channel
+        ctx.unite(grid[:, 0], grid[:, col])
+    ctx.rewrite_sizes(node)
+    name, per = x.name, grid.shape[1]
+
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        return z[name].view(sizes).movedim(heads_at, 0).reshape(-1, per).all(1)
+
+    ctx.output(node, ChanInfo(first + heads_at, grid[:, 0].clone()), rule)
+
+
+def _rewrite_view(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
+    """A size of the tracked dim computed at run time (``B, N, C = x.shape`` then ``reshape(B, N, C)``) may
+    count another tensor's channels (the stream's, not the heads'): make it the kept count."""
+    kept, i = view.kept_count(node), view.info(node)
+    # Even when this tensor keeps every channel: the size may count a stream that lost some.
+    if kept is None or node.op not in ("call_method", "call_function"):
+        return
+    args = list(node.args)
+    if node.op == "call_method" and len(args) > 2 or (len(args) == 2 and not isinstance(args[1], (list, tuple))):
+        sizes, at = args[1:], None
+    elif len(args) == 2:
+        sizes, at = list(args[1]), 1
+    else:
+        return
+    if i.dim < len(sizes) and isinstance(sizes[i.dim], fx.Node):
+        sizes[i.dim] = kept
+        if at is None:
+            node.args = (args[0], *sizes)
+        else:
+            node.args = (args[0], type(args[1])(sizes))
+
+
+register_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=view_rule,
+              zeros="custom", cost="none", rewrite=_rewrite_view, name="view", replace=True)
+
+
+# ------------------------------------------------------------------------------------------------ unbind
+
+def unbind_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``qkv.unbind(0)``: along a dim other than the channel dim, every part carries the channels."""
+    x = node.args[0]
+    i, shape = ctx.info(x), node_shape(x)
+    dim = node_arg(node, 1, "dim", 0)
+    if i is None or shape is None or not isinstance(dim, int):
+        return ctx.unsupported(node, "unbind without shape metadata")
+    dim %= len(shape)
+    if dim == i.dim:
+        return ctx.unsupported(node, "unbind along the channel dim")
+    part = ChanInfo(i.dim - (i.dim > dim), i.atoms)
+    name, n = x.name, shape[dim]
+    ctx.output(node, [part] * n, lambda z, gm: [z[name]] * n)
+
+
+register_rule(torch.unbind, "unbind", aten.unbind, channels=unbind_rule, zeros="custom", cost="none",
+              name="unbind", replace=True)
+
+
+# ------------------------------------------------------------------------------------------------ matmul
+
+def matmul_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``a @ b`` with ``a: (..., n, k)`` and ``b: (..., k, m)``. Channels on a batch dim of both (attention
+    heads) are united and carried; on the rows of ``a`` or the columns of ``b`` alone they are carried; on
+    the contracted dim of both they are united and both operands are exits."""
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    sa, sb, so = node_shape(a), node_shape(b), node_shape(node)
+    ia, ib = ctx.info(a), ctx.info(b)
+    if sa is None or sb is None or so is None or len(sa) < 2 or len(sb) < 2:
+        return ctx.unsupported(node, "matmul of vectors or without shape metadata")
+    na, nb, no = len(sa), len(sb), len(so)
+    da = None if ia is None else ia.dim + no - na  # in output coordinates
+    db = None if ib is None else ib.dim + no - nb
+    batch = no - 2
+    names = (a.name if ia is not None else None, b.name if ib is not None else None)
+
+    def operand_broadcast(s: tuple[int, ...], d: int) -> bool:
+        k = d - (no - len(s))
+        return k < 0 or s[k] == 1
+
+    if ia is not None and ib is not None:
+        if da == db and da < batch:  # heads: a batch dim of both
+            ctx.unite(ia.atoms, ib.atoms)
+            return ctx.output(node, ChanInfo(da, ia.atoms), lambda z, gm: z[names[0]] | z[names[1]])
+        if ia.dim == na - 1 and ib.dim == nb - 2:  # the contracted dim
+            ctx.unite(ia.atoms, ib.atoms)
+            ctx.exit(a)
+            ctx.exit(b)
+            return ctx.output(node, None, None)
+        ctx.freeze_inputs(node, f"matmul '{node.name}' combines channels on dims it cannot match")
+        return ctx.output(node, None, None)
+    tracked, name, other_shape = (ia, names[0], sb) if ia is not None else (ib, names[1], sa)
+    d = da if ia is not None else db
+    rows_of_a = ia is not None and ia.dim == na - 2
+    cols_of_b = ib is not None and ib.dim == nb - 1
+    if (d < batch and operand_broadcast(other_shape, d)) or rows_of_a or cols_of_b:
+        return ctx.output(node, ChanInfo(d, tracked.atoms), lambda z, gm: z[name])
+    ctx.freeze(tracked.atoms, f"matmul '{node.name}' contracts or broadcasts channels against an untracked operand")
+    return ctx.output(node, None, None)
+
+
+register_rule(torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", "__matmul__", aten.matmul, aten.bmm,
+              channels=matmul_rule, zeros="custom", cost=_matmul_cost, kind="matmul", name="matmul", replace=True)
+register_rule(torch.mm, "mm", aten.mm, channels="freeze", cost=_matmul_cost, kind="matmul", name="mm",
+              replace=True)
+def addmm_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``torch.addmm(bias, x, weight)`` with parameter ``bias`` (out,) and ``weight`` (in, out): a linear layer
+    written the other way round (Hugging Face's ``Conv1D`` in GPT-2)."""
+    bias, x, weight = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("mat2")
+    wpath = weight.target if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    bpath = bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+    extra = {k: node_arg(node, j, k, 1) for j, k in ((3, "beta"), (4, "alpha"))}
+    if wpath is None or bpath is None or ctx.param(wpath) is None or extra != {"beta": 1, "alpha": 1} \
+            or ctx.param(bpath) is None or ctx.param(bpath).dim() != 1:
+        return ctx.unsupported(node, "addmm with computed operands or scale factors")
+    i = ctx.info(x)
+    if i is not None and i.dim != 1:
+        return ctx.unsupported(node, "addmm whose rows carry the channels")
+    if i is not None:
+        ctx.slice_param(wpath, 0, i.atoms, "consumer", node)
+        ctx.exit(x)
+    else:
+        ctx.block(wpath, 0, node)
+    out = ctx.new_channels(ctx.param(wpath).shape[1], wpath.rsplit(".", 1)[0] or node.name, "linear")
+    ctx.slice_param(wpath, 1, out, "producer", node)
+    ctx.slice_param(bpath, 0, out, "bias", node)
+
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        return zero_rows(_tensor(gm, wpath), 1) & host(_tensor(gm, bpath) == 0)
+
+    ctx.output(node, ChanInfo(1, out), rule)
+
+
+register_rule(torch.addmm, aten.addmm, channels=addmm_rule, zeros="custom", cost=_addmm_cost, kind="linear",
+              creates=True, name="addmm", replace=True)
+register_rule(torch.baddbmm, torch.addbmm, channels="freeze", cost=_addmm_cost, kind="matmul", name="addmm (batched)",
+              replace=True)
+
+
+# -------------------------------------------------------------------------- scaled_dot_product_attention
+
+def sdpa_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`` with
+    heads tracked on the same batch dim of q, k and v: whole heads (with grouped-query attention, whole
+    key/value heads with their query groups)."""
+    q, k, v = (node_arg(node, j, n) for j, n in enumerate(("query", "key", "value")))
+    iq, ik, iv = ctx.info(q), ctx.info(k), ctx.info(v)
+    shapes_ = [node_shape(t) for t in (q, k, v)]
+    if any(s is None for s in shapes_) or any(i is None for i in (iq, ik, iv)):
+        return ctx.unsupported(node, "scaled_dot_product_attention with untracked q, k or v")
+    nd = len(shapes_[0])
+    dims = {i.dim + nd - len(s) for i, s in zip((iq, ik, iv), shapes_, strict=True)}
+    if len(dims) != 1 or dims.pop() >= nd - 2:
+        return ctx.unsupported(node, "scaled_dot_product_attention with channels on the sequence or head_dim dims")
+    mask = node_arg(node, 3, "attn_mask")
+    ms = node_shape(mask) if isinstance(mask, fx.Node) else None
+    if ms is not None:
+        k_ = iq.dim - (nd - len(ms))
+        if ctx.info(mask) is not None or (k_ >= 0 and ms[k_] != 1):
+            return ctx.unsupported(node, "scaled_dot_product_attention with a per-head mask")
+    ctx.unite(ik.atoms, iv.atoms)
+    hq, hkv = iq.atoms.numel(), ik.atoms.numel()
+    if hq == hkv:
+        ctx.unite(iq.atoms, ik.atoms)
+    elif node_arg(node, 7, "enable_gqa", False) and hq % hkv == 0:
+        groups = iq.atoms.view(hkv, hq // hkv)
+        for g in range(groups.shape[1]):
+            ctx.unite(groups[:, g], ik.atoms)
+    else:
+        return ctx.unsupported(node, f"scaled_dot_product_attention with {hq} query and {hkv} key heads")
+    vname, rep = v.name, hq // hkv
+    ctx.output(node, ChanInfo(iq.dim, iq.atoms), lambda z, gm: z[vname].repeat_interleave(rep))
+
+
+register_rule(F.scaled_dot_product_attention, aten.scaled_dot_product_attention, channels=sdpa_rule,
+              zeros="custom", cost=_sdpa_cost, kind="matmul", name="scaled_dot_product_attention")
+
+
+# ---------------------------------------------------------------------------------- MultiheadAttention
+
+def mha_module(ctx: RuleContext, node: fx.Node) -> None:
+    """Self-attention through ``nn.MultiheadAttention``: input columns of the in-projection follow the
+    input's channels, heads are channels of their own (q, k, v rows and out-projection columns of one
+    head), the out-projection rows are new channels. The attention weights must not be used."""
+    m = ctx.module(node)
+    q, k, v = (node_arg(node, j, n) for j, n in enumerate(("query", "key", "value")))
+    x = q
+    what = f"nn.MultiheadAttention '{node.target}'"
+    weights_used = any(not (u.op == "call_function" and u.target is operator.getitem
+                            and (u.args[1] == 0 or (u.args[1] == 1 and not u.users))) for u in node.users)
+    reason = None
+    if not (q is k is v):
+        reason = "is not self-attention (query, key and value differ)"
+    elif not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        reason = "has separate k/v dims, bias_k/bias_v or add_zero_attn"
+    elif weights_used:
+        reason = "returns attention weights that are used"
+    else:
+        mask = node_arg(node, 5, "attn_mask")
+        ms = node_shape(mask) if isinstance(mask, fx.Node) else None
+        if ms is not None and len(ms) == 3:
+            reason = "has a per-head attention mask"
+        elif node_arg(node, 7, "is_causal", False):
+            reason = "is called with is_causal=True"
+    i = ctx.info(x)
+    shape = node_shape(x)
+    if i is not None and (shape is None or i.dim != len(shape) - 1):
+        reason = reason or f"reads channels on dim {i.dim}"
+    target = str(node.target)
+    e, h = m.embed_dim, m.num_heads
+    d = e // h
+    if reason is not None:  # untracked output: whatever it is added to keeps its channels too
+        if i is not None:
+            ctx.freeze(i.atoms, f"{what} {reason}")
+        return ctx.output(node, None, None)
+    heads = ctx.new_channels(h, f"{target} (heads)", "linear")
+    out = ctx.new_channels(e, target, "linear")
+    if i is not None:
+        ctx.slice_param(f"{target}.in_proj_weight", 1, i.atoms, "consumer", node)
+        ctx.exit(x)
+    else:
+        ctx.block(f"{target}.in_proj_weight", 1, node)
+    rows = heads.repeat_interleave(d)
+    ctx.slice_param(f"{target}.in_proj_weight", 0, rows.repeat(3), "producer", node)
+    if m.in_proj_bias is not None:
+        ctx.slice_param(f"{target}.in_proj_bias", 0, rows.repeat(3), "bias", node)
+    ctx.slice_param(f"{target}.out_proj.weight", 1, rows, "consumer", node)
+    ctx.slice_param(f"{target}.out_proj.weight", 0, out, "producer", node)
+    if m.out_proj.bias is not None:
+        ctx.slice_param(f"{target}.out_proj.bias", 0, out, "bias", node)
+    wpath = f"{target}.out_proj.weight"
+    bpath = f"{target}.out_proj.bias" if m.out_proj.bias is not None else None
+
+    def head_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        # A head adds nothing when its value rows (and biases) or its out-projection columns are zero.
+        mod = gm.get_submodule(target)
+        v = mod.in_proj_weight[2 * e:].detach()
+        zero_v = zero_rows(v.view(h, d * v.shape[1]), 0)
+        if mod.in_proj_bias is not None:
+            zero_v &= zero_rows(mod.in_proj_bias[2 * e:].detach().view(h, d), 0)
+        return zero_v | zero_rows(mod.out_proj.weight.detach().t().reshape(h, -1), 0)
+
+    def out_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        zero = zero_rows(_tensor(gm, wpath), 0)
+        return zero & host(_tensor(gm, bpath) == 0) if bpath is not None else zero
+
+    # The node's own channels are its heads (the tuple it returns carries no tensor dim of them): the node
+    # is their exit, so a head goes only when it adds nothing. ``output[0]`` carries the out-projection's
+    # channels (see ``getitem_rule``).
+    ctx.output(node, ChanInfo(0, heads), head_zero)
+    ctx.exit(node)
+    tuple_outputs(ctx)[node.name] = {0: (ChanInfo(len(shape) - 1, out), out_zero)}
+
+
+def tuple_outputs(ctx: RuleContext) -> dict[str, dict[int, Any]]:
+    """Per analysis: node of a module that returns a tuple and whose own channels are internal (the heads of
+    a MultiheadAttention, the hidden units of an LSTM) -> {index: (channels of that item, their zero rule)}.
+    ``getitem_rule`` reads it; an index not listed carries no channels."""
+    return ctx.analysis.__dict__.setdefault("_tuple_outputs", {})
+
+
+_ORIGINAL_GETITEM = rule_for_key(operator.getitem)
+
+
+def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``attn(x, x, x)[0]`` of ``nn.MultiheadAttention``, ``lstm(x)[1]``: the channels listed in
+    ``tuple_outputs``; every other getitem is handed to the entry of ``rules/shapes.py``."""
+    src, idx = node.args
+    found = tuple_outputs(ctx).get(src.name) if isinstance(src, fx.Node) else None
+    if found is None:
+        return _ORIGINAL_GETITEM.channels(ctx, node)
+    if idx not in found:  # e.g. the attention weights: unused (checked by the module's rule)
+        return ctx.output(node, None, None)
+    ctx.output(node, *found[idx])
+
+
+register_rule(operator.getitem, channels=getitem_rule, zeros="custom", cost="none", name="getitem", replace=True)
+
+
+def _rewrite_mha(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
+    m = gm.get_submodule(node.target)
+    if isinstance(m, fxnn.ThinMultiheadAttention):
+        return
+    d = m.head_dim
+    heads = m.in_proj_weight.shape[0] // (3 * d)
+    if heads == m.num_heads and m.in_proj_weight.shape[1] == m.embed_dim and m.out_proj.weight.shape[0] == m.embed_dim:
+        return
+    new = fxnn.ThinMultiheadAttention(m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias,
+                                      num_heads=heads, head_dim=d, scale=fxnn.default_scale(d),
+                                      batch_first=m.batch_first)
+    new.train(m.training)
+    owner, _, attr = str(node.target).rpartition(".")
+    setattr(gm.get_submodule(owner) if owner else gm, attr, new)
+
+
+def _mha_cost(c: CostCall) -> int:
+    m = c.module
+    x = c.in_shapes[0] if c.in_shapes else None
+    if x is None or m is None:
+        return 0
+    tokens = math.prod(x[:-1])
+    seq = x[1] if getattr(m, "batch_first", False) else x[0]
+    if isinstance(m, fxnn.ThinMultiheadAttention):
+        inner, e_in, e_out = m.num_heads * m.head_dim, m.in_proj_weight.shape[1], m.out_weight.shape[0]
+    else:
+        inner, e_in, e_out = m.embed_dim, m.in_proj_weight.shape[1], m.out_proj.weight.shape[0]
+    return tokens * (3 * inner * e_in + inner * e_out + 2 * seq * inner)
+
+
+register_rule(nn.MultiheadAttention, channels=mha_module, zeros="custom", cost=_mha_cost, kind="matmul",
+              rewrite=_rewrite_mha, creates=True, name="multihead_attention")
+register_rule(fxnn.ThinMultiheadAttention, channels="freeze", cost=_mha_cost, kind="matmul",
+              name="multihead_attention (thinned)")
+
+
+# ------------------------------------------------------------------------------------- heads, for schemes
+
+_HEAD_OPS = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
+_MATMULS = (torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", "__matmul__", aten.matmul, aten.bmm)
+
+
+def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
+    """Bool per channel of ``analysis``: True where the channel is an attention head (or heads tied to it),
+    as recognised by the rules above: heads reaching ``scaled_dot_product_attention`` or a batched matmul,
+    and the heads of ``nn.MultiheadAttention`` modules."""
+    heads = torch.zeros(analysis.num_channels, dtype=torch.bool)
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        atoms = None
+        info = analysis.infos.get(node.name)
+        if node.op == "call_function" and node.target in _HEAD_OPS or \
+                node.op in ("call_function", "call_method") and node.target in _MATMULS:
+            shape = node_shape(node)
+            if isinstance(info, ChanInfo) and shape is not None and info.dim < len(shape) - 2:
+                atoms = info.atoms
+        elif node.op == "call_module" and isinstance(modules.get(node.target), nn.MultiheadAttention):
+            path = f"{node.target}.in_proj_weight"
+            atoms = next((s.atoms for s in analysis.slices if s.path == path and s.dim == 0), None)
+        if atoms is not None and atoms.numel():
+            heads[analysis.channel_of[atoms]] = True
+    return heads
+
+
+# ------------------------------------------------------------------------------ torchvision's Swin functions
+
+def swin_attention_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """torchvision's ``shifted_window_attention(input, qkv_weight, proj_weight, relative_position_bias,
+    window_size, num_heads, shift_size, ...)`` (a wrapped function: one node). Channels last: the input's
+    channels are the qkv weight's columns (an exit), heads are channels (q, k, v rows, out-projection
+    columns, the relative position bias table's column), the projection's rows are new channels. The bias
+    node carries the heads and is their exit: a head goes only when its value rows or out-projection
+    columns are zero. Thinning calls ``fxcondensa.nn.window_attention`` with the dense head_dim."""
+    x = node.args[0]
+    wq, wp = node_arg(node, 1, "qkv_weight"), node_arg(node, 2, "proj_weight")
+    bias_node = node_arg(node, 3, "relative_position_bias")
+    num_heads = node_arg(node, 5, "num_heads")
+    bq, bp = node_arg(node, 9, "qkv_bias"), node_arg(node, 10, "proj_bias")
+    paths = {k: (v.target if isinstance(v, fx.Node) and v.op == "get_attr" else None)
+             for k, v in (("wq", wq), ("wp", wp), ("bq", bq), ("bp", bp))}
+    i, shape = ctx.info(x), node_shape(x)
+    table = _bias_table(ctx, bias_node)
+    if paths["wq"] is None or paths["wp"] is None or (bq is not None and paths["bq"] is None) or \
+            (bp is not None and paths["bp"] is None) or not isinstance(num_heads, int) or shape is None or \
+            (i is not None and i.dim != len(shape) - 1):
+        return ctx.unsupported(node, "shifted_window_attention with computed weights")
+    wq_t = ctx.param(paths["wq"])
+    d = wq_t.shape[0] // (3 * num_heads)
+    target = paths["wp"].rsplit(".", 1)[0]
+    if i is not None:
+        ctx.slice_param(paths["wq"], 1, i.atoms, "consumer", node)
+        ctx.exit(x)
+    else:
+        ctx.block(paths["wq"], 1, node)
+    heads = ctx.new_channels(num_heads, f"{paths['wq'].rsplit('.', 1)[0]} (heads)", "linear")
+    rows = heads.repeat_interleave(d)
+    ctx.slice_param(paths["wq"], 0, rows.repeat(3), "producer", node)
+    if paths["bq"] is not None:
+        ctx.slice_param(paths["bq"], 0, rows.repeat(3), "bias", node)
+    ctx.slice_param(paths["wp"], 1, rows, "consumer", node)
+    out = ctx.new_channels(ctx.param(paths["wp"]).shape[0], target, "linear")
+    ctx.slice_param(paths["wp"], 0, out, "producer", node)
+    if paths["bp"] is not None:
+        ctx.slice_param(paths["bp"], 0, out, "bias", node)
+    logit = node_arg(node, 11, "logit_scale")
+    if table is None or logit is not None:
+        ctx.freeze(heads, f"shifted_window_attention '{node.name}' has a relative position bias or logit scale "
+                          "that is not a parameter table")
+    else:
+        ctx.slice_param(table, 1, heads, "consumer", node)
+        wq_path, wp_path, bq_path, e = paths["wq"], paths["wp"], paths["bq"], num_heads * d
+
+        def head_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+            v = _tensor(gm, wq_path)[2 * e:].detach()
+            zero_v = zero_rows(v.reshape(num_heads, -1), 0)
+            if bq_path is not None:
+                zero_v &= zero_rows(_tensor(gm, bq_path)[2 * e:].detach().view(num_heads, d), 0)
+            return zero_v | zero_rows(_tensor(gm, wp_path).detach().t().reshape(num_heads, -1), 0)
+
+        # The bias node (visited before this one, untracked so far) carries the heads on dim 1.
+        ctx.analysis.infos[bias_node.name] = ChanInfo(1, heads)
+        ctx.analysis.rules[bias_node.name] = head_zero
+        ctx.exit(bias_node)
+    wp_path, bp_path = paths["wp"], paths["bp"]
+
+    def out_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        zero = zero_rows(_tensor(gm, wp_path), 0)
+        return zero & host(_tensor(gm, bp_path) == 0) if bp_path is not None else zero
+
+    ctx.output(node, ChanInfo(len(shape) - 1, out), out_zero)
+
+
+def _bias_table(ctx: RuleContext, bias: Any) -> str | None:
+    """The parameter table behind ``_get_relative_position_bias(table, index, window_size)``, or None."""
+    if not (isinstance(bias, fx.Node) and bias.op == "call_function"
+            and getattr(bias.target, "__name__", "") == "_get_relative_position_bias"):
+        return None
+    table = bias.args[0]
+    if not (isinstance(table, fx.Node) and table.op == "get_attr") or ctx.param(table.target) is None \
+            or len(bias.users) != 1:
+        return None
+    return table.target
+
+
+def _rewrite_swin_attention(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
+    args = list(node.args) + [None] * (13 - len(node.args))
+    names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+             "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
+    call = {k: (args[j] if j < len(node.args) else node.kwargs.get(k, _SWIN_DEFAULTS.get(k)))
+            for j, k in enumerate(names)}
+    heads = call["num_heads"]
+    wq = _tensor(gm, call["qkv_weight"].target)
+    # head_dim from the dense row count (this tensor is already sliced)
+    dense_rows = next((s.atoms.numel() for s in view.analysis.slices
+                       if s.path == call["qkv_weight"].target and s.dim == 0), wq.shape[0])
+    d = dense_rows // (3 * heads)
+    kept = view.kept_count(call["relative_position_bias"])
+    node.target = fxnn.window_attention
+    node.args, node.kwargs = (), {**call, "num_heads": kept if kept is not None else wq.shape[0] // (3 * d),
+                                  "head_dim": d}
+
+
+_SWIN_DEFAULTS = {"attention_dropout": 0.0, "dropout": 0.0, "training": True}
+
+
+def patch_merging_pad_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """torchvision's ``_patch_merging_pad(x)``: pads H and W, concatenates the four 2x2 phases on the
+    channels (last dim): the channels repeat four times."""
+    x = node.args[0]
+    i, shape = ctx.info(x), node_shape(x)
+    if i is None or shape is None or i.dim != len(shape) - 1:
+        return ctx.unsupported(node, "_patch_merging_pad of channels not on the last dim")
+    name = x.name
+    ctx.output(node, ChanInfo(i.dim, i.atoms.repeat(4)), lambda z, gm: z[name].repeat(4))
+
+
+def _swin_cost(c: CostCall) -> int:
+    x, wq = c.in_shapes[0] if c.in_shapes else None, c.shape_of(c.arg(1, "qkv_weight"))
+    wp = c.shape_of(c.arg(2, "proj_weight"))
+    ws = c.arg(4, "window_size")
+    if not x or not wq or not wp or not isinstance(ws, (list, tuple)):
+        return 0
+    tokens, n = math.prod(x[:-1]), ws[0] * ws[1]
+    return tokens * (wq[0] * wq[1] + wp[0] * wp[1] + 2 * n * wp[1])
+
+
+def register_optional_rules() -> None:
+    """The built-in optional rules (``rules/elementwise.py``), and torchvision's Swin functions once
+    torchvision's Swin module is loaded (a model that calls them has imported it)."""
+    import sys
+
+    elementwise.register_optional_rules()
+    module = sys.modules.get("torchvision.models.swin_transformer")
+    if module is None:
+        return
+    for fname, kwargs in (
+        ("shifted_window_attention", dict(channels=swin_attention_rule, cost=_swin_cost, kind="matmul",
+                                          rewrite=_rewrite_swin_attention, creates=True)),
+        ("_patch_merging_pad", dict(channels=patch_merging_pad_rule, cost="none")),
+    ):
+        fn = getattr(module, fname, None)
+        if fn is not None and rule_for_key(fn) is None:
+            register_rule(fn, zeros="custom", name=fname, **kwargs)
+    if rule_for_key(fxnn.window_attention) is None:
+        register_rule(fxnn.window_attention, channels="freeze", cost=_swin_cost, kind="matmul",
+                      name="window_attention (thinned)")
+
+
+# ------------------------------------------------------------------ window shifts and padding (Swin, timm)
+
+_ORIGINAL_PAD = rule_for_key(F.pad)
+
+
+def roll_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``torch.roll(x, shifts, dims)`` over dims other than the channel dim (Swin's cyclic window shift)."""
+    x = node.args[0]
+    i, shape = ctx.info(x), node_shape(x)
+    dims = node_arg(node, 2, "dims")
+    if i is None or shape is None or dims is None:
+        return ctx.unsupported(node, "roll of the flattened tensor")
+    dims = [d % len(shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if i.dim in dims:
+        return ctx.unsupported(node, "roll along the channel dim")
+    ctx.passthrough(node, x, True)
+
+
+def pad_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.pad`` whose pad amounts on the channel dim are zero (``F.pad(x, (0, 0, 0, r, 0, b))`` on a
+    channels-last tensor) keeps the channels; everything else goes to the entry of ``rules/elementwise.py``."""
+    x = node.args[0]
+    pad, shape, i = node_arg(node, 1, "pad"), node_shape(x), ctx.info(x)
+    mode, value = node_arg(node, 2, "mode", "constant"), node_arg(node, 3, "value", 0.0)
+    if i is not None and shape is not None and isinstance(pad, (list, tuple)) and mode == "constant":
+        k = len(shape) - 1 - i.dim  # pad[2k], pad[2k + 1] pad the channel dim
+        if 2 * k >= len(pad) or (pad[2 * k] == 0 and pad[2 * k + 1] == 0):
+            return ctx.passthrough(node, x, value in (0, 0.0, None))
+    return _ORIGINAL_PAD.channels(ctx, node)
+
+
+register_rule(torch.roll, "roll", aten.roll, channels=roll_rule, zeros="custom", cost="none", name="roll",
+              replace=True)
+register_rule(F.pad, aten.pad, channels=pad_rule, zeros="custom", cost="none", kind="shape", name="pad", replace=True)

@@ -1,0 +1,421 @@
+"""Built-in rules for layers with weights: convolutions, linear layers, per-channel norms, PReLU.
+
+Each entry holds the channel rule (which dims of which tensors carry which channels), the zero rule (when
+the layer's output channel is exactly zero), the MAC cost, and for modules the attribute update that
+follows thinning. Module, functional and ATen forms of one layer share one entry.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..passes.channels import ChanInfo, RuleContext, ZeroRule, host, node_arg, node_shape
+from ..registry import CostCall, register_rule
+
+aten = torch.ops.aten
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def zero_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """CPU bool per index along ``dim``: True where that slice is all zeros (computed where ``t`` lives)."""
+    return host(t.detach().movedim(dim, 0).reshape(t.shape[dim], -1).abs().amax(1) == 0)
+
+
+def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def _attr_path(value: Any) -> str | None:
+    """The parameter path of a ``get_attr`` argument, None for anything else (computed tensors, None)."""
+    return value.target if isinstance(value, fx.Node) and value.op == "get_attr" else None
+
+
+# ------------------------------------------------------------------------------------------- producers
+
+def _producer_rule(weight: str, bias: str | None, dim: int) -> ZeroRule:
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        zero = zero_rows(_tensor(gm, weight), dim)
+        if bias is not None:
+            zero = zero & host(_tensor(gm, bias) == 0)
+        return zero
+
+    return rule
+
+
+def _conv(ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | None, groups: int, cin: int,
+          cout: int, module: str | None) -> None:
+    i = ctx.info(x)
+    if i is not None and i.dim != 1:
+        ctx.freeze(i.atoms, f"conv '{node.name}' reads channels moved to dim {i.dim}")
+        i = None
+    if groups == 1:
+        if i is not None:
+            ctx.slice_param(weight, 1, i.atoms, "consumer", node)
+            ctx.exit(x)
+        else:
+            ctx.block(weight, 1, node)
+        out = ctx.new_channels(cout, module or weight.rsplit(".", 1)[0] or node.name, "conv")
+    elif cin // groups == cout // groups and module is not None:
+        # Output channel k of group j reads only the inputs of group j: tie input k to output k, so
+        # both go together; thinning then keeps equal counts per conv group.
+        out = ctx.new_channels(cout, module, "conv")
+        if i is not None:
+            ctx.unite(i.atoms, out)
+            ctx.exit(x)
+        else:
+            ctx.freeze(out, f"grouped conv '{node.name}' reads untracked channels")
+        ctx.grouped_conv(node, module, groups, out)
+    else:
+        out = ctx.new_channels(cout, module or weight.rsplit(".", 1)[0] or node.name, "conv")
+        reason = f"grouped conv '{node.name}' has {cin // groups} input and {cout // groups} output channels per group"
+        ctx.freeze(out, reason)
+        if i is not None:
+            ctx.freeze(i.atoms, reason)
+    ctx.slice_param(weight, 0, out, "producer", node)
+    if bias is not None:
+        ctx.slice_param(bias, 0, out, "bias", node)
+    ctx.output(node, ChanInfo(1, out), _producer_rule(weight, bias, 0))
+
+
+def conv_module(ctx: RuleContext, node: fx.Node) -> None:
+    m = ctx.module(node)
+    _conv(ctx, node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+          m.groups, m.in_channels, m.out_channels, node.target)
+
+
+def conv_function(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` and ``aten.conv2d`` (same layout)."""
+    w, b = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
+    groups = node_arg(node, 6, "groups", 1)
+    wpath, bpath = _attr_path(w), _attr_path(b)
+    if wpath is None or (b is not None and bpath is None):
+        return ctx.unsupported(node, "functional conv with a weight computed in forward (fold it into a parameter, "
+                                     "or register a rule for the module that computes it)")
+    wt = ctx.param(wpath)
+    if not isinstance(wt, nn.Parameter) or not isinstance(groups, int):
+        return ctx.unsupported(node, "functional conv with a non-parameter weight or a computed group count")
+    # A grouped functional conv is tied like a module one; its weight's owner names it, and thinning
+    # rewrites the group count in the call (``conv_function_rewrite``).
+    owner = wpath.rsplit(".", 1)[0] if wpath.endswith(".weight") and "." in wpath else None
+    if groups != 1 and owner is None:
+        return ctx.unsupported(node, f"grouped functional conv with weight '{wpath}'")
+    _conv(ctx, node, node.args[0], wpath, bpath, groups, wt.shape[1] * groups, wt.shape[0], owner)
+
+
+def conv_function_rewrite(gm: fx.GraphModule, node: fx.Node, view: Any) -> None:
+    """The group count of a thinned grouped functional conv: the conv groups that keep a channel."""
+    groups = node_arg(node, 6, "groups", 1)
+    kept, width = view.kept_indices(node), view.width(node)
+    if not isinstance(groups, int) or groups == 1 or kept is None or width is None or kept.numel() == width:
+        return
+    new = int(torch.unique(kept // (width // groups)).numel())
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], new, *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "groups": new}
+
+
+def conv_transpose_module(ctx: RuleContext, node: fx.Node) -> None:
+    m = ctx.module(node)
+    x = node.args[0]
+    i = ctx.info(x)
+    w, b = f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None
+    out = ctx.new_channels(m.out_channels, node.target, "conv")
+    if m.groups != 1:
+        reason = f"grouped transposed conv '{node.name}' is not thinned"
+        ctx.freeze(out, reason)
+        if i is not None:
+            ctx.freeze(i.atoms, reason)
+    elif i is not None:
+        if i.dim != 1:
+            ctx.freeze(i.atoms, f"transposed conv '{node.name}' reads channels moved to dim {i.dim}")
+        else:
+            ctx.slice_param(w, 0, i.atoms, "consumer", node)
+            ctx.exit(x)
+    ctx.slice_param(w, 1, out, "producer", node)
+    if b is not None:
+        ctx.slice_param(b, 0, out, "bias", node)
+    ctx.output(node, ChanInfo(1, out), _producer_rule(w, b, 1))
+
+
+def _linear(ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | None, cout: int) -> None:
+    i = ctx.info(x)
+    shape = node_shape(x)
+    if i is not None and shape is not None and i.dim != len(shape) - 1:
+        # Linear mixes only the last dim: for the tracked dim it is a per-channel map.
+        name = x.name
+
+        def passthrough(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+            return z[name] & bool(bias is None or not bool(_tensor(gm, bias).detach().any()))
+
+        return ctx.output(node, ChanInfo(i.dim, i.atoms), passthrough)
+    if i is not None:
+        ctx.slice_param(weight, 1, i.atoms, "consumer", node)
+        ctx.exit(x)
+    else:
+        ctx.block(weight, 1, node)
+    owner = str(node.target) if node.op == "call_module" else weight.rsplit(".", 1)[0] or node.name
+    out = ctx.new_channels(cout, owner, "linear")
+    ctx.slice_param(weight, 0, out, "producer", node)
+    if bias is not None:
+        ctx.slice_param(bias, 0, out, "bias", node)
+    oshape = node_shape(node)
+    ctx.output(node, ChanInfo(len(oshape) - 1 if oshape else 1, out), _producer_rule(weight, bias, 0))
+
+
+def linear_module(ctx: RuleContext, node: fx.Node) -> None:
+    m = ctx.module(node)
+    _linear(ctx, node, node.args[0], f"{node.target}.weight",
+            f"{node.target}.bias" if m.bias is not None else None, m.out_features)
+
+
+def linear_function(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.linear(x, weight, bias)`` and ``aten.linear`` with parameter weights."""
+    w, b = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
+    wpath, bpath = _attr_path(w), _attr_path(b)
+    if wpath is None or (b is not None and bpath is None) or ctx.param(wpath) is None:
+        return ctx.unsupported(node, "functional linear with computed weights")
+    _linear(ctx, node, node.args[0], wpath, bpath, ctx.param(wpath).shape[0])
+
+
+def _conv_cost(c: CostCall) -> int:
+    w = c.module.weight.shape if c.module is not None else c.shape_of(c.arg(1, "weight"))
+    return c.out_numel * math.prod(w[1:]) if w else 0
+
+
+def _conv_t_cost(c: CostCall) -> int:
+    w = c.module.weight.shape if c.module is not None else c.shape_of(c.arg(1, "weight"))
+    return c.in_numel * math.prod(w[1:]) if w else 0
+
+
+def _linear_cost(c: CostCall) -> int:
+    w = c.module.weight.shape if c.module is not None else c.shape_of(c.arg(1, "weight"))
+    return c.out_numel * w[-1] if w else 0
+
+
+def _resize_conv(m: nn.Module, cin: int | None) -> None:
+    m.out_channels = m.weight.shape[0]
+    m.in_channels = m.weight.shape[1] * m.groups
+
+
+def _resize_conv_t(m: nn.Module, cin: int | None) -> None:
+    m.in_channels = m.weight.shape[0]
+    m.out_channels = m.weight.shape[1] * m.groups
+
+
+def _resize_linear(m: nn.Module, cin: int | None) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+register_rule(*_CONV, channels=conv_module, zeros="custom", cost=_conv_cost, kind="conv", resize=_resize_conv,
+              creates=True, name="conv")
+register_rule(F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, channels=conv_function,
+              zeros="custom", cost=_conv_cost, kind="conv", rewrite=conv_function_rewrite, creates=True,
+              name="conv (functional)")
+register_rule(*_CONV_T, channels=conv_transpose_module, zeros="custom", cost=_conv_t_cost, kind="conv_transpose",
+              resize=_resize_conv_t, creates=True, name="conv_transpose")
+register_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, channels="freeze", cost=_conv_t_cost,
+              kind="conv_transpose", name="conv_transpose (functional)")
+register_rule(nn.Linear, channels=linear_module, zeros="custom", cost=_linear_cost, kind="linear",
+              resize=_resize_linear, creates=True, name="linear")
+register_rule(F.linear, aten.linear, channels=linear_function, zeros="custom", cost=_linear_cost, kind="linear",
+              creates=True, name="linear (functional)")
+
+
+# ------------------------------------------------------------------------------------------------ norms
+
+def _batchnorm(ctx: RuleContext, node: fx.Node, x: Any, paths: dict[str, str | None], eps: float,
+               instance: bool) -> None:
+    """A per-channel norm in eval mode: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    ``paths`` names the tensors (weight, bias, running_mean, running_var; None when absent). A zero input
+    channel stays zero when its shift ``bias - weight * mean / sqrt(var + eps)`` is zero; a channel whose
+    weight and bias are both zero is zero whatever comes in (not for instance norm, which has no running
+    statistics and normalises per sample).
+    """
+    i = ctx.info(x)
+    if i is None:
+        return ctx.output(node, None, None)
+    if i.dim != 1:
+        ctx.freeze(i.atoms, f"norm '{node.name}' normalizes channels moved to dim {i.dim}")
+        return ctx.output(node, None, None)
+    for path in paths.values():
+        if path is not None:
+            ctx.slice_param(path, 0, i.atoms, "norm", node)
+    src, n = x.name, i.atoms.numel()
+
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        t = {k: (host(_tensor(gm, p)).float() if p is not None else None) for k, p in paths.items()}
+        gamma, beta, mean, var = t["weight"], t["bias"], t["running_mean"], t["running_var"]
+        killed = (gamma == 0) & (beta == 0) if gamma is not None and beta is not None and not instance \
+            else torch.zeros(n, dtype=torch.bool)
+        if instance or mean is None:
+            shift = beta if beta is not None else torch.zeros(n)
+        else:  # eval mode: a zero input becomes beta - gamma * mean / sqrt(var + eps)
+            g = gamma if gamma is not None else torch.ones(n)
+            shift = (beta if beta is not None else 0) - g * mean / torch.sqrt(var + eps)
+        return killed | (z[src] & (shift == 0))
+
+    ctx.output(node, ChanInfo(1, i.atoms), rule)
+
+
+def batchnorm_module(ctx: RuleContext, node: fx.Node) -> None:
+    m = ctx.module(node)
+    paths = {k: (f"{node.target}.{k}" if getattr(m, k, None) is not None else None)
+             for k in ("weight", "bias", "running_mean", "running_var")}
+    _batchnorm(ctx, node, node.args[0], paths, m.eps, isinstance(m, _INSTANCENORM))
+
+
+def batchnorm_function(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)`` with tensors read
+    from the module (timm's ``BatchNormAct2d`` and friends call it)."""
+    names = ("running_mean", "running_var", "weight", "bias")
+    values = {k: node_arg(node, 1 + j, k) for j, k in enumerate(names)}
+    _functional_norm(ctx, node, values, node_arg(node, 7, "eps", 1e-5))
+
+
+def batchnorm_aten(ctx: RuleContext, node: fx.Node) -> None:
+    """``aten.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)``."""
+    names = ("weight", "bias", "running_mean", "running_var")
+    values = {k: node_arg(node, 1 + j, k) for j, k in enumerate(names)}
+    _functional_norm(ctx, node, values, node_arg(node, 7, "eps", 1e-5))
+
+
+def _functional_norm(ctx: RuleContext, node: fx.Node, values: dict[str, Any], eps: Any) -> None:
+    paths = {k: _attr_path(v) for k, v in values.items()}
+    if any(v is not None and paths[k] is None for k, v in values.items()) or not isinstance(eps, (int, float)):
+        return ctx.unsupported(node, "batch_norm with computed statistics or affine terms")
+    _batchnorm(ctx, node, node.args[0], paths, float(eps), False)
+
+
+def groupnorm_module(ctx: RuleContext, node: fx.Node) -> None:
+    m = ctx.module(node)
+    x = node.args[0]
+    i = ctx.info(x)
+    if i is None:
+        return ctx.output(node, None, None)
+    if i.dim != 1:
+        ctx.freeze(i.atoms, f"GroupNorm '{node.name}' normalizes channels moved to dim {i.dim}")
+        return ctx.output(node, None, None)
+    per = m.num_channels // m.num_groups
+    grid = i.atoms.view(m.num_groups, per)
+    for k in range(1, per):  # only whole GroupNorm groups can go: tie each group's channels
+        ctx.unite(grid[:, 0], grid[:, k])
+    target = node.target
+    if m.affine:
+        ctx.slice_param(f"{target}.weight", 0, i.atoms, "norm", node)
+        ctx.slice_param(f"{target}.bias", 0, i.atoms, "norm", node)
+    n = i.atoms.numel()
+
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        m = gm.get_submodule(target)
+        if not m.affine:
+            return torch.zeros(n, dtype=torch.bool)
+        return host((m.weight == 0) & (m.bias == 0))
+
+    ctx.output(node, ChanInfo(1, i.atoms), rule)
+
+
+def groupnorm_function(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.group_norm(x, num_groups, weight, bias, eps)`` and ``aten.group_norm`` (same layout; PoolFormer
+    and timm's ``GroupNorm1`` call it): whole GroupNorm groups go together, like the module form, and
+    thinning rewrites ``num_groups`` (``groupnorm_function_rewrite``)."""
+    x = node.args[0]
+    i = ctx.info(x)
+    groups = node_arg(node, 1, "num_groups")
+    w, b = node_arg(node, 2, "weight"), node_arg(node, 3, "bias")
+    wpath, bpath = _attr_path(w), _attr_path(b)
+    if i is None:
+        return ctx.output(node, None, None)
+    if not isinstance(groups, int) or (w is not None and wpath is None) or (b is not None and bpath is None):
+        return ctx.unsupported(node, "group_norm with a computed group count or affine terms")
+    if i.dim != 1:
+        ctx.freeze(i.atoms, f"group_norm '{node.name}' normalizes channels moved to dim {i.dim}")
+        return ctx.output(node, None, None)
+    per = i.atoms.numel() // groups
+    grid = i.atoms.view(groups, per)
+    for k in range(1, per):  # only whole GroupNorm groups can go: tie each group's channels
+        ctx.unite(grid[:, 0], grid[:, k])
+    for path in (wpath, bpath):
+        if path is not None:
+            ctx.slice_param(path, 0, i.atoms, "norm", node)
+    n = i.atoms.numel()
+
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        if wpath is None or bpath is None:
+            return torch.zeros(n, dtype=torch.bool)
+        return host((_tensor(gm, wpath) == 0) & (_tensor(gm, bpath) == 0))
+
+    ctx.output(node, ChanInfo(1, i.atoms), rule)
+
+
+def groupnorm_function_rewrite(gm: fx.GraphModule, node: fx.Node, view: Any) -> None:
+    groups = node_arg(node, 1, "num_groups")
+    kept, width = view.kept_count(node), view.width(node)
+    if not isinstance(groups, int) or kept is None or width is None or kept == width:
+        return
+    new = kept // (width // groups)
+    if len(node.args) > 1:
+        node.args = (node.args[0], new, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "num_groups": new}
+
+
+def prelu_module(ctx: RuleContext, node: fx.Node) -> None:
+    m = ctx.module(node)
+    x = node.args[0]
+    i = ctx.info(x)
+    if i is not None and m.weight.numel() > 1:
+        if i.dim != 1:
+            ctx.freeze(i.atoms, f"PReLU '{node.name}' has per-channel slopes on dim 1")
+            return ctx.output(node, None, None)
+        ctx.slice_param(f"{node.target}.weight", 0, i.atoms, "consumer", node)
+    ctx.passthrough(node, x, True)
+
+
+def norm_cost(c: CostCall) -> int:
+    return c.out_numel
+
+
+def _resize_batchnorm(m: nn.Module, cin: int | None) -> None:
+    if cin is not None:
+        m.num_features = cin
+
+
+def _resize_groupnorm(m: nn.Module, cin: int | None) -> None:
+    if cin is not None:
+        per = m.num_channels // m.num_groups
+        m.num_channels, m.num_groups = cin, cin // per
+
+
+def _resize_prelu(m: nn.Module, cin: int | None) -> None:
+    if m.weight.numel() > 1:
+        m.num_parameters = m.weight.numel()
+
+
+register_rule(*_BATCHNORM, *_INSTANCENORM, channels=batchnorm_module, zeros="custom", cost=norm_cost, kind="norm",
+              resize=_resize_batchnorm, name="batch_norm")
+register_rule(F.batch_norm, channels=batchnorm_function, zeros="custom", cost=norm_cost, kind="norm",
+              name="batch_norm (functional)")
+register_rule(aten.batch_norm, channels=batchnorm_aten, zeros="custom", cost=norm_cost, kind="norm",
+              name="batch_norm (aten)")
+register_rule(nn.GroupNorm, channels=groupnorm_module, zeros="custom", cost=norm_cost, kind="norm",
+              resize=_resize_groupnorm, name="group_norm")
+# Normalisations that mix neighbouring channels, or whose functional form the analysis does not slice yet:
+# known (costed, never an unknown op in strict mode), channels kept.
+register_rule(F.group_norm, aten.group_norm, channels=groupnorm_function, zeros="custom", cost=norm_cost, kind="norm",
+              rewrite=groupnorm_function_rewrite, name="group_norm (functional)")
+register_rule(nn.LocalResponseNorm, nn.CrossMapLRN2d, F.local_response_norm, F.instance_norm,
+              channels="freeze", cost=norm_cost, kind="norm", name="norm over neighbouring channels")
+register_rule(nn.PReLU, channels=prelu_module, zeros="custom", cost="elementwise", resize=_resize_prelu, name="prelu")

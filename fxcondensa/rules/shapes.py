@@ -1,0 +1,464 @@
+"""Built-in rules for ops that move channels without computing on them: reshapes, permutes, cat, split,
+indexing, reductions over other dims, and shape queries.
+
+Where the channel dim goes through a general reshape is shape arithmetic (``passes/reshape_map.py``). Ops
+that hold literal sizes counting channels (``view``, ``reshape``, ``expand``, ``split``) are marked for the
+thinning pass to rewrite.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..passes.channels import ChanInfo, RuleContext, node_arg, node_shape
+from ..passes.reshape_map import reshape_index, reshape_target
+from ..registry import register_rule
+
+aten = torch.ops.aten
+
+def _cat(ctx: RuleContext, node: fx.Node, tensors: Any, dim: int) -> None:
+    shape = node_shape(node)
+    if shape is None or not isinstance(tensors, (list, tuple)):
+        return ctx.unsupported(node, "cat without shape metadata")
+    d = dim % len(shape)
+    infos = [ctx.info(t) for t in tensors]
+    if any(i is not None and i.dim != d for i in infos):
+        # Concatenation along another dim (batch, tokens): the channels of all parts are one.
+        tracked = [i for i in infos if i is not None]
+        if len(tracked) != len(infos) or len({i.dim for i in tracked}) != 1:
+            ctx.freeze_inputs(node, f"cat '{node.name}' joins tensors whose channels cannot be matched")
+            return ctx.output(node, None, None)
+        for i in tracked[1:]:
+            ctx.unite(tracked[0].atoms, i.atoms)
+        names = [t.name for t in tensors]
+        return ctx.output(node, ChanInfo(tracked[0].dim, tracked[0].atoms),
+                        lambda z, gm: torch.stack([z[n] for n in names]).all(0))
+    parts, names = [], []
+    for t, i in zip(tensors, infos, strict=True):
+        if i is None:
+            # An untracked part keeps its channels: give it atoms of its own that can never go.
+            size = node_shape(t)[d]
+            i = ChanInfo(d, ctx.new_channels(size, f"{node.name}.{getattr(t, 'name', 'part')}", "other"))
+            ctx.freeze(i.atoms, f"cat '{node.name}' includes '{getattr(t, 'name', t)}', whose channels are not tracked")
+            names.append(None)
+        else:
+            names.append(t.name)
+        parts.append(i.atoms)
+    sizes = [p.numel() for p in parts]
+
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        return torch.cat([z[n] if n is not None else torch.zeros(s, dtype=torch.bool)
+                          for n, s in zip(names, sizes, strict=True)])
+
+    ctx.output(node, ChanInfo(d, torch.cat(parts)), rule)
+
+
+
+def cat_rule(ctx: RuleContext, node: fx.Node) -> None:
+    _cat(ctx, node, node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", 0))
+
+
+register_rule(torch.cat, torch.concat, torch.concatenate, aten.cat, channels=cat_rule, zeros="custom", cost="none",
+              name="cat")
+
+
+def split_rule(ctx: RuleContext, node: fx.Node) -> None:
+    x = node.args[0]
+    i = ctx.info(x)
+    shape, out = node_shape(x), node.meta.get("tensor_meta")
+    if i is None or shape is None or not isinstance(out, (list, tuple)):
+        return ctx.unsupported(node, "split without shape metadata")
+    dim = node_arg(node, 2, "dim", 0) % len(shape)
+    src = x.name
+    if dim != i.dim:
+        infos = [ChanInfo(i.dim, i.atoms) for _ in out]
+        return ctx.output(node, infos, lambda z, gm: [z[src] for _ in infos])
+    sizes = [m.shape[dim] for m in out]
+    bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    infos = [ChanInfo(dim, i.atoms[bounds[k]:bounds[k + 1]]) for k in range(len(sizes))]
+    ctx.rewrite_sizes(node)
+    ctx.output(node, infos, lambda z, gm: [z[src][bounds[k]:bounds[k + 1]] for k in range(len(sizes))])
+
+
+
+register_rule(torch.split, torch.chunk, "split", "chunk", aten.split, aten.chunk, aten.split_with_sizes,
+              channels=split_rule, zeros="custom", cost="none", name="split")
+
+
+def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
+    src, idx = node.args
+    whole = ctx.analysis.infos.get(src.name)
+    if isinstance(whole, list):
+        part = whole[idx] if isinstance(idx, int) else None
+        name = src.name
+        if part is None:
+            return ctx.unsupported(node, "getitem with a non-integer index on a split")
+        return ctx.output(node, part, lambda z, gm: z[name][idx])
+    i = ctx.info(src)
+    if i is None:
+        return ctx.output(node, None, None)
+    # Tensor indexing: only plain slices, ints and None on dims other than the channel dim.
+    idx_t = idx if isinstance(idx, tuple) else (idx,)
+    if any(not (isinstance(k, (int, slice)) or k is None or k is Ellipsis) for k in idx_t) or Ellipsis in idx_t:
+        return ctx.unsupported(node, "advanced tensor indexing")
+    d_in, d_out = 0, 0
+    new_dim = None
+    part: slice | None = None
+    for k in idx_t:
+        if k is None:
+            d_out += 1
+            continue
+        if d_in == i.dim:
+            if not (isinstance(k, slice) and k == slice(None)):
+                if _channel_range(k, i.atoms.numel()) is None:
+                    return ctx.unsupported(node, "indexing along the channel dim (other than a plain x[:, a:b])")
+                part = k
+            new_dim = d_out
+        if isinstance(k, int):
+            d_in += 1
+        else:
+            d_in += 1
+            d_out += 1
+    if new_dim is None:
+        new_dim = i.dim - d_in + d_out
+    if part is None:
+        return ctx.passthrough(node, src, True, dim=new_dim)
+    _channel_slice(ctx, node, src, i, new_dim, _channel_range(part, i.atoms.numel()))
+
+
+def _channel_range(k: Any, width: int) -> tuple[int, int] | None:
+    """``(start, stop)`` of a plain slice of the channel dim (``x[:, :k]``, ``x[:, k:]``, step 1), None for
+    anything else (a step, an index tensor, a computed bound)."""
+    if not isinstance(k, slice) or k.step not in (None, 1):
+        return None
+    if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in (k.start, k.stop)):
+        return None
+    start, stop, _ = k.indices(width)
+    return start, max(start, stop)
+
+
+def _channel_slice(ctx: RuleContext, node: fx.Node, src: fx.Node, i: ChanInfo, dim: int,
+                   bounds: tuple[int, int]) -> None:
+    """A contiguous range of the channels (GhostNet's ``out[:, :c]``, DPN's split of a dense path): the
+    output carries those atoms; thinning rewrites the bounds to count kept channels (``channel_slice_rewrite``,
+    called by the thinning pass for the nodes listed with ``ctx.rewrite_sizes``, whichever entry wraps this
+    rule)."""
+    start, stop = bounds
+    name = src.name
+    ctx.rewrite_sizes(node)
+    ctx.output(node, ChanInfo(dim, i.atoms[start:stop]), lambda z, gm: z[name][start:stop])
+
+
+def _kept_bounds(view: Any, src: fx.Node, start: Any, stop: Any) -> tuple[int, int] | None:
+    """The bounds of a channel slice of ``src`` counted in kept channels (the kept ones stay in order, so
+    the kept channels of ``[start, stop)`` are again one contiguous range)."""
+    kept, width = view.kept_indices(src), view.width(src)
+    if kept is None or width is None or width == kept.numel():
+        return None
+    a, b, _ = slice(start, stop).indices(width)
+    return int((kept < a).sum()), int((kept < max(a, b)).sum())
+
+
+def channel_slice_rewrite(node: fx.Node, view: Any) -> None:
+    """Rewrite the bounds of a channel slice (``x[:, a:b]`` or ``aten.slice``) to count kept channels."""
+    if node.target is operator.getitem:
+        _getitem_rewrite(node, view)
+    elif getattr(node.target, "overloadpacket", node.target) is aten.slice:
+        _aten_slice_rewrite(node, view)
+
+
+def _getitem_rewrite(node: fx.Node, view: Any) -> None:
+    src, idx = node.args
+    i = view.info(src) if isinstance(src, fx.Node) else None
+    if i is None:  # not a tracked tensor (a split's tuple, shape arithmetic)
+        return
+    idx_t = list(idx) if isinstance(idx, tuple) else [idx]
+    d_in = 0
+    for pos, k in enumerate(idx_t):
+        if k is None:
+            continue
+        if d_in == i.dim:
+            if isinstance(k, slice) and k != slice(None) and _channel_range(k, i.atoms.numel()) is not None:
+                bounds = _kept_bounds(view, src, k.start, k.stop)
+                if bounds is not None:
+                    idx_t[pos] = slice(*bounds)
+                    node.args = (src, tuple(idx_t) if isinstance(idx, tuple) else idx_t[0])
+            return
+        d_in += 1
+
+
+
+register_rule(operator.getitem, channels=getitem_rule, zeros="custom", cost="none", name="getitem")
+
+
+def aten_slice_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``aten.slice.Tensor(x, dim, start, end, step)``: what torch.export makes of ``x[:, a:b]``."""
+    x = node.args[0]
+    i, shape = ctx.info(x), node_shape(x)
+    if i is None or shape is None:
+        return ctx.output(node, None, None)
+    dim = node_arg(node, 1, "dim", 0) % len(shape)
+    k = slice(node_arg(node, 2, "start"), node_arg(node, 3, "end"), node_arg(node, 4, "step", 1))
+    if dim != i.dim:
+        return ctx.passthrough(node, x, True)
+    bounds = _channel_range(k, i.atoms.numel())
+    if bounds is None:
+        return ctx.unsupported(node, "a strided or computed slice of the channel dim")
+    _channel_slice(ctx, node, x, i, i.dim, bounds)
+
+
+def _aten_slice_rewrite(node: fx.Node, view: Any) -> None:
+    x = node.args[0]
+    i, shape = view.info(x), node_shape(x)
+    if i is None or shape is None or node_arg(node, 1, "dim", 0) % len(shape) != i.dim:
+        return
+    bounds = _kept_bounds(view, x, node_arg(node, 2, "start"), node_arg(node, 3, "end"))
+    if bounds is not None:
+        node.args = (x, i.dim, bounds[0], bounds[1], 1)
+        node.kwargs = {}
+
+
+register_rule(aten.slice, channels=aten_slice_rule, zeros="custom", cost="none", name="slice (aten)")
+
+
+def no_value(ctx: RuleContext, node: fx.Node) -> None:
+    """Checks that produce no tensor (``aten._assert_tensor_metadata`` of dtype and device, which
+    torch.export records): nothing flows on. A check of the exact size would fail after thinning, so a
+    size check on tracked channels freezes them."""
+    if node_arg(node, 1, "size") is not None or node_arg(node, 2, "stride") is not None:
+        return ctx.unsupported(node, "a check of the exact tensor size")
+    ctx.output(node, None, None)
+
+
+register_rule(aten._assert_tensor_metadata, channels=no_value, zeros="custom", cost="none",
+              name="tensor metadata check")
+
+
+def reduce_rule(ctx: RuleContext, node: fx.Node) -> None:
+    x, dim, keepdim = node.args[0], node_arg(node, 1, "dim"), node_arg(node, 2, "keepdim", False)
+    i, shape = ctx.info(x), node_shape(x)
+    if dim is None or shape is None:
+        return ctx.unsupported(node, "a reduction over all dims")
+    dims = [d % len(shape) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+    if i.dim in dims:
+        if _sums_channels(node):
+            # A sum over the channels does not change when exactly-zero channels are dropped: the input is
+            # an exit (a channel may go only where it is zero here).
+            ctx.exit(x)
+            return ctx.output(node, None, None)
+        ctx.freeze(i.atoms, f"reduction '{node.name}' ({_reduction_name(node)}) runs over the channel dim")
+        return ctx.output(node, None, None)
+    new_dim = i.dim if keepdim else i.dim - sum(d < i.dim for d in dims)
+    ctx.passthrough(node, x, True, dim=new_dim)
+
+
+_SUMS = {torch.sum, "sum", aten.sum}
+
+
+def _reduction_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _sums_channels(node: fx.Node) -> bool:
+    """A sum over the channels. (A mean over them is the ``mean`` entry of ``rules/norms.py``, which divides
+    the thinned sum by the dense width.)"""
+    t = node.target
+    return t in _SUMS or getattr(t, "overloadpacket", None) in _SUMS
+
+
+def _reduce_cost(c: Any) -> int:
+    return c.in_numel
+
+
+register_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin", aten.mean, aten.sum,
+              aten.amax, aten.amin, channels=reduce_rule, zeros="custom", cost=_reduce_cost, kind="elementwise",
+              name="reduction")
+
+
+def norm_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``x.norm(p, dim, keepdim)``, ``torch.norm``, ``torch.linalg.vector_norm`` (ConvNeXt-V2's GRN): over
+    other dims a per-channel value (zero stays zero for p > 0); over the channel dim a sum of ``|x|^p`` that
+    exactly-zero channels do not change, so its input is an exit."""
+    x = node.args[0]
+    i, shape = ctx.info(x), node_shape(x)
+    vector = node.target in (torch.linalg.vector_norm, aten.linalg_vector_norm) or \
+        getattr(node.target, "overloadpacket", None) is aten.linalg_vector_norm
+    p = node_arg(node, 1, "ord" if vector else "p", 2)
+    dim = node_arg(node, 2, "dim")
+    keepdim = node_arg(node, 3, "keepdim", False)
+    if i is None or shape is None:
+        return ctx.output(node, None, None)
+    if not isinstance(p, (int, float)) or p <= 0 or dim is None:
+        return ctx.unsupported(node, f"a norm with p={p!r} over dims {dim!r}")
+    dims = [d % len(shape) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+    if i.dim in dims:
+        ctx.exit(x)
+        return ctx.output(node, None, None)
+    ctx.passthrough(node, x, True, dim=i.dim if keepdim else i.dim - sum(d < i.dim for d in dims))
+
+
+register_rule(torch.norm, torch.linalg.vector_norm, "norm", aten.linalg_vector_norm, aten.norm, channels=norm_rule,
+              zeros="custom", cost=_reduce_cost, kind="elementwise", name="norm")
+
+
+def _moved(ctx: RuleContext, node: fx.Node) -> tuple[Any, Any, tuple | None, tuple | None]:
+    x = node.args[0]
+    return x, ctx.info(x), node_shape(x), node_shape(node)
+
+
+def permute_rule(ctx: RuleContext, node: fx.Node) -> None:
+    x, i, src, _ = _moved(ctx, node)
+    perm = node_arg(node, 1, "dims")
+    perm = list(node.args[1:]) if node.op == "call_method" and not isinstance(perm, (list, tuple)) else perm
+    perm = [p % len(src) for p in perm]
+    ctx.passthrough(node, x, True, dim=perm.index(i.dim))
+
+
+def transpose_rule(ctx: RuleContext, node: fx.Node) -> None:
+    x, i, src, _ = _moved(ctx, node)
+    a, b = node_arg(node, 1, "dim0") % len(src), node_arg(node, 2, "dim1") % len(src)
+    ctx.passthrough(node, x, True, dim=b if i.dim == a else a if i.dim == b else i.dim)
+
+
+def t_rule(ctx: RuleContext, node: fx.Node) -> None:
+    x, i, _, _ = _moved(ctx, node)
+    ctx.passthrough(node, x, True, dim=1 - i.dim)
+
+
+def _expand(ctx: RuleContext, node: fx.Node, literal: bool) -> None:
+    x, i, src, dst = _moved(ctx, node)
+    if literal:  # x.expand(b, c, h, w): a literal channel count must become the kept count
+        ctx.rewrite_sizes(node)
+    ctx.passthrough(node, x, True, dim=i.dim + len(dst) - len(src))
+
+
+def expand_rule(ctx: RuleContext, node: fx.Node) -> None:
+    _expand(ctx, node, True)
+
+
+def expand_as_rule(ctx: RuleContext, node: fx.Node) -> None:
+    _expand(ctx, node, False)
+
+
+def _reshape(ctx: RuleContext, node: fx.Node, literal: bool) -> None:
+    """Find where the channel dim went from the shapes: split both shapes into blocks of equal element
+    counts, then look at the block that holds the channel dim. ``literal``: the call holds sizes that may
+    count channels (view, reshape), which the thinning pass rewrites."""
+    x, i, src, dst = _moved(ctx, node)
+    if src is None or dst is None:
+        return ctx.unsupported(node, "a reshape without shape metadata")
+    found = reshape_target(src, dst, i.dim, i.atoms)
+    if found is None:
+        return ctx.unsupported(node, f"reshape {tuple(src)} -> {tuple(dst)} that mixes the channel dim")
+    new_dim, atoms = found
+    if literal:
+        ctx.rewrite_sizes(node)
+    name = x.name
+    if atoms.numel() == i.atoms.numel() and torch.equal(atoms, i.atoms):
+        return ctx.output(node, ChanInfo(new_dim, atoms), lambda z, gm: z[name])
+    # Each output index carries one input index's atom: map zero flags the same way.
+    index = reshape_index(src, dst, i.dim, new_dim)
+    ctx.output(node, ChanInfo(new_dim, atoms), lambda z, gm: z[name][index])
+
+
+def view_rule(ctx: RuleContext, node: fx.Node) -> None:
+    _reshape(ctx, node, True)
+
+
+def flatten_rule(ctx: RuleContext, node: fx.Node) -> None:
+    _reshape(ctx, node, False)
+
+
+register_rule(torch.permute, "permute", aten.permute, channels=permute_rule, zeros="custom", cost="none",
+              name="permute")
+register_rule(torch.transpose, torch.swapaxes, "transpose", "swapaxes", aten.transpose, channels=transpose_rule,
+              zeros="custom", cost="none", name="transpose")
+register_rule(torch.t, "t", aten.t, channels=t_rule, zeros="custom", cost="none", name="t")
+register_rule("expand", aten.expand, channels=expand_rule, zeros="custom", cost="none", name="expand")
+register_rule("expand_as", channels=expand_as_rule, zeros="custom", cost="none", name="expand_as")
+register_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=view_rule,
+              zeros="custom", cost="none", name="view")
+register_rule(torch.flatten, torch.squeeze, torch.unsqueeze, torch.movedim, "flatten", "squeeze", "unsqueeze",
+              "movedim", "unflatten", "view_as", "reshape_as", nn.Flatten, nn.Unflatten, aten.flatten, aten.squeeze,
+              aten.unsqueeze, aten.movedim, aten.unflatten, channels=flatten_rule, zeros="custom", cost="none",
+              name="flatten")
+
+
+# Size arguments of these calls are read again after thinning, so a channel count that only sizes them is
+# harmless.
+_SIZE_TAKERS = {"view", "reshape", "expand", "unflatten", torch.reshape, aten.view.default, aten.reshape.default,
+                aten.expand.default}
+
+
+def _sizes_a_reshape(user: fx.Node, value: fx.Node) -> bool:
+    """True when ``value`` is only a size argument of a view / reshape / expand (never its tensor)."""
+    return user.target in _SIZE_TAKERS and bool(user.args) and user.args[0] is not value
+
+
+def shape_query(ctx: RuleContext, node: fx.Node) -> None:
+    """``x.size(1)``, ``x.shape``, ``x.numel()``: harmless when the channel count only sizes a reshape (it
+    is read again after thinning), wrong to thin when it is used as a number (``x / x.size(1)``)."""
+    x = node.args[0]
+    ctx.output(node, None, None)
+    i, shape = ctx.info(x), node_shape(x)
+    if i is None or shape is None:
+        return
+    what = node.target if node.op == "call_method" else node.args[1]
+    if what not in _QUERIES:
+        return ctx.unknown(node, f"attribute .{what} of a tensor")
+    if what in ("size", "shape"):
+        index = node_arg(node, 1, "dim") if node.op == "call_method" else None
+        if index is not None:
+            counted = [node] if index % len(shape) == i.dim else []
+        else:  # the whole size: follow the items that pick the channel dim
+            counted = []
+            for user in node.users:
+                if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
+                    if user.args[1] % len(shape) == i.dim:
+                        counted.append(user)
+                elif not _sizes_a_reshape(user, node):
+                    counted.append(node)
+    elif what in ("numel", "nelement"):
+        counted = [node]
+    else:  # dim, dtype, device: no channel count in them
+        return
+    for value in counted:
+        for user in value.users:
+            if not _sizes_a_reshape(user, value):
+                ctx.freeze(i.atoms, f"the channel count of '{x.name}' is used as a number at node '{user.name}'")
+                return
+
+
+_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_cuda", "ndimension", "nelement", "ndim"}
+register_rule(getattr, "size", "dim", "numel", "nelement", "ndimension", channels=shape_query,
+              zeros="custom", cost="none", name="shape query")
+
+# Ops that move or repeat channels in ways the analysis does not follow (a shuffle, a new stacked dim):
+# known and costed, their channels kept.
+register_rule(nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle,
+              torch.stack, torch.narrow, torch.unbind, "narrow", "repeat", "unbind",
+              channels="freeze", cost="none", name="channel-moving op")
+
+
+def roll_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``torch.roll(x, shifts, dims)`` (Swin's shifted windows): a roll over other dims moves whole
+    channel slices around, a roll of the channel dim itself (or of the flattened tensor) does not keep them."""
+    x = node.args[0]
+    i, shape = ctx.info(x), node_shape(x)
+    dims = node_arg(node, 2, "dims")
+    if i is None or shape is None:
+        return ctx.output(node, None, None)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims or any(not isinstance(d, int) for d in dims) or i.dim in [d % len(shape) for d in dims]:
+        return ctx.unsupported(node, "a roll of the channel dim (or of the flattened tensor)")
+    ctx.passthrough(node, x, True)
+
+
+register_rule(torch.roll, "roll", aten.roll, channels=roll_rule, zeros="custom", cost="none", name="roll")

@@ -1,0 +1,113 @@
+"""Channel scores for the structured schemes: how much each channel of the channel analysis matters.
+
+A channel's score aggregates every producer row that creates it (all the convs summed into one residual
+stream, the squeeze-excitation conv multiplied into it, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import functional as F
+from ..passes.channels import ChannelAnalysis, host
+
+__all__ = ["channel_scores", "check_criteria", "CHANNEL_CRITERIA"]
+
+# Names a structured scheme takes as ``criteria``. The row criteria score each producer row (Condensa's);
+# "group_l2" scores a channel over every tensor that carries it (producer rows, biases, norm affines and the
+# consumer columns that read it, as Torch-Pruning's group magnitude does); "bn_scale" by the magnitude of the
+# norm scales in its group (network slimming), falling back to "l2norm" where a channel has no norm.
+ROW_CRITERIA = ("l2norm", "sum", "mean", "max", "min")
+CHANNEL_CRITERIA = (*ROW_CRITERIA, "group_l2", "bn_scale")
+
+
+def check_criteria(criteria: Any) -> None:
+    """Raise a clear error unless ``criteria`` is a channel criteria name or a callable(x, dims)."""
+    if isinstance(criteria, str):
+        if criteria not in CHANNEL_CRITERIA:
+            raise ValueError(f"criteria must be one of {list(CHANNEL_CRITERIA)} or a callable(x, dims), got {criteria!r}")
+        return
+    F.resolve_criteria(criteria)
+
+
+def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any = "l2norm",
+                   normalize: bool = False) -> torch.Tensor:
+    """One score per channel from the rows of all its producers (NaN for channels without producers).
+
+    Each producer row is scored by ``criteria`` (for a conv: the filter; for a linear: the neuron's
+    weights). A channel with one producer gets exactly that score, Condensa's rule. A channel with several
+    (a residual stream, a squeeze-excitation product) gets their root mean square (``l2norm``), mean
+    (``sum``, ``mean``), maximum or minimum, so that streams with many producers are not ranked above the
+    rest just for having more rows. ``normalize=True`` first divides each producer's row scores by their
+    mean, making layers of different weight scales comparable under one global threshold (useful for
+    untrained models and where BatchNorm makes the scale of conv weights arbitrary).
+    """
+    if criteria in ("group_l2", "bn_scale"):
+        return _slice_scores(gm, analysis, criteria, normalize)
+    n = analysis.num_channels
+    rows_of = []
+    for s in analysis.slices:
+        if s.role == "producer":
+            w = gm.get_parameter(s.path).detach().float()
+            rows_of.append((analysis.channel_of[s.atoms], w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1)))
+    # Rows are scored where the weights live (a GPU does the big reductions); the per-channel accumulation
+    # runs on the CPU, where the channel ids are.
+    check_criteria(criteria)
+    if isinstance(criteria, str):
+        row_score = {
+            "l2norm": lambda r: r.pow(2).sum(1).sqrt(),
+            "sum": lambda r: r.abs().sum(1),
+            "mean": lambda r: r.abs().mean(1),
+            "max": lambda r: r.abs().amax(1),
+            "min": lambda r: r.abs().amin(1),
+        }[criteria]
+    else:
+        fn = F.resolve_criteria(criteria)
+
+        def row_score(r: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.as_tensor(fn(row, (0,)), dtype=torch.float32, device=r.device) for row in r])
+
+    reduce, init = {"max": ("amax", float("-inf")), "min": ("amin", float("inf"))}.get(criteria, ("sum", 0.0))
+    acc = torch.full((n,), init)
+    producers = torch.zeros(n)
+    for ch, rows in rows_of:
+        r = host(row_score(rows)).float()
+        if normalize:
+            r = r / r.mean().clamp(min=torch.finfo(torch.float32).tiny)
+        acc.scatter_reduce_(0, ch, r.pow(2) if criteria == "l2norm" else r, reduce=reduce)
+        producers.index_add_(0, ch, torch.ones(len(ch)))
+    if reduce == "sum":
+        acc = acc / producers.clamp(min=1)
+        if criteria == "l2norm":
+            acc = acc.sqrt()
+    return torch.where(producers > 0, acc, torch.full_like(acc, float("nan")))
+
+
+def _slice_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: str, normalize: bool) -> torch.Tensor:
+    """Scores from several tensors per channel: each tensor dim that carries channels gives every channel
+    the squared norm of its slice (divided by that tensor's mean when ``normalize``), and a channel's score
+    is the root of the mean over its tensors. Channels without producers are NaN, as for the row criteria."""
+    n = analysis.num_channels
+    params = dict(gm.named_parameters())
+    total, count, producers = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    for s in analysis.slices:
+        ch = analysis.channel_of[s.atoms]
+        if s.role == "producer":
+            producers.index_add_(0, ch, torch.ones(len(ch)))
+        if s.path not in params:  # buffers (running statistics) say nothing about importance
+            continue
+        if criteria == "bn_scale" and not (s.role == "norm" and s.path.endswith("weight") and params[s.path].dim() == 1):
+            continue
+        w = params[s.path].detach().float()
+        ss = host(w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1).pow(2).sum(1)).float()
+        if normalize:
+            ss = ss / ss.mean().clamp(min=torch.finfo(torch.float32).tiny)
+        total.index_add_(0, ch, ss)
+        count.index_add_(0, ch, torch.ones(len(ch)))
+    score = (total / count.clamp(min=1)).sqrt()
+    if criteria == "bn_scale":  # channels without a norm scale: their producers' L2 norm
+        score = torch.where(count > 0, score, channel_scores(gm, analysis, "l2norm", normalize))
+    return torch.where(producers > 0, score, torch.full_like(score, float("nan")))

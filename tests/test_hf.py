@@ -1,0 +1,57 @@
+"""Tiny Hugging Face transformers models thin exactly through the torch.export frontend: keyword inputs,
+ModelOutput results, and a default-config causal LM (``use_cache=True``, turned off for the capture)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from _models import state_hash
+
+from fxcondensa import thin, trace
+from fxcondensa.graph import flatten_outputs
+from fxcondensa.records import thin_record
+from fxcondensa.schemes import StructurePrune
+
+_spec = importlib.util.spec_from_file_location(
+    "fxcondensa_bench_coverage", Path(__file__).resolve().parent.parent / "bench" / "coverage.py")
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)  # loaded by path: a package named "coverage" (pytest-cov) may be imported
+build_hf = _bench.build_hf  # the zoo of bench/coverage.py: the same models and randomisation
+
+RTOL, ATOL = 1e-4, 1e-5
+SCHEME = StructurePrune(0.5)
+
+
+def params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2-lm"])
+def test_tiny_hf_model_thins_exactly_on_a_fresh_input(name):
+    torch.manual_seed(0)
+    model, x, fresh, _ = build_hf(name)
+    before = state_hash(model)
+    with pytest.warns(UserWarning, match="use_cache=False") if name == "gpt2-lm" else _nothing():
+        thinned = thin(model, SCHEME, x)
+    assert state_hash(model) == before, "the input model was modified"
+    assert thin_record(thinned).capture == "export"
+    assert params(thinned) < params(model)
+    compressed = trace(model, x)
+    with torch.no_grad():
+        SCHEME.pi(compressed)
+        SCHEME.delta(compressed)
+        got, ref = thinned(**fresh), compressed(**fresh)
+    assert type(got) is type(ref) and list(got.keys()) == list(ref.keys())  # a ModelOutput, same fields
+    for a, b in zip(flatten_outputs(dict(got)), flatten_outputs(dict(ref)), strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
