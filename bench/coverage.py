@@ -197,6 +197,9 @@ HF_MODELS: dict[str, tuple[str, str, str, dict]] = {
     "qwen2-gqa": ("Qwen2Config", "Qwen2ForCausalLM", "text",
                   {**_TEXT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                    "num_attention_heads": 4, "num_key_value_heads": 2}),
+    "mistral-gqa": ("MistralConfig", "MistralForCausalLM", "text",
+                    {**_TEXT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2}),
 }
 
 
@@ -320,6 +323,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
     parser.add_argument("--jobs", type=int, default=1, help="models run in parallel (each in its own process)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/coverage[_zoo].json)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="print the README table of a JSON written by this script, and exit")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--timm-sizes", action="store_true", help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
@@ -328,6 +333,9 @@ def main() -> None:
         return
     if args.one:
         print(json.dumps(run_one(args.zoo, args.models[0], args.density)))
+        return
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
         return
     names = args.models or default_names(args.zoo)
 
@@ -357,6 +365,38 @@ def main() -> None:
     wrong = sum(r["status"] == "WRONG" for r in rows)
     print(f"\n{ok}/{len(rows)} models thinned at StructurePrune({args.density}), {big} with >= 1.5x fewer "
           f"parameters, {wrong} wrong; JSON in {path}")
+
+
+def markdown(data: dict) -> str:
+    """The README table: one row per model, sorted by family (timm) or name, with the frozen reasons and,
+    for a model left whole, the one-line reason."""
+    rows = sorted(data["rows"], key=lambda r: (r.get("family", ""), r["model"]))
+    timm = any("family" in r for r in rows)
+    head = ("| family | model | input | capture | parameters | MACs | frozen groups: first reasons |\n"
+            "|---|---|---|---|---|---|---|") if timm else \
+        ("| model | inputs | capture | parameters | MACs | frozen groups: first reasons |\n|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        name = r["model"] + (f" ({r['run']})" if r.get("run") else "")  # the run of a merged JSON
+        lead = f"| {r.get('family', '')} | {name} | " if timm else f"| {name} | "
+        size = r.get("input", "").replace("1x3x", "")
+        if r["status"] in ("thinned", "no reduction", "WRONG"):
+            reasons = "; ".join(x.replace("|", "/") for x in r["frozen_reasons"][:2])
+            whole = f" **Left whole:** {r['whole_reason']}" if r.get("whole_reason") else ""
+            wrong = " **WRONG on the fresh input**" if r["status"] == "WRONG" else ""
+            lines.append(f"{lead}{size} | {r.get('capture', '')} | {_count(r['params'])} → "
+                         f"{_count(r['params_thinned'])} ({r['param_ratio']}x) | {_count(r['macs'], 'G')} → "
+                         f"{_count(r['macs_thinned'], 'G')} ({r['mac_ratio']}x) | {r['frozen_groups']}: "
+                         f"{reasons}{whole}{wrong} |")
+        else:
+            lines.append(f"{lead}{size} | | {r['status']} | | {r.get('reason', '').replace('|', '/')[:160]} |")
+    return "\n".join(lines)
+
+
+def _count(n: int, unit: str = "M") -> str:
+    if unit == "G":
+        return f"{n / 1e9:.2f}G" if n >= 1e7 else f"{n / 1e6:.2f}M"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
 def _line(r: dict) -> str:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check, in one run that fits a 15-minute device budget with time to rerun it (under 6 minutes on
+# The GPU check, in one run that fits a 15-minute device budget with time to rerun it (under 7 minutes on
 # one H200, every step under its own `timeout -k`):
 #   1. `pytest -m cuda -x`: the CUDA tests (tests/test_cuda.py, tests/test_opt_device.py);
 #   2. dense vs thinned (vs torch-pruning) latency rows with CUDA events, fp32 and bf16 autocast, cuDNN
 #      benchmark mode and TF32 on (recorded in the JSON), 224x224 inputs;
-#   3. an align study (channels multiples of 8 for tensor cores, channels_last) on two conv nets.
+#   3. an align study (channels multiples of 8 for tensor cores, and align="auto" from the latency model,
+#      channels_last, bf16) on two conv nets;
+#   4. latency-target rows: StructurePrune(target_latency=0.5) in bf16 and channels_last, measured afterwards.
 # torch.compile is left out: compiling dense and thinned models alike takes minutes, more than the budget.
 # Runs from the repository root of a fresh copy. speedup.py rewrites its JSON after every row, so a time
 # limit keeps what was measured. Output is unbuffered (python -u, PYTHONUNBUFFERED) and goes to the
@@ -56,8 +58,15 @@ step main 150 "$PY" -u bench/speedup.py --device cuda --out "$OUT_DIR/gpu_main.j
     --models lenet5 resnet18 resnet50 mobilenet_v2 vit_b_32
 # 3. Align on tensor cores: bf16 convs want channel counts that are multiples of 8; channels_last is cuDNN's
 #    fast layout for them.
-step align 45 "$PY" -u bench/speedup.py --device cuda --out "$OUT_DIR/gpu_align.json" --amp bf16 --channels-last \
-    --align 0 8 --densities 0.5 --models resnet50 mobilenet_v2 --throughput-only --no-torch-pruning \
+#    "auto" builds a latency model per model (cached under $FXCONDENSA_CACHE_DIR) and rounds each group's count
+#    to the multiple it predicts fastest.
+export FXCONDENSA_CACHE_DIR="$OUT_DIR/latency_cache"
+step align 70 "$PY" -u bench/speedup.py --device cuda --out "$OUT_DIR/gpu_align.json" --amp bf16 --channels-last \
+    --align 0 8 auto --densities 0.5 --models resnet50 mobilenet_v2 --throughput-only --no-torch-pruning \
     --warmup 10 --repeat 30
+# 4. Latency target 0.5 at batch 64, 224x224, bf16 weights, channels_last: the per-layer latency model is
+#    measured on the GPU, the selection corrects itself from measurements, and each row is measured again after.
+step target 75 "$PY" -u bench/speedup.py --device cuda --out "$OUT_DIR/gpu_target.json" --amp bf16 --channels-last \
+    --target-latency 0.5 --models resnet50 mobilenet_v2 --batch 64 --thr-size 224 --warmup 10 --repeat 30
 echo "== done in $((SECONDS - START))s"
 ls -l "$OUT_DIR"/gpu_* 2>/dev/null

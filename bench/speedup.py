@@ -19,6 +19,16 @@ and our thinned latency at or below torch-pruning's.
     python bench/speedup.py --quick                           # short smoke run of every code path
     python bench/speedup.py --models resnet18 --densities 0.5 --align 8 --channels-last
     python bench/speedup.py --device cuda --amp bf16          # CUDA events, bf16 autocast
+    python bench/speedup.py --models resnet18 --densities 0.5 --deploy   # + eager / channels_last / compile / ORT
+    python bench/speedup.py --models resnet18 --target-latency 0.5       # latency-target rows (batch 16, 128x128)
+    python bench/speedup.py --models resnet50 --align auto               # align="auto" from the latency model
+
+``--deploy`` also times each thinned model under every deployment backend of
+``fxcondensa.latency.deployment_latency`` (eager, channels_last, torch.compile, ONNX Runtime when installed),
+alternating, and names the fastest. ``--target-latency F`` runs ``StructurePrune(target_latency=F)`` (or, while
+the scheme does not take it yet, ``fxcondensa.latency_model.select_for_latency`` called directly on the same
+scores and candidates, said in the row's ``via``) and then measures the thinned model against the dense one
+again, alternating: ``measured_after`` is the fraction the issue asks for. Every row records the load average.
 
 On CPU the throughput rows of the torchvision conv nets use ``--thr-size`` (128 by default) to keep the run
 short on a small machine; batch-1 rows and vit_b_32 (fixed 224) use 224. The resolution is in every row.
@@ -46,8 +56,9 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa.graph import trace
-from fxcondensa.latency import NodeTimer, compare_latency
+from fxcondensa.latency import NodeTimer, compare_latency, deployment_latency
 from fxcondensa.passes.costs import profile_costs
+from fxcondensa.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
 try:
@@ -169,8 +180,118 @@ def _input(shape: tuple[int, ...], batch: int, device: torch.device, channels_la
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
+def _takes(option: str) -> bool:
+    """Whether StructurePrune accepts ``option`` (target_latency / align="auto" are wired by the scheme)."""
+    import inspect
+
+    return option in inspect.signature(StructurePrune.__init__).parameters
+
+
+def _scheme_inputs(model: nn.Module, x: torch.Tensor) -> tuple[Any, ...]:
+    """What StructurePrune's annotate computes before choosing channels: graph, analysis, scores, candidates."""
+    from fxcondensa.passes.analysis import analyze
+    from fxcondensa.schemes.scores import channel_scores
+
+    gm = trace(model, x)
+    analysis = analyze(gm)
+    score = channel_scores(gm, analysis, "l2norm", True)
+    cand = ~analysis.frozen_channels() & ~torch.isnan(score)
+    for g in analysis.groups:
+        if not set(g.kinds) & {"conv", "linear"}:
+            cand[g.channels] = False
+    return gm, analysis, score, cand
+
+
+def thin_auto_align(model: nn.Module, density: float, x1: torch.Tensor, xb: torch.Tensor) -> tuple[nn.Module, str]:
+    """``StructurePrune(density, align="auto")`` when the scheme takes it, else the same selection here: the
+    density's channels, then ``auto_align`` with a latency model measured at the timed batch ``xb``."""
+    if _takes("align") and _accepts_auto():
+        return fxcondensa.thin(model, StructurePrune(density, align="auto"), xb), "scheme"
+    from fxcondensa.latency_model import LatencyModel, auto_align
+    from fxcondensa.passes.thin import rethin
+    from fxcondensa.schemes.structured import select_channels
+
+    gm, analysis, score, cand = _scheme_inputs(model, xb)
+    keep = select_channels(analysis, score, cand, density, {}, None)
+    keep, _ = auto_align(LatencyModel.build(gm, analysis, xb), analysis, keep, score, cand)
+    return rethin(model, keep, x1), "auto_align called directly (the scheme does not take align='auto' yet)"
+
+
+def _accepts_auto() -> bool:
+    try:
+        StructurePrune(0.5, align="auto")
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def latency_target_row(name: str, target: float, *, batch: int = 16, size: int = 128, warmup: int = 3,
+                       repeat: int = 11, device: str = "cpu", dtype: str | None = None,
+                       channels_last: bool = False, log: Any = print) -> dict[str, Any]:
+    """``StructurePrune(target_latency=target)`` on ``name`` at (batch, 3, size, size), then measured again.
+
+    ``measured_at_selection`` is what the selection's last feedback step measured; ``measured_after`` a fresh
+    alternating measurement of the thinned model against the dense one (the number that counts). On the
+    direct path the thinned model is ``rethin(model, keep)``: the selected architecture with the dense
+    weights sliced, which times exactly like the pruned one (values do not change the work). ``dtype``
+    ("bf16" / "fp16") casts the model and inputs (the latency model is measured in that dtype: no autocast);
+    ``channels_last`` puts models and inputs in channels_last for every measurement after selection and for the
+    selection's feedback steps.
+    """
+    from fxcondensa.latency_model import LatencyModel, select_for_latency
+    from fxcondensa.passes.thin import rethin
+
+    model, shape = build(name)
+    dev = torch.device(device)
+    cast = {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}[dtype]
+    model = model.to(device=dev, dtype=cast)
+    x = torch.randn(batch, shape[0], size, size, device=dev, dtype=cast)
+
+    def layout(m: nn.Module) -> nn.Module:
+        return m.to(memory_format=torch.channels_last) if channels_last else m
+
+    def measure(dense: nn.Module, thinned: nn.Module, inputs: tuple) -> Any:
+        xs = tuple(t.contiguous(memory_format=torch.channels_last) if channels_last else t for t in inputs)
+        return compare_latency([layout(dense), layout(thinned)], xs, warmup=warmup, repeat=max(repeat, 7))
+
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {}
+    if _takes("target_latency"):
+        via = "scheme"
+        thinned = fxcondensa.thin(model, StructurePrune(target_latency=target), x)
+        rec = thin_record(thinned)
+        if rec is not None and rec.target is not None:
+            record = {"measured_at_selection": rec.target.reached, "density": rec.target.density}
+        build_s = None
+    else:
+        via = "select_for_latency called directly (StructurePrune does not take target_latency yet)"
+        gm, analysis, score, cand = _scheme_inputs(model, x)
+        lm = LatencyModel.build(gm, analysis, x)
+        build_s = lm.build_s
+        sel = select_for_latency(gm, analysis, score, cand, {}, target, (x,), model=lm,
+                                 measure=measure if channels_last else None)
+        thinned = rethin(model, sel.keep, x)
+        record = {"measured_at_selection": sel.measured, "predicted": sel.predicted, "density": sel.density,
+                  "steps": sel.history, "cache_hits": lm.cache_hits, "cache_misses": lm.cache_misses}
+    total_s = time.perf_counter() - t0
+    dense, thin_ = measure(model, thinned, (x,))
+    row = {"model": name, "target_latency": target, "batch": batch, "input": [batch, shape[0], size, size],
+           "device": str(dev), "dtype": str(cast), "channels_last": channels_last, "threads": torch.get_num_threads(), "via": via, "latency_model_build_s": build_s, "select_s": total_s,
+           "dense_ms": dense.median_ms, "thinned_ms": thin_.median_ms, "dense_iqr_ms": dense.iqr_ms,
+           "thinned_iqr_ms": thin_.iqr_ms, "measured_after": thin_.median_ms / dense.median_ms,
+           "macs_fraction": macs(thinned, x[:1]) / macs(model, x[:1]), "load_before": list(load_before),
+           "load_after": list(os.getloadavg()), **record}
+    row["goal"] = "met" if 0.45 <= row["measured_after"] <= 0.55 else f"missed: {row['measured_after']:.3f}"
+    log(f"  {name} target_latency={target} b={batch} {size}x{size}: measured after {row['measured_after']:.3f} "
+        f"(at selection {row.get('measured_at_selection', float('nan')):.3f}), MACs {row['macs_fraction']:.3f}, "
+        f"build {build_s if build_s is None else round(build_s, 1)} s, total {total_s:.1f} s, load {load_before[0]:.1f}"
+        f"{', ' + dtype if dtype else ''}{', channels_last' if channels_last else ''}")
+    return row
+
+
 def bench_model(name: str, densities: list[float], *, batches: list[int] | None = None, thr_size: int = 128,
-                align: int | None = None, device: str = "cpu", amp: str | list[str | None] | None = None,
+                align: int | str | None = None, deploy: bool = False, device: str = "cpu", amp: str | list[str | None] | None = None,
                 channels_last: bool = False, compile_: bool = False, warmup: int = 3, repeat: int = 10,
                 torch_pruning: bool = True, layers: bool = False, tp_steps: int = 9, log: Any = print,
                 on_row: Any = None) -> list[dict[str, Any]]:
@@ -193,7 +314,12 @@ def bench_model(name: str, densities: list[float], *, batches: list[int] | None 
     rows = []
     for density in densities_for(name, densities):
         t0 = time.perf_counter()
-        thinned = fxcondensa.thin(model, StructurePrune(density, align=align), x1, check=True)
+        via = None
+        if align == "auto":
+            b_ = max(batches)
+            thinned, via = thin_auto_align(model, density, x1, _input(shapes[b_], b_, torch.device("cpu"), False))
+        else:
+            thinned = fxcondensa.thin(model, StructurePrune(density, align=align), x1, check=True)
         thin_s = time.perf_counter() - t0
         ours_macs = {s: macs(thinned, torch.randn(1, *s)) for s in dense_macs}
         peer: dict[tuple[int, ...], Any] = {}
@@ -223,14 +349,20 @@ def bench_model(name: str, densities: list[float], *, batches: list[int] | None 
                     "flop_ratio": flop_ratio, "efficiency": speedup / flop_ratio,
                     "params_dense": n_params(model), "params_thinned": n_params(thinned), "thin_s": thin_s,
                     "tp_ms": None, "tp_speedup": None, "tp_flop_ratio": None, "tp_efficiency": None,
-                    "tp_pruning_ratio": None, "ours_over_tp": None,
+                    "tp_pruning_ratio": None, "ours_over_tp": None, "load": list(os.getloadavg()),
                 }
+                if via is not None:
+                    row["align_via"] = via
                 if "torch_pruning" in lat:
                     _, ratio, tp_flops = peer[s]
                     t = lat["torch_pruning"].median_ms
                     row.update(tp_ms=t, tp_speedup=row["dense_ms"] / t, tp_flop_ratio=tp_flops,
                                tp_efficiency=row["dense_ms"] / t / tp_flops, tp_pruning_ratio=ratio,
                                ours_over_tp=row["thinned_ms"] / t, tp_iqr_ms=lat["torch_pruning"].iqr_ms)
+                if deploy:
+                    dep = deployment_latency(thinned, x, warmup=warmup, repeat=repeat)
+                    row["deploy"] = dep.to_dict()
+                    log(f"    {dep.note()}")
                 if layers and dev.type == "cpu" and not (channels_last or amp or compile_):
                     row["layers"] = layer_breakdown(model, thinned, x, repeat=max(3, repeat // 2))
                 row["goal"] = goal(row, thr)
@@ -316,6 +448,19 @@ def table(rows: list[dict[str, Any]]) -> str:
                     tablefmt="github")
 
 
+def latency_table(rows: list[dict[str, Any]]) -> str:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    body = [[r["model"], r["target_latency"], "x".join(map(str, r["input"])), f(r["dense_ms"], ".1f"),
+             f(r["thinned_ms"], ".1f"), f(r["measured_after"], ".3f"), f(r.get("measured_at_selection"), ".3f"),
+             f(r["macs_fraction"], ".3f"), f(r["latency_model_build_s"], ".1f"), f(r["select_s"], ".1f"),
+             f(r["load_before"][0], ".1f"), r["goal"]] for r in rows]
+    return tabulate(body, headers=["model", "target", "input", "dense ms", "thinned ms", "measured after",
+                                   "at selection", "MAC fraction", "model build s", "total s", "load", "goal"],
+                    tablefmt="github")
+
+
 TP_MISSING = ("torch-pruning is not installed: the tp_* columns stay empty. Install the bench extra "
               "(pip install 'fxcondensa[bench]') or pass --no-torch-pruning")
 
@@ -348,23 +493,37 @@ def run(args: argparse.Namespace, log: Any = print, out: Path | None = None) -> 
 
     def on_row(row: dict[str, Any]) -> None:
         rows.append(row)
-        if out is not None:  # partial results survive a time limit
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, out)  # a kill mid-write leaves the previous JSON whole
+        on_row_done(result, out)
 
+    if args.target_latency:
+        for name in models:
+            for target in args.target_latency:
+                amp = next((a for a in args.amp if a != "fp32"), None)
+                row = latency_target_row(name, target, batch=args.batch or 16, size=args.thr_size, warmup=warmup,
+                                         repeat=repeat, device=args.device, dtype=amp,
+                                         channels_last=args.channels_last, log=log)
+                rows.append(row)
+                on_row_done(result, out)
+        return result
     for name in models:
         for align in args.align or [None]:
             log(f"{name}" + (f" align={align}:" if align else ":"))
             batches = [1, throughput_batch(name, args.batch)]
             bench_model(name, densities, batches=batches[1:] if args.throughput_only else batches,
-                        thr_size=args.thr_size, align=align or None, device=args.device,
+                        thr_size=args.thr_size, align=align or None, deploy=args.deploy, device=args.device,
                         amp=[None if a == "fp32" else a for a in args.amp], tp_steps=args.tp_steps,
                         channels_last=args.channels_last, compile_=args.compile, warmup=warmup,
                         repeat=repeat, torch_pruning=not args.no_torch_pruning, layers=args.layers, log=log,
                         on_row=on_row)
     return result
+
+
+def on_row_done(result: dict[str, Any], out: Path | None) -> None:
+    if out is not None:  # partial results survive a time limit
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)  # a kill mid-write leaves the previous JSON whole
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -380,6 +539,10 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
+def _align_arg(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=MODELS, help=f"default: {' '.join(MODELS)}")
@@ -387,9 +550,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="throughput batch (default 256 for LeNet-5, 32 for the others)")
     p.add_argument("--thr-size", type=int, default=None,
                    help="resolution of the conv nets' throughput rows (default 128 on CPU, 224 on CUDA)")
-    p.add_argument("--align", type=int, nargs="+",
+    p.add_argument("--align", type=_align_arg, nargs="+",
                    help="StructurePrune(align=N): kept channels rounded up to multiples of N; several values "
-                        "(0 = none) give one set of rows each, for an align study")
+                        "(0 = none, auto = the latency model's choice) give one set of rows each, for an align study")
+    p.add_argument("--deploy", action="store_true",
+                   help="also time each thinned model eager / channels_last / torch.compile / ONNX Runtime")
+    p.add_argument("--target-latency", type=float, nargs="+",
+                   help="latency-target rows instead: StructurePrune(target_latency=F), measured afterwards "
+                        "(batch --batch or 16, --thr-size resolution)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile dense, thinned and torch-pruning alike")
     p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timing)")
@@ -419,13 +587,13 @@ def main(argv: list[str] | None = None) -> None:
     log = functools.partial(print, flush=True)  # unbuffered progress, also through a pipe
     out = args.out or (Path(os.environ["OUT"]) / "speedup.json" if os.environ.get("OUT") else RESULTS / "speedup.json")
     result = run(args, log=log, out=out)
-    print(table(result["rows"]))
+    print(latency_table(result["rows"]) if args.target_latency else table(result["rows"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"JSON: {out}")
     missed = [r for r in result["rows"] if (r["goal"] or "").startswith("missed")]
     if missed:
-        print(f"{len(missed)} row(s) below goal:", *(f"  {r['model']} d={r['density']} b={r['batch']}: {r['goal']}"
+        print(f"{len(missed)} row(s) below goal:", *(f"  {r['model']} d={r.get('density')} b={r['batch']}: {r['goal']}"
                                                    for r in missed), sep="\n")
 
 

@@ -7,6 +7,11 @@ graph + global magnitude pruning at ratio 0.5 + physical pruning of a copy. Runs
 
     python bench/thin_speed.py                        # default models at 1x3x224x224
     python bench/thin_speed.py resnet50 --repeat 5
+    python bench/thin_speed.py resnet50 --out bench/results/thin_speed_resnet50.json
+    python bench/thin_speed.py resnet50 --threads 1  # one thread (a shared machine); load average recorded
+
+The machine's 1-minute load average before and after the runs goes into the JSON and the printout: on a
+shared machine a load above the core count stretches every time here.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -56,7 +62,12 @@ def main() -> None:
     parser.add_argument("models", nargs="*", default=DEFAULT)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "thin_speed.json", help="JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     rows, records = [], []
     for name in args.models:
         torch.manual_seed(0)
@@ -84,8 +95,11 @@ def main() -> None:
     print(tabulate(rows, headers=["model", "fxcondensa thin (s)", "without check (s)", "torch-pruning (s)",
                                   "ours / theirs"], tablefmt="github"))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "thin_speed.json"
+    out = args.out
+    load_after = os.getloadavg()[0]
+    print(f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after, on {os.cpu_count()} cores")
     out.write_text(json.dumps({"machine": platform.platform(), "cpus": torch.get_num_threads(),
+                               "cores": os.cpu_count(), "load_average_1min": [load_before, load_after],
                                "torch": torch.__version__, "torch_pruning": getattr(tp, "__version__", None),
                                "rows": records}, indent=1))
     print(f"JSON: {out}")

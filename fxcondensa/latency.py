@@ -1,6 +1,8 @@
 """Latency: whole-model timing (no_grad, warm-up, median and spread) and per-node timing.
 
 ``measure_latency`` times the whole model; ``compare_latency`` times several models alternating run by run;
+``deployment_latency`` times one model as deployed several ways (eager, channels_last, ``torch.compile``,
+ONNX Runtime when installed) and says which is fastest;
 ``NodeTimer`` is an ``fx.Interpreter`` that times every node, and ``node_latency`` compares the sum of the
 per-node medians with the whole-model median (the interpreter adds Python overhead per node, so the sum is
 usually larger).
@@ -8,7 +10,10 @@ usually larger).
 
 from __future__ import annotations
 
+import copy
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -21,7 +26,8 @@ from torch import nn
 
 from .graph import as_input_tuple, trace
 
-__all__ = ["Latency", "measure_latency", "compare_latency", "NodeTimer", "NodeLatency", "node_latency"]
+__all__ = ["Latency", "measure_latency", "compare_latency", "NodeTimer", "NodeLatency", "node_latency",
+           "Deployment", "deployment_latency", "BACKENDS"]
 
 
 @dataclass(frozen=True)
@@ -270,3 +276,132 @@ def node_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 3, repe
     if whole is None:
         whole = measure_latency(gm, inputs, warmup=warmup, repeat=repeat)
     return NodeLatency(per_node_ms=per_node, whole=whole)
+
+
+BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
+
+
+@dataclass
+class Deployment:
+    """Latency of one model under several deployment backends (timed alternately), and those skipped with
+    the reason (a backend not installed, or one that failed on this model)."""
+
+    latency: dict[str, Latency]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fastest(self) -> str | None:
+        return min(self.latency, key=lambda k: self.latency[k].median_ms) if self.latency else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"latency_ms": {k: v.median_ms for k, v in self.latency.items()},
+                "iqr_ms": {k: v.iqr_ms for k, v in self.latency.items()}, "fastest": self.fastest,
+                "skipped": dict(self.skipped)}
+
+    def note(self) -> str:
+        if not self.latency:
+            return "deployment: no backend ran (" + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()) + ")"
+        some = next(iter(self.latency.values()))
+        base = self.latency.get("eager")
+        parts = [f"{k} {v.median_ms:.3f} ms" for k, v in self.latency.items()]
+        best = self.fastest
+        assert best is not None
+        text = (f"deployment (batch {some.batch_size}, {some.threads} threads, {some.device}): " + ", ".join(parts)
+                + f"; fastest: {best}")
+        if base is not None and best != "eager":
+            text += f" ({base.median_ms / self.latency[best].median_ms:.2f}x eager)"
+        if self.skipped:
+            text += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
+        return text
+
+
+class _ChannelsLast(nn.Module):
+    """The model in channels_last, fed NCHW inputs converted on the way in (what a caller with ordinary
+    tensors gets; the conversion is part of the time)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, *args: Any) -> Any:
+        return self.model(*(a.contiguous(memory_format=torch.channels_last)
+                            if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args))
+
+
+class _OnnxRuntime(nn.Module):
+    """An ONNX Runtime session behind a module call (CPU provider, as many intra-op threads as torch)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        import onnxruntime
+
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+    def forward(self, *args: Any) -> Any:
+        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(self.session.get_inputs(), args, strict=False)}
+        return self.session.run(None, feeds)
+
+
+def _backend(name: str, model: nn.Module, inputs: tuple, tmp: str) -> nn.Module:
+    work = copy.deepcopy(model).eval()
+    if name == "eager":
+        return work
+    if name == "channels_last":
+        return _ChannelsLast(work)
+    if name == "compile":
+        compiled = torch.compile(work)
+        with torch.no_grad():
+            compiled(*inputs)  # compile now, not inside the warm-up of the timed loop
+        return compiled
+    if name == "onnxruntime":
+        from . import export
+
+        path = os.path.join(tmp, "model.onnx")
+        export.onnx(work, path, inputs if len(inputs) != 1 else inputs[0], overwrite=True, dynamic=False)
+        return _OnnxRuntime(path)
+    raise ValueError(f"unknown deployment backend {name!r}: choose among {BACKENDS}")
+
+
+def deployment_latency(model: nn.Module, example_inputs: Any, *, backends: Sequence[str] = BACKENDS,
+                       warmup: int = 3, repeat: int = 10) -> Deployment:
+    """Time ``model`` deployed each way in ``backends``, alternating run by run, and name the fastest.
+
+    ``eager``: the module as it is; ``channels_last``: weights and 4-d inputs in channels_last (the input
+    conversion is timed); ``compile``: ``torch.compile`` (compiled before timing); ``onnxruntime``: exported
+    with ``fxcondensa.export.onnx`` (static shapes) and run by ONNX Runtime's CPU provider. CPU inputs only
+    for ``onnxruntime``. A backend that is not installed or fails on the model is skipped, with the reason
+    in ``skipped``. ``model`` is not changed (each backend gets a copy).
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> d = deployment_latency(fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28),
+        ...                        backends=("eager", "channels_last"), warmup=1, repeat=3)
+        >>> list(d.latency), d.fastest, d.skipped["channels_last"][:36]  # LeNet-5 calls x.view(n, -1)
+        (['eager'], 'eager', 'failed: RuntimeError: view size is n')
+    """
+    _check_counts(warmup, repeat)
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown deployment backend {b!r}: choose among {BACKENDS}")
+    inputs = as_input_tuple(example_inputs)
+    built: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="fxcondensa-deploy-") as tmp:
+        for name in backends:
+            if name == "onnxruntime" and _device(inputs).type != "cpu":
+                skipped[name] = "CPU inputs only"
+                continue
+            try:
+                runnable = _backend(name, model, inputs, tmp)
+                with torch.no_grad():
+                    runnable(*inputs)  # a backend that cannot run the model fails here, not in the timed loop
+                built[name] = runnable
+            except ImportError as exc:
+                skipped[name] = f"not installed: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a backend failing on a model is a result, not a crash
+                skipped[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        timed = compare_latency(list(built.values()), inputs, warmup=warmup, repeat=repeat) if built else []
+    return Deployment(latency=dict(zip(built, timed, strict=True)), skipped=skipped)

@@ -60,7 +60,7 @@ from torch import nn
 
 from .latency import Latency, NodeTimer, _EvalMode, compare_latency, measure_latency
 from .passes.analysis import balance_grouped
-from .passes.channels import ChanInfo, ChannelAnalysis
+from .passes.channels import ChannelAnalysis
 from .passes.costs import node_cost
 from .records import TargetRecord
 
@@ -72,6 +72,7 @@ __all__ = [
     "select_for_latency",
     "auto_align",
     "validate_target_latency",
+    "placeholder_inputs",
     "cache_dir",
     "CACHE_ENV",
 ]
@@ -102,6 +103,30 @@ def validate_target_latency(value: Any, where: str = "target_latency") -> float:
         raise ValueError(f"{where} must be a fraction of the dense model's latency in (0, 1] (e.g. 0.5 for "
                          f"twice as fast), got {value!r}")
     return float(value)
+
+
+def placeholder_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    """Random inputs with the shapes and dtypes recorded on ``gm``'s placeholders, on its parameters' device:
+    what a scheme's ``annotate(gm)`` (which gets no inputs) times the model on.
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5(), torch.randn(4, 1, 28, 28))
+        >>> [tuple(t.shape) for t in placeholder_inputs(gm)]
+        [(4, 1, 28, 28)]
+    """
+    device = next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("cpu"))
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        meta = n.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise ValueError(f"placeholder {n.name!r} of {type(gm).__name__} has no shape metadata: trace the "
+                             "model with example inputs (fxcondensa.trace(model, example_inputs))")
+        out.append(torch.randn(meta.shape, dtype=meta.dtype, device=device) if meta.dtype.is_floating_point
+                   else torch.zeros(meta.shape, dtype=meta.dtype, device=device))
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -304,7 +329,8 @@ class LatencyModel:
     """Predicted latency (ms) of a thinned graph from a keep vector; see the module docstring.
 
     ``penalty`` maps an alignment class (1: not a multiple of 8, 8: of 8 but not 16) to the measured factor
-    a dim of that class costs over an aligned one, for input and output dims (``"in"`` / ``"out"``).
+    a dim of that class costs over an aligned one, for input and output dims (``"in"`` / ``"out"``) and for
+    the channel count of depthwise (tied) convs (``"tied"``).
     """
 
     layers: list[LayerTable]
@@ -388,7 +414,11 @@ class LatencyModel:
             others.append((node.name, float(node_times[node.name]),
                            analysis.channel_of[info.atoms] if info is not None and info.atoms.numel() else None))
         if store.misses:
-            store.save()
+            try:
+                store.save()
+            except OSError as exc:  # an unwritable cache costs a re-measurement next time, not this result
+                warnings.warn(f"could not write the latency cache {store.path}: {exc}. Set {CACHE_ENV} to a "
+                              "writable folder to reuse these timings.", LatencyWarning, stacklevel=2)
         return cls(layers=layers, others=others, penalty=penalty, build_s=time.perf_counter() - t0,
                    cache_hits=store.hits, cache_misses=store.misses,
                    cache_path=str(store.path) if store.path else None, grid=tuple(grid))
@@ -403,13 +433,13 @@ class LatencyModel:
             return table.points[(cin, cout)]
         pts = {}
         for (i, o), ms in table.points.items():  # the aligned base: measured points without their own factor
-            pts[(i, o)] = ms / (self._factor("out", o) * (1.0 if table.tied else self._factor("in", i)))
+            pts[(i, o)] = ms / (self._factor("tied", o) if table.tied else self._factor("out", o) * self._factor("in", i))
         xs = sorted({i for i, _ in pts})
         ys = sorted({o for _, o in pts})
         if table.tied:
             line = {o: pts[(o, o)] for o in ys}
             base = _bilinear([0], ys, {(0, o): v for o, v in line.items()}, 0, cout)
-            return max(0.0, base) * self._factor("out", cout)
+            return max(0.0, base) * self._factor("tied", cout)
         base = _bilinear(xs, ys, pts, cin, cout)
         return max(0.0, base) * self._factor("in", cin) * self._factor("out", cout)
 
@@ -436,7 +466,17 @@ def _probe_penalties(tables: list[LayerTable], point: Callable[[LayerTable, int,
     count, over what a proportional change would cost. The median over ``probes`` layers per side."""
     wide = [t for t in tables if not t.tied and t.spec["type"] != "Linear" and t.cin >= 32 and t.cout >= 32]
     wide.sort(key=lambda t: -t.cin * t.cout * math.prod(t.spec["input"][2:]))
-    ratios: dict[str, dict[int, list[float]]] = {"in": {1: [], 8: []}, "out": {1: [], 8: []}}
+    ratios: dict[str, dict[int, list[float]]] = {"in": {1: [], 8: []}, "out": {1: [], 8: []}, "tied": {1: [], 8: []}}
+    # Depthwise (tied) convs run other kernels than dense ones: their own probes, on the widest of them.
+    for t in sorted((t for t in tables if t.tied and t.cout >= 32), key=lambda t: -t.cout * math.prod(t.spec["input"][2:]))[:probes]:
+        co = [c for c in _grid_counts(t.cout, grid) if c % 16 == 0 and c >= 32]
+        if not co:
+            continue
+        o0 = co[len(co) // 2]
+        base = point(t, o0, o0)
+        for cls_ in (1, 8):
+            if base > 0:
+                ratios["tied"][cls_].append(point(t, o0 - cls_, o0 - cls_) / (base * (o0 - cls_) / o0))
     for side in ("in", "out"):
         chosen = [t for t in wide if (t.in_ch if side == "in" else t.out_ch) is not None][:probes]
         for t in chosen:
@@ -456,8 +496,16 @@ def _probe_penalties(tables: list[LayerTable], point: Callable[[LayerTable, int,
     return {side: {c: statistics.median(v) for c, v in by.items() if v} for side, by in ratios.items()}
 
 
+def _target_name(target: Any) -> str:
+    """A name for a node's target that is the same in every process (``str`` of a builtin holds its address)."""
+    if isinstance(target, str):
+        return target
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or type(target).__name__
+    return f"{getattr(target, '__module__', None) or ''}.{name}"
+
+
 def _graph_signature(gm: fx.GraphModule, inputs: tuple) -> str:
-    parts = [[n.name, n.op, str(n.target), list(getattr(n.meta.get("tensor_meta"), "shape", []) or [])]
+    parts = [[n.name, n.op, _target_name(n.target), list(getattr(n.meta.get("tensor_meta"), "shape", []) or [])]
              for n in gm.graph.nodes]
     parts.append([list(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs])
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
@@ -546,10 +594,7 @@ def _select(model: LatencyModel, analysis: ChannelAnalysis, value: torch.Tensor,
 
     def pick(d: float) -> torch.Tensor:
         keep = select_channels(analysis, value, candidate, d, own, fixed)
-        keep = _floor(analysis, keep, score, candidate, own, min_density)
-        if align == "auto":
-            keep, _ = auto_align(model, analysis, keep, score, candidate)
-        return keep
+        return _floor(analysis, keep, score, candidate, own, min_density)
 
     dense = model.predict(torch.ones(analysis.num_channels, dtype=torch.bool))
     lo, hi = 0.0, 1.0
@@ -561,7 +606,18 @@ def _select(model: LatencyModel, analysis: ChannelAnalysis, value: torch.Tensor,
             lo, best = mid, keep
         else:
             hi = mid
-    return best
+    if align != "auto":
+        return best
+    # Aligning only adds channels: step the density down until the aligned selection fits again (aligning
+    # inside the bisection would cost a prediction per group and multiple at every step).
+    aligned, _ = auto_align(model, analysis, best, score, candidate)
+    d = lo
+    for _ in range(12):
+        if model.predict(aligned) <= target * dense or d <= 1e-6:
+            break
+        d *= 0.95
+        aligned, _ = auto_align(model, analysis, pick(d), score, candidate)
+    return aligned
 
 
 def auto_align(model: LatencyModel, analysis: ChannelAnalysis, keep: torch.Tensor, score: torch.Tensor,
@@ -629,6 +685,27 @@ class LatencySelection:
         return TargetRecord("latency", self.target, self.measured, self.density)
 
 
+def _next_target(history: list[dict[str, Any]], internal: float, target: float) -> float:
+    """The internal (predicted) target for the next step. With two steps whose internal targets differ,
+    interpolate (or extrapolate) linearly between the two whose measurements are nearest the target: the
+    measured fraction grows with the internal target, near-linearly over a small range. Trusted steps are used
+    when there are two; noisy ones still beat no slope at all. With one step, the model was off by
+    measured/predicted: scale the internal target by target/measured."""
+    good = [h for h in history if not h["noisy"]]
+    last = good[-1] if good else history[-1]  # a noisy step is a poor guide when a trusted one exists
+    guess = last["internal_target"] * target / last["measured"] if last["measured"] > 0 else internal
+    pool = good if len(good) >= 2 else history
+    if len(pool) >= 2:
+        a, b = sorted(pool, key=lambda h: abs(h["measured"] - target))[:2]
+        if abs(a["internal_target"] - b["internal_target"]) > 1e-6 and abs(a["measured"] - b["measured"]) > 1e-6:
+            slope = (a["measured"] - b["measured"]) / (a["internal_target"] - b["internal_target"])
+            if slope > 0:
+                guess = a["internal_target"] + (target - a["measured"]) / slope
+    # A flat or noisy slope extrapolates wildly: move at most by a factor of 1.5 from the last aim.
+    guess = min(max(guess, history[-1]["internal_target"] / 1.5), history[-1]["internal_target"] * 1.5)
+    return min(1.0, max(1e-3, guess))
+
+
 def _default_measure(warmup: int, repeat: int) -> Measure:
     def measure(dense: fx.GraphModule, thinned: fx.GraphModule, inputs: tuple) -> tuple[Latency, Latency]:
         a, b = compare_latency([dense, thinned], inputs, warmup=warmup, repeat=repeat)
@@ -638,7 +715,7 @@ def _default_measure(warmup: int, repeat: int) -> Measure:
 
 def select_for_latency(gm: fx.GraphModule, analysis: ChannelAnalysis, score: torch.Tensor,
                        candidate: torch.Tensor, own: Mapping[int, float], target: float, inputs: Any, *,
-                       align: int | str | None = None, tolerance: float = 0.05, steps: int = 3,
+                       align: int | str | None = None, tolerance: float = 0.05, steps: int = 4,
                        model: LatencyModel | None = None, measure: Measure | None = None,
                        timer: Timer | None = None, cache: bool = True, warmup: int = 2,
                        repeat: int = 7, min_density: float = 0.2) -> LatencySelection:
@@ -646,13 +723,16 @@ def select_for_latency(gm: fx.GraphModule, analysis: ChannelAnalysis, score: tor
 
     ``score`` / ``candidate`` / ``own`` are those of ``select_channels`` (one entry per channel id; groups
     with their own density keep it). ``inputs`` are the graph's placeholder values (``graph_inputs``).
-    ``align``: None, an int (as ``select_channels``), or ``"auto"`` (``auto_align``). Each of the ``steps``
-    feedback steps thins ``gm`` with ``apply_keep``, measures dense and thinned alternately (``measure``,
-    default ``compare_latency`` with ``warmup`` / ``repeat``) and rescales the internal target by
-    measured/predicted. Every group keeps at least ``min_density`` of its candidate channels: ranked by
-    score per unit of latency alone, the costliest group (a residual stream, summed into every block) would
-    lose nearly all its channels, since normalized scores do not grow as a layer empties. Warns ``LatencyWarning`` when the spread of a measurement is wider than the
-    tolerance, or when no step landed within it (the closest is returned, with what was measured).
+    ``align``: None, an int (as ``select_channels``), or ``"auto"`` (``auto_align``).
+
+    Each of the ``steps`` feedback steps thins ``gm`` with ``apply_keep``, measures dense and thinned
+    alternately (``measure``, default ``compare_latency`` with ``warmup`` / ``repeat``; a noisy measurement is
+    repeated once) and moves the internal target from what it measured, until a trusted measurement lands
+    within half the tolerance; otherwise the closest step is kept. Every group keeps at least ``min_density``
+    of its candidate channels: ranked by score per unit of latency alone, the costliest group (a residual
+    stream, summed into every block) would lose nearly all its channels, since normalized scores do not grow
+    as a layer empties. Warns ``LatencyWarning`` when the spread of a measurement is wider than the tolerance,
+    or when no step landed within it (the closest is returned, with what was measured).
     """
     from .passes.thin import apply_keep  # thin imports the schemes, which import this module
 
@@ -671,7 +751,7 @@ def select_for_latency(gm: fx.GraphModule, analysis: ChannelAnalysis, score: tor
     full = torch.ones(analysis.num_channels, dtype=torch.bool)
     dense_pred = model.predict(full)
     internal = target
-    best: tuple[float, torch.Tensor, dict[str, Any]] | None = None
+    best: tuple[tuple[bool, float], torch.Tensor, dict[str, Any]] | None = None
     history: list[dict[str, Any]] = []
     for _ in range(steps):
         costs = _group_costs(model, analysis, full, score, candidate, {})
@@ -684,28 +764,39 @@ def select_for_latency(gm: fx.GraphModule, analysis: ChannelAnalysis, score: tor
         keep = balance_grouped(analysis, keep, score)
         predicted = model.predict(keep) / dense_pred
         thinned = apply_keep(gm, analysis, keep, inputs)
-        dense_lat, thin_lat = measure(gm, thinned, inputs)
-        measured = thin_lat.median_ms / dense_lat.median_ms
-        spread = measured * (dense_lat.iqr_ms / dense_lat.median_ms + thin_lat.iqr_ms / thin_lat.median_ms)
+        for _attempt in range(2):  # a burst of load on the machine: measure once more before trusting it
+            dense_lat, thin_lat = measure(gm, thinned, inputs)
+            measured = thin_lat.median_ms / dense_lat.median_ms
+            # relative spreads of a ratio add in quadrature
+            spread = measured * math.hypot(dense_lat.iqr_ms / dense_lat.median_ms, thin_lat.iqr_ms / thin_lat.median_ms)
+            if spread <= tolerance:
+                break
+        noisy = spread > tolerance
         step = {"internal_target": internal, "predicted": predicted, "measured": measured,
                 "dense_ms": dense_lat.median_ms, "thinned_ms": thin_lat.median_ms,
-                "dense_iqr_ms": dense_lat.iqr_ms, "thinned_iqr_ms": thin_lat.iqr_ms, "spread": spread}
+                "dense_iqr_ms": dense_lat.iqr_ms, "thinned_iqr_ms": thin_lat.iqr_ms, "spread": spread,
+                "noisy": noisy}
         history.append(step)
-        if spread > tolerance:
+        if noisy:
             warnings.warn(
                 f"latency timing is too noisy to meet target_latency={target} within +-{tolerance}: dense "
                 f"{dense_lat.median_ms:.3f} ms (IQR {dense_lat.iqr_ms:.3f}), thinned {thin_lat.median_ms:.3f} ms "
                 f"(IQR {thin_lat.iqr_ms:.3f}), measured fraction {measured:.3f} +- {spread:.3f}. Run on an idle "
                 "machine, with fewer threads (torch.set_num_threads) or more repeats.", LatencyWarning,
                 stacklevel=2)
-        if best is None or abs(measured - target) < abs(best[0] - target):
-            best = (measured, keep, step)
-        if abs(measured - target) <= tolerance:
+        # A trusted measurement inside the band beats any other; otherwise the closest one wins, noisy or not
+        # (a trusted step far off the target is no better than a noisy one near it).
+        rank = (noisy or abs(measured - target) > tolerance, abs(measured - target))
+        if best is None or rank < best[0]:
+            best = (rank, keep, step)
+        # Stop inside half the tolerance: a step that only just made it would land on the edge of the band
+        # as often as not when measured again.
+        if not noisy and abs(measured - target) <= tolerance / 2:
             break
-        # The model was off by measured/predicted here; aim the prediction where the measurement should land.
-        internal = min(1.0, max(1e-3, internal * target / measured))
+        internal = _next_target(history, internal, target)
     assert best is not None
-    measured, keep, step = best
+    _, keep, step = best
+    measured = step["measured"]
     if abs(measured - target) > tolerance:
         warnings.warn(
             f"target_latency={target} not met within +-{tolerance} after {len(history)} measured step(s): "

@@ -155,12 +155,14 @@ class ThinMultiheadAttention(nn.Module):
         qkv = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = torch.matmul(q * self.scale, k.transpose(-2, -1))
+        mask: torch.Tensor | None = None
         if attn_mask is not None:
-            scores = scores + _float_mask(attn_mask, scores.dtype)
+            mask = _float_mask(attn_mask, q.dtype)
         if key_padding_mask is not None:
-            scores = scores + _float_mask(key_padding_mask, scores.dtype).reshape(b, 1, 1, -1)
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+            pad = _float_mask(key_padding_mask, q.dtype).reshape(b, 1, 1, -1)
+            mask = pad if mask is None else mask + pad
+        # The fused kernel with the dense model's scale (head_dim is the dense one, but say it explicitly).
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         out = torch.nn.functional.linear(out, self.out_weight, self.out_bias)
         return (out if self.batch_first else out.transpose(0, 1)), None
@@ -185,8 +187,8 @@ def default_scale(head_dim: int) -> float:
 def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
                      relative_position_bias: torch.Tensor, window_size: list[int], num_heads: int,
                      shift_size: list[int], attention_dropout: float = 0.0, dropout: float = 0.0,
-                     qkv_bias: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
-                     logit_scale: Optional[torch.Tensor] = None, training: bool = True,
+                     qkv_bias: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
+                     logit_scale: torch.Tensor | None = None, training: bool = True,
                      head_dim: int = 0) -> torch.Tensor:
     """Swin's shifted-window self-attention (torchvision's ``shifted_window_attention``, channels last) with
     ``num_heads`` heads of an explicit ``head_dim``, so that its input and output widths and head count can

@@ -26,7 +26,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .graph import as_input_tuple, trace
-from .latency import NodeLatency, compare_latency, node_latency
+from .latency import BACKENDS, NodeLatency, compare_latency, deployment_latency, node_latency
 from .passes.costs import NodeCost, profile_costs
 from .recipe import thinning_record
 from .records import META
@@ -139,6 +139,11 @@ class Report:
             ft = t["flop_target"]
             lines.append(f"MAC target: {ft['target']:.3f} of the dense MACs; the scheme's search reached "
                          f"{ft['reached']:.3f} (global density {ft['density']:.3f})")
+        if t.get("latency_target"):
+            lt = t["latency_target"]
+            now = (f"; measured in this report: {1 / t['speedup']:.3f}" if t.get("speedup") else "")
+            lines.append(f"latency target: {lt['target']:.3f} of the dense latency; measured when the scheme "
+                         f"selected the channels: {lt['reached']:.3f}{now}")
         if t.get("latency_before"):
             lines.append(f"latency before: {_latency_text(t['latency_before'])}")
             lines.append(f"latency after:  {_latency_text(t['latency_after'])}")
@@ -198,7 +203,7 @@ def _safe_div(a: float, b: float) -> float | None:
 
 def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latency: bool = True,
            warmup: int = 3, repeat: int = 10, leaf_modules: Sequence[type[nn.Module]] = (),
-           concrete_args: dict[str, Any] | None = None) -> Report:
+           concrete_args: dict[str, Any] | None = None, deployment: bool | Sequence[str] = False) -> Report:
     """Compare ``original`` with ``other`` (compressed or thinned) layer by layer on ``example_inputs``.
 
     Neither model is changed: both are traced (copies) and run in eval mode without gradients. With
@@ -206,7 +211,10 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
     the sum of per-layer medians compares with each whole model's median. The two whole models are timed
     in alternation, so that a busy machine slows both alike. ``leaf_modules`` and ``concrete_args`` are the
     tracing options of ``fxcondensa.trace`` (pass those given to ``thin`` or ``compress``). When ``other``
-    was left whole by ``thin``, the report says why on its first line.
+    was left whole by ``thin``, the report says why on its first line. ``deployment=True`` (or a list of
+    backends) also times ``other`` deployed eager, in channels_last, under ``torch.compile`` and in ONNX
+    Runtime when installed (``fxcondensa.latency.deployment_latency``; compiling takes a while) and adds a
+    line saying which is fastest.
 
     Example:
         >>> import torch, fxcondensa
@@ -255,16 +263,36 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
         "speedup": _safe_div(lat_a.whole.median_ms, lat_b.whole.median_ms) if lat_a and lat_b else None,
         # StructurePrune(target_flops=...) records its MAC budget and what its search reached
         "flop_target": _flop_target(other),
+        # StructurePrune(target_latency=...) records its target and the fraction it measured when selecting
+        "latency_target": _target(other, "latency"),
+        "deployment": None,
     }
     notes = [f"before: {lat_a.note()}", f"after:  {lat_b.note()}"] if lat_a and lat_b else []
     if lat_a and lat_b and (lat_a.whole.noisy or lat_b.whole.noisy):
         notes.append("warning: the run-to-run spread is wide (IQR above 25% of the median), so the latencies are "
                      "unreliable: other processes are probably competing for the CPU. Rerun on an idle machine, "
                      "with more repeats, or with fewer threads (torch.set_num_threads).")
+    if deployment:
+        backends = BACKENDS if deployment is True else tuple(deployment)
+        dep = deployment_latency(other, inputs, backends=backends, warmup=warmup, repeat=repeat)
+        totals["deployment"] = dep.to_dict()
+        notes.append(dep.note())
     rec = thinning_record(other)
     return Report(rows=rows, totals=totals, frozen=frozen, notes=notes,
                   input_shapes=[tuple(t.shape) for t in inputs if hasattr(t, "shape")],
                   whole_reason=rec.whole_reason if rec is not None else None)
+
+
+def _target(model: nn.Module, kind: str) -> dict[str, float] | None:
+    """A target of ``kind`` recorded on a thinned (``ThinRecord``) or compressed (``GraphRecord``) model."""
+    rec = thinning_record(model)
+    target = rec.target if rec is not None else None
+    if target is None:
+        meta = getattr(model, "meta", None)
+        target = getattr(meta.get(META) if isinstance(meta, dict) else None, "target", None)
+    if target is None or getattr(target, "kind", None) != kind:
+        return None
+    return {"target": target.target, "reached": target.reached, "density": target.density}
 
 
 def _flop_target(model: nn.Module) -> dict[str, float] | None:

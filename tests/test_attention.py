@@ -109,8 +109,9 @@ def _exact(model: nn.Module, x: torch.Tensor, scheme=None) -> nn.Module:
     model = model.eval()
     compressed = compress(model, scheme, x)
     small = thin(model, scheme, x)
+    inputs = x if isinstance(x, tuple) else (x,)
     with torch.no_grad():
-        torch.testing.assert_close(small(x), compressed(x), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(small(*inputs), compressed(*inputs), rtol=RTOL, atol=ATOL)
     return small
 
 
@@ -248,3 +249,57 @@ def test_torchvision_swin_windows_heads_and_stream_are_thinned_exactly():
     dense = sum(p.numel() for p in model.parameters())
     assert sum(p.numel() for p in small.parameters()) < dense
     assert [g.group for g in thin_record(small).groups if g.frozen] == ["head"]
+
+
+def _hf(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    import transformers as T
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 8))
+    if name == "bert":
+        cfg = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=16)
+        return T.BertForSequenceClassification(cfg).eval(), (ids,)
+    if name == "gpt2":
+        cfg = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16, use_cache=False)
+        return T.GPT2LMHeadModel(cfg).eval(), (ids,)
+    if name == "vit":
+        cfg = T.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64)
+        return T.ViTForImageClassification(cfg).eval(), (torch.randn(2, 3, 16, 16),)
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16, use_cache=False)
+    return T.LlamaForCausalLM(cfg).eval(), (ids,)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "vit", "llama"])
+def test_hugging_face_transformers_lose_heads_and_width_exactly(name):
+    """Captured with torch.export: aten linear / addmm (GPT-2's Conv1D) / embedding / layer_norm / select /
+    scaled_dot_product_attention (grouped-query in Llama), the Llama RMSNorm written out."""
+    model, x = _hf(name)
+    for m in model.modules():  # norms with random affine terms, so that zeros are never accidental
+        if isinstance(m, nn.LayerNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    small = _exact(model, x, StructurePrune(0.5, attention="heads"))  # raises if no heads were recognised
+    dense = sum(p.numel() for p in model.parameters())
+    assert dense / sum(p.numel() for p in small.parameters()) >= 1.5
+    frozen = [g.group for g in thin_record(small).groups if g.frozen]
+    assert len(frozen) == 1 and frozen[0] in ("classifier", "lm_head")  # only the output layer keeps its channels
+
+
+class _MaskedMHA(_SelfMHA):
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        h = self.ln(x)
+        y, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
+        return self.head(x + y)
+
+
+def test_multihead_attention_with_key_padding_mask_is_thinned_exactly():
+    torch.manual_seed(6)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    small = _exact(_MaskedMHA(True), (X, pad))
+    assert isinstance(small.attn, ThinMultiheadAttention) and small.attn.num_heads < 4

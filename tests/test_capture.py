@@ -126,3 +126,26 @@ def test_bad_capture_and_bad_inputs_say_what_to_pass():
         trace(ShapeBranch(), capture="export")
     with pytest.raises(TypeError, match="dict of keyword inputs"):
         trace(ShapeBranch(), {}, capture="export")
+
+
+def test_keyword_inputs_need_string_keys():
+    with pytest.raises(TypeError, match="need string keys"):
+        trace(ShapeBranch(), {0: torch.randn(1, 3, 8, 8)})
+
+
+def test_inputs_of_another_structure_than_the_capture_say_so():
+    gm = trace(ShapeBranch(), {"pixels": torch.randn(1, 3, 8, 8)}, capture="export")
+    with pytest.raises(ValueError, match="do not have the structure ShapeBranch was captured with"):
+        graph_inputs(gm, {"pixels": torch.randn(1, 3, 8, 8), "scale": torch.tensor(1.0)})
+
+
+def test_fx_keyword_inputs_name_a_missing_or_unknown_argument():
+    class Two(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    gm = trace(Two(), capture="fx")
+    with pytest.raises(ValueError, match="no example input for argument 'b'"):
+        graph_inputs(gm, {"a": torch.randn(2)})
+    with pytest.raises(ValueError, match="has no argument named 'c'"):
+        graph_inputs(gm, {"a": torch.randn(2), "b": torch.randn(2), "c": torch.randn(2)})

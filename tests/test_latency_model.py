@@ -269,10 +269,11 @@ def test_select_rejects_bad_options(kw, msg):
 
 def test_noisy_timing_warns_with_what_was_measured():
     gm, a, score, cand = setup()
+    measure = FakeMeasure(iqr=0.2)
     with pytest.warns(LatencyWarning, match=r"too noisy to meet target_latency=0.5 within \+-0.05: dense [0-9.]+ ms "
                                             r"\(IQR [0-9.]+\), thinned"):
-        select_for_latency(gm, a, score, cand, {}, 0.5, (X,), model=build(gm, a), measure=FakeMeasure(iqr=0.2),
-                           steps=1)
+        select_for_latency(gm, a, score, cand, {}, 0.5, (X,), model=build(gm, a), measure=measure, steps=1)
+    assert measure.calls == 2  # measured once more before giving up on the step
 
 
 def test_unreachable_target_warns_with_the_closest_measurement():
@@ -366,3 +367,151 @@ def test_cache_false_writes_nothing(tmp_path, monkeypatch):
     gm, a, _, _ = setup()
     assert LatencyModel.build(gm, a, X, timer=FakeTimer(), cache=False).cache_path is None
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------- bench/speedup.py's new rows
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_speedup", Path(__file__).resolve().parents[1] / "bench" / "speedup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_latency_target_row(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer())
+    monkeypatch.setattr(lmod, "_default_measure", lambda warmup, repeat: FakeMeasure())
+    speedup = _bench()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LatencyWarning)
+        row = speedup.latency_target_row("lenet5", 0.5, batch=2, size=28, warmup=0, repeat=1, log=lambda *a: None)
+    assert row["input"] == [2, 1, 28, 28] and row["target_latency"] == 0.5
+    assert 0 < row["macs_fraction"] < 1 and row["goal"] in ("met", f"missed: {row['measured_after']:.3f}")
+    assert row["measured_after"] == pytest.approx(row["thinned_ms"] / row["dense_ms"])
+    assert len(row["load_before"]) == 3
+    json.dumps(row)
+    assert "| lenet5 |" in speedup.latency_table([row]).replace("  ", " ")
+
+
+def test_bench_auto_align_thins(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer(odd=3.0))
+    speedup = _bench()
+    model, _ = speedup.build("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    small, via = speedup.thin_auto_align(model, 0.5, x, x)
+    assert via == "scheme" or via.startswith("auto_align called directly")
+    assert small.fc.in_features < 512 and small(x).shape == (1, 1000)
+
+
+def test_placeholder_inputs_follow_the_traced_shapes():
+    gm, _, _, _ = setup(x=torch.randn(3, 3, 16, 16))
+    (x,) = lmod.placeholder_inputs(gm)
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32
+
+
+def test_placeholder_inputs_need_shapes():
+    gm = torch.fx.symbolic_trace(Net())
+    with pytest.raises(ValueError, match="placeholder 'x' of Net has no shape metadata"):
+        lmod.placeholder_inputs(gm)
+
+
+class BurstMeasure(FakeMeasure):
+    """Noisy on the calls listed in ``noisy_calls`` (1-based), clean otherwise."""
+
+    def __init__(self, noisy_calls, noisy_scale=0.5, **kw):
+        super().__init__(**kw)
+        self.noisy_calls, self.noisy_scale = set(noisy_calls), noisy_scale
+
+    def __call__(self, dense, thinned, inputs):
+        d, t = super().__call__(dense, thinned, inputs)
+        if self.calls in self.noisy_calls:
+            return _lat(d.median_ms, d.median_ms), _lat(t.median_ms * self.noisy_scale, t.median_ms)
+        return d, t
+
+
+def test_a_noisy_measurement_is_repeated_once():
+    gm, a, score, cand = setup()
+    measure = BurstMeasure({1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LatencyWarning)
+        sel = select_for_latency(gm, a, score, cand, {}, 0.6, (X,), model=build(gm, a), measure=measure, steps=4)
+    assert not sel.history[0]["noisy"] and sel.met
+
+
+def test_noisy_steps_never_win_over_trusted_ones_inside_the_band():
+    """Step 1 is trusted and inside the band (0.54 for 0.5 +- 0.05); step 2 is noisy both times and lands
+    (falsely) right on target: step 1 is kept."""
+    gm, a, score, cand = setup()
+    measure = BurstMeasure({2, 3}, noisy_scale=0.5 / 0.54, fraction=0.54)
+    with pytest.warns(LatencyWarning, match="too noisy"):
+        sel = select_for_latency(gm, a, score, cand, {}, 0.5, (X,), model=build(gm, a), measure=measure, steps=2)
+    assert [h["noisy"] for h in sel.history] == [False, True]
+    assert sel.measured == pytest.approx(0.54) and sel.history[1]["measured"] == pytest.approx(0.5)
+
+
+def test_a_noisy_step_near_the_target_beats_a_trusted_one_far_off():
+    """Regression (mobilenet_v2 on a busy machine): a trusted step far outside the band was returned over
+    noisy steps near the target."""
+    gm, a, score, cand = setup()
+    measure = BurstMeasure({2, 3}, noisy_scale=0.52 / 0.3, fraction=0.3)
+    with pytest.warns(LatencyWarning):
+        sel = select_for_latency(gm, a, score, cand, {}, 0.5, (X,), model=build(gm, a), measure=measure, steps=2)
+    assert sel.measured == pytest.approx(0.52)
+
+
+def test_next_target_moves_at_most_a_factor_of_1_5():
+    """Regression: two noisy steps with a nearly flat slope extrapolated the aim from 0.39 to 0.001."""
+    h = [{"internal_target": 0.5, "measured": 0.537, "noisy": True},
+         {"internal_target": 0.393, "measured": 0.531, "noisy": True}]
+    assert lmod._next_target(h, 0.393, 0.5) == pytest.approx(0.393 / 1.5)
+
+
+def test_next_target_interpolates_between_trusted_steps():
+    h = [{"internal_target": 0.5, "measured": 0.7, "noisy": False},
+         {"internal_target": 0.3, "measured": 0.5, "noisy": False}]
+    assert lmod._next_target(h, 0.3, 0.45) == pytest.approx(0.25)
+    # one trusted step: scale by target / measured
+    assert lmod._next_target(h[:1], 0.5, 0.35) == pytest.approx(0.25)
+    # with two trusted steps a noisy one is left out of the interpolation
+    three = [*h, {"internal_target": 0.4, "measured": 0.45, "noisy": True}]
+    assert lmod._next_target(three, 0.4, 0.45) == pytest.approx(0.25)
+
+
+def test_next_target_uses_noisy_steps_when_fewer_than_two_are_trusted():
+    h = [{"internal_target": 0.5, "measured": 0.8, "noisy": False},
+         {"internal_target": 0.3, "measured": 0.2, "noisy": True}]
+    assert lmod._next_target(h, 0.3, 0.4) == pytest.approx(0.3 + 0.2 / 3)
+    # one noisy step after one trusted one and no slope (same internal target): scale from the trusted one
+    flat = [h[0], {**h[1], "internal_target": 0.5}]
+    assert lmod._next_target(flat, 0.5, 0.4) == pytest.approx(0.5 * 0.4 / 0.8)
+
+
+def test_unwritable_cache_warns_and_still_builds(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    gm, a, _, _ = setup()
+    with pytest.warns(LatencyWarning, match=f"could not write the latency cache {blocker}/latency-"):
+        lm = LatencyModel.build(gm, a, X, timer=FakeTimer(), directory=blocker)
+    assert lm.predict(torch.ones(a.num_channels, dtype=torch.bool)) > 0
+
+
+def test_graph_signature_is_the_same_in_every_process():
+    """Regression: str() of a builtin target (torch.relu, torch.flatten) holds its memory address, so the
+    cached per-node times were never found again by another process."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sys; sys.path.insert(0, 'tests'); from test_latency_model import Net, X; "
+            "import fxcondensa; from fxcondensa.latency_model import _graph_signature; "
+            "print(_graph_signature(fxcondensa.trace(Net(), X), (X,)))")
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sigs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+            .stdout.strip() for _ in range(2)}
+    assert len(sigs) == 1 and len(next(iter(sigs))) == 40
+    assert "0x" not in lmod._target_name(torch.relu) and lmod._target_name(torch.relu).endswith("relu")

@@ -197,10 +197,10 @@ def test_explicit_schedule_that_cannot_reach_the_set_warns_with_the_fix():
     tutorial = dict(steps=2, l_batch_size=512, lr=0.02, lr_decay=0.98, momentum=0.95, sgd_iterations_per_l=2000,
                     sgd_iterations_first_l=10000, mu_init=9.765625e-05, mu_multiplier=1.1, mu_cap=10000,
                     val_batch_size=100)
-    with pytest.warns(UserWarning, match=r"removes only about 0.39 e-folds.*Multiply mu_init by about 7.68"):
+    with pytest.warns(UserWarning, match=r"removes only about 0.38 e-folds.*Multiply mu_init by about 7.84"):
         lc = LC(**tutorial)
     assert lc.finetune_steps == 0 and lc.l_start == "w"  # explicit schedules run as Condensa's
-    fixed = {**tutorial, "mu_init": 9.765625e-05 * 7.68}
+    fixed = {**tutorial, "mu_init": 9.765625e-05 * 7.84}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LC(**fixed)

@@ -308,3 +308,24 @@ def test_class_token_concatenated_into_the_stream_is_sliced():
     torch.manual_seed(7)
     small = _exact(_randomize_norms(ClsToken()), torch.randn(2, 3, 4))
     assert small.cls.shape == (1, 1, small.embed.out_features) and small.embed.out_features < 10
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """A channels-first LayerNorm (timm / torchvision style) that a user made a leaf module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+def test_layer_norm_subclass_with_its_own_forward_as_a_leaf_is_frozen():
+    """Regression: the module rule assumed nn.LayerNorm's channels-last forward for every subclass."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), _LayerNorm2d(6), nn.Conv2d(6, 2, 1)).eval()
+    _randomize_norms(model)
+    x = torch.randn(1, 3, 6, 6)
+    small = thin(model, StructurePrune(0.5), x, leaf_modules=[_LayerNorm2d])
+    assert small.get_submodule("0").out_channels == 6
+    reasons = " ".join(g.frozen for g in thin_record(small).groups)
+    assert "_LayerNorm2d '1' (a LayerNorm with its own forward) at node '_1' cannot be thinned" in reasons
+    # traced through (the default), the same norm is thinned exactly
+    assert _exact(model, x).get_submodule("0").out_channels < 6

@@ -238,3 +238,66 @@ def test_node_timer_records_on_the_inputs_device(monkeypatch):
     assert set(lat.per_node_ms) == {"_0", "_1"} and lat.per_node_ms["_0"] == 1.5
     streams = {c[1] for c in log.calls if c[0] == "record"}
     assert streams == {("stream", torch.device("cuda:1"))}
+
+
+# ------------------------------------------------------------------ deployment backends (structure, never values)
+
+def test_deployment_latency_names_the_fastest_backend():
+    from fxcondensa.latency import deployment_latency
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = deployment_latency(model, torch.randn(2, 1, 28, 28), backends=("eager", "channels_last"), warmup=0,
+                           repeat=2)
+    assert list(d.latency) == ["eager", "channels_last"] and d.skipped == {}
+    assert d.fastest in d.latency and d.latency[d.fastest].median_ms == min(v.median_ms for v in d.latency.values())
+    assert all(v.repeat == 2 and v.batch_size == 2 for v in d.latency.values())
+    assert f"fastest: {d.fastest}" in d.note() and "eager" in d.note()
+    assert d.to_dict()["fastest"] == d.fastest
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is not changed
+
+
+def test_deployment_latency_rejects_unknown_backend():
+    from fxcondensa.latency import deployment_latency
+
+    with pytest.raises(ValueError, match="unknown deployment backend 'tensorrt'"):
+        deployment_latency(LeNet5(), torch.randn(1, 1, 28, 28), backends=("eager", "tensorrt"))
+
+
+def test_deployment_failure_is_reported_not_raised():
+    """A backend that fails on a model is skipped with the reason (channels_last on a model that calls
+    .view on what channels_last makes non-contiguous)."""
+    from fxcondensa.latency import deployment_latency
+
+    class Flat(nn.Module):
+        def forward(self, x):
+            return x.view(x.shape[0], -1)
+
+    d = deployment_latency(Flat(), torch.randn(1, 2, 3, 4), backends=("eager", "channels_last"), warmup=0, repeat=1)
+    assert list(d.latency) == ["eager"]
+    assert d.skipped["channels_last"].startswith("failed: RuntimeError: view size is not compatible")
+
+
+def test_report_deployment_line():
+    import fxcondensa
+
+    model, x = LeNet5(), torch.randn(1, 1, 28, 28)
+    r = fxcondensa.report(model, model, x, warmup=0, repeat=2, deployment=("eager", "onnxruntime"))
+    dep = r.totals["deployment"]
+    assert "eager" in dep["latency_ms"] and ("onnxruntime" in dep["latency_ms"]) != ("onnxruntime" in dep["skipped"])
+    assert any(n.startswith("deployment (batch 1, ") and "fastest: " in n for n in r.notes)
+    assert fxcondensa.report(model, model, x, latency=False).totals["deployment"] is None
+
+
+def test_report_shows_latency_target():
+    import fxcondensa
+    from fxcondensa.records import TargetRecord, thin_record
+    from fxcondensa.schemes import StructurePrune
+
+    x = torch.randn(1, 1, 28, 28)
+    small = fxcondensa.thin(LeNet5(), StructurePrune(0.5), x)
+    thin_record(small).target = TargetRecord("latency", 0.5, 0.48, 0.7)
+    r = fxcondensa.report(LeNet5(), small, x, latency=False)
+    assert r.totals["latency_target"] == {"target": 0.5, "reached": 0.48, "density": 0.7}
+    assert r.totals["flop_target"] is None
+    assert "latency target: 0.500 of the dense latency; measured when the scheme selected the channels: 0.480" in str(r)

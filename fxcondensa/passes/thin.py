@@ -221,10 +221,61 @@ def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
         node.args, node.kwargs = tuple(args), kwargs
 
 
+_RESHAPES = {"view", "reshape", torch.reshape}
+
+
+def _thinned_width(value: Any, analysis: ChannelAnalysis, keep: torch.Tensor) -> bool:
+    """``value`` reads the width of a tracked dim that loses channels: ``t.shape[k]``, ``t.size()[k]`` or
+    ``t.size(k)`` where ``k`` is ``t``'s channel dim."""
+    if not isinstance(value, fx.Node):
+        return False
+    if value.op == "call_method" and value.target == "size" and len(value.args) > 1:
+        t, k = value.args[0], value.args[1]
+    elif value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[1], int):
+        q = value.args[0]
+        if not isinstance(q, fx.Node) or not ((q.op == "call_function" and q.target is getattr and q.args[1] == "shape")
+                                              or (q.op == "call_method" and q.target == "size" and len(q.args) == 1)):
+            return False
+        t, k = q.args[0], value.args[1]
+    else:
+        return False
+    info = analysis.infos.get(t.name) if isinstance(t, fx.Node) else None
+    shape = t.meta.get("tensor_meta") if isinstance(t, fx.Node) else None
+    if not isinstance(info, ChanInfo) or not isinstance(k, int) or shape is None or not hasattr(shape, "shape"):
+        return False
+    return k % len(shape.shape) == info.dim and _kept_count(analysis, keep, info) < info.atoms.numel()
+
+
+def _keep_untracked_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
+    """A reshape of an untracked tensor (its shape does not change) sized by the width of one that thins
+    (timm's EdgeNeXt: ``B, N, C = x.shape`` on the stream, then ``attn_out.reshape(B, N, C)``): that size
+    becomes the dense literal, which is what the reshape had and still needs."""
+    for node in gm.graph.nodes:
+        if node.op not in ("call_method", "call_function") or node.target not in _RESHAPES:
+            continue
+        if isinstance(analysis.infos.get(node.name), ChanInfo):
+            continue  # tracked: _rewrite_sizes gives it the kept count
+        out = node.meta.get("tensor_meta")
+        if out is None or not hasattr(out, "shape") or len(node.args) < 2:
+            continue
+        packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+        sizes = list(node.args[1] if packed else node.args[1:])
+        if len(sizes) != len(out.shape):
+            continue
+        new = [int(out.shape[k]) if _thinned_width(s, analysis, keep) else s for k, s in enumerate(sizes)]
+        if new != sizes:
+            node.args = (node.args[0], type(node.args[1])(new)) if packed else (node.args[0], *new)
+
+
 def _with_size(shape: Any, dim: int, new: int) -> Any:
-    """``shape`` with a literal channel count at ``dim`` replaced (-1 and computed sizes are left alone)."""
+    """``shape`` with the channel count at ``dim`` replaced by the kept count (-1 is left alone).
+
+    A computed size there is replaced too: it may read the width of another tensor (timm's attention does
+    ``B, N, C = x.shape`` on the block input, then ``out.reshape(B, N, C)`` on the attention output, whose
+    channels thin differently), and a channel count never depends on the input's shape, so the literal is
+    exact for every input."""
     items = list(shape)
-    if dim < len(items) and isinstance(items[dim], int) and items[dim] != -1:
+    if dim < len(items) and (isinstance(items[dim], fx.Node) or (isinstance(items[dim], int) and items[dim] != -1)):
         items[dim] = new
     return type(shape)(items) if isinstance(shape, tuple) else items
 
@@ -394,6 +445,7 @@ def apply_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor
     thinned = _copy_without_annotations(gm)
     _slice_tensors(thinned, analysis, keep)
     _update_modules(thinned, analysis, keep)
+    _keep_untracked_sizes(thinned, analysis, keep)
     _rewrite_sizes(thinned, analysis, keep)
     _rewrite_ops(thinned, analysis, keep)
     thinned.graph.lint()

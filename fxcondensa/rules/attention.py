@@ -417,8 +417,9 @@ def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
     for node in gm.graph.nodes:
         atoms = None
         info = analysis.infos.get(node.name)
-        if node.op == "call_function" and node.target in _HEAD_OPS or \
-                node.op in ("call_function", "call_method") and node.target in _MATMULS:
+        op = getattr(node.target, "overloadpacket", node.target)  # an ATen overload counts as its packet
+        if node.op == "call_function" and op in _HEAD_OPS or \
+                node.op in ("call_function", "call_method") and op in _MATMULS:
             shape = node_shape(node)
             if isinstance(info, ChanInfo) and shape is not None and info.dim < len(shape) - 2:
                 atoms = info.atoms

@@ -227,6 +227,8 @@ def _binary(ctx: RuleContext, node: fx.Node, how: str) -> None:
             a, b, c = (is_zero(kind, val, z, gm) for kind, val in parts)
             return a & (b | c)
         a, b = (is_zero(kind, val, z, gm) for kind, val in parts)
+        if how == "compare":
+            return torch.zeros_like(a)
         if how == "mul":
             return a | b
         if how == "div":
@@ -348,9 +350,18 @@ def pad_rule(ctx: RuleContext, node: fx.Node) -> None:
     x = node.args[0]
     pad, shape, i = node_arg(node, 1, "pad"), node_shape(x), ctx.info(x)
     value = node_arg(node, 3, "value", 0.0)
-    if i is not None and shape is not None and isinstance(pad, (list, tuple)) and len(pad) // 2 <= len(shape) - 1 - i.dim:
+    if i is not None and shape is not None and _pad_spares(pad, len(shape), i.dim):
         return ctx.passthrough(node, x, value in (0, 0.0, None))
     return ctx.unsupported(node, "padding of the channel dim")
+
+
+def _pad_spares(pad: Any, ndim: int, dim: int) -> bool:
+    """``pad`` (pairs from the last dim backwards) leaves ``dim`` alone: it does not reach it, or gives it
+    ``(0, 0)`` (Swin pads channels-last maps with ``(0, 0, left, right, top, bottom)``)."""
+    if not isinstance(pad, (list, tuple)):
+        return False
+    k = ndim - 1 - dim
+    return len(pad) // 2 <= k or (pad[2 * k] == 0 and pad[2 * k + 1] == 0)
 
 
 register_rule(F.pad, aten.pad, channels=pad_rule, zeros="custom", cost="none", kind="shape", name="pad")
@@ -361,7 +372,7 @@ def constant_pad_rule(ctx: RuleContext, node: fx.Node) -> None:
     x = node.args[0]
     pad, shape, i = node_arg(node, 1, "pad"), node_shape(x), ctx.info(x)
     value = node_arg(node, 2, "value", 0)
-    if i is not None and shape is not None and isinstance(pad, (list, tuple)) and len(pad) // 2 <= len(shape) - 1 - i.dim:
+    if i is not None and shape is not None and _pad_spares(pad, len(shape), i.dim):
         return ctx.passthrough(node, x, value in (0, 0.0, None))
     return ctx.unsupported(node, "padding of the channel dim")
 
@@ -417,8 +428,14 @@ def where_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 register_rule(torch.where, "where", aten.where, channels=where_rule, zeros="custom", cost="elementwise", name="where")
 
-# Comparisons and tests give a bool per element: channels pass through; a zero channel may compare true.
+# Comparisons and tests give a bool per element: channels pass through (two tracked operands are united like
+# an add); a zero channel may compare true, so zeros are not kept.
+def compare_rule(ctx: RuleContext, node: fx.Node) -> None:
+    _binary(ctx, node, "compare")
+
+
 register_rule(operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le, torch.eq,
-              torch.ne, torch.isinf, torch.isnan, torch.isfinite, torch.logical_not, "gt", "lt", "ge", "le", "eq",
-              "ne", "isinf", "isnan", "logical_not", aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne, aten.isinf,
-              aten.isnan, aten.logical_not, cost="elementwise", zeros="fill", name="comparison")
+              torch.ne, "gt", "lt", "ge", "le", "eq", "ne", aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne,
+              channels=compare_rule, zeros="custom", cost="elementwise", name="comparison")
+register_rule(torch.isinf, torch.isnan, torch.isfinite, torch.logical_not, "isinf", "isnan", "logical_not", aten.isinf,
+              aten.isnan, aten.logical_not, cost="elementwise", zeros="fill", name="elementwise test")

@@ -77,11 +77,18 @@ def _conv(ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | None
             ctx.freeze(out, f"grouped conv '{node.name}' reads untracked channels")
         ctx.grouped_conv(node, module, groups, out)
     else:
+        # Input and output counts per conv group differ (a depthwise multiplier, ResNeSt's radix groups): the
+        # inputs are kept; output k of every conv group goes together, so all groups keep the same count and
+        # none empties (the group count and the per-group input width stay what they are).
         out = ctx.new_channels(cout, module or weight.rsplit(".", 1)[0] or node.name, "conv")
-        reason = f"grouped conv '{node.name}' has {cin // groups} input and {cout // groups} output channels per group"
-        ctx.freeze(out, reason)
+        grid = out.view(groups, cout // groups)
+        if groups > 1:
+            ctx.unite(grid[:-1].flatten(), grid[1:].flatten())
         if i is not None:
-            ctx.freeze(i.atoms, reason)
+            ctx.freeze(i.atoms, f"grouped conv '{node.name}' has {cin // groups} input and {cout // groups} output "
+                                "channels per group: its input channels are kept")
+        else:
+            ctx.block(weight, 1, node)
     ctx.slice_param(weight, 0, out, "producer", node)
     if bias is not None:
         ctx.slice_param(bias, 0, out, "bias", node)
@@ -100,8 +107,7 @@ def conv_function(ctx: RuleContext, node: fx.Node) -> None:
     groups = node_arg(node, 6, "groups", 1)
     wpath, bpath = _attr_path(w), _attr_path(b)
     if wpath is None or (b is not None and bpath is None):
-        return ctx.unsupported(node, "functional conv with a weight computed in forward (fold it into a parameter, "
-                                     "or register a rule for the module that computes it)")
+        return _computed_weight(ctx, node, w, "conv")
     wt = ctx.param(wpath)
     if not isinstance(wt, nn.Parameter) or not isinstance(groups, int):
         return ctx.unsupported(node, "functional conv with a non-parameter weight or a computed group count")
@@ -184,9 +190,34 @@ def linear_function(ctx: RuleContext, node: fx.Node) -> None:
     """``F.linear(x, weight, bias)`` and ``aten.linear`` with parameter weights."""
     w, b = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
     wpath, bpath = _attr_path(w), _attr_path(b)
-    if wpath is None or (b is not None and bpath is None) or ctx.param(wpath) is None:
-        return ctx.unsupported(node, "functional linear with computed weights")
+    if wpath is None or ctx.param(wpath) is None:
+        return _computed_weight(ctx, node, w, "linear")
+    if b is not None and bpath is None:
+        # A bias computed in forward (BEiT's ``cat((q_bias, zeros, v_bias))``) could not follow a slice of
+        # the output rows: the channels flowing in are kept, the output is not tracked.
+        return ctx.unsupported(node, f"linear with a bias computed in forward ('{getattr(b, 'name', b)}')")
     _linear(ctx, node, node.args[0], wpath, bpath, ctx.param(wpath).shape[0])
+
+
+def _computed_weight(ctx: RuleContext, node: fx.Node, w: Any, what: str) -> None:
+    """A conv or linear whose weight is computed in forward (weight standardisation, NFNet's
+    ``ScaledStdConv2d``): its output channels are new channels kept whole, with the reason, so that the
+    layers around it still know where channels come from and a report says why this group stays."""
+    shape = node_shape(w) if isinstance(w, fx.Node) else None
+    oshape = node_shape(node)
+    if shape is None or oshape is None:
+        return ctx.unsupported(node, f"functional {what} with a weight computed in forward")
+    reason = (f"{what} '{node.name}' uses a weight computed in forward ('{getattr(w, 'name', w)}', e.g. weight "
+              "standardisation): its channels are kept")
+    ctx.freeze_inputs(node, reason)
+    out = ctx.new_channels(int(shape[0]), node.name, what if what == "conv" else "linear")
+    ctx.freeze(out, reason)
+    dim = 1 if what == "conv" else len(oshape) - 1
+    ctx.output(node, ChanInfo(dim, out), _never_zero(out.numel()))
+
+
+def _never_zero(n: int) -> ZeroRule:
+    return lambda z, gm: torch.zeros(n, dtype=torch.bool)
 
 
 def _conv_cost(c: CostCall) -> int:

@@ -74,8 +74,16 @@ def _param_path(node: fx.Node, name: str, m: nn.Module) -> str | None:
     return f"{node.target}.{name}" if isinstance(getattr(m, name, None), torch.Tensor) else None
 
 
+_OWN_FORWARD = {nn.LayerNorm: nn.LayerNorm.forward, **{c: c.forward for c in _RMS_MODULES}}
+
+
 def layernorm_module(ctx: RuleContext, node: fx.Node) -> None:
     m = ctx.module(node)
+    base = next((c for c in _OWN_FORWARD if isinstance(m, c)), None)
+    if base is not None and type(m).forward is not _OWN_FORWARD[base]:
+        # A subclass with a forward of its own (a channels-first LayerNorm2d made a leaf) normalises over
+        # a dim this rule cannot know.
+        return ctx.unsupported(node, f"{type(m).__name__} '{node.target}' (a {base.__name__} with its own forward)")
     ndims = len(m.normalized_shape) if hasattr(m, "normalized_shape") else 1
     _norm(ctx, node, node.args[0], ndims, f"{type(m).__name__} '{node.target}'", _param_path(node, "weight", m),
           _param_path(node, "bias", m))

@@ -247,30 +247,15 @@ def reduce_rule(ctx: RuleContext, node: fx.Node) -> None:
         return ctx.unsupported(node, "a reduction over all dims")
     dims = [d % len(shape) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
     if i.dim in dims:
-        if _sums_channels(node):
-            # A sum over the channels does not change when exactly-zero channels are dropped: the input is
-            # an exit (a channel may go only where it is zero here).
-            ctx.exit(x)
-            return ctx.output(node, None, None)
         ctx.freeze(i.atoms, f"reduction '{node.name}' ({_reduction_name(node)}) runs over the channel dim")
         return ctx.output(node, None, None)
     new_dim = i.dim if keepdim else i.dim - sum(d < i.dim for d in dims)
     ctx.passthrough(node, x, True, dim=new_dim)
 
 
-_SUMS = {torch.sum, "sum", aten.sum}
-
-
 def _reduction_name(node: fx.Node) -> str:
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
-def _sums_channels(node: fx.Node) -> bool:
-    """A sum over the channels. (A mean over them is the ``mean`` entry of ``rules/norms.py``, which divides
-    the thinned sum by the dense width.)"""
-    t = node.target
-    return t in _SUMS or getattr(t, "overloadpacket", None) in _SUMS
 
 
 def _reduce_cost(c: Any) -> int:
