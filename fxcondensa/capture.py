@@ -16,9 +16,10 @@ What such a graph is, compared with a symbolically traced one:
 - It is captured in eval mode and stays so: dropout is off and BatchNorm uses its running statistics
   whatever ``train()`` / ``eval()`` say afterwards (the ops are baked into the graph).
 - It holds only the shapes of the example inputs: other shapes need another capture.
-- Models with a key-value cache (``config.use_cache``, GPT-2, Llama) are captured with the cache turned off
-  (``config.use_cache = False``, unless the caller passes ``use_cache`` explicitly): a cache object is not
-  a tensor structure the graph can return. The captured model returns everything else.
+- Models that return a key-value cache (``config.use_cache``, GPT-2, Llama) fail the first capture (a cache
+  object is not a tensor structure the graph can return) and are captured again with the cache turned off
+  (``config.use_cache = False``, unless the caller passes ``use_cache`` explicitly). The captured model
+  returns everything else; ``capture_notes(gm)`` says so and ``thin`` warns.
 
 Example:
     >>> import torch
@@ -49,11 +50,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["CAPTURE_KEY", "split_inputs", "export_capture", "capture_of", "capture_notes", "graph_inputs",
+from .records import META, GraphRecord, ThinRecord, graph_record
+
+__all__ = ["split_inputs", "export_capture", "capture_of", "capture_notes", "graph_inputs",
            "call_with", "user_frame"]
 
-CAPTURE_KEY = "fxcondensa.capture"  # gm.meta key: "fx" or "export"
-NOTES_KEY = "fxcondensa.capture_notes"  # gm.meta key: what the capture changed (e.g. the cache turned off)
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -110,9 +111,18 @@ def export_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     """
     kwargs = dict(kwargs or {})
     work = copy.deepcopy(model).eval()
-    notes = _disable_cache(work, kwargs)
-    with torch.no_grad():
-        ep = torch.export.export(work, tuple(args), kwargs, strict=False)
+    notes: list[str] = []
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(work, tuple(args), kwargs, strict=False)
+    except Exception:
+        # A cache object in the output (GPT-2, Llama with use_cache=True) is no tensor structure: capture
+        # again without the cache when the model has one to turn off; anything else fails as it did.
+        notes = _disable_cache(work, kwargs)
+        if not notes:
+            raise
+        with torch.no_grad():
+            ep = torch.export.export(work, tuple(args), kwargs, strict=False)
     source = ep.module()
     # ep.module() is a special GraphModule subclass that refuses train()/eval() and cannot be pickled;
     # a plain GraphModule over the same graph and submodules does both.
@@ -125,21 +135,27 @@ def export_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     gm = fx.GraphModule(source, graph, class_name=type(model).__name__)
     gm._in_spec = getattr(source, "_in_spec", None)
     gm._out_spec = getattr(source, "_out_spec", None)
-    gm.meta[CAPTURE_KEY] = "export"
-    gm.meta[NOTES_KEY] = notes
+    record = graph_record(gm)
+    record.capture, record.notes = "export", list(notes)
     return gm
 
 
 def capture_of(gm: Any) -> str:
     """``"export"`` for a graph captured by ``export_capture``, ``"fx"`` otherwise."""
-    meta = getattr(gm, "meta", None)
-    return meta.get(CAPTURE_KEY, "fx") if isinstance(meta, dict) else "fx"
+    rec = _record(gm)
+    return rec.capture if rec is not None else "fx"
 
 
 def capture_notes(gm: Any) -> list[str]:
     """What the capture changed about the model (e.g. the key-value cache turned off), one line each."""
+    rec = _record(gm)
+    return list(getattr(rec, "notes", [])) if rec is not None else []
+
+
+def _record(gm: Any) -> GraphRecord | ThinRecord | None:
     meta = getattr(gm, "meta", None)
-    return list(meta.get(NOTES_KEY, [])) if isinstance(meta, dict) else []
+    rec = meta.get(META) if isinstance(meta, dict) else None
+    return rec if isinstance(rec, (GraphRecord, ThinRecord)) else None
 
 
 def graph_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[Any, ...]:

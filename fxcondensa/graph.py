@@ -19,9 +19,9 @@ from torch.func import functional_call
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .capture import CAPTURE_KEY, export_capture, graph_inputs, split_inputs, user_frame
+from .capture import export_capture, graph_inputs, split_inputs, user_frame
 from .errors import ExampleInputError, TraceError
-from .records import RecordedGraphModule
+from .records import RecordedGraphModule, graph_record
 
 __all__ = ["trace", "as_input_tuple", "flatten_outputs", "DEFAULT_LEAF_MODULES"]
 
@@ -173,7 +173,7 @@ def _fx_trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
             "or fix the arguments that drive the control flow with concrete_args={...}."
         ) from exc
     gm = RecordedGraphModule(work, graph, class_name=type(model).__name__)
-    gm.meta[CAPTURE_KEY] = "fx"
+    graph_record(gm).capture = "fx"
     return gm
 
 

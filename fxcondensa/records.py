@@ -93,8 +93,12 @@ class TargetRecord:
 
 @dataclass
 class GraphRecord:
-    """What schemes leave on a compressed graph."""
+    """What capture and schemes leave on a graph: how it was captured ("fx" or "export") and what the capture
+    changed about the model (one line each, e.g. a key-value cache turned off), and the budget a scheme
+    searched for."""
 
+    capture: str = "fx"
+    notes: list[str] = field(default_factory=list)
     target: TargetRecord | None = None
 
 
@@ -126,7 +130,8 @@ class ThinRecord:
     ``keep`` (one bool per channel id of the analysis, deterministic for an architecture and input shapes)
     with ``input_shapes`` / ``input_dtypes`` is the recipe that ``save_thinned`` writes and ``rethin``
     replays. ``rule_failures`` counts the nodes where an op rule raised and the analysis froze the channels
-    flowing in instead (``thin(..., strict=True)`` raises there); ``capture`` says how the graph was made.
+    flowing in instead (``thin(..., strict=True)`` raises there); ``capture`` says how the graph was made and
+    ``notes`` what that capture changed (e.g. a key-value cache turned off).
     """
 
     keep: torch.Tensor = field(repr=False)
@@ -137,6 +142,7 @@ class ThinRecord:
     target: TargetRecord | None = None
     rule_failures: int = 0
     capture: str = "fx"
+    notes: list[str] = field(default_factory=list)  # what the capture changed about the model
 
     @property
     def whole_reason(self) -> str | None:

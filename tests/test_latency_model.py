@@ -477,10 +477,10 @@ def test_next_target_interpolates_between_trusted_steps():
          {"internal_target": 0.3, "measured": 0.5, "noisy": False}]
     assert lmod._next_target(h, 0.3, 0.45) == pytest.approx(0.25)
     # one trusted step: scale by target / measured
-    assert lmod._next_target(h[:1], 0.5, 0.35) == pytest.approx(0.25)
+    assert lmod._next_target(h[:1], 0.5, 0.49) == pytest.approx(0.35)
     # with two trusted steps a noisy one is left out of the interpolation
-    three = [*h, {"internal_target": 0.4, "measured": 0.45, "noisy": True}]
-    assert lmod._next_target(three, 0.4, 0.45) == pytest.approx(0.25)
+    three = [*h, {"internal_target": 0.35, "measured": 0.45, "noisy": True}]
+    assert lmod._next_target(three, 0.35, 0.45) == pytest.approx(0.25)
 
 
 def test_next_target_uses_noisy_steps_when_fewer_than_two_are_trusted():
@@ -489,7 +489,7 @@ def test_next_target_uses_noisy_steps_when_fewer_than_two_are_trusted():
     assert lmod._next_target(h, 0.3, 0.4) == pytest.approx(0.3 + 0.2 / 3)
     # one noisy step after one trusted one and no slope (same internal target): scale from the trusted one
     flat = [h[0], {**h[1], "internal_target": 0.5}]
-    assert lmod._next_target(flat, 0.5, 0.4) == pytest.approx(0.5 * 0.4 / 0.8)
+    assert lmod._next_target(flat, 0.5, 0.7) == pytest.approx(0.5 * 0.7 / 0.8)
 
 
 def test_unwritable_cache_warns_and_still_builds(tmp_path):
@@ -515,3 +515,45 @@ def test_graph_signature_is_the_same_in_every_process():
             .stdout.strip() for _ in range(2)}
     assert len(sigs) == 1 and len(next(iter(sigs))) == 40
     assert "0x" not in lmod._target_name(torch.relu) and lmod._target_name(torch.relu).endswith("relu")
+
+
+def test_structure_prune_target_latency_is_recorded_and_thin_checks_it(tmp_path, monkeypatch):
+    from fxcondensa.records import thin_record
+    from fxcondensa.schemes import StructurePrune
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer())
+    monkeypatch.setattr(lmod, "_default_measure", lambda warmup, repeat: FakeMeasure(power=1.2))
+    model = Net()
+    small = fxcondensa.thin(model, StructurePrune(target_latency=0.5), X)  # thin checks exactness
+    rec = thin_record(small).target
+    assert rec.kind == "latency" and rec.target == 0.5 and abs(rec.reached - 0.5) <= 0.05
+    dense = fxcondensa.trace(model, X)
+    assert true_ms(small, 1.2) / true_ms(dense, 1.2) == pytest.approx(rec.reached)
+    r = fxcondensa.report(model, small, X, latency=False)
+    assert r.totals["latency_target"]["reached"] == rec.reached
+
+
+def test_structure_prune_align_auto(tmp_path, monkeypatch):
+    from fxcondensa.records import thin_record
+    from fxcondensa.schemes import StructurePrune
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer(odd=3.0))
+    small = fxcondensa.thin(Net(), StructurePrune(0.3, align="auto"), X)
+    assert all(g.kept % 8 == 0 for g in thin_record(small).groups if g.kept < g.channels)
+
+
+@pytest.mark.parametrize("kw", [{"target_latency": 0.0}, {"target_latency": 1.5}])
+def test_structure_prune_rejects_bad_target_latency(kw):
+    from fxcondensa.schemes import StructurePrune
+
+    with pytest.raises(ValueError, match=f"target_latency must be a fraction .* got {kw['target_latency']!r}"):
+        StructurePrune(**kw)
+
+
+def test_structure_prune_one_budget_only():
+    from fxcondensa.schemes import StructurePrune
+
+    with pytest.raises(ValueError, match="give exactly one of density"):
+        StructurePrune(0.5, target_latency=0.5)

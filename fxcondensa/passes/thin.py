@@ -432,8 +432,8 @@ def thin(
         target=graph_record(compressed).target,  # e.g. the FLOP target a scheme searched for, and what it reached
         rule_failures=len(analysis.rule_failures),
         capture=capture_of(compressed),
+        notes=capture_notes(compressed),
     )
-    thinned.meta.update({k: v for k, v in compressed.meta.items() if k.startswith("fxcondensa.")})
     for note in capture_notes(compressed):
         warnings.warn(f"thin: {type(model).__name__} was {note}", stacklevel=2)
     return thinned

@@ -24,6 +24,11 @@ ROW_CRITERIA = ("l2norm", "sum", "mean", "max", "min")
 CHANNEL_CRITERIA = (*ROW_CRITERIA, "group_l2", "bn_scale")
 
 
+def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
 def check_criteria(criteria: Any) -> None:
     """Raise a clear error unless ``criteria`` is a channel criteria name or a callable(x, dims)."""
     if isinstance(criteria, str):
@@ -50,8 +55,8 @@ def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any 
     n = analysis.num_channels
     rows_of = []
     for s in analysis.slices:
-        if s.role == "producer":
-            w = gm.get_parameter(s.path).detach().float()
+        if s.role == "producer":  # a parameter, or a buffer a module computes its weight from (csatv2)
+            w = _tensor(gm, s.path).detach().float()
             rows_of.append((analysis.channel_of[s.atoms], w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1)))
     # Rows are scored where the weights live (a GPU does the big reductions); the per-channel accumulation
     # runs on the CPU, where the channel ids are.

@@ -23,6 +23,13 @@ import torch
 import torch.fx as fx
 
 from .. import functional as F
+from ..latency_model import (
+    LatencyModel,
+    auto_align,
+    placeholder_inputs,
+    select_for_latency,
+    validate_target_latency,
+)
 from ..passes.analysis import analyze, balance_grouped
 from ..passes.annotate import annotate_param, param_owners
 from ..passes.channels import ChanInfo, ChannelAnalysis, host
@@ -87,6 +94,13 @@ class _ChannelPrune(Scheme, _LayerSelection):
     before it arbitrary), and ranking them raw sends whole layers down to one channel, which is slow and
     inaccurate. ``normalize=False`` ranks raw scores, exactly Condensa's rule.
 
+    ``criteria`` defaults to ``"group_l2"``: a channel is scored over every tensor that carries it (its
+    producer rows, biases, norm affines and the consumer columns that read it), chosen by measurement: on a
+    ResNet-20 trained on Fashion-MNIST, pruned to half its MACs and fine-tuned identically, it kept 81.8%
+    (mean of 3 seeds) where producer rows alone (``"l2norm"``, Condensa's rule) kept 80.8% and Torch-Pruning's
+    group magnitude 81.0% (``bench/quality.py --criteria``, BENCHMARKS.md). ``criteria="l2norm"`` gives
+    Condensa's choice.
+
     ``attention`` says what happens to attention heads (q/k/v projections reshaped into heads, and
     ``nn.MultiheadAttention``): ``None`` (the default) prunes whole heads like any other channel where the
     analysis finds them, ``"heads"`` does the same but raises ``ValueError`` when the model has none, and
@@ -96,17 +110,22 @@ class _ChannelPrune(Scheme, _LayerSelection):
 
     _producer_kinds: tuple[str, ...] = ()  # which producers' channels this scheme may prune
 
-    def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "l2norm",
+    def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "group_l2",
                  prune_bias: bool = True, layers: Mapping[str, float] | None = None,
                  exclude: Sequence[str] | str | None = None, *, target_flops: float | None = None,
+                 target_latency: float | None = None,
                  normalize: bool = True, attention: str | None = None):
-        if (density is None) == (target_flops is None):
-            raise ValueError(f"give exactly one of density (fraction of channels kept) and target_flops (fraction "
-                             f"of the dense MACs kept), got density={density!r}, target_flops={target_flops!r}")
+        if sum(v is not None for v in (density, target_flops, target_latency)) != 1:
+            raise ValueError(f"give exactly one of density (fraction of channels kept), target_flops (fraction "
+                             f"of the dense MACs kept) and target_latency (fraction of the dense latency), got "
+                             f"density={density!r}, target_flops={target_flops!r}, target_latency={target_latency!r}")
+        self.target_latency = (validate_target_latency(target_latency) if target_latency is not None else None)
         self.density = validate_density(density) if density is not None else None
         self.target_flops = validate_density(target_flops, "target_flops") if target_flops is not None else None
-        if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
-            raise ValueError(f"align must be a positive int (e.g. 8) or None, got {align!r}")
+        if align is not None and align != "auto" and (isinstance(align, bool) or not isinstance(align, int)
+                                                       or align < 1):
+            raise ValueError(f"align must be a positive int (e.g. 8), 'auto' (the counts the device runs fastest, "
+                             f"from a measured latency model) or None, got {align!r}")
         self.align = align
         check_criteria(criteria)
         self.criteria = criteria
@@ -156,10 +175,20 @@ class _ChannelPrune(Scheme, _LayerSelection):
         elif bool(heads.any()) and self.criteria == "l2norm":
             score = torch.where(heads, _owned_scores(gm, analysis, self.normalize), score)
         candidate &= ~torch.isnan(score)
-        if self.target_flops is None:
-            keep = select_channels(analysis, score, candidate, self.density, own, self.align)
+        fixed = None if self.align == "auto" else self.align
+        if self.target_latency is not None:
+            sel = select_for_latency(gm, analysis, score, candidate, own, self.target_latency,
+                                     placeholder_inputs(gm), align=self.align)
+            graph_record(gm).target = sel.target_record()  # the report shows target and measured fraction
+            keep = sel.keep
         else:
-            keep = self._search_flops(gm, analysis, score, candidate, own)
+            if self.target_flops is None:
+                keep = select_channels(analysis, score, candidate, self.density, own, fixed)
+            else:
+                keep = self._search_flops(gm, analysis, score, candidate, own)
+            if self.align == "auto":
+                model = LatencyModel.build(gm, analysis, placeholder_inputs(gm))
+                keep, _ = auto_align(model, analysis, keep, score, candidate)
         self._annotate_masks(gm, analysis, keep)
 
     def _search_flops(self, gm: fx.GraphModule, analysis: ChannelAnalysis, score: torch.Tensor,
@@ -171,10 +200,11 @@ class _ChannelPrune(Scheme, _LayerSelection):
         """
         macs = _MacModel(gm, analysis)
         lo, hi = 0.0, 1.0
-        best = select_channels(analysis, score, candidate, 1e-9, own, self.align)
+        fixed = None if self.align == "auto" else self.align  # "auto" rounds after the search
+        best = select_channels(analysis, score, candidate, 1e-9, own, fixed)
         for _ in range(24):
             mid = (lo + hi) / 2
-            keep = select_channels(analysis, score, candidate, mid, own, self.align)
+            keep = select_channels(analysis, score, candidate, mid, own, fixed)
             if macs.fraction(keep) <= self.target_flops:
                 lo, best = mid, keep
             else:
