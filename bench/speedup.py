@@ -208,8 +208,8 @@ def thin_auto_align(model: nn.Module, density: float, x1: torch.Tensor, xb: torc
     if _takes("align") and _accepts_auto():
         return fxcondensa.thin(model, StructurePrune(density, align="auto"), xb), "scheme"
     from fxcondensa.latency_model import LatencyModel, auto_align
+    from fxcondensa.passes.selection import select_channels
     from fxcondensa.passes.thin import rethin
-    from fxcondensa.schemes.structured import select_channels
 
     gm, analysis, score, cand = _scheme_inputs(model, xb)
     keep = select_channels(analysis, score, cand, density, {}, None)

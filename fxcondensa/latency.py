@@ -245,6 +245,18 @@ class NodeLatency:
                 "Interpreter, which adds Python overhead per node)")
 
 
+def node_times(gm: fx.GraphModule, inputs: tuple, warmup: int, repeat: int) -> dict[str, float]:
+    """Median milliseconds of every node of ``gm`` over ``repeat`` interpreted runs (eval mode, no_grad)."""
+    timer = NodeTimer(gm)
+    with _EvalMode(gm), torch.no_grad():
+        for _ in range(warmup):
+            timer.run(*inputs)
+        timer.times.clear()
+        for _ in range(repeat):
+            timer.run(*inputs)
+    return {name: statistics.median(ts) for name, ts in timer.times.items()}
+
+
 def node_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 3, repeat: int = 10,
                  whole: Latency | None = None, leaf_modules: Sequence[type[nn.Module]] = (),
                  concrete_args: dict[str, Any] | None = None) -> NodeLatency:
@@ -265,14 +277,7 @@ def node_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 3, repe
     inputs = as_input_tuple(example_inputs)
     gm = (model if isinstance(model, fx.GraphModule) and not leaf_modules and concrete_args is None
           else trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args))
-    timer = NodeTimer(gm)
-    with _EvalMode(gm), torch.no_grad():
-        for _ in range(warmup):
-            timer.run(*inputs)
-        timer.times.clear()
-        for _ in range(repeat):
-            timer.run(*inputs)
-    per_node = {name: statistics.median(ts) for name, ts in timer.times.items()}
+    per_node = node_times(gm, inputs, warmup, repeat)
     if whole is None:
         whole = measure_latency(gm, inputs, warmup=warmup, repeat=repeat)
     return NodeLatency(per_node_ms=per_node, whole=whole)

@@ -58,10 +58,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .latency import Latency, NodeTimer, _EvalMode, compare_latency, measure_latency
+from .latency import Latency, compare_latency, measure_latency, node_times
 from .passes.analysis import balance_grouped
 from .passes.channels import ChannelAnalysis
 from .passes.costs import node_cost
+from .passes.selection import select_channels
+from .passes.slicing import apply_keep
 from .records import TargetRecord
 
 __all__ = [
@@ -511,15 +513,7 @@ def _graph_signature(gm: fx.GraphModule, inputs: tuple) -> str:
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
 
 
-def _node_times(gm: fx.GraphModule, inputs: tuple, warmup: int, repeat: int) -> dict[str, float]:
-    timer = NodeTimer(gm)
-    with _EvalMode(gm), torch.no_grad():
-        for _ in range(warmup):
-            timer.run(*inputs)
-        timer.times.clear()
-        for _ in range(repeat):
-            timer.run(*inputs)
-    return {name: statistics.median(ts) for name, ts in timer.times.items()}
+_node_times = node_times
 
 
 # -------------------------------------------------------------------------------------------- selection
@@ -588,8 +582,6 @@ def _select(model: LatencyModel, analysis: ChannelAnalysis, value: torch.Tensor,
             own: Mapping[int, float], align: int | str | None, target: float, score: torch.Tensor,
             min_density: float) -> torch.Tensor:
     """Largest global density over ``value`` whose predicted latency fraction is at most ``target``."""
-    from .schemes.structured import select_channels  # the scheme's rule (minimum per group, own densities)
-
     fixed = align if isinstance(align, int) else None
 
     def pick(d: float) -> torch.Tensor:
@@ -734,8 +726,6 @@ def select_for_latency(gm: fx.GraphModule, analysis: ChannelAnalysis, score: tor
     as a layer empties. Warns ``LatencyWarning`` when the spread of a measurement is wider than the tolerance,
     or when no step landed within it (the closest is returned, with what was measured).
     """
-    from .passes.thin import apply_keep  # thin imports the schemes, which import this module
-
     target = validate_target_latency(target)
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be a fraction in (0, 1) (e.g. 0.05), got {tolerance!r}")

@@ -128,7 +128,7 @@ def test_annotate_param_accepts_a_cpu_mask_for_a_cuda_weight(mode):
 
 def test_thin_slices_cuda_weights_with_cpu_indices(mode):
     # mobilenet_v2's depthwise convs take the grouped-conv slicing path; resnet18 the plain one.
-    from fxcondensa.passes.thin import _apply_slices, _slice_plan
+    from fxcondensa.passes.slicing import _apply_slices, _slice_plan
 
     for name in ("mobilenet_v2", "resnet18"):
         gm = traced(name)

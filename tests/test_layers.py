@@ -105,7 +105,8 @@ def test_data_flows_one_way():
     """Earlier stages never import later ones: capture -> registry/rules -> analysis -> schemes -> thin -> export."""
     graph = import_graph()
     order = ["fxcondensa.records", "fxcondensa.graph", "fxcondensa.registry", "fxcondensa.passes.channels",
-             "fxcondensa.passes.analysis", "fxcondensa.schemes.structured", "fxcondensa.passes.thin",
+             "fxcondensa.passes.analysis", "fxcondensa.passes.selection", "fxcondensa.passes.slicing",
+             "fxcondensa.latency_model", "fxcondensa.schemes.structured", "fxcondensa.passes.thin",
              "fxcondensa.export"]
     for i, early in enumerate(order):
         for late in order[i + 1:]:

@@ -10,7 +10,6 @@ and recompiles. By construction the thinned model computes the same outputs as t
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -19,15 +18,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .. import registry
 from ..capture import capture_notes, capture_of, graph_inputs, split_inputs
 from ..errors import ExampleInputError, ThinningCheckError
-from ..graph import propagate_shapes, trace
+from ..graph import trace
 from ..records import META, GroupRecord, ThinRecord, graph_record
-from ..rules.shapes import channel_slice_rewrite
 from ..schemes import check_scheme
 from .analysis import analyze, balance_grouped, removable_channels
-from .channels import ChanInfo, ChannelAnalysis, KeptView
+from .channels import ChanInfo, ChannelAnalysis
+from .slicing import _kept, apply_keep
 
 __all__ = ["thin", "rethin", "apply_keep", "RTOL", "ATOL"]
 
@@ -48,236 +46,6 @@ def _example_inputs(model: nn.Module, example_inputs: Any) -> Any:
                          else torch.zeros(m.shape, dtype=m.dtype, device=device) for m in metas)
     raise ValueError("thin needs example inputs to learn the tensor shapes, e.g. "
                      "thin(model, scheme, example_inputs=torch.randn(1, 3, 224, 224))")
-
-
-def _resolve(gm: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
-    owner, _, attr = path.rpartition(".")
-    return (gm.get_submodule(owner) if owner else gm), attr
-
-
-def _set_tensor(gm: fx.GraphModule, names: list[str], value: torch.Tensor) -> None:
-    """Replace a tensor under all its names by one new object, so that tied weights stay tied."""
-    module, attr = _resolve(gm, names[0])
-    old = getattr(module, attr)
-    new = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
-        else value.contiguous()
-    for name in names:
-        module, attr = _resolve(gm, name)
-        if isinstance(new, nn.Parameter):
-            setattr(module, attr, new)
-        else:
-            module._buffers[attr] = new
-
-
-def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
-    """Canonical tensor name -> every name it is reachable by (tied parameters are sliced once, set everywhere)."""
-    first: dict[int, str] = {}
-    names: dict[str, list[str]] = {}
-    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-        canonical = first.setdefault(id(t), name)
-        names.setdefault(canonical, []).append(name)
-    return names
-
-
-def _kept(analysis: ChannelAnalysis, keep: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-    return analysis.kept_indices(keep, atoms)
-
-
-def _slice_tensors(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
-    _apply_slices(gm, _slice_plan(analysis, keep))
-
-
-# One step of a slicing plan: (tensor path, dim, kept indices) for a plain slice, or (path, -1, (rows, cols))
-# for a tied grouped conv, whose rows are its kept filters and cols the kept in-group inputs of each row.
-SliceStep = tuple[str, int, Any]
-
-
-def _slice_plan(analysis: ChannelAnalysis, keep: torch.Tensor) -> list[SliceStep]:
-    """What to cut, as CPU indices: decided once from the analysis, applied on any device."""
-    grouped_weights = {f"{g.module}.weight": g for g in analysis.grouped}
-    plan: list[SliceStep] = []
-    for s in analysis.slices:
-        if s.path in grouped_weights and s.dim == 0:
-            continue  # rows and in-group columns of a tied grouped conv are cut together below
-        idx = _kept(analysis, keep, s.atoms)
-        if idx.numel() != s.atoms.numel():
-            plan.append((s.path, s.dim, idx))
-    for path, gc in grouped_weights.items():
-        k = analysis.kept(keep, gc.out_atoms).view(gc.groups, -1)
-        if bool(k.all()):
-            continue
-        per = k.shape[1]
-        rows = torch.nonzero(k.flatten()).flatten()  # group-major: the kept filters of each kept group in turn
-        # Within a group, kept output k reads kept input k: the same local indices select the columns.
-        cols = torch.stack([torch.nonzero(k[j]).flatten() for j in torch.nonzero(k.any(1)).flatten().tolist()])
-        plan.append((path, -1, (rows, cols.repeat_interleave(cols.shape[1], 0), per)))
-    return plan
-
-
-def _apply_slices(gm: fx.GraphModule, plan: list[SliceStep]) -> None:
-    """Cut the tensors of ``gm`` as planned; indices move to each tensor's device, nothing else does."""
-    aliases = _aliases(gm)
-    tensors: dict[str, torch.Tensor] = {}
-
-    def current(path: str) -> torch.Tensor:
-        if path not in tensors:
-            module, attr = _resolve(gm, path)
-            tensors[path] = getattr(module, attr).detach()
-        return tensors[path]
-
-    for path, dim, idx in plan:
-        w = current(path)
-        if dim >= 0:
-            tensors[path] = w.index_select(dim, idx.to(w.device))
-            continue
-        rows, cols, per = idx
-        out = w.index_select(0, rows.to(w.device))
-        if w.shape[1] == per:  # depthwise-like: each filter's inputs are the kept ones of its group
-            index = cols.to(w.device).view(*cols.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
-            out = out.gather(1, index)
-        tensors[path] = out
-    for path, value in tensors.items():
-        _set_tensor(gm, aliases.get(path, [path]), value)
-
-
-def _copy_without_annotations(gm: fx.GraphModule) -> fx.GraphModule:
-    """Deep copy of ``gm`` whose nodes carry no fxcondensa metadata: masks and channel infos describe the
-    dense shapes, so they would be wrong on the thinned model, and copying them costs time."""
-    saved = {n: n.meta.pop(META) for n in gm.graph.nodes if META in n.meta}
-    # Share every tensor instead of cloning it: the sliced ones are replaced by new tensors, and the rest
-    # only outlive ``gm`` (an internal copy of the user's model) in the thinned model.
-    memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
-    try:
-        return copy.deepcopy(gm, memo)
-    finally:
-        for n, meta in saved.items():
-            n.meta[META] = meta
-
-
-def _kept_count(analysis: ChannelAnalysis, keep: torch.Tensor, info: Any) -> int | None:
-    return int(analysis.kept(keep, info.atoms).sum()) if isinstance(info, ChanInfo) else None
-
-
-def _update_modules(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
-    """Make each module's size attributes agree with its new tensors (they are used by repr and export):
-    a tied grouped conv gets its new group count here, the rest is each registry entry's ``resize``."""
-    grouped = {g.module: g for g in analysis.grouped}
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        m = gm.get_submodule(node.target)
-        if node.target in grouped:
-            g = grouped[node.target]
-            m.groups = int(analysis.kept(keep, g.out_atoms).view(g.groups, -1).any(1).sum())
-        rule = registry.rule_for(node, m)
-        if rule is not None and rule.resize is not None:
-            x = node.args[0] if node.args else None
-            cin = _kept_count(analysis, keep, analysis.infos.get(x.name)) if isinstance(x, fx.Node) else None
-            rule.resize(m, cin)
-
-
-def _rewrite_ops(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
-    """Ops whose registry entry has a ``rewrite`` change form to stay exact over the kept channels."""
-    view = KeptView(analysis, keep)
-    for node in list(gm.graph.nodes):
-        if node.op not in ("call_module", "call_function", "call_method"):
-            continue
-        rule = registry.rule_for(node, gm.get_submodule(node.target) if node.op == "call_module" else None)
-        if rule is not None and rule.rewrite is not None:
-            rule.rewrite(gm, node, view)
-
-
-def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
-    """Literal sizes in view/reshape/split calls that count channels must count the kept ones."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for name in dict.fromkeys(analysis.reshapes):
-        node = nodes[name]
-        info = analysis.infos.get(name)
-        if node.target is operator.getitem or getattr(node.target, "overloadpacket", None) is torch.ops.aten.slice:
-            channel_slice_rewrite(node, KeptView(analysis, keep))  # x[:, a:b]: bounds in kept channels
-            continue
-        if isinstance(info, list):  # split / chunk: sizes of the parts along the channel dim
-            sizes = [_kept_count(analysis, keep, part) for part in info]
-            x = node.args[0]
-            dim = info[0].dim
-            if node.op == "call_method":
-                node.target = "split"
-            else:
-                node.target = torch.split
-            node.args = (x, sizes, dim)
-            node.kwargs = {}
-            continue
-        if not isinstance(info, ChanInfo):
-            continue
-        new = _kept_count(analysis, keep, info)
-        args, kwargs = list(node.args), dict(node.kwargs)
-        if "shape" in kwargs or "size" in kwargs:  # x.reshape(shape=(...)), x.view(size=(...))
-            key = "shape" if "shape" in kwargs else "size"
-            kwargs[key] = _with_size(kwargs[key], info.dim, new)
-        elif len(args) == 2 and isinstance(args[1], (list, tuple)):  # x.view((b, c, -1)), torch.reshape(x, shape)
-            args[1] = _with_size(args[1], info.dim, new)
-        elif node.op == "call_method":  # x.view(b, c, -1)
-            args[1:] = _with_size(args[1:], info.dim, new)
-        node.args, node.kwargs = tuple(args), kwargs
-
-
-_RESHAPES = {"view", "reshape", torch.reshape}
-
-
-def _thinned_width(value: Any, analysis: ChannelAnalysis, keep: torch.Tensor) -> bool:
-    """``value`` reads the width of a tracked dim that loses channels: ``t.shape[k]``, ``t.size()[k]`` or
-    ``t.size(k)`` where ``k`` is ``t``'s channel dim."""
-    if not isinstance(value, fx.Node):
-        return False
-    if value.op == "call_method" and value.target == "size" and len(value.args) > 1:
-        t, k = value.args[0], value.args[1]
-    elif value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[1], int):
-        q = value.args[0]
-        if not isinstance(q, fx.Node) or not ((q.op == "call_function" and q.target is getattr and q.args[1] == "shape")
-                                              or (q.op == "call_method" and q.target == "size" and len(q.args) == 1)):
-            return False
-        t, k = q.args[0], value.args[1]
-    else:
-        return False
-    info = analysis.infos.get(t.name) if isinstance(t, fx.Node) else None
-    shape = t.meta.get("tensor_meta") if isinstance(t, fx.Node) else None
-    if not isinstance(info, ChanInfo) or not isinstance(k, int) or shape is None or not hasattr(shape, "shape"):
-        return False
-    return k % len(shape.shape) == info.dim and _kept_count(analysis, keep, info) < info.atoms.numel()
-
-
-def _keep_untracked_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
-    """A reshape of an untracked tensor (its shape does not change) sized by the width of one that thins
-    (timm's EdgeNeXt: ``B, N, C = x.shape`` on the stream, then ``attn_out.reshape(B, N, C)``): that size
-    becomes the dense literal, which is what the reshape had and still needs."""
-    for node in gm.graph.nodes:
-        if node.op not in ("call_method", "call_function") or node.target not in _RESHAPES:
-            continue
-        if isinstance(analysis.infos.get(node.name), ChanInfo):
-            continue  # tracked: _rewrite_sizes gives it the kept count
-        out = node.meta.get("tensor_meta")
-        if out is None or not hasattr(out, "shape") or len(node.args) < 2:
-            continue
-        packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-        sizes = list(node.args[1] if packed else node.args[1:])
-        if len(sizes) != len(out.shape):
-            continue
-        new = [int(out.shape[k]) if _thinned_width(s, analysis, keep) else s for k, s in enumerate(sizes)]
-        if new != sizes:
-            node.args = (node.args[0], type(node.args[1])(new)) if packed else (node.args[0], *new)
-
-
-def _with_size(shape: Any, dim: int, new: int) -> Any:
-    """``shape`` with the channel count at ``dim`` replaced by the kept count (-1 is left alone).
-
-    A computed size there is replaced too: it may read the width of another tensor (timm's attention does
-    ``B, N, C = x.shape`` on the block input, then ``out.reshape(B, N, C)`` on the attention output, whose
-    channels thin differently), and a channel count never depends on the input's shape, so the literal is
-    exact for every input."""
-    items = list(shape)
-    if dim < len(items) and (isinstance(items[dim], fx.Node) or (isinstance(items[dim], int) and items[dim] != -1)):
-        items[dim] = new
-    return type(shape)(items) if isinstance(shape, tuple) else items
 
 
 def _outputs_close(a: Any, b: Any) -> bool:
@@ -436,21 +204,6 @@ def thin(
     )
     for note in capture_notes(compressed):
         warnings.warn(f"thin: {type(model).__name__} was {note}", stacklevel=2)
-    return thinned
-
-
-def apply_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor,
-               inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    """A thinned copy of ``gm`` that keeps the channels marked in ``keep`` (one bool per channel id)."""
-    thinned = _copy_without_annotations(gm)
-    _slice_tensors(thinned, analysis, keep)
-    _update_modules(thinned, analysis, keep)
-    _keep_untracked_sizes(thinned, analysis, keep)
-    _rewrite_sizes(thinned, analysis, keep)
-    _rewrite_ops(thinned, analysis, keep)
-    thinned.graph.lint()
-    thinned.recompile()
-    propagate_shapes(thinned, inputs, fake=True)
     return thinned
 
 

@@ -14,7 +14,7 @@ Removing heads keeps ``head_dim``, so softmax scales do not change. Grouped-quer
 ``nn.MultiheadAttention`` (a leaf module) is thinned per head the same way and replaced by
 ``fxcondensa.nn.ThinMultiheadAttention`` (same arithmetic, its own head count and widths).
 
-The reshape rule wraps the ``view`` entry of ``rules/shapes.py`` (``replace=True``): every reshape that
+The reshape entry lives here, built on ``rules/shapes.py``'s ``view_rule``: every reshape that
 entry handles is handed to it unchanged; only the head split is new, and literal or computed sizes of the
 heads' merged width are rewritten to the kept count.
 """
@@ -34,12 +34,12 @@ from .. import nn as fxnn
 from ..passes.channels import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
 from ..passes.reshape_map import reshape_target
 from ..registry import CostCall, register_rule, rule_for_key
-from . import elementwise, shapes  # noqa: F401  (entries this module wraps must exist first)
+from . import elementwise, shapes  # the rules this module's entries build on
 from .layers import zero_rows
 
 aten = torch.ops.aten
 
-_ORIGINAL_VIEW = rule_for_key(torch.reshape)
+_ORIGINAL_VIEW = shapes.view_rule  # every reshape that is not a split into heads
 
 
 def _matmul_cost(c: CostCall) -> int:
@@ -81,10 +81,10 @@ def view_rule(ctx: RuleContext, node: fx.Node) -> None:
     x = node.args[0]
     i, src, dst = ctx.info(x), node_shape(x), node_shape(node)
     if i is None or src is None or dst is None or reshape_target(src, dst, i.dim, i.atoms) is not None:
-        return _ORIGINAL_VIEW.channels(ctx, node)
+        return _ORIGINAL_VIEW(ctx, node)
     found = _head_split(src, dst, i.dim)
     if found is None:
-        return _ORIGINAL_VIEW.channels(ctx, node)
+        return _ORIGINAL_VIEW(ctx, node)
     first, sizes = found
     heads_at = len(sizes) - 2  # (..., heads, head_dim): the second to last split dim counts heads
     grid = i.atoms.view(sizes).movedim(heads_at, 0).reshape(sizes[heads_at], -1)
@@ -122,7 +122,7 @@ def _rewrite_view(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
 
 
 register_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=view_rule,
-              zeros="custom", cost="none", rewrite=_rewrite_view, name="view", replace=True)
+              zeros="custom", cost="none", rewrite=_rewrite_view, name="view")
 
 
 # ------------------------------------------------------------------------------------------------ unbind
@@ -143,7 +143,7 @@ def unbind_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 
 register_rule(torch.unbind, "unbind", aten.unbind, channels=unbind_rule, zeros="custom", cost="none",
-              name="unbind", replace=True)
+              name="unbind")
 
 
 # ------------------------------------------------------------------------------------------------ matmul
@@ -189,9 +189,8 @@ def matmul_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 
 register_rule(torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", "__matmul__", aten.matmul, aten.bmm,
-              channels=matmul_rule, zeros="custom", cost=_matmul_cost, kind="matmul", name="matmul", replace=True)
-register_rule(torch.mm, "mm", aten.mm, channels="freeze", cost=_matmul_cost, kind="matmul", name="mm",
-              replace=True)
+              channels=matmul_rule, zeros="custom", cost=_matmul_cost, kind="matmul", name="matmul")
+register_rule(torch.mm, "mm", aten.mm, channels="freeze", cost=_matmul_cost, kind="matmul", name="mm")
 def addmm_rule(ctx: RuleContext, node: fx.Node) -> None:
     """``torch.addmm(bias, x, weight)`` with parameter ``bias`` (out,) and ``weight`` (in, out): a linear layer
     written the other way round (Hugging Face's ``Conv1D`` in GPT-2)."""
@@ -221,9 +220,8 @@ def addmm_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 
 register_rule(torch.addmm, aten.addmm, channels=addmm_rule, zeros="custom", cost=_addmm_cost, kind="linear",
-              creates=True, name="addmm", replace=True)
-register_rule(torch.baddbmm, torch.addbmm, channels="freeze", cost=_addmm_cost, kind="matmul", name="addmm (batched)",
-              replace=True)
+              creates=True, name="addmm")
+register_rule(torch.baddbmm, torch.addbmm, channels="freeze", cost=_addmm_cost, kind="matmul", name="addmm (batched)")
 
 
 # -------------------------------------------------------------------------- scaled_dot_product_attention
@@ -348,7 +346,7 @@ def tuple_outputs(ctx: RuleContext) -> dict[str, dict[int, Any]]:
     return ctx.analysis.__dict__.setdefault("_tuple_outputs", {})
 
 
-_ORIGINAL_GETITEM = rule_for_key(operator.getitem)
+_ORIGINAL_GETITEM = shapes.getitem_rule
 
 
 def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
@@ -357,13 +355,13 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
     src, idx = node.args
     found = tuple_outputs(ctx).get(src.name) if isinstance(src, fx.Node) else None
     if found is None:
-        return _ORIGINAL_GETITEM.channels(ctx, node)
+        return _ORIGINAL_GETITEM(ctx, node)
     if idx not in found:  # e.g. the attention weights: unused (checked by the module's rule)
         return ctx.output(node, None, None)
     ctx.output(node, *found[idx])
 
 
-register_rule(operator.getitem, channels=getitem_rule, zeros="custom", cost="none", name="getitem", replace=True)
+register_rule(operator.getitem, channels=getitem_rule, zeros="custom", cost="none", name="getitem")
 
 
 def _rewrite_mha(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
@@ -577,20 +575,7 @@ def register_optional_rules() -> None:
 
 # ------------------------------------------------------------------ window shifts and padding (Swin, timm)
 
-_ORIGINAL_PAD = rule_for_key(F.pad)
-
-
-def roll_rule(ctx: RuleContext, node: fx.Node) -> None:
-    """``torch.roll(x, shifts, dims)`` over dims other than the channel dim (Swin's cyclic window shift)."""
-    x = node.args[0]
-    i, shape = ctx.info(x), node_shape(x)
-    dims = node_arg(node, 2, "dims")
-    if i is None or shape is None or dims is None:
-        return ctx.unsupported(node, "roll of the flattened tensor")
-    dims = [d % len(shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    if i.dim in dims:
-        return ctx.unsupported(node, "roll along the channel dim")
-    ctx.passthrough(node, x, True)
+_ORIGINAL_PAD = elementwise.pad_rule
 
 
 def pad_rule(ctx: RuleContext, node: fx.Node) -> None:
@@ -603,9 +588,7 @@ def pad_rule(ctx: RuleContext, node: fx.Node) -> None:
         k = len(shape) - 1 - i.dim  # pad[2k], pad[2k + 1] pad the channel dim
         if 2 * k >= len(pad) or (pad[2 * k] == 0 and pad[2 * k + 1] == 0):
             return ctx.passthrough(node, x, value in (0, 0.0, None))
-    return _ORIGINAL_PAD.channels(ctx, node)
+    return _ORIGINAL_PAD(ctx, node)
 
 
-register_rule(torch.roll, "roll", aten.roll, channels=roll_rule, zeros="custom", cost="none", name="roll",
-              replace=True)
-register_rule(F.pad, aten.pad, channels=pad_rule, zeros="custom", cost="none", kind="shape", name="pad", replace=True)
+register_rule(F.pad, aten.pad, channels=pad_rule, zeros="custom", cost="none", kind="shape", name="pad")

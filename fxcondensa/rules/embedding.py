@@ -6,7 +6,7 @@ An embedding table's columns are the channels it creates; an output head tied to
 along the tokens dim with a tracked stream carries the stream's channels: it is sliced with them (and
 zeroed with them by the structured schemes, like a bias).
 
-Replaces the ``cat`` entry of ``rules/shapes.py`` (``replace=True``) with one that handles that case and
+The ``cat`` entry lives here, built on ``rules/shapes.py``'s ``cat_rule``: it handles that case and
 hands every other call to the original.
 """
 
@@ -21,12 +21,12 @@ from torch import nn
 
 from ..passes.channels import ChanInfo, RuleContext, node_arg, node_shape
 from ..registry import CostCall, register_rule, rule_for_key
-from . import shapes  # noqa: F401  (its cat entry must exist before this module replaces it)
+from . import shapes  # the rule this module's cat entry builds on
 from .layers import zero_rows
 
 aten = torch.ops.aten
 
-_ORIGINAL_CAT = rule_for_key(torch.cat)
+_ORIGINAL_CAT = shapes.cat_rule  # every cat without parameter parts
 
 
 def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
@@ -121,17 +121,17 @@ def cat_rule(ctx: RuleContext, node: fx.Node) -> None:
     tensors, dim = node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", 0)
     shape = node_shape(node)
     if shape is None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
-        return _ORIGINAL_CAT.channels(ctx, node)
+        return _ORIGINAL_CAT(ctx, node)
     infos = [ctx.info(t) for t in tensors]
     tracked = [i for i in infos if i is not None]
     d_cat = dim % len(shape)
     if not tracked or any(i.dim == d_cat for i in tracked) or len({i.dim for i in tracked}) != 1 \
             or all(i is not None for i in infos):
-        return _ORIGINAL_CAT.channels(ctx, node)
+        return _ORIGINAL_CAT(ctx, node)
     d = tracked[0].dim
     sources = [None if i is not None else _parameter_source(ctx, t, d, len(shape)) for t, i in zip(tensors, infos, strict=True)]
     if any(i is None and s is None for i, s in zip(infos, sources, strict=True)):
-        return _ORIGINAL_CAT.channels(ctx, node)
+        return _ORIGINAL_CAT(ctx, node)
     atoms = tracked[0].atoms
     for i in tracked[1:]:
         ctx.unite(atoms, i.atoms)
@@ -151,7 +151,7 @@ def cat_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 
 register_rule(torch.cat, torch.concat, torch.concatenate, aten.cat, channels=cat_rule, zeros="custom",
-              cost="none", name="cat", replace=True)
+              cost="none", name="cat")
 
 __all__ = ["embedding_module", "cat_rule"]
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from .. import nn as fxnn
 from ..passes.channels import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
-from ..registry import register_rule, rule_for_key
-from . import shapes  # noqa: F401  (its reduction entry must exist before this module wraps "mean")
+from ..registry import register_rule
+from . import shapes  # the rule this module's mean entry builds on
 from .layers import norm_cost
 
 aten = torch.ops.aten
@@ -179,7 +179,7 @@ register_rule(*_RMS_FUNCTIONS, fxnn.rms_norm_width, channels=rmsnorm_function, z
 
 # ------------------------------------------------------------------------------------ mean over channels
 
-_ORIGINAL_REDUCTION = rule_for_key(torch.mean)
+_ORIGINAL_REDUCTION = shapes.reduce_rule  # a mean over other dims
 
 
 def mean_rule(ctx: RuleContext, node: fx.Node) -> None:
@@ -191,7 +191,7 @@ def mean_rule(ctx: RuleContext, node: fx.Node) -> None:
     dims = dim if isinstance(dim, (list, tuple)) else [dim]
     if i is None or shape is None or len(dims) != 1 or not isinstance(dims[0], int) \
             or dims[0] % len(shape) != i.dim or node_arg(node, 3, "dtype") is not None:
-        return _ORIGINAL_REDUCTION.channels(ctx, node)
+        return _ORIGINAL_REDUCTION(ctx, node)
     ctx.exit(x)
     ctx.output(node, None, None)
 
@@ -210,5 +210,5 @@ def _rewrite_mean(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
     node.args, node.kwargs = (x, dims[0], bool(node_arg(node, 2, "keepdim", False)), width), {}
 
 
-register_rule(torch.mean, "mean", aten.mean, channels=mean_rule, zeros="custom", cost=_ORIGINAL_REDUCTION.cost,
-              kind="elementwise", rewrite=_rewrite_mean, name="mean", replace=True)
+register_rule(torch.mean, "mean", aten.mean, channels=mean_rule, zeros="custom", cost=shapes.reduce_cost,
+              kind="elementwise", rewrite=_rewrite_mean, name="mean")

@@ -64,8 +64,8 @@ def cat_rule(ctx: RuleContext, node: fx.Node) -> None:
     _cat(ctx, node, node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", 0))
 
 
-register_rule(torch.cat, torch.concat, torch.concatenate, aten.cat, channels=cat_rule, zeros="custom", cost="none",
-              name="cat")
+# cat is registered in rules/embedding.py, whose rule adds parameter parts (a class token) and hands the rest to
+# ``cat_rule``.
 
 
 def split_rule(ctx: RuleContext, node: fx.Node) -> None:
@@ -194,7 +194,8 @@ def _getitem_rewrite(node: fx.Node, view: Any) -> None:
 
 
 
-register_rule(operator.getitem, channels=getitem_rule, zeros="custom", cost="none", name="getitem")
+# getitem is registered in rules/attention.py, whose rule adds the outputs of nn.MultiheadAttention and the
+# recurrent layers and hands the rest to ``getitem_rule``.
 
 
 def aten_slice_rule(ctx: RuleContext, node: fx.Node) -> None:
@@ -258,12 +259,14 @@ def _reduction_name(node: fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
-def _reduce_cost(c: Any) -> int:
+def reduce_cost(c: Any) -> int:
     return c.in_numel
 
 
-register_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin", aten.mean, aten.sum,
-              aten.amax, aten.amin, channels=reduce_rule, zeros="custom", cost=_reduce_cost, kind="elementwise",
+# mean is registered in rules/norms.py (a mean over channels divides by the dense width); it uses this rule
+# for every other mean.
+register_rule(torch.sum, torch.amax, torch.amin, "sum", "amax", "amin", aten.sum,
+              aten.amax, aten.amin, channels=reduce_rule, zeros="custom", cost=reduce_cost, kind="elementwise",
               name="reduction")
 
 
@@ -290,7 +293,7 @@ def norm_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 
 register_rule(torch.norm, torch.linalg.vector_norm, "norm", aten.linalg_vector_norm, aten.norm, channels=norm_rule,
-              zeros="custom", cost=_reduce_cost, kind="elementwise", name="norm")
+              zeros="custom", cost=reduce_cost, kind="elementwise", name="norm")
 
 
 def _moved(ctx: RuleContext, node: fx.Node) -> tuple[Any, Any, tuple | None, tuple | None]:
@@ -368,8 +371,8 @@ register_rule(torch.transpose, torch.swapaxes, "transpose", "swapaxes", aten.tra
 register_rule(torch.t, "t", aten.t, channels=t_rule, zeros="custom", cost="none", name="t")
 register_rule("expand", aten.expand, channels=expand_rule, zeros="custom", cost="none", name="expand")
 register_rule("expand_as", channels=expand_as_rule, zeros="custom", cost="none", name="expand_as")
-register_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=view_rule,
-              zeros="custom", cost="none", name="view")
+# view / reshape are registered in rules/attention.py, whose rule adds the split into heads and hands every
+# other reshape to ``view_rule``.
 register_rule(torch.flatten, torch.squeeze, torch.unsqueeze, torch.movedim, "flatten", "squeeze", "unsqueeze",
               "movedim", "unflatten", "view_as", "reshape_as", nn.Flatten, nn.Unflatten, aten.flatten, aten.squeeze,
               aten.unsqueeze, aten.movedim, aten.unflatten, channels=flatten_rule, zeros="custom", cost="none",
@@ -428,7 +431,7 @@ register_rule(getattr, "size", "dim", "numel", "nelement", "ndimension", channel
 # Ops that move or repeat channels in ways the analysis does not follow (a shuffle, a new stacked dim):
 # known and costed, their channels kept.
 register_rule(nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle,
-              torch.stack, torch.narrow, torch.unbind, "narrow", "repeat", "unbind",
+              torch.stack, torch.narrow, "narrow", "repeat",
               channels="freeze", cost="none", name="channel-moving op")
 
 

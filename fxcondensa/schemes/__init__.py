@@ -16,6 +16,7 @@ Example:
     0.007
 """
 
+from ..passes.selection import select_channels
 from .base import (
     LINEAR_CONV,
     BlockPrune,
@@ -28,7 +29,7 @@ from .base import (
     validate_density,
 )
 from .scores import channel_scores
-from .structured import FilterPrune, NeuronPrune, StructurePrune, select_channels
+from .structured import FilterPrune, NeuronPrune, StructurePrune
 
 __all__ = [
     "Scheme",

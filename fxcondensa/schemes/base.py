@@ -6,12 +6,10 @@ protocol is kept on top of it: ``pi(module)`` compresses in place, ``delta(modul
 with ``pi`` and ``delta`` works as a custom scheme wherever a scheme is expected.
 
 Example:
-    >>> import torch, fxcondensa
-    >>> from fxcondensa.schemes import Compose, Prune, Quantize
-    >>> MEM = Compose([Prune(0.007), Quantize(fxcondensa.float16)])
-    >>> w = fxcondensa.compress(fxcondensa.models.LeNet5(), MEM)
-    >>> round(fxcondensa.density(w), 3)
-    0.007
+    >>> import fxcondensa
+    >>> w = fxcondensa.compress(fxcondensa.models.LeNet5(), Prune(0.1, exclude=["ip2"]))
+    >>> round(fxcondensa.layer_densities(w)["ip2.weight"], 2), round(fxcondensa.layer_densities(w)["ip1.weight"], 2) < 1
+    (1.0, True)
 """
 
 from __future__ import annotations
