@@ -11,6 +11,7 @@ usually larger).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import statistics
 import tempfile
@@ -24,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .capture import graph_inputs, split_inputs
 from .graph import as_input_tuple, trace
 
 __all__ = ["Latency", "measure_latency", "compare_latency", "NodeTimer", "NodeLatency", "node_latency",
@@ -140,20 +142,23 @@ def compare_latency(models: Sequence[nn.Module], example_inputs: Any, *, warmup:
         True
     """
     _check_counts(warmup, repeat)
-    inputs = as_input_tuple(example_inputs)
-    device = _device(inputs)
+    # Inputs as the models take them: a tensor, positional inputs, or keyword inputs (Hugging Face models).
+    args, kwargs = split_inputs(example_inputs)
+    inputs, tensors = tuple(args), (*args, *kwargs.values())
+    device = _device(tensors)
+    calls = [functools.partial(m, **kwargs) if kwargs else m for m in models]
     times: list[list[float]] = [[] for _ in models]
     with ExitStack() as stack:
         for m in models:
             stack.enter_context(_EvalMode(m))
         stack.enter_context(torch.no_grad())
-        for m in models:
+        for call in calls:
             for _ in range(warmup):
-                m(*inputs)
+                call(*inputs)
         for _ in range(repeat):
-            for i, m in enumerate(models):
-                times[i].append(_time_once(m, inputs, device))
-    return [_summary(t, warmup, inputs, device) for t in times]
+            for i, call in enumerate(calls):
+                times[i].append(_time_once(call, inputs, device))
+    return [_summary(t, warmup, tensors, device) for t in times]
 
 
 def _time_once(model: nn.Module, inputs: tuple, device: torch.device) -> float:
@@ -274,12 +279,11 @@ def node_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 3, repe
         ['conv1', 'conv2']
     """
     _check_counts(warmup, repeat)
-    inputs = as_input_tuple(example_inputs)
     gm = (model if isinstance(model, fx.GraphModule) and not leaf_modules and concrete_args is None
           else trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args))
-    per_node = node_times(gm, inputs, warmup, repeat)
+    per_node = node_times(gm, graph_inputs(gm, example_inputs), warmup, repeat)
     if whole is None:
-        whole = measure_latency(gm, inputs, warmup=warmup, repeat=repeat)
+        whole = measure_latency(gm, example_inputs, warmup=warmup, repeat=repeat)
     return NodeLatency(per_node_ms=per_node, whole=whole)
 
 

@@ -22,10 +22,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 from tabulate import tabulate
 from torch import nn
 
-from .graph import as_input_tuple, trace
+from .capture import split_inputs
+from .graph import trace
 from .latency import BACKENDS, NodeLatency, compare_latency, deployment_latency, node_latency
 from .passes.costs import NodeCost, profile_costs
 from .recipe import thinning_record
@@ -224,7 +226,8 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
         >>> r.totals["macs_before"]
         2322940
     """
-    inputs = as_input_tuple(example_inputs)
+    # Inputs stay as the models take them (a tensor, positional inputs, or keyword inputs).
+    inputs = example_inputs
     tracing = {"leaf_modules": leaf_modules, "concrete_args": concrete_args}
     gm_a, gm_b = trace(original, inputs, **tracing), trace(other, inputs, **tracing)
     costs_a, costs_b = profile_costs(gm_a), profile_costs(gm_b)
@@ -279,8 +282,13 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
         notes.append(dep.note())
     rec = thinning_record(other)
     return Report(rows=rows, totals=totals, frozen=frozen, notes=notes,
-                  input_shapes=[tuple(t.shape) for t in inputs if hasattr(t, "shape")],
+                  input_shapes=[tuple(t.shape) for t in _tensors(inputs)],
                   whole_reason=rec.whole_reason if rec is not None else None)
+
+
+def _tensors(example_inputs: Any) -> list[torch.Tensor]:
+    args, kwargs = split_inputs(example_inputs)
+    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
 
 
 def _target(model: nn.Module, kind: str) -> dict[str, float] | None:
