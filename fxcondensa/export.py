@@ -153,7 +153,31 @@ def _prepare(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
     if not target.parent.is_dir():
         raise FileNotFoundError(f"cannot write {target}: the folder {target.parent} does not exist")
+    if isinstance(example_inputs, dict) and example_inputs:  # keyword inputs (Hugging Face models)
+        return _Keywords(copy.deepcopy(model).eval(), example_inputs), _input_values(example_inputs), target
     return copy.deepcopy(model).eval(), as_input_tuple(example_inputs), target
+
+
+def _input_values(example_inputs: Any) -> Inputs:
+    """The example inputs' values, positional or keyword."""
+    if isinstance(example_inputs, dict) and example_inputs:
+        return tuple(example_inputs.values())
+    return as_input_tuple(example_inputs)
+
+
+class _Keywords(nn.Module):
+    """A model that takes keyword inputs, called positionally: the exported file takes the inputs in the order
+    of the example dict (``{"input_ids": ..., "attention_mask": ...}`` -> ``f(input_ids, attention_mask)``) and
+    returns the output's tensors as a tuple (a ``ModelOutput``'s fields in sorted order, as ONNX does anyway),
+    which every format can hold."""
+
+    def __init__(self, model: nn.Module, example_inputs: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.keys = tuple(example_inputs)
+
+    def forward(self, *args: Any) -> Any:
+        return tuple(flatten_outputs(self.model(**dict(zip(self.keys, args, strict=True)))))
 
 
 Writer = Callable[[str, nn.Module, Inputs, "Spec | None"], None]
@@ -269,7 +293,7 @@ def torchscript(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             torch.jit.save(torch.jit.trace(work, inputs, check_trace=False), tmp)
 
     def load(tmp: str) -> Callable[..., Any]:
-        device = _device(model, as_input_tuple(example_inputs))
+        device = _device(model, _input_values(example_inputs))
         with _quiet_torchscript():
             loaded = torch.jit.load(tmp, map_location=device).eval()
 
