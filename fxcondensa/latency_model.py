@@ -58,7 +58,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .latency import Latency, compare_latency, measure_latency, node_times
+from .latency import Latency, compare_latency, measure_latency
+from .latency import node_times as _node_times  # build() takes a node_times argument
 from .passes.analysis import balance_grouped
 from .passes.channels import ChannelAnalysis
 from .passes.costs import node_cost
@@ -513,7 +514,6 @@ def _graph_signature(gm: fx.GraphModule, inputs: tuple) -> str:
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
 
 
-_node_times = node_times
 
 
 # -------------------------------------------------------------------------------------------- selection

@@ -7,6 +7,9 @@ buffers (BatchNorm running statistics), convolutions and parameter sharing.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -90,3 +93,13 @@ def state_hash(model: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def bench_coverage() -> ModuleType:
+    """``bench/coverage.py`` (the zoos, their builders and randomisation), loaded by path: a package named
+    ``coverage`` (pytest-cov) may already be imported under that name."""
+    spec = importlib.util.spec_from_file_location(
+        "fxcondensa_bench_coverage", Path(__file__).resolve().parent.parent / "bench" / "coverage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,22 +3,16 @@ ModelOutput results, and a default-config causal LM (``use_cache=True``, turned 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from _models import state_hash
+from _models import bench_coverage, state_hash
 
 from fxcondensa import thin, trace
 from fxcondensa.graph import flatten_outputs
 from fxcondensa.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
-_spec = importlib.util.spec_from_file_location(
-    "fxcondensa_bench_coverage", Path(__file__).resolve().parent.parent / "bench" / "coverage.py")
-_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bench)  # loaded by path: a package named "coverage" (pytest-cov) may be imported
+_bench = bench_coverage()
 build_hf = _bench.build_hf  # the zoo of bench/coverage.py: the same models and randomisation
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -4,21 +4,16 @@ layer scales (``gamma.reshape(1, -1, 1, 1)``) and ConvNeXt blocks."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import timm
 import torch
+from _models import bench_coverage
 
 from fxcondensa import thin, trace
 from fxcondensa.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
-_spec = importlib.util.spec_from_file_location(
-    "fxcondensa_bench_coverage", Path(__file__).resolve().parent.parent / "bench" / "coverage.py")
-_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bench)  # loaded by path: a package named "coverage" (pytest-cov) may be imported
+_bench = bench_coverage()
 randomize_constants = _bench.randomize_constants  # the zoo of bench/coverage.py: the same models and randomisation
 
 RTOL, ATOL = 1e-4, 1e-5

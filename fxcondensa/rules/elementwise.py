@@ -156,6 +156,25 @@ register_rule(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.in
 
 # ------------------------------------------------------------------------------------------------ binary
 
+def _unite_tracked(ctx: RuleContext, node: fx.Node, operands: Any, what: str) -> tuple[int, torch.Tensor] | None:
+    """Unite the channels of the tracked operands of a broadcasting op, which must sit on one output dim:
+    (that dim, the atoms), or None after recording why the node cannot be followed."""
+    nd = len(node_shape(node))
+    tracked = [(x, ctx.info(x)) for x in operands if ctx.info(x) is not None]
+    if not tracked:
+        ctx.unsupported(node, f"{what} on a split tuple")
+        return None
+    dims = {i.dim + nd - len(node_shape(x)) for x, i in tracked}
+    if len(dims) != 1:
+        ctx.freeze_inputs(node, f"{what} '{node.name}' combines channels on different dims")
+        ctx.output(node, None, None)
+        return None
+    atoms = tracked[0][1].atoms
+    for _, i in tracked[1:]:
+        ctx.unite(atoms, i.atoms)
+    return dims.pop(), atoms
+
+
 def _binary(ctx: RuleContext, node: fx.Node, how: str) -> None:
     """``how`` is "add" (a channel is zero when zero in both operands), "mul" (in either), "div" (in the
     numerator) or "addcmul" (``input + value * t1 * t2``: zero in the input and in t1 or t2). Tracked
@@ -170,17 +189,10 @@ def _binary(ctx: RuleContext, node: fx.Node, how: str) -> None:
     if out_shape is None:
         return ctx.unsupported(node, "elementwise op without shape metadata")
     nd = len(out_shape)
-    tracked = [(x, ctx.info(x)) for x in operands if ctx.info(x) is not None]
-    if not tracked:
-        return ctx.unsupported(node, "elementwise op on a split tuple")
-    dims = {i.dim + nd - len(node_shape(x)) for x, i in tracked}
-    if len(dims) != 1:
-        ctx.freeze_inputs(node, f"elementwise op '{node.name}' combines channels on different dims")
-        return ctx.output(node, None, None)
-    d = dims.pop()
-    atoms = tracked[0][1].atoms
-    for _, i in tracked[1:]:
-        ctx.unite(atoms, i.atoms)
+    united = _unite_tracked(ctx, node, operands, "elementwise op")
+    if united is None:
+        return None
+    d, atoms = united
     # Untracked operands that vary along the channel dim must be sliced too: possible for parameters
     # and buffers read by get_attr, impossible otherwise.
     parts: list[tuple[str, Any]] = []
@@ -392,17 +404,10 @@ def where_rule(ctx: RuleContext, node: fx.Node) -> None:
     if out_shape is None or a is None or b is None:
         return ctx.unsupported(node, "where without shape metadata, or its one-argument form")
     nd = len(out_shape)
-    tracked = [(x, ctx.info(x)) for x in (cond, a, b) if ctx.info(x) is not None]
-    if not tracked:
-        return ctx.unsupported(node, "where on a split tuple")
-    dims = {i.dim + nd - len(node_shape(x)) for x, i in tracked}
-    if len(dims) != 1:
-        ctx.freeze_inputs(node, f"where '{node.name}' combines channels on different dims")
-        return ctx.output(node, None, None)
-    d = dims.pop()
-    atoms = tracked[0][1].atoms
-    for _, i in tracked[1:]:
-        ctx.unite(atoms, i.atoms)
+    united = _unite_tracked(ctx, node, (cond, a, b), "where")
+    if united is None:
+        return None
+    d, atoms = united
     values = []
     for x in (cond, a, b):
         if ctx.info(x) is not None:
