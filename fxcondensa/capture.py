@@ -50,7 +50,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .records import META, GraphRecord, ThinRecord, graph_record
+from .records import META, GraphRecord, RecordedGraphModule, ThinRecord, graph_record
 
 __all__ = ["split_inputs", "export_capture", "capture_of", "capture_notes", "graph_inputs",
            "call_with", "user_frame"]
@@ -132,7 +132,7 @@ def export_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
         # against the compressed one instead, and the channel analysis has nothing to learn from it.
         if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
             graph.erase_node(node)
-    gm = fx.GraphModule(source, graph, class_name=type(model).__name__)
+    gm = RecordedGraphModule(source, graph, class_name=type(model).__name__)
     gm._in_spec = getattr(source, "_in_spec", None)
     gm._out_spec = getattr(source, "_out_spec", None)
     record = graph_record(gm)

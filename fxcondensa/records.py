@@ -186,34 +186,102 @@ def thin_record(gm: Any) -> ThinRecord | None:
 
 
 class RecordedGraphModule(fx.GraphModule):
-    """The ``GraphModule`` that ``trace`` (and so ``compress`` and ``thin``) returns: one whose records
-    survive whole-module pickling.
+    """The ``GraphModule`` that ``trace`` (and so ``compress`` and ``thin``) returns: one whose graph and
+    records survive whole-module pickling.
 
-    ``torch.save(gm)`` stores a GraphModule as its generated code and rebuilds the graph by tracing that code
-    again, which drops ``gm.meta`` and every node's metadata: a reloaded compressed model would forget its
-    storage dtypes and masks, a thinned one its recipe. This class pickles the records beside the code and puts
-    them back, by node name (retracing the generated code keeps the names), when the module is loaded.
+    ``torch.save(gm)`` of a plain GraphModule stores its generated code and rebuilds the graph by tracing that
+    code again. That drops ``gm.meta`` and every node's metadata (a reloaded compressed model would forget its
+    storage dtypes and masks, a thinned one its recipe), and it cannot retrace every graph: a torch.export
+    capture holds ATen operators, which do not pickle, and pytree input handling that symbolic tracing cannot
+    follow, and a thinned graph may call fxcondensa's own width-preserving functions, which a retrace would
+    trace into. This class pickles the graph itself instead, node by node (ATen operators by name), with the
+    records beside it, and rebuilds exactly that graph when the module is loaded.
+
+    Example:
+        >>> import pickle, torch, fxcondensa
+        >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28))
+        >>> again = pickle.loads(pickle.dumps(gm))
+        >>> [n.name for n in again.graph.nodes] == [n.name for n in gm.graph.nodes], type(again).__name__
+        (True, 'LeNet5')
     """
 
     def __reduce__(self) -> tuple[Any, ...]:
-        rebuild, args = super().__reduce__()
-        nodes = {n.name: n.meta[META] for n in self.graph.nodes if isinstance(n.meta.get(META), NodeRecord)}
-        return (_rebuild_with_records, (rebuild, args, self.meta.get(META), nodes, type(self).__name__))
+        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_code", "meta")}
+        nodes = [(n.op, n.name, _encode(n.target), _encode(n.args), _encode(n.kwargs), n.type)
+                 for n in self.graph.nodes]
+        records = {n.name: n.meta[META] for n in self.graph.nodes if isinstance(n.meta.get(META), NodeRecord)}
+        return (_rebuild_from_graph, (body, nodes, self.graph._codegen, self.meta.get(META), records,
+                                      type(self).__name__))
 
 
-def _rebuild_with_records(rebuild: Any, args: tuple, graph_rec: Any, nodes: dict[str, NodeRecord],
-                          name: str = "GraphModule") -> fx.GraphModule:
-    gm = rebuild(*args)
-    # The rebuilt module is a plain GraphModule (its class made per instance): give it a per-instance class
-    # derived from this one, so that saving it again keeps the records, and regenerate its forward there.
-    # torch recognises per-instance classes by a __qualname__ ending in "GraphModuleImpl" and skips them when it
-    # makes the next one (on a deepcopy); any other qualname would stack two call wrappers that call each other
-    # forever. The __name__ is the model's, as torch sets it (its own rebuild forgets it).
-    gm.__class__ = type(name, (RecordedGraphModule,), {"__qualname__": "RecordedGraphModule.GraphModuleImpl"})
-    gm.recompile()
+@dataclass(frozen=True)
+class _NodeRef:
+    """A node named in another node's arguments, while pickled."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class _OperatorRef:
+    """A ``torch.ops`` operator (overload, packet or higher-order op), pickled by its name."""
+
+    namespace: str
+    name: str
+    overload: str | None
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return _NodeRef(value.name)
+    if isinstance(value, torch._ops.OpOverload):
+        return _OperatorRef(value.namespace, value._schema.name.split("::")[-1], value._overloadname)
+    if isinstance(value, torch._ops.OpOverloadPacket):
+        return _OperatorRef(value._qualified_op_name.split("::")[0], value._qualified_op_name.split("::")[1], None)
+    if isinstance(value, torch._ops.HigherOrderOperator):
+        return _OperatorRef("higher_order", value.name(), None)
+    if isinstance(value, (tuple, list)):
+        items = [_encode(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # named tuples by field
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_encode(value.start), _encode(value.stop), _encode(value.step))
+    return value
+
+
+def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
+    if isinstance(value, _NodeRef):
+        return env[value.name]
+    if isinstance(value, _OperatorRef):
+        op = getattr(getattr(torch.ops, value.namespace), value.name)
+        return op if value.overload is None else getattr(op, value.overload)
+    if isinstance(value, (tuple, list)):
+        items = [_decode(v, env) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return {k: _decode(v, env) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_decode(value.start, env), _decode(value.stop, env), _decode(value.step, env))
+    return value
+
+
+def _rebuild_from_graph(body: dict[str, Any], nodes: list[tuple], codegen: Any, graph_rec: Any,
+                        records: dict[str, NodeRecord], name: str) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph._codegen = codegen  # pytree in/out handling of a torch.export capture, plain otherwise
+    env: dict[str, fx.Node] = {}
+    for op, node_name, target, args, kwargs, type_expr in nodes:
+        node = graph.create_node(op, _decode(target, env), _decode(args, env), _decode(kwargs, env), name=node_name,
+                                 type_expr=type_expr)
+        env[node_name] = node
+        if node_name in records:
+            node.meta[META] = records[node_name]
+    root = torch.nn.Module()
+    root.__dict__.update(body)
+    gm = RecordedGraphModule(root, graph, class_name=name)
+    for key, value in body.items():  # what the graph does not reference (input/output specs, flags)
+        if key not in gm.__dict__:
+            gm.__dict__[key] = value
     if graph_rec is not None:
         gm.meta[META] = graph_rec
-    for node in gm.graph.nodes:
-        if node.name in nodes:
-            node.meta[META] = nodes[node.name]
     return gm

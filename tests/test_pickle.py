@@ -1,7 +1,8 @@
 """Whole-module pickling (torch.save / torch.load, pickle) round-trips every GraphModule fxcondensa returns.
 
-GraphModule pickling stores the generated code and rebuilds the graph by instantiating the tracer class that
-made it with no arguments; fxcondensa's tracer takes its options, so they need defaults (issue 10, item 8).
+torch pickles a GraphModule as its generated code and rebuilds the graph by tracing that code again, which
+drops the records and cannot retrace a torch.export capture (ATen operators, pytree inputs); fxcondensa's
+GraphModules pickle their graph node by node instead (issues 10 and 11).
 Whole-module files hold code: loading them needs ``weights_only=False``, the user's choice; fxcondensa's own
 loaders stay ``weights_only``.
 """
@@ -14,6 +15,7 @@ import pickle
 import pytest
 import torch
 import torchvision
+from _models import bench_coverage
 from torch import nn
 
 import fxcondensa
@@ -106,3 +108,27 @@ def test_records_survive_whole_module_pickling(tmp_path):
     assert thin_record(again).groups == thin_record(thinned).groups
     fxcondensa.save_thinned(again, tmp_path / "again.fxt")  # the recipe is there to write
     assert (tmp_path / "again.fxt").exists()
+
+
+def test_an_export_captured_thinned_model_round_trips_whole():
+    """A Hugging Face model is captured by torch.export: its thinned GraphModule (ATen operators, keyword
+    inputs, a ModelOutput result) pickles whole and comes back with the same graph, outputs and recipe.
+    torch's own pickling failed here (``_ModuleStackTracer.__init__() missing ... 'scope_root'``)."""
+    from fxcondensa.records import thin_record
+
+    torch.manual_seed(0)
+    model, x, fresh, _ = bench_coverage().build_hf("bert")
+    thinned = fxcondensa.thin(model, StructurePrune(0.5), x)
+    assert thin_record(thinned).capture == "export"
+    buf = io.BytesIO()
+    torch.save(thinned, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert again.code == thinned.code and type(again).__name__ == type(thinned).__name__
+    assert thin_record(again).capture == "export" and torch.equal(thin_record(again).keep, thin_record(thinned).keep)
+    with torch.no_grad():
+        got, want = again(**fresh), thinned(**fresh)
+    assert type(got) is type(want) and torch.equal(got.logits, want.logits)
+    twice = pickle.loads(pickle.dumps(again))  # a reloaded module pickles the same way
+    with torch.no_grad():
+        assert torch.equal(twice(**fresh).logits, want.logits)

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import torchvision
-from _models import LeNet5, state_hash
+from _models import LeNet5, bench_coverage, state_hash
 
 import fxcondensa
 from fxcondensa.errors import FileFormatError
@@ -378,3 +378,21 @@ def test_reference_inputs_are_the_same_values_on_every_device():
     a = recipe._reference_inputs(specs, torch.device("cpu"))
     b = recipe._reference_inputs(specs, torch.device("cpu"))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[1].dtype == torch.int64
+
+
+def test_an_export_captured_model_with_keyword_inputs_saves_and_loads(tmp_path):
+    """A Hugging Face model (torch.export capture, keyword inputs, a ModelOutput result) is rebuilt by
+    load_thinned from its dense architecture: same outputs on fresh keyword inputs, same recipe and capture."""
+    from fxcondensa.records import thin_record
+
+    torch.manual_seed(0)
+    model, x, fresh, _ = bench_coverage().build_hf("bert")
+    thinned = fxcondensa.thin(model, StructurePrune(0.5), x)
+    fxcondensa.save_thinned(thinned, tmp_path / "bert.fxt")
+    loaded = fxcondensa.load_thinned(tmp_path / "bert.fxt", model)
+    assert thin_record(loaded).capture == "export"
+    assert torch.equal(thin_record(loaded).keep, thin_record(thinned).keep)
+    with torch.no_grad():
+        got, want = loaded(**fresh), thinned(**fresh)
+    assert type(got) is type(want)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
