@@ -169,10 +169,15 @@ def compress_row(rows: Rows, opt_name: str, opt: Any, sch: Any, net: nn.Module, 
     return w
 
 
+def criteria_kw(args: argparse.Namespace) -> dict[str, Any]:
+    """``--criteria`` when given; otherwise nothing, so the scheme's default is what is measured."""
+    return {} if args.criteria is None else {"criteria": args.criteria}
+
+
 def lenet_part(rows: Rows, data: tuple, args: argparse.Namespace) -> None:
     model = baseline("lenet5", LeNet5, data[0], 10, 0.05, cosine=False)  # 620 SGD steps
     schemes = {"MEM": Compose([Prune(0.007), Quantize(condensa.float16)]),
-               "FLOP": StructurePrune(0.3, criteria=args.criteria)}
+               "FLOP": StructurePrune(0.3, **criteria_kw(args))}
     for budget in args.budgets:
         for sname, scheme in schemes.items():
             if sname not in args.schemes:
@@ -191,7 +196,7 @@ def resnet_part(rows: Rows, data: tuple, args: argparse.Namespace) -> None:
     x = as_batches(test, 2).first(2)
     dense = tp_count(model, x)
     base = evaluate(model, test_b, CE)[1]
-    scheme = StructurePrune(target_flops=0.5, criteria=args.criteria)
+    scheme = StructurePrune(target_flops=0.5, **criteria_kw(args))
     rows.add(model="resnet20", scheme="dense", optimizer="baseline", test_accuracy=base, macs=dense, seed=0)
     budget = args.resnet_budget
     for seed in (range(args.seeds) if args.seed is None else [args.seed]):
@@ -200,7 +205,7 @@ def resnet_part(rows: Rows, data: tuple, args: argparse.Namespace) -> None:
         ours_macs = tp_count(ours, x)
         before = evaluate(ours, test_b, CE)[1]
         tuned = plain_train(copy.deepcopy(ours), train, budget, 0.01, seed, weight_decay=0.0)
-        rows.add(model="resnet20", scheme="target_flops=0.5", optimizer=f"ours {args.criteria} + plain fine-tune",
+        rows.add(model="resnet20", scheme="target_flops=0.5", optimizer=f"ours {scheme.criteria} + plain fine-tune",
                  seed=seed, iterations=budget, test_accuracy=evaluate(tuned, test_b, CE)[1], before_tuning=before,
                  macs=ours_macs, mac_fraction=ours_macs / dense)
         peer, peer_macs = tp_prune_to(model, x, ours_macs)
@@ -291,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="optimizers of the ResNet part (LC's tutorial schedule is left out: it is a LeNet row)")
     p.add_argument("--jobs", action="store_true", help="run each LeNet budget x scheme and each ResNet seed in its "
                    "own process, then merge the rows (wall time on a machine with idle cores)")
-    p.add_argument("--criteria", default="l2norm", help="channel criterion of StructurePrune (default l2norm)")
+    p.add_argument("--criteria", default=None, help="channel criterion of StructurePrune (default: the scheme's own, "
+                   f"{StructurePrune(0.5).criteria})")
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "quality.json"))
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     data = subsets(args.data_root)
     meta = {"command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "threads": args.threads, "criteria": args.criteria}
+            "threads": args.threads, "criteria": StructurePrune(0.5, **criteria_kw(args)).criteria}
     rows = Rows(args.out, meta)
     start = time.perf_counter()
     if args.jobs:

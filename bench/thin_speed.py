@@ -3,7 +3,9 @@
 Ours: trace + channel analysis + StructurePrune(0.5) + slicing + the equivalence check (``check=True``),
 and again without the check. Theirs (when ``torch-pruning`` is installed, the ``bench`` extra): dependency
 graph + global magnitude pruning at ratio 0.5 + physical pruning of a copy. Runs alternate, medians of
-``--repeat`` runs are reported, and the ratio is computed from the medians of the same run.
+``--repeat`` runs are reported, and the ratio is computed from the medians of the same run. Each timed call
+starts after a full garbage collection (``gc.collect()``), so that no run pays for the collection the
+imports left pending (half a second on the first call otherwise); every run's time is in the JSON.
 
     python bench/thin_speed.py                        # default models at 1x3x224x224
     python bench/thin_speed.py resnet50 --repeat 5
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -41,20 +44,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT = ["resnet18", "resnet50", "densenet121", "mobilenet_v2", "vgg11_bn"]
 
 
-def ours(model: torch.nn.Module, x: torch.Tensor, check: bool) -> tuple[float, int]:
-    start = time.perf_counter()
+def ours(model: torch.nn.Module, x: torch.Tensor, check: bool) -> tuple[float, float, int]:
+    """(wall seconds, process CPU seconds, parameters of the result)."""
+    gc.collect()
+    start, cpu = time.perf_counter(), time.process_time()
     thinned = fxcondensa.thin(model, StructurePrune(0.5), x, check=check)
-    return time.perf_counter() - start, sum(p.numel() for p in thinned.parameters())
+    return time.perf_counter() - start, time.process_time() - cpu, sum(p.numel() for p in thinned.parameters())
 
 
-def theirs(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, int]:
-    start = time.perf_counter()
+def theirs(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float, int]:
+    gc.collect()
+    start, cpu = time.perf_counter(), time.process_time()
     work = copy.deepcopy(model)  # ours never mutates the model; give theirs the same starting point
     classifier = [m for m in work.modules() if isinstance(m, torch.nn.Linear)][-1:]
     pruner = tp.pruner.MagnitudePruner(work, x, importance=tp.importance.MagnitudeImportance(p=2),
                                        global_pruning=True, pruning_ratio=0.5, ignored_layers=classifier)
     pruner.step()
-    return time.perf_counter() - start, sum(p.numel() for p in work.parameters())
+    return time.perf_counter() - start, time.process_time() - cpu, sum(p.numel() for p in work.parameters())
 
 
 def main() -> None:
@@ -74,17 +80,25 @@ def main() -> None:
         model = torchvision.models.get_model(name, weights=None).eval()
         x = torch.randn(1, 3, args.size, args.size)
         times: dict[str, list[float]] = {"ours": [], "ours_nocheck": [], "theirs": []}
+        # Process CPU time too: on a shared machine it stretches far less than the wall time.
+        cpu: dict[str, list[float]] = {"ours": [], "ours_nocheck": [], "theirs": []}
         params: dict[str, int] = {}
         for _ in range(args.repeat):  # alternate, so both see the same machine load
-            t, params["ours"] = ours(model, x, check=True)
+            t, c, params["ours"] = ours(model, x, check=True)
             times["ours"].append(t)
-            t, _ = ours(model, x, check=False)
+            cpu["ours"].append(c)
+            t, c, _ = ours(model, x, check=False)
             times["ours_nocheck"].append(t)
+            cpu["ours_nocheck"].append(c)
             if tp is not None:
-                t, params["theirs"] = theirs(model, x)
+                t, c, params["theirs"] = theirs(model, x)
                 times["theirs"].append(t)
+                cpu["theirs"].append(c)
         med = {k: statistics.median(v) for k, v in times.items() if v}
-        rec = {"model": name, "input": list(x.shape), "repeat": args.repeat, "median_s": med, "params": params,
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items() if v}
+        print(f"{name}: median process CPU seconds " + ", ".join(f"{k} {v:.2f}" for k, v in med_cpu.items()))
+        rec = {"model": name, "input": list(x.shape), "repeat": args.repeat, "median_s": med, "runs_s": times,
+               "median_cpu_s": med_cpu, "runs_cpu_s": cpu, "params": params,
                "params_dense": sum(p.numel() for p in model.parameters())}
         ratio = med["ours"] / med["theirs"] if "theirs" in med else None
         rec["ours_over_theirs"] = ratio

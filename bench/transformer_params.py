@@ -6,12 +6,16 @@ Models: torchvision vit_b_32, swin_t, convnext_tiny (224 x 224); timm vit_tiny, 
 Llama (causal LM, grouped-query attention) in small random configurations (width 64, 2 layers, 4 heads,
 vocabulary 100). Random weights; LayerNorms get random affine terms so that zeros are never accidental.
 
-Run: ``nice -n 10 .venv/bin/python bench/transformer_params.py [names...]``
+``--attention head_dim,both`` runs ``StructurePrune(0.5, attention=...)`` for each value given (``none`` is
+the default ``attention=None``: whole heads), one line per model and value; frozen ``(head_dim)`` groups
+are columns left whole (their reason is in the thinning record).
+
+Run: ``nice -n 10 .venv/bin/python bench/transformer_params.py [names...] [--attention none,head_dim,both]``
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import torch
@@ -57,24 +61,36 @@ def build(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     raise ValueError(f"unknown model {name!r}: choose from {TORCHVISION + TIMM + HF}")
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str], attentions: list[str | None]) -> None:
     torch.set_num_threads(1)
     for name in names or TORCHVISION + TIMM + HF:
-        model, x = build(name)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.LayerNorm) and m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    if m.bias is not None:
-                        m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-        t = time.perf_counter()
-        small = fxcondensa.thin(model, StructurePrune(0.5), x)
-        dense, thinned = (sum(p.numel() for p in m.parameters()) for m in (model, small))
-        frozen = [g.group for g in thin_record(small).groups if g.frozen]
-        print(f"{name}: {dense / 1e6:.2f}M -> {thinned / 1e6:.2f}M params ({dense / thinned:.2f}x fewer), exact, "
-              f"frozen groups {frozen} ({time.perf_counter() - t:.0f} s)", flush=True)
+        for attention in attentions:
+            run(name, attention)
+
+
+def run(name: str, attention: str | None) -> None:
+    """Thin one model at density 0.5 with the given ``attention`` option and print one line."""
+    model, x = build(name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    t = time.perf_counter()
+    small = fxcondensa.thin(model, StructurePrune(0.5, attention=attention), x)
+    dense, thinned = (sum(p.numel() for p in m.parameters()) for m in (model, small))
+    frozen = [g.group for g in thin_record(small).groups if g.frozen]
+    print(f"{name} attention={attention}: {dense / 1e6:.2f}M -> {thinned / 1e6:.2f}M params "
+          f"({dense / thinned:.2f}x fewer), exact, frozen groups {frozen} ({time.perf_counter() - t:.0f} s)",
+          flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"models (default all): {TORCHVISION + TIMM + HF}")
+    parser.add_argument("--attention", default="none",
+                        help="comma-separated attention options: none, heads, head_dim, both, keep")
+    args = parser.parse_args()
+    main(args.names, [None if a == "none" else a for a in args.attention.split(",")])

@@ -2,7 +2,8 @@
 
 Models: torchvision ``vit_b_32`` (224 x 224) and a BERT-base-sized encoder (Hugging Face
 ``BertForSequenceClassification``, 12 layers, width 768, 12 heads, sequence length 128), random weights.
-The thinned model is ``fxcondensa.thin(model, StructurePrune(density))`` (exact: ``thin`` checks it);
+The thinned model is ``fxcondensa.thin(model, StructurePrune(density, attention=...))`` (exact: ``thin`` checks
+it; ``--attention head_dim`` or ``both`` prunes columns inside the heads, keeping the dense softmax scale);
 Torch-Pruning's model is pruned with ``MetaPruner`` (L2 magnitude, heads and widths) at the largest ratio
 whose MACs do not exceed the thinned model's (a bisection over the ratio). MACs are counted by the same
 cost model for all three (``fxcondensa.passes.costs.profile_costs``). The machine is shared: the load
@@ -141,9 +142,10 @@ def tp_match(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], budg
 def run(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     model, inputs = build(name, args.batch, args.seq)
     row: dict[str, Any] = {"model": name, "batch": args.batch, "seq": args.seq if name == "bert_base" else None,
-                           "density": args.density, "align": args.align, "load_before": os.getloadavg()}
+                           "density": args.density, "align": args.align, "attention": args.attention,
+                           "load_before": os.getloadavg()}
     t = time.perf_counter()
-    small = fxcondensa.thin(model, StructurePrune(args.density, align=args.align), inputs)
+    small = fxcondensa.thin(model, StructurePrune(args.density, align=args.align, attention=args.attention), inputs)
     row["thin_s"] = time.perf_counter() - t
     row.update(dense_params=n_params(model), thinned_params=n_params(small),
                dense_macs=macs(model, inputs), thinned_macs=macs(small, inputs))
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--align", type=int, default=None, help="StructurePrune's align (kept counts a multiple of it)")
+    p.add_argument("--attention", default=None, choices=["heads", "head_dim", "both", "keep"],
+                   help="StructurePrune's attention option (default None: whole heads)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=7)

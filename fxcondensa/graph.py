@@ -7,7 +7,11 @@ The user's model is never touched: we trace a deep copy, and shape propagation r
 from __future__ import annotations
 
 import copy
+import glob
+import inspect
 import os
+import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
+from torch.fx.experimental import symbolic_shapes
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -31,6 +36,35 @@ DEFAULT_LEAF_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
+
+
+# The modules whose frames torch leaves out of a node's stack trace, as listed in
+# ``torch.fx.experimental.symbolic_shapes.uninteresting_files`` (with the files of ``torch._higher_order_ops``,
+# dynamo's own list and generated code, "<string>").
+_UNINTERESTING_MODULES = (
+    "torch.fx.experimental.symbolic_shapes", "torch.export._trace", "torch.fx.experimental.recording",
+    "torch.fx.experimental.sym_node", "torch.fx.interpreter", "torch.fx._symbolic_trace", "torch", "torch._compile",
+    "torch._dynamo.eval_frame", "torch._inductor.sizevars", "torch._library.custom_ops", "torch._library.fake_impl",
+    "torch._subclasses.meta_utils", "torch._subclasses.fake_tensor", "torch._logging._internal",
+    "torch._logging.structured",
+)
+_uninteresting_cache: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def _loaded_uninteresting_files() -> frozenset[str]:
+    """The files of ``uninteresting_files`` among the modules loaded now (computed once per loaded set)."""
+    loaded = tuple(n for n in (*_UNINTERESTING_MODULES, "torch._higher_order_ops", "torch._dynamo.guards")
+                   if n in sys.modules)
+    files = _uninteresting_cache.get(loaded)
+    if files is None:
+        found = {inspect.getfile(sys.modules[n]) for n in loaded if n in _UNINTERESTING_MODULES} | {"<string>"}
+        if "torch._higher_order_ops" in sys.modules:
+            hop_dir = os.path.dirname(sys.modules["torch._higher_order_ops"].__file__ or "")
+            found |= set(glob.glob(os.path.join(hop_dir, "*.py")))
+        if "torch._dynamo.guards" in sys.modules:
+            found |= set(sys.modules["torch._dynamo.guards"].uninteresting_files())
+        files = _uninteresting_cache[loaded] = frozenset(found)
+    return files
 
 
 class _Tracer(fx.Tracer):
@@ -52,6 +86,19 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def _filter_traceback_frames(self, user_stack_summary: traceback.StackSummary) -> traceback.StackSummary:
+        """torch's filter (the frames from the first ``forward`` on, less those of torch's generic modules),
+        without its first-use cost: torch names those modules by importing torch.export, dynamo and
+        inductor, a second of imports in a process that never uses them. A frame on the stack comes from a
+        module already loaded, so the loaded ones among them filter the same frames."""
+        if self._record_forward_stack_traces_only or symbolic_shapes.uninteresting_files.cache_info().currsize:
+            return super()._filter_traceback_frames(user_stack_summary)
+        frames = list(user_stack_summary)
+        first = next((i for i, frame in enumerate(frames) if frame.name == "forward"), None)
+        skip = _loaded_uninteresting_files()
+        kept = [frame for frame in frames[first:] if frame.filename not in skip] if first is not None else []
+        return traceback.StackSummary.from_list(kept)
 
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
@@ -221,7 +268,7 @@ class _ShapeProp(fx.Interpreter):
             nonlocal found
             if isinstance(obj, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(obj)
+                return _tensor_metadata(obj)
             return obj
 
         meta = map_aggregate(result, extract)
@@ -231,17 +278,129 @@ class _ShapeProp(fx.Interpreter):
         return result
 
 
+# torch's extraction tests three memory formats per tensor (a tenth of a millisecond); a network has few
+# distinct (shape, stride, dtype) triples, so plain tensors share one extraction per triple.
+_METADATA: dict[Any, Any] = {}
+
+
+def _tensor_metadata(t: torch.Tensor) -> Any:
+    if type(t) is not torch.Tensor or t.layout != torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    key = (tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
+    meta = _METADATA.get(key)
+    if meta is None:
+        meta = _extract_tensor_metadata(t)
+        if len(_METADATA) < 4096:  # bounded: a long session traces many shapes
+            _METADATA[key] = meta
+    return meta._replace(qparams={})  # a fresh object per node: its qparams dict is mutable
+
+
 class _MetaShapeProp(_ShapeProp):
-    """Shape propagation on the meta device: parameters are viewed as meta tensors per call, no data moves."""
+    """Shape propagation on the meta device: parameters are viewed as meta tensors per call, no data moves.
+
+    Many meta kernels are written in Python (batch norm, relu: milliseconds a call, more than the real op on
+    a small input), and a network repeats its layers with the same configuration and input shapes (the
+    blocks of a ResNet stage). A built-in layer's meta output is a function of its configuration, its
+    tensors' metadata and its inputs' metadata only, so each distinct call of one runs once and the others
+    get fresh meta tensors of the recorded shape, strides and dtype.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self._memo: dict[Any, Any] = {}
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
+        key = _call_key(module, args, kwargs)
+        if key is not None and key in self._memo:
+            return _from_template(self._memo[key])
         state = {k: v.to("meta") for k, v in [*module.named_parameters(), *module.named_buffers()]}
-        return functional_call(module, state, args, kwargs)
+        out = functional_call(module, state, args, kwargs)
+        if key is not None:
+            template = _template(out)
+            if template is not _NO_TEMPLATE:
+                self._memo[key] = template
+        return out
 
-    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        value = super().get_attr(target, args, kwargs)
-        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+_NO_TEMPLATE = object()
+_NN_MODULES = "torch.nn.modules."
+
+
+def _value_key(value: Any) -> Any:
+    """A hashable description of an argument or a module tensor, as far as meta kernels can see it; None
+    when the value is something else (an arbitrary object), whose effect cannot be vouched for."""
+    if isinstance(value, torch.Tensor):
+        if type(value) not in (torch.Tensor, nn.Parameter):
+            return None
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device.type, value.storage_offset(),
+                value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        items = tuple(_value_key(v) for v in value)
+        return None if any(i is None for i in items) else (type(value).__name__, items)
+    if isinstance(value, _PLAIN):
+        return (type(value).__name__, value)  # the type too: True and 1 hash alike
+    return None
+
+
+def _call_key(module: nn.Module, args: Any, kwargs: Any) -> Any:
+    """The memo key of a call of a built-in leaf layer on meta inputs, or None when it must run: a layer
+    defined outside ``torch.nn`` (its forward may read anything), one with children, a hook, or an
+    attribute that is not a plain value."""
+    if not type(module).__module__.startswith(_NN_MODULES) or module._modules or _global_hooks():
+        return None
+    items: list[Any] = [type(module)]
+    for name, value in module.__dict__.items():
+        if name in ("_parameters", "_buffers"):
+            tensors = []
+            for k, t in value.items():
+                tensors.append((k, None if t is None else _value_key(t)))
+                if t is not None and tensors[-1][1] is None:
+                    return None
+            items.append((name, tuple(tensors)))
+        elif name == "_non_persistent_buffers_set":
+            items.append((name, tuple(sorted(value))))
+        elif isinstance(value, (dict, set)):
+            if value:  # hooks (or bookkeeping we do not know): run the layer
+                return None
+        else:
+            key = _value_key(value)
+            if key is None:
+                return None
+            items.append((name, key))
+    call = _value_key((tuple(args), tuple(sorted(kwargs.items()))))
+    return None if call is None else (tuple(items), call)
+
+
+def _global_hooks() -> bool:
+    """Whether a global module hook is installed (it runs on every call, so no call may be skipped)."""
+    from torch.nn.modules import module as nn_module
+
+    return any(getattr(nn_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs",
+        "_global_forward_hooks_always_called"))
+
+
+def _template(out: Any) -> Any:
+    """What to rebuild a meta output from (shape, stride and dtype of each tensor), or ``_NO_TEMPLATE``."""
+    if isinstance(out, torch.Tensor):
+        if type(out) is not torch.Tensor or out.device.type != "meta" or out.storage_offset() != 0:
+            return _NO_TEMPLATE
+        return ("tensor", tuple(out.shape), out.stride(), out.dtype, out.requires_grad)
+    if type(out) in (tuple, list):
+        items = [_template(o) for o in out]
+        return _NO_TEMPLATE if any(i is _NO_TEMPLATE for i in items) else ("seq", type(out), items)
+    return ("plain", out) if isinstance(out, _PLAIN) else _NO_TEMPLATE
+
+
+def _from_template(template: Any) -> Any:
+    if template[0] == "tensor":
+        _, shape, stride, dtype, requires_grad = template
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta").requires_grad_(requires_grad)
+    if template[0] == "seq":
+        return template[1](_from_template(t) for t in template[2])
+    return template[1]
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, *, fake: bool = False) -> Any:

@@ -54,7 +54,57 @@ def test_bn_scale_falls_back_to_the_producer_norm_without_a_norm():
     torch.testing.assert_close(channel_scores(gm, a, "bn_scale"), channel_scores(gm, a, "l2norm"), equal_nan=True)
 
 
-@pytest.mark.parametrize("criteria", ["group_l2", "bn_scale", "max"])
+def test_bn_or_l2norm_ranks_by_a_trained_batchnorm_scale():
+    torch.testing.assert_close(scores("bn_or_l2norm"), scores("bn_scale"))
+
+
+def test_bn_or_l2norm_uses_the_producer_rows_where_batchnorm_scales_are_all_equal():
+    # A freshly initialised BatchNorm (all scales 1) ranks nothing: bn_scale would tie every channel.
+    model = conv_bn_conv()
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)
+    gm = fxcondensa.trace(model, torch.randn(1, 3, 4, 4))
+    a = analyze(gm)
+    torch.testing.assert_close(channel_scores(gm, a, "bn_or_l2norm"), channel_scores(gm, a, "l2norm"), equal_nan=True)
+    assert channel_scores(gm, a, "bn_scale", normalize=False)[a.channel_of[a.slices[0].atoms]].unique().numel() == 1
+
+
+def test_bn_or_l2norm_ignores_layernorm_scales():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([3.0, 0.5, 1.0, 2.0]))
+    gm = fxcondensa.trace(model, torch.randn(2, 6))
+    a = analyze(gm)
+    torch.testing.assert_close(channel_scores(gm, a, "bn_or_l2norm"), channel_scores(gm, a, "l2norm"), equal_nan=True)
+
+
+def test_bn_or_l2norm_is_bn_scale_on_a_trained_resnet():
+    # Every ResNet-20 channel that can be pruned has a BatchNorm: the default ranks as "bn_scale" there
+    # (the criterion measured against Torch-Pruning in BENCHMARKS.md).
+    torch.manual_seed(0)
+    model = fxcondensa.models.ResNet20()
+    for m in model.modules():  # trained BN scales differ; untrained ones are all 1
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.2, 2.0)
+    gm = fxcondensa.trace(model.eval(), torch.randn(1, 1, 28, 28))
+    a = analyze(gm)
+    torch.testing.assert_close(channel_scores(gm, a, "bn_or_l2norm", normalize=True),
+                               channel_scores(gm, a, "bn_scale", normalize=True), equal_nan=True)
+
+
+def test_structure_prune_defaults_to_bn_or_l2norm_and_equals_l2norm_without_batchnorm():
+    assert StructurePrune(0.5).criteria == "bn_or_l2norm"
+    torch.manual_seed(0)
+    model = fxcondensa.models.LeNet5().eval()
+    x = torch.randn(1, 1, 28, 28)
+    default = fxcondensa.compress(model, StructurePrune(0.3), x)
+    rows = fxcondensa.compress(model, StructurePrune(0.3, criteria="l2norm"), x)
+    for (name, p), q in zip(default.named_parameters(), rows.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+@pytest.mark.parametrize("criteria", ["group_l2", "bn_scale", "bn_or_l2norm", "max"])
 def test_every_criterion_thins_exactly(criteria):
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
@@ -72,5 +122,5 @@ def test_every_criterion_thins_exactly(criteria):
 
 
 def test_unknown_criteria_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"criteria must be one of \['l2norm'.*'group_l2', 'bn_scale'\].*'taylorx'"):
+    with pytest.raises(ValueError, match=r"criteria must be one of \['l2norm'.*'group_l2', 'bn_scale', 'bn_or_l2norm'\].*'taylorx'"):
         StructurePrune(0.5, criteria="taylorx")

@@ -29,8 +29,7 @@ def test_rounding_only_differences_pass_in_float64(monkeypatch):
     assert small.conv1.weight.dtype == torch.float32  # the float64 copies are only for the check
 
 
-def test_a_wrong_model_still_fails_in_float64(monkeypatch):
-    _fp32_always_differs(monkeypatch)
+def _remove_a_live_channel(monkeypatch) -> None:
     real = thin_module.removable_channels
 
     def too_many(gm, analysis):  # also remove a live channel: the thinned model is then wrong
@@ -39,5 +38,20 @@ def test_a_wrong_model_still_fails_in_float64(monkeypatch):
         return removable
 
     monkeypatch.setattr(thin_module, "removable_channels", too_many)
+
+
+def test_a_wrong_model_still_fails_in_float64(monkeypatch):
+    _fp32_always_differs(monkeypatch)
+    _remove_a_live_channel(monkeypatch)
     with pytest.raises(fxcondensa.ThinningCheckError, match="float64"):
         fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(2, 1, 28, 28))
+
+
+def test_the_check_catches_a_wrong_model(monkeypatch):
+    """The thinned model's outputs come from the run that also records its shapes: a live channel removed
+    still fails the check (in float32, and in float64 after it); without the check the wrong model is
+    returned, so the check is what catches it."""
+    _remove_a_live_channel(monkeypatch)
+    with pytest.raises(fxcondensa.ThinningCheckError, match="float64"):
+        fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(2, 1, 28, 28))
+    fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(2, 1, 28, 28), check=False)

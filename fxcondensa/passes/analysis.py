@@ -17,12 +17,14 @@ from .channels import ChannelAnalysis, RuleContext
 __all__ = ["analyze", "zero_channels", "removable_channels", "keep_one_per_slice", "balance_grouped"]
 
 
-def analyze(gm: fx.GraphModule, *, strict: bool = False) -> ChannelAnalysis:
+def analyze(gm: fx.GraphModule, *, strict: bool = False, head_dim: bool = False) -> ChannelAnalysis:
     """Channel dependency analysis of a traced, shape-annotated ``GraphModule``.
 
     Writes each node's tracked channel dim (``ChanInfo`` or None) to ``node_record(node).chan`` and returns
     the ``ChannelAnalysis`` with groups, slices and frozen reasons. ``strict=True`` raises
     ``UnknownOpError`` at the first op without a rule (or whose rule fails) instead of freezing its group.
+    ``head_dim=True`` makes each head_dim column of an attention (shared by all its heads) a channel instead
+    of each head (``thin`` runs it as a second stage; see ``rules/attention.py``).
 
     Example:
         >>> import torch, fxcondensa
@@ -33,21 +35,25 @@ def analyze(gm: fx.GraphModule, *, strict: bool = False) -> ChannelAnalysis:
         [('conv1', 20, []), ('conv2', 50, [])]
     """
     key = (_graph_key(gm), strict, registry.generation())
-    cached = _CACHE.get(gm)
+    cache = _HEAD_DIM_CACHE if head_dim else _CACHE  # a scheme asking for both keeps both
+    cached = cache.get(gm)
     if cached is not None and cached[0] == key:
         return cached[1]
     if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
         raise ValueError("analyze needs shape metadata: trace the model with example inputs "
                          "(fxcondensa.trace(model, example_inputs))")
     rules.register_optional_rules()
-    analysis = RuleContext(gm, strict=strict).run()
+    ctx = RuleContext(gm, strict=strict)
+    ctx.analysis.head_dim = head_dim
+    analysis = ctx.run()
     # Schemes and thin analyse the same graph in turn; the result depends on structure, shapes and the
     # registry only (zero rules read the weights when they run), so it is kept until one of them changes.
-    _CACHE[gm] = (key, analysis)
+    cache[gm] = (key, analysis)
     return analysis
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HEAD_DIM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _graph_key(gm: fx.GraphModule) -> tuple:
@@ -79,8 +85,16 @@ def keep_one_per_slice(analysis: ChannelAnalysis, keep: torch.Tensor, score: tor
     """Keep the best channel (by ``score``, else the first) of any sliced tensor dim that would keep none:
     a conv with no filters, or a cat part with no channels, cannot run."""
     keep = keep.clone()
-    for s in analysis.slices:
-        ch = analysis.channel_of[s.atoms]
+    if not analysis.slices:
+        return keep
+    # Which slices keep nothing, counted for all at once (a loop over hundreds of slices costs more than
+    # the rest of the selection); keep only grows, so the loop needs to look at those slices only.
+    sizes = torch.tensor([s.atoms.numel() for s in analysis.slices])
+    owner = torch.repeat_interleave(torch.arange(len(analysis.slices)), sizes)
+    channels = analysis.channel_of[torch.cat([s.atoms for s in analysis.slices])]
+    kept = torch.zeros(len(analysis.slices), dtype=torch.long).index_add_(0, owner, keep[channels].long())
+    for k in torch.nonzero(kept == 0).flatten().tolist():
+        ch = analysis.channel_of[analysis.slices[k].atoms]
         if ch.numel() and not bool(keep[ch].any()):
             keep[ch[int(torch.argmax(score[ch].nan_to_num(float("-inf"))))] if score is not None else ch[0]] = True
     return keep

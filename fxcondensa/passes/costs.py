@@ -109,9 +109,12 @@ def _graph_module(model: nn.Module, example_inputs: Any, **trace_options: Any) -
 
 
 def profile_costs(model: nn.Module, example_inputs: Any = None, *,
-                  leaf_modules: Sequence[type[nn.Module]] = (), concrete_args: dict[str, Any] | None = None
-                  ) -> list[NodeCost]:
+                  leaf_modules: Sequence[type[nn.Module]] = (), concrete_args: dict[str, Any] | None = None,
+                  count_nonzero: bool = True) -> list[NodeCost]:
     """MACs and parameters of every computing node (not placeholders, get_attr or output), in graph order.
+
+    ``count_nonzero=False`` skips counting the non-zero parameter values, a pass over every weight, for a
+    caller that reads shapes and MACs only; ``nonzero_params`` is then -1.
 
     Example:
         >>> import torch, fxcondensa
@@ -130,7 +133,7 @@ def profile_costs(model: nn.Module, example_inputs: Any = None, *,
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel()
-                nonzero += int(p.count_nonzero())
+                nonzero += int(p.count_nonzero()) if count_nonzero else 0
         return total, nonzero
 
     costs: list[NodeCost] = []
@@ -149,7 +152,7 @@ def profile_costs(model: nn.Module, example_inputs: Any = None, *,
         costs.append(NodeCost(
             name=node.name, layer=layer_name(node), op=node.op, type=_type_name(gm, node), kind=kind,
             input_shapes=tuple(s for s in ins if s is not None), output_shape=out,
-            params=params[0], nonzero_params=params[1], macs=int(macs),
+            params=params[0], nonzero_params=params[1] if count_nonzero else -1, macs=int(macs),
         ))
     return costs
 

@@ -256,8 +256,12 @@ def _with_size(shape: Any, dim: int, new: int) -> Any:
 
 
 def apply_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor,
-               inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    """A thinned copy of ``gm`` that keeps the channels marked in ``keep`` (one bool per channel id)."""
+               inputs: tuple[torch.Tensor, ...], *, shapes: bool = True) -> fx.GraphModule:
+    """A thinned copy of ``gm`` that keeps the channels marked in ``keep`` (one bool per channel id).
+
+    ``shapes=False`` leaves the copy without shape metadata, for a caller that runs it on real inputs
+    anyway and records the shapes there (``thin``'s check): shape propagation on meta tensors costs as
+    much as a forward pass on a ResNet-50."""
     thinned = _copy_without_annotations(gm)
     _slice_tensors(thinned, analysis, keep)
     _update_modules(thinned, analysis, keep)
@@ -266,5 +270,10 @@ def apply_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor
     _rewrite_ops(thinned, analysis, keep)
     thinned.graph.lint()
     thinned.recompile()
-    propagate_shapes(thinned, inputs, fake=True)
+    if shapes:
+        propagate_shapes(thinned, inputs, fake=True)
+    else:
+        # The copied shapes are the dense ones (the rewrites above read them): never leave them behind.
+        for node in thinned.graph.nodes:
+            node.meta.pop("tensor_meta", None)
     return thinned

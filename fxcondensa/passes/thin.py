@@ -20,8 +20,9 @@ from torch import nn
 
 from ..capture import capture_notes, capture_of, graph_inputs, split_inputs
 from ..errors import ExampleInputError, ThinningCheckError
-from ..graph import trace
-from ..records import META, GroupRecord, ThinRecord, graph_record
+from ..graph import propagate_shapes, trace
+from ..records import META, FrozenGroup, GroupRecord, ThinRecord, graph_record
+from ..rules.attention import head_channels, head_dim_channels
 from ..schemes import check_scheme
 from .analysis import analyze, balance_grouped, removable_channels
 from .channels import ChanInfo, ChannelAnalysis
@@ -119,7 +120,9 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
                     f"the example inputs ({shapes}) do not run through {type(compressed).__name__}: "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and "
                     "device the model expects.") from exc
-            if not _outputs_close(expected, _run(thinned, inputs)):
+            # The thinned model runs through shape propagation: one real run both gives the outputs to
+            # compare and records its shapes, which ``apply_keep(..., shapes=False)`` left to it.
+            if not _outputs_close(expected, propagate_shapes(thinned, inputs)):
                 # Removing zero channels changes the order of float32 sums; in a deep net with large
                 # activations that rounding alone can exceed the tolerance. The same comparison in float64
                 # tells rounding (it vanishes) from a wrong model (it does not).
@@ -184,19 +187,40 @@ def thin(
             scheme.delta(compressed)
     analysis = analyze(compressed, strict=strict)
     keep = balance_grouped(analysis, ~removable_channels(compressed, analysis))
-    thinned = apply_keep(compressed, analysis, keep, inputs)
+    # The check runs the thinned model for real and records its shapes then (see ``_check``); the head_dim
+    # stage analyses the thinned graph before that, so it needs them from ``apply_keep``.
+    head_dim_stage = _may_zero_columns(scheme) and bool(head_channels(compressed, analysis).any())
+    thinned = apply_keep(compressed, analysis, keep, inputs, shapes=not check or head_dim_stage)
+    columns = None
+    if head_dim_stage:
+        thinned, columns, column_keep = _thin_head_dim(thinned, inputs)
     if check:
         _check(compressed, thinned, analysis, keep, inputs)
+    groups = [GroupRecord(g.name, tuple(g.producers), int(g.channels.numel()), int(keep[g.channels].sum()),
+                          "; ".join(g.frozen)) for g in analysis.groups]
+    frozen = analysis.frozen_report()
+    recipe = keep.clone()
+    if columns is not None and (column_keep is not None or scheme is not None):
+        # Shown when columns went or the scheme asked for them: a frozen head_dim says why it stayed whole.
+        found = head_dim_channels(columns)
+        column_groups = [g for g in columns.groups if bool(found[g.channels].any())]
+        kept = column_keep if column_keep is not None else torch.ones(columns.num_channels, dtype=torch.bool)
+        groups += [GroupRecord(f"{g.name} (head_dim)", tuple(g.producers), int(g.channels.numel()),
+                               int(kept[g.channels].sum()), "; ".join(g.frozen)) for g in column_groups]
+        frozen += [FrozenGroup(f"{g.name} (head_dim)", tuple(g.layers) or tuple(g.producers), "; ".join(g.frozen))
+                   for g in column_groups if g.frozen]
+        if column_keep is not None:
+            recipe = torch.cat([recipe, column_keep])
     thinned.meta[META] = ThinRecord(
         # The recipe: which channels stayed (by channel id of the analysis, which is deterministic for an
-        # architecture and input shapes). ``rethin`` rebuilds the same thinned graph from it.
-        keep=keep.clone(),
+        # architecture and input shapes), then, when head_dim columns went, which channels of the second
+        # stage's analysis stayed. ``rethin`` rebuilds the same thinned graph from it.
+        keep=recipe,
         input_shapes=[list(t.shape) if isinstance(t, torch.Tensor) else [] for t in inputs],
         input_dtypes=[str(t.dtype).removeprefix("torch.") if isinstance(t, torch.Tensor) else type(t).__name__
                       for t in inputs],
-        groups=[GroupRecord(g.name, tuple(g.producers), int(g.channels.numel()), int(keep[g.channels].sum()),
-                            "; ".join(g.frozen)) for g in analysis.groups],
-        frozen=analysis.frozen_report(),
+        groups=groups,
+        frozen=frozen,
         target=graph_record(compressed).target,  # e.g. the FLOP target a scheme searched for, and what it reached
         rule_failures=len(analysis.rule_failures),
         capture=capture_of(compressed),
@@ -205,6 +229,28 @@ def thin(
     for note in capture_notes(compressed):
         warnings.warn(f"thin: {type(model).__name__} was {note}", stacklevel=2)
     return thinned
+
+
+def _may_zero_columns(scheme: Any) -> bool:
+    """Whether head_dim columns may be zero: the scheme prunes them (``attention="head_dim"`` or ``"both"``),
+    or there is no scheme and the weights come from anything (a compressed model, L-C)."""
+    if scheme is None or getattr(scheme, "attention", None) in ("head_dim", "both"):
+        return True
+    return any(_may_zero_columns(s) for s in getattr(scheme, "schemes", ()))
+
+
+def _thin_head_dim(gm: fx.GraphModule, inputs: tuple[Any, ...]
+                   ) -> tuple[fx.GraphModule, ChannelAnalysis, torch.Tensor | None]:
+    """The second stage of ``thin``: head_dim columns (column ``j`` of every head of one attention) that are
+    zero wherever they are read go, each attention keeping its dense softmax scale. A channel is either a
+    head or a head_dim column in one analysis, so heads went in the first stage and columns go here, on its
+    result; nothing else changes. Returns the graph, the column analysis and its keep (None: nothing went)."""
+    analysis = analyze(gm, head_dim=True)
+    removable = removable_channels(gm, analysis) & head_dim_channels(analysis)
+    if not bool(removable.any()):
+        return gm, analysis, None
+    keep = balance_grouped(analysis, ~removable)
+    return apply_keep(gm, analysis, keep, inputs), analysis, keep
 
 
 def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
@@ -229,8 +275,17 @@ def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
     inputs = graph_inputs(gm, example_inputs)
     analysis = analyze(gm)
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (analysis.num_channels,):
+    n = analysis.num_channels
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 1 or keep.numel() < n:
         got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
         raise ValueError(f"the thinning recipe does not fit {type(model).__name__}: it needs a bool tensor of "
-                         f"{analysis.num_channels} channels, got {got}")
-    return apply_keep(gm, analysis, balance_grouped(analysis, keep), inputs)
+                         f"{n} channels, got {got}")
+    thinned = apply_keep(gm, analysis, balance_grouped(analysis, keep[:n]), inputs)
+    if keep.numel() == n:
+        return thinned
+    columns = analyze(thinned, head_dim=True)  # the rest: which head_dim columns stayed (see ``thin``)
+    if keep.numel() != n + columns.num_channels:
+        raise ValueError(f"the thinning recipe does not fit {type(model).__name__}: it needs a bool tensor of "
+                         f"{n} channels, or {n + columns.num_channels} with head_dim columns, got "
+                         f"{keep.dtype} {tuple(keep.shape)}")
+    return apply_keep(thinned, columns, balance_grouped(columns, keep[n:]), inputs)

@@ -11,6 +11,17 @@ when its value rows are zero (its output then is exactly zero), whatever its que
 Removing heads keeps ``head_dim``, so softmax scales do not change. Grouped-query attention
 (``enable_gqa=True``) ties each key/value head to its group of query heads.
 
+head_dim columns are the other way to cut a split: ``analyze(gm, head_dim=True)`` (``thin``'s second stage,
+``StructurePrune(attention="head_dim" | "both")``) makes column ``j`` of every head one channel and tracks
+the head_dim dim. In ``q @ k^T`` (matmul or SDPA) a q column and the same k column are summed over: united,
+both exits, so a column goes when it is zero in q and k and no product changes. v's columns pass through
+``attn @ v`` to the out-projection. Every head keeps the same columns, so reshapes stay rectangular (a fused
+``reshape(B, N, 3, H, D)`` gives q, k and v one head_dim). The softmax keeps the dense scale: an SDPA call
+that left ``scale`` to its default gets ``1 / sqrt(dense head_dim)``, ``ThinMultiheadAttention`` keeps its
+``scale``, a literal ``q * 0.125`` is unchanged, and a scale computed from the width at run time
+(``q.size(-1) ** -0.5``) freezes the columns with that reason, as do rotary embeddings (their cos/sin
+tables are computed over head_dim).
+
 ``nn.MultiheadAttention`` (a leaf module) is thinned per head the same way and replaced by
 ``fxcondensa.nn.ThinMultiheadAttention`` (same arithmetic, its own head count and widths).
 
@@ -86,6 +97,8 @@ def view_rule(ctx: RuleContext, node: fx.Node) -> None:
     if found is None:
         return _ORIGINAL_VIEW(ctx, node)
     first, sizes = found
+    if ctx.analysis.head_dim:
+        return _split_head_dim(ctx, node, x, i, first, sizes)
     heads_at = len(sizes) - 2  # (..., heads, head_dim): the second to last split dim counts heads
     grid = i.atoms.view(sizes).movedim(heads_at, 0).reshape(sizes[heads_at], -1)
     for col in range(1, grid.shape[1]):  # one head, all its slots, is one channel
@@ -97,6 +110,57 @@ def view_rule(ctx: RuleContext, node: fx.Node) -> None:
         return z[name].view(sizes).movedim(heads_at, 0).reshape(-1, per).all(1)
 
     ctx.output(node, ChanInfo(first + heads_at, grid[:, 0].clone()), rule)
+
+
+def _split_head_dim(ctx: RuleContext, node: fx.Node, x: fx.Node, i: ChanInfo, first: int,
+                    sizes: tuple[int, ...]) -> None:
+    """The split into ``(..., heads, head_dim)`` with head_dim columns as channels: column ``j`` of every
+    head (and of q, k and v in a fused projection, whose one reshape needs one head_dim) is one channel, so
+    that every head keeps the same columns and the reshape stays rectangular. The tracked dim is head_dim."""
+    d = sizes[-1]
+    grid = i.atoms.view(sizes).reshape(-1, d)  # one row per (q/k/v slot, head)
+    if grid.shape[0] > 1:
+        ctx.unite(grid[0].repeat(grid.shape[0] - 1), grid[1:].flatten())
+    ctx.rewrite_sizes(node)
+    columns = grid[0].clone()
+    head_dim_atoms(ctx.analysis).append(columns)
+    name = x.name
+
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        return z[name].view(sizes).reshape(-1, d).all(0)
+
+    ctx.output(node, ChanInfo(first + len(sizes) - 1, columns), rule)
+
+
+def head_dim_atoms(analysis: Any) -> list[torch.Tensor]:
+    """Per analysis with ``head_dim=True``: the atoms of the head_dim columns found (one vector per split
+    into heads or ``nn.MultiheadAttention``), read by ``head_dim_channels``."""
+    return analysis.__dict__.setdefault("_head_dim_atoms", [])
+
+
+def head_dim_channels(analysis: Any) -> torch.Tensor:
+    """Bool per channel of an analysis made with ``head_dim=True``: True where the channel is a head_dim
+    column of some attention (shared by all its heads).
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> from fxcondensa.passes.analysis import analyze
+        >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        >>> class Block(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.attn = mha
+        ...     def forward(self, x):
+        ...         return self.attn(x, x, x, need_weights=False)[0]
+        >>> gm = fxcondensa.trace(Block(), torch.randn(1, 3, 8))
+        >>> int(head_dim_channels(analyze(gm, head_dim=True)).sum())  # 8 / 2 heads: 4 columns
+        4
+    """
+    found = torch.zeros(analysis.num_channels, dtype=torch.bool)
+    for atoms in head_dim_atoms(analysis):
+        if atoms.numel():
+            found[analysis.channel_of[atoms]] = True
+    return found
 
 
 def _rewrite_view(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
@@ -237,6 +301,8 @@ def sdpa_rule(ctx: RuleContext, node: fx.Node) -> None:
         return ctx.unsupported(node, "scaled_dot_product_attention with untracked q, k or v")
     nd = len(shapes_[0])
     dims = {i.dim + nd - len(s) for i, s in zip((iq, ik, iv), shapes_, strict=True)}
+    if dims == {nd - 1}:
+        return _sdpa_head_dim(ctx, node, (q, k, v), (iq, ik, iv), nd)
     if len(dims) != 1 or dims.pop() >= nd - 2:
         return ctx.unsupported(node, "scaled_dot_product_attention with channels on the sequence or head_dim dims")
     mask = node_arg(node, 3, "attn_mask")
@@ -259,26 +325,77 @@ def sdpa_rule(ctx: RuleContext, node: fx.Node) -> None:
     ctx.output(node, ChanInfo(iq.dim, iq.atoms), lambda z, gm: z[vname].repeat_interleave(rep))
 
 
+def _sdpa_head_dim(ctx: RuleContext, node: fx.Node, qkv: tuple[fx.Node, ...], infos: tuple[ChanInfo, ...],
+                   nd: int) -> None:
+    """SDPA with head_dim columns tracked on the last dim of q, k and v. A column of q pairs with the same
+    column of k in ``q @ k^T``, which sums over them: they are one channel and both are exits (it goes when
+    it is zero in q and k, which changes no product). v's columns pass to the output, each output row being
+    a softmax-weighted sum of v's rows. The softmax scale is rewritten to the dense one (``_rewrite_sdpa``)."""
+    (q, k, v), (iq, ik, iv) = qkv, infos
+    mask = node_arg(node, 3, "attn_mask")
+    if ctx.info(mask) is not None or iq.atoms.numel() != ik.atoms.numel():
+        return ctx.unsupported(node, "scaled_dot_product_attention with a tracked mask or different q and k head_dim")
+    ctx.unite(iq.atoms, ik.atoms)
+    ctx.exit(q)
+    ctx.exit(k)
+    vname = v.name
+    ctx.output(node, ChanInfo(nd - 1, iv.atoms), lambda z, gm: z[vname])
+
+
+def _rewrite_sdpa(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
+    """Fewer head_dim columns must not change the softmax scale: a call that left ``scale`` to its default
+    (``1 / sqrt(q.shape[-1])``, read at run time) gets the dense model's value. An explicit scale (Hugging
+    Face passes ``scale=self.scaling``) is a number that thinning does not touch."""
+    q = node_arg(node, 0, "query")
+    i, shape = view.info(q), node_shape(q)
+    if i is None or shape is None or i.dim != len(shape) - 1 or view.kept_count(q) == shape[-1]:
+        return
+    if node_arg(node, 6, "scale") is not None:
+        return
+    scale = fxnn.default_scale(shape[-1])
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], scale, *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "scale": scale}
+
+
 register_rule(F.scaled_dot_product_attention, aten.scaled_dot_product_attention, channels=sdpa_rule,
-              zeros="custom", cost=_sdpa_cost, kind="matmul", name="scaled_dot_product_attention")
+              zeros="custom", cost=_sdpa_cost, kind="matmul", rewrite=_rewrite_sdpa,
+              name="scaled_dot_product_attention")
 
 
 # ---------------------------------------------------------------------------------- MultiheadAttention
 
+def _mha_paths(target: str, m: nn.Module) -> tuple[str, str | None, str, str | None]:
+    """In-projection weight and bias, out-projection weight and bias of an ``nn.MultiheadAttention`` or a
+    ``ThinMultiheadAttention`` at ``target`` (a bias that is None has no path)."""
+    if isinstance(m, fxnn.ThinMultiheadAttention):
+        return (f"{target}.in_proj_weight", f"{target}.in_proj_bias" if m.in_proj_bias is not None else None,
+                f"{target}.out_weight", f"{target}.out_bias" if m.out_bias is not None else None)
+    return (f"{target}.in_proj_weight", f"{target}.in_proj_bias" if m.in_proj_bias is not None else None,
+            f"{target}.out_proj.weight", f"{target}.out_proj.bias" if m.out_proj.bias is not None else None)
+
+
 def mha_module(ctx: RuleContext, node: fx.Node) -> None:
     """Self-attention through ``nn.MultiheadAttention``: input columns of the in-projection follow the
     input's channels, heads are channels of their own (q, k, v rows and out-projection columns of one
-    head), the out-projection rows are new channels. The attention weights must not be used."""
+    head), the out-projection rows are new channels. The attention weights must not be used. With
+    ``head_dim=True`` the head_dim columns are the channels instead (``_mha_columns``); a
+    ``ThinMultiheadAttention`` (heads thinned by the first stage) is thinned that way too."""
     m = ctx.module(node)
+    thinned = isinstance(m, fxnn.ThinMultiheadAttention)
     q, k, v = (node_arg(node, j, n) for j, n in enumerate(("query", "key", "value")))
     x = q
-    what = f"nn.MultiheadAttention '{node.target}'"
+    what = f"{'fxcondensa.nn.ThinMultiheadAttention' if thinned else 'nn.MultiheadAttention'} '{node.target}'"
     weights_used = any(not (u.op == "call_function" and u.target is operator.getitem
                             and (u.args[1] == 0 or (u.args[1] == 1 and not u.users))) for u in node.users)
     reason = None
-    if not (q is k is v):
+    if thinned and not ctx.analysis.head_dim:
+        reason = "has its heads thinned already"
+    elif not (q is k is v):
         reason = "is not self-attention (query, key and value differ)"
-    elif not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+    elif not getattr(m, "_qkv_same_embed_dim", True) or getattr(m, "bias_k", None) is not None \
+            or getattr(m, "add_zero_attn", False):
         reason = "has separate k/v dims, bias_k/bias_v or add_zero_attn"
     elif weights_used:
         reason = "returns attention weights that are used"
@@ -294,49 +411,85 @@ def mha_module(ctx: RuleContext, node: fx.Node) -> None:
     if i is not None and (shape is None or i.dim != len(shape) - 1):
         reason = reason or f"reads channels on dim {i.dim}"
     target = str(node.target)
-    e, h = m.embed_dim, m.num_heads
-    d = e // h
+    h = m.num_heads
+    d = m.head_dim if thinned else m.embed_dim // h
+    e = h * d  # the width of q, k and v
+    in_w, in_b, wpath, bpath = _mha_paths(target, m)
     if reason is not None:  # untracked output: whatever it is added to keeps its channels too
         if i is not None:
             ctx.freeze(i.atoms, f"{what} {reason}")
         return ctx.output(node, None, None)
-    heads = ctx.new_channels(h, f"{target} (heads)", "linear")
-    out = ctx.new_channels(e, target, "linear")
+    if ctx.analysis.head_dim:
+        own, own_zero = _mha_columns(ctx, node, (in_w, in_b, wpath), h, d)
+    else:
+        own = ctx.new_channels(h, f"{target} (heads)", "linear")
+        rows = own.repeat_interleave(d)
+        ctx.slice_param(in_w, 0, rows.repeat(3), "producer", node)
+        if in_b is not None:
+            ctx.slice_param(in_b, 0, rows.repeat(3), "bias", node)
+        ctx.slice_param(wpath, 1, rows, "consumer", node)
+
+        def own_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+            # A head adds nothing when its value rows (and biases) or its out-projection columns are zero.
+            v = _tensor(gm, in_w)[2 * e:].detach()
+            zero_v = zero_rows(v.reshape(h, -1), 0)
+            if in_b is not None:
+                zero_v &= zero_rows(_tensor(gm, in_b)[2 * e:].detach().view(h, d), 0)
+            return zero_v | zero_rows(_tensor(gm, wpath).detach().t().reshape(h, -1), 0)
+
+    out = ctx.new_channels(ctx.param(wpath).shape[0], target, "linear")  # after the heads: recipes keep ids
     if i is not None:
-        ctx.slice_param(f"{target}.in_proj_weight", 1, i.atoms, "consumer", node)
+        ctx.slice_param(in_w, 1, i.atoms, "consumer", node)
         ctx.exit(x)
     else:
-        ctx.block(f"{target}.in_proj_weight", 1, node)
-    rows = heads.repeat_interleave(d)
-    ctx.slice_param(f"{target}.in_proj_weight", 0, rows.repeat(3), "producer", node)
-    if m.in_proj_bias is not None:
-        ctx.slice_param(f"{target}.in_proj_bias", 0, rows.repeat(3), "bias", node)
-    ctx.slice_param(f"{target}.out_proj.weight", 1, rows, "consumer", node)
-    ctx.slice_param(f"{target}.out_proj.weight", 0, out, "producer", node)
-    if m.out_proj.bias is not None:
-        ctx.slice_param(f"{target}.out_proj.bias", 0, out, "bias", node)
-    wpath = f"{target}.out_proj.weight"
-    bpath = f"{target}.out_proj.bias" if m.out_proj.bias is not None else None
-
-    def head_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-        # A head adds nothing when its value rows (and biases) or its out-projection columns are zero.
-        mod = gm.get_submodule(target)
-        v = mod.in_proj_weight[2 * e:].detach()
-        zero_v = zero_rows(v.view(h, d * v.shape[1]), 0)
-        if mod.in_proj_bias is not None:
-            zero_v &= zero_rows(mod.in_proj_bias[2 * e:].detach().view(h, d), 0)
-        return zero_v | zero_rows(mod.out_proj.weight.detach().t().reshape(h, -1), 0)
+        ctx.block(in_w, 1, node)
+    ctx.slice_param(wpath, 0, out, "producer", node)
+    if bpath is not None:
+        ctx.slice_param(bpath, 0, out, "bias", node)
 
     def out_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
         zero = zero_rows(_tensor(gm, wpath), 0)
         return zero & host(_tensor(gm, bpath) == 0) if bpath is not None else zero
 
-    # The node's own channels are its heads (the tuple it returns carries no tensor dim of them): the node
-    # is their exit, so a head goes only when it adds nothing. ``output[0]`` carries the out-projection's
-    # channels (see ``getitem_rule``).
-    ctx.output(node, ChanInfo(0, heads), head_zero)
+    # The node's own channels are its heads or head_dim columns (the tuple it returns carries no tensor dim
+    # of them): the node is their exit, so one goes only when it adds nothing. ``output[0]`` carries the
+    # out-projection's channels (see ``getitem_rule``).
+    ctx.output(node, ChanInfo(0, own), own_zero)
     ctx.exit(node)
     tuple_outputs(ctx)[node.name] = {0: (ChanInfo(len(shape) - 1, out), out_zero)}
+
+
+def _mha_columns(ctx: RuleContext, node: fx.Node, paths: tuple[str, str | None, str], h: int,
+                 d: int) -> tuple[torch.Tensor, Any]:
+    """The head_dim columns of a MultiheadAttention as channels: column ``j`` is row ``j`` of every head of
+    q, k and v (one fused reshape: one head_dim) and column ``j`` of every head in the out-projection.
+    Removing it is exact when q or k is zero there (no product of ``q @ k^T`` changes) and v or the
+    out-projection is zero there (the head's output there adds nothing). The thinned module keeps the
+    dense softmax scale (``_rewrite_mha``)."""
+    in_w, in_b, wpath = paths
+    target = str(node.target)
+    cols = ctx.new_channels(d, f"{target} (head_dim)", "linear")
+    head_dim_atoms(ctx.analysis).append(cols)
+    ctx.slice_param(in_w, 0, cols.repeat(3 * h), "producer", node)
+    if in_b is not None:
+        ctx.slice_param(in_b, 0, cols.repeat(3 * h), "bias", node)
+    ctx.slice_param(wpath, 1, cols.repeat(h), "consumer", node)
+    e = h * d
+
+    def zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        w = _tensor(gm, in_w).detach()
+        b = _tensor(gm, in_b).detach() if in_b is not None else None
+
+        def part(s: int) -> torch.Tensor:  # per column: zero in every head of q (0), k (1) or v (2)
+            found = zero_rows(w[s * e:(s + 1) * e].reshape(h, d, -1).transpose(0, 1).reshape(d, -1), 0)
+            if b is not None:
+                found &= zero_rows(b[s * e:(s + 1) * e].reshape(h, d).t(), 0)
+            return found
+
+        out = zero_rows(_tensor(gm, wpath).detach().reshape(-1, h, d).permute(2, 0, 1).reshape(d, -1), 0)
+        return (part(0) | part(1)) & (part(2) | out)
+
+    return cols, zero
 
 
 def tuple_outputs(ctx: RuleContext) -> dict[str, dict[int, Any]]:
@@ -366,14 +519,18 @@ register_rule(operator.getitem, channels=getitem_rule, zeros="custom", cost="non
 
 def _rewrite_mha(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
     m = gm.get_submodule(node.target)
-    if isinstance(m, fxnn.ThinMultiheadAttention):
+    if isinstance(m, fxnn.ThinMultiheadAttention):  # already thin: head_dim columns may have gone (its scale stays)
+        m.head_dim = m.in_proj_weight.shape[0] // (3 * m.num_heads)
         return
     d = m.head_dim
     heads = m.in_proj_weight.shape[0] // (3 * d)
-    if heads == m.num_heads and m.in_proj_weight.shape[1] == m.embed_dim and m.out_proj.weight.shape[0] == m.embed_dim:
+    if view.analysis.head_dim:  # every head stays, with fewer columns and the dense softmax scale
+        heads, d = m.num_heads, m.in_proj_weight.shape[0] // (3 * m.num_heads)
+    if heads == m.num_heads and d == m.head_dim and m.in_proj_weight.shape[1] == m.embed_dim \
+            and m.out_proj.weight.shape[0] == m.embed_dim:
         return
     new = fxnn.ThinMultiheadAttention(m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias,
-                                      num_heads=heads, head_dim=d, scale=fxnn.default_scale(d),
+                                      num_heads=heads, head_dim=d, scale=fxnn.default_scale(m.head_dim),
                                       batch_first=m.batch_first)
     new.train(m.training)
     owner, _, attr = str(node.target).rpartition(".")
@@ -396,8 +553,8 @@ def _mha_cost(c: CostCall) -> int:
 
 register_rule(nn.MultiheadAttention, channels=mha_module, zeros="custom", cost=_mha_cost, kind="matmul",
               rewrite=_rewrite_mha, creates=True, name="multihead_attention")
-register_rule(fxnn.ThinMultiheadAttention, channels="freeze", cost=_mha_cost, kind="matmul",
-              name="multihead_attention (thinned)")
+register_rule(fxnn.ThinMultiheadAttention, channels=mha_module, zeros="custom", cost=_mha_cost, kind="matmul",
+              rewrite=_rewrite_mha, creates=True, name="multihead_attention (thinned)")
 
 
 # ------------------------------------------------------------------------------------- heads, for schemes

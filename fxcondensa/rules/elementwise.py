@@ -46,7 +46,7 @@ register_rule(
     torch.log1p,
     torch.nn.functional.hardtanh_,
     "relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "double", "half", "bfloat16", "to",
-    "type", "type_as", "detach", "neg", "abs", "requires_grad_", "square", "sign", "erf",
+    "type", "detach", "neg", "abs", "requires_grad_", "square", "sign", "erf",
     aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.hardswish, aten.hardswish_, aten.tanh,
     aten.leaky_relu, aten.elu, aten.mish, aten.dropout, aten.clone, aten.neg, aten.abs, aten.contiguous,
     aten.alias, aten.detach, aten._to_copy, aten.to,
@@ -150,7 +150,8 @@ register_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, 
               aten.adaptive_avg_pool2d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool2d,
               channels=pool, zeros="custom", cost=_adaptive_pool_cost, kind="pool", name="adaptive pool")
 register_rule(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate,
-              aten.upsample_nearest2d, aten.upsample_bilinear2d,
+              aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten._upsample_bicubic2d_aa,
+              aten._upsample_bilinear2d_aa,
               channels=pool, zeros="custom", cost="elementwise", name="upsample")
 
 
@@ -220,6 +221,11 @@ def _binary(ctx: RuleContext, node: fx.Node, how: str) -> None:
             ctx.slice_param(viewed[0], viewed[1], atoms, "norm", node)
             parts.append(("attr", viewed))
             continue
+        computed = track_parameter_chain(ctx, node, x, dx, atoms.numel())
+        if computed is not None:
+            ctx.unite(atoms, computed)
+            parts.append(("tracked", x.name))
+            continue
         ctx.freeze(atoms, f"elementwise op '{node.name}' combines channels with '{x.name}', which cannot be sliced")
         parts.append(("opaque", None))
     n = atoms.numel()
@@ -250,11 +256,106 @@ def _binary(ctx: RuleContext, node: fx.Node, how: str) -> None:
     ctx.output(node, ChanInfo(d, atoms), rule)
 
 
+_CHAIN_LIMIT = 64  # nodes: a parameter's resampling is a handful of ops; more is not what this rule is for
+
+
+def _parameter_chain(ctx: RuleContext, x: fx.Node, user: fx.Node) -> list[fx.Node] | None:
+    """The nodes ``x`` is computed from, in graph order, when they read parameters and buffers only (no graph
+    input, no module call) and nothing outside them reads them except ``user`` and value-less checks
+    (``aten._assert_tensor_metadata``); None otherwise."""
+    found: dict[str, fx.Node] = {}
+    stack = [x]
+    while stack:
+        n = stack.pop()
+        if n.name in found:
+            continue
+        if n.op not in ("get_attr", "call_function", "call_method") or len(found) >= _CHAIN_LIMIT:
+            return None
+        rule = rule_for_key(n.target) if n.op != "get_attr" else None
+        if rule is not None and rule.creates:  # a layer over parameters made its channels on the first visit
+            return None
+        found[n.name] = n
+        stack.extend(n.all_input_nodes)
+    checks: dict[str, fx.Node] = {}
+    for n in found.values():
+        for u in n.users:
+            if u.name in found or u is user:
+                continue
+            if node_shape(u) is None and not u.users and rule_for_key(u.target) is not None:
+                checks[u.name] = u  # a check that produces no value; revisited with the chain
+                continue
+            return None
+    # A parameter read here and anywhere else would be sliced for one use and not the other.
+    paths = {ctx.param_alias.get(n.target, n.target) for n in found.values() if n.op == "get_attr"}
+    for n in x.graph.nodes:
+        if n.op == "get_attr" and n.name not in found and ctx.param_alias.get(n.target, n.target) in paths:
+            return None
+    return [n for n in x.graph.nodes if n.name in found or n.name in checks]
+
+
+def track_parameter_chain(ctx: RuleContext, user: fx.Node, x: fx.Node, dim: int, width: int) -> torch.Tensor | None:
+    """Channels for an operand computed from parameters alone: a position embedding resampled in forward
+    (``vision_transformer``'s and Qwen3-ViT's ``resample_abs_pos_embed``: slice, reshape, permute,
+    interpolate, cat), added to tracked channels on ``dim`` of ``x``.
+
+    Each parameter of the computation gets new channels on its one dim of size ``width``, and the nodes of
+    the computation are visited again with their own rules, exactly as if the parameter were an activation:
+    the parameter is sliced and zeroed with those channels, literal sizes in its reshapes are rewritten, and
+    an op on the way that cannot follow the channels freezes them with its reason. Returns the atoms on
+    ``x``'s ``dim``, or None (nothing recorded) when ``x`` is not such a computation."""
+    chain = _parameter_chain(ctx, x, user)
+    if chain is None:
+        return None
+    attrs = [n for n in chain if n.op == "get_attr"]
+    seeds = []
+    for n in attrs:
+        t, shape = ctx.param(n.target), node_shape(n)
+        dims = [k for k, size in enumerate(shape or ()) if size == width]
+        if t is None or not t.is_floating_point() or len(dims) != 1:
+            return None
+        seeds.append((n, dims[0]))
+    if not seeds:
+        return None
+    from ..records import node_record  # the walker records each node's channels; revisited nodes too
+
+    for n, k in seeds:
+        atoms = ctx.new_channels(width, n.target, "other")
+        ctx.slice_param(n.target, k, atoms, "norm", n)
+        path = n.target
+        ctx.output(n, ChanInfo(k, atoms), lambda z, gm, path=path, k=k: zero_rows(_attr(gm, path), k))
+        node_record(n).chan = ctx.analysis.infos.get(n.name)
+    # The walk is speculative: an op on the way that no rule knows keeps the parameter whole (the reason
+    # below) instead of raising in strict mode, where the operand alone would not have raised either.
+    strict, ctx.strict = ctx.strict, False
+    try:
+        for n in chain:
+            if n.op != "get_attr":
+                ctx.visit(n)
+                node_record(n).chan = ctx.analysis.infos.get(n.name)
+        i = ctx.info(x)
+    except Exception:  # a rule that cannot follow the parameter: it stays whole (the reason below)
+        i = None
+    finally:
+        ctx.strict = strict
+    if i is None or i.dim != dim or i.atoms.numel() != width:
+        # The computation did not carry the channels to ``dim``: what was seeded must stay whole.
+        for n, _ in seeds:
+            ctx.freeze(ctx.info(n).atoms, f"'{n.target}' is combined with channels by '{user.name}' through a "
+                                          "computation that does not keep them apart")
+        return None
+    return i.atoms
+
+
+def _attr(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
 _VIEWS = {"view", "reshape", torch.reshape, aten.view, aten.reshape, aten._unsafe_view}
 _UNSQUEEZES = {"unsqueeze", torch.unsqueeze, aten.unsqueeze}
 # Casts and copies keep the shape: a parameter read through them is still sliced where it is stored.
 _CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach",
-          aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.detach, aten.alias}
+          aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.detach, aten.alias, aten.type_as}
 
 
 def _in(node: fx.Node, ops: set) -> bool:
@@ -445,3 +546,14 @@ register_rule(operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torc
               channels=compare_rule, zeros="custom", cost="elementwise", name="comparison")
 register_rule(torch.isinf, torch.isnan, torch.isfinite, torch.logical_not, "isinf", "isnan", "logical_not", aten.isinf,
               aten.isnan, aten.logical_not, cost="elementwise", zeros="fill", name="elementwise test")
+
+
+def type_as_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``x.type_as(other)`` and ``aten.type_as`` (RoPE's ``cos.type_as(q)``): the output is ``x`` cast,
+    so it carries ``x``'s channels; ``other`` gives only its dtype, so its channels are neither carried nor
+    held."""
+    ctx.passthrough(node, node.args[0], True)
+
+
+register_rule("type_as", aten.type_as, channels=type_as_rule, zeros="custom", cost="none", kind="shape",
+              name="type_as")

@@ -155,7 +155,77 @@ def conv_transpose_module(ctx: RuleContext, node: fx.Node) -> None:
     ctx.output(node, ChanInfo(1, out), _producer_rule(w, b, 1))
 
 
-def _linear(ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | None, cout: int) -> None:
+# A bias assembled in forward from parameters: one (path, like) per concatenated part, where ``path`` is a
+# 1-D parameter or buffer and ``like`` is True for ``zeros_like(path)`` (a part that is zero and follows
+# the size of ``path``).
+BiasParts = list[tuple[str, bool]]
+
+
+def _bias_values(gm: fx.GraphModule, bias: str | BiasParts) -> torch.Tensor:
+    """The bias vector as the linear sees it: a parameter, or the concatenation of its parts."""
+    if isinstance(bias, str):
+        return _tensor(gm, bias).detach()
+    return torch.cat([torch.zeros_like(_tensor(gm, p)) if like else _tensor(gm, p).detach() for p, like in bias])
+
+
+def _cat_bias_parts(ctx: RuleContext, b: Any, cout: int) -> BiasParts | None:
+    """``cat((q_bias, k_bias, v_bias))`` (BEiT, EVA, Swin-V2; ``k_bias`` a zero buffer, or older timm's
+    ``zeros_like(v_bias)``) of 1-D parameters or buffers along dim 0 filling ``cout``: its parts, else None."""
+    if not (isinstance(b, fx.Node) and b.op == "call_function" and b.target in (torch.cat, aten.cat.default)):
+        return None
+    tensors, dim = node_arg(b, 0, "tensors"), node_arg(b, 1, "dim", 0)
+    if dim not in (0, -1) or not isinstance(tensors, (list, tuple)):
+        return None
+    parts: BiasParts = []
+    for t in tensors:
+        like = isinstance(t, fx.Node) and t.op == "call_function" and t.target in (torch.zeros_like,
+                                                                                    aten.zeros_like.default)
+        path = _attr_path(t.args[0] if like else t)
+        value = ctx.param(path) if path is not None else None
+        if value is None or value.dim() != 1 or (like and (len(t.args) > 1 or set(t.kwargs) - {"requires_grad", "pin_memory"})):
+            return None  # a dtype, device or layout argument would make the part something else
+        parts.append((path, like))
+    # A zeros_like part is tied to the part it copies, which must be in the same bias.
+    if any(like and (path, False) not in parts for path, like in parts):
+        return None
+    if sum(ctx.param(p).shape[0] for p, _ in parts) != cout:
+        return None
+    return parts
+
+
+def _slice_bias(ctx: RuleContext, node: fx.Node, bias: str | BiasParts | None, out: torch.Tensor) -> None:
+    """The bias follows the output rows: a parameter directly, a concatenation part by part. A
+    ``zeros_like(p)`` part takes the size of ``p`` after thinning, so its rows are tied to ``p``'s rows."""
+    if bias is None:
+        return
+    if isinstance(bias, str):
+        return ctx.slice_param(bias, 0, out, "bias", node)
+    offsets, start = {}, 0
+    for path, like in bias:
+        n = ctx.param(path).shape[0]
+        if not like:
+            offsets[path] = out[start:start + n]
+            ctx.slice_param(path, 0, out[start:start + n], "bias", node)
+        start += n
+    start = 0
+    for path, like in bias:
+        n = ctx.param(path).shape[0]
+        if like:
+            ctx.unite(offsets[path], out[start:start + n])
+        start += n
+
+
+def _producer_rule_bias(weight: str, bias: str | BiasParts | None, dim: int) -> ZeroRule:
+    if bias is None or isinstance(bias, str):
+        return _producer_rule(weight, bias, dim)
+
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        return zero_rows(_tensor(gm, weight), dim) & host(_bias_values(gm, bias) == 0)
+
+    return rule
+
+
+def _linear(ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | BiasParts | None, cout: int) -> None:
     i = ctx.info(x)
     shape = node_shape(x)
     if i is not None and shape is not None and i.dim != len(shape) - 1:
@@ -163,7 +233,7 @@ def _linear(ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | No
         name = x.name
 
         def passthrough(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-            return z[name] & bool(bias is None or not bool(_tensor(gm, bias).detach().any()))
+            return z[name] & bool(bias is None or not bool(_bias_values(gm, bias).any()))
 
         return ctx.output(node, ChanInfo(i.dim, i.atoms), passthrough)
     if i is not None:
@@ -174,10 +244,9 @@ def _linear(ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | No
     owner = str(node.target) if node.op == "call_module" else weight.rsplit(".", 1)[0] or node.name
     out = ctx.new_channels(cout, owner, "linear")
     ctx.slice_param(weight, 0, out, "producer", node)
-    if bias is not None:
-        ctx.slice_param(bias, 0, out, "bias", node)
+    _slice_bias(ctx, node, bias, out)
     oshape = node_shape(node)
-    ctx.output(node, ChanInfo(len(oshape) - 1 if oshape else 1, out), _producer_rule(weight, bias, 0))
+    ctx.output(node, ChanInfo(len(oshape) - 1 if oshape else 1, out), _producer_rule_bias(weight, bias, 0))
 
 
 def linear_module(ctx: RuleContext, node: fx.Node) -> None:
@@ -193,10 +262,34 @@ def linear_function(ctx: RuleContext, node: fx.Node) -> None:
     if wpath is None or ctx.param(wpath) is None:
         return _computed_weight(ctx, node, w, "linear")
     if b is not None and bpath is None:
-        # A bias computed in forward (BEiT's ``cat((q_bias, zeros, v_bias))``) could not follow a slice of
-        # the output rows: the channels flowing in are kept, the output is not tracked.
-        return ctx.unsupported(node, f"linear with a bias computed in forward ('{getattr(b, 'name', b)}')")
+        # A bias concatenated from parameters is sliced part by part; any other computed bias keeps the rows.
+        parts = _cat_bias_parts(ctx, b, ctx.param(wpath).shape[0])
+        if parts is None:
+            return _linear_computed_bias(ctx, node, node.args[0], wpath, b)
+        return _linear(ctx, node, node.args[0], wpath, parts, ctx.param(wpath).shape[0])
     _linear(ctx, node, node.args[0], wpath, bpath, ctx.param(wpath).shape[0])
+
+
+def _linear_computed_bias(ctx: RuleContext, node: fx.Node, x: Any, weight: str, b: Any) -> None:
+    """A linear whose bias is computed in forward (BEiT's, EVA's and Swin-V2's ``cat((q_bias, zeros,
+    v_bias))``). The bias could not follow a slice of the output rows, so the output channels are new
+    channels kept whole, with the reason. The input side is an ordinary linear: a pruned input channel is
+    zero, its weight column multiplies zero, so removing the column is exact whatever the bias is; this keeps
+    the residual stream that feeds the projection thinnable."""
+    i = ctx.info(x)
+    shape, oshape = node_shape(x), node_shape(node)
+    reason = f"linear with a bias computed in forward ('{getattr(b, 'name', b)}'): its output channels are kept"
+    if i is not None and shape is not None and i.dim == len(shape) - 1:
+        ctx.slice_param(weight, 1, i.atoms, "consumer", node)
+        ctx.exit(x)
+    elif i is not None:
+        ctx.freeze(i.atoms, reason)
+    else:
+        ctx.block(weight, 1, node)
+    cout = ctx.param(weight).shape[0]
+    out = ctx.new_channels(cout, weight.rsplit(".", 1)[0] or node.name, "linear")
+    ctx.freeze(out, reason)
+    ctx.output(node, ChanInfo(len(oshape) - 1 if oshape else 1, out), _never_zero(cout))
 
 
 def _computed_weight(ctx: RuleContext, node: fx.Node, w: Any, what: str) -> None:

@@ -390,6 +390,18 @@ def _sizes_a_reshape(user: fx.Node, value: fx.Node) -> bool:
     return user.target in _SIZE_TAKERS and bool(user.args) and user.args[0] is not value
 
 
+# Integer arithmetic on sizes: ``C // num_heads``, ``C * 3``.
+_INT_ARITH = (operator.floordiv, operator.mul, operator.add, operator.sub)
+
+
+def _arith_sizes_reshapes(user: fx.Node, depth: int = 0) -> bool:
+    """True when ``user`` is integer arithmetic whose results (through more arithmetic) only size reshapes:
+    timm's ``qkv.reshape(B, N, 3, H, C // H)`` with ``C`` the block input's width (XCiT, VOLO, Swin-V2-CR)."""
+    if depth > 4 or user.op != "call_function" or user.target not in _INT_ARITH or not user.users:
+        return False
+    return all(_sizes_a_reshape(u, user) or _arith_sizes_reshapes(u, depth + 1) for u in user.users)
+
+
 def shape_query(ctx: RuleContext, node: fx.Node) -> None:
     """``x.size(1)``, ``x.shape``, ``x.numel()``: harmless when the channel count only sizes a reshape (it
     is read again after thinning), wrong to thin when it is used as a number (``x / x.size(1)``)."""
@@ -419,20 +431,90 @@ def shape_query(ctx: RuleContext, node: fx.Node) -> None:
         return
     for value in counted:
         for user in value.users:
-            if not _sizes_a_reshape(user, value):
+            # Arithmetic that only sizes reshapes gets the dense width at thinning (``shape_query_rewrite``).
+            # (a negative index is left out: the thinned copy has no shapes to resolve it against)
+            derived = what in ("size", "shape") and _nonnegative_index(value) and _arith_sizes_reshapes(user)
+            if not (_sizes_a_reshape(user, value) or derived):
                 ctx.freeze(i.atoms, f"the channel count of '{x.name}' is used as a number at node '{user.name}'")
                 return
 
 
+def _nonnegative_index(value: fx.Node) -> bool:
+    """The dim read by ``x.size(k)`` or ``x.shape[k]`` is given as ``k >= 0``."""
+    k = value.args[1] if len(value.args) > 1 else None
+    return isinstance(k, int) and k >= 0
+
+
+def shape_query_rewrite(gm: fx.GraphModule, node: fx.Node, view: Any) -> None:
+    """Arithmetic on a thinned width that only sizes reshapes computes from the dense width.
+
+    ``C // H`` is a head width, ``3 * C`` the width of a fused projection: sizes of tensors whose non-channel
+    dims do not change when ``C``'s tensor thins. A reshape's channel dim is given its kept count by the
+    thinning pass whatever its size argument holds, so every other dim needs its dense size, which the dense
+    width gives. A width does not depend on the input's shape, so the constant is exact for every input."""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return
+    x = node.args[0]
+    i, width, kept = view.info(x), view.width(x), view.kept_count(x)
+    if i is None or kept == width:
+        return
+    if node.op == "call_method" and node.target == "size" and len(node.args) > 1:
+        values = [node] if node.args[1] == i.dim else []
+    elif (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
+            node.op == "call_method" and node.target == "size"):
+        values = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem
+                  and u.args[1] == i.dim]
+    else:
+        return
+    for value in values:
+        for user in list(value.users):
+            if _arith_sizes_reshapes(user):
+                user.args = tuple(width if a is value else a for a in user.args)
+            elif _sizes_a_reshape(user, value) and isinstance(user.args[0], fx.Node) and (
+                    view.info(user.args[0]) is None or view.kept_count(user.args[0]) == view.width(user.args[0])):
+                # A reshape of a tensor that keeps its width (XCiT's ``attn_out.reshape(B, N, C)`` with whole
+                # heads) needs the dense size that ``C`` had.
+                user.args = tuple(_dense_size(a, value, width) for a in user.args)
+
+
+def _dense_size(arg: Any, value: fx.Node, width: int) -> Any:
+    """``arg`` with ``value`` replaced by ``width``, inside a packed size list too."""
+    if arg is value:
+        return width
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(width if a is value else a for a in arg)
+    return arg
+
+
 _QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_cuda", "ndimension", "nelement", "ndim"}
 register_rule(getattr, "size", "dim", "numel", "nelement", "ndimension", channels=shape_query,
-              zeros="custom", cost="none", name="shape query")
+              zeros="custom", cost="none", rewrite=shape_query_rewrite, name="shape query")
 
 # Ops that move or repeat channels in ways the analysis does not follow (a shuffle, a new stacked dim):
 # known and costed, their channels kept.
 register_rule(nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle,
-              torch.stack, torch.narrow, "narrow", "repeat",
+              torch.stack, torch.narrow, "narrow",
               channels="freeze", cost="none", name="channel-moving op")
+
+
+def repeat_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``x.repeat(B, 1, 1, 1)`` (XCiT's Fourier position encoding tiled over the batch): copies along other
+    dims keep every channel a slice of its own; a copy along the channel dim would interleave them."""
+    x = node.args[0]
+    i, src = ctx.info(x), node_shape(x)
+    sizes = list(node.args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    sizes = sizes or list(node.kwargs.get("repeats", []))
+    if i is None or src is None or len(sizes) < len(src):
+        return ctx.unsupported(node, "a repeat without shape metadata")
+    dim = i.dim + len(sizes) - len(src)
+    if sizes[dim] != 1:  # a literal 1 only: a computed count could be anything
+        return ctx.unsupported(node, "a repeat along the channel dim")
+    ctx.passthrough(node, x, True, dim=dim)
+
+
+register_rule("repeat", aten.repeat, channels=repeat_rule, zeros="custom", cost="none", name="repeat")
 
 
 def roll_rule(ctx: RuleContext, node: fx.Node) -> None:

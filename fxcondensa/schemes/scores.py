@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from .. import functional as F
 from ..passes.channels import ChannelAnalysis, host
@@ -19,9 +20,13 @@ __all__ = ["channel_scores", "check_criteria", "CHANNEL_CRITERIA"]
 # Names a structured scheme takes as ``criteria``. The row criteria score each producer row (Condensa's);
 # "group_l2" scores a channel over every tensor that carries it (producer rows, biases, norm affines and the
 # consumer columns that read it, as Torch-Pruning's group magnitude does); "bn_scale" by the magnitude of the
-# norm scales in its group (network slimming), falling back to "l2norm" where a channel has no norm.
+# norm scales in its group (network slimming), falling back to "l2norm" where a channel has no norm;
+# "bn_or_l2norm" (StructurePrune's default) like "bn_scale" but from BatchNorm scales only, and only those
+# that differ (a freshly initialised BatchNorm's are all 1 and rank nothing): everywhere else "l2norm", so a
+# network without BatchNorm (LeNet-5, transformers) is ranked exactly as by Condensa's "l2norm".
 ROW_CRITERIA = ("l2norm", "sum", "mean", "max", "min")
-CHANNEL_CRITERIA = (*ROW_CRITERIA, "group_l2", "bn_scale")
+CHANNEL_CRITERIA = (*ROW_CRITERIA, "group_l2", "bn_scale", "bn_or_l2norm")
+_SLICE_CRITERIA = ("group_l2", "bn_scale", "bn_or_l2norm")
 
 
 def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
@@ -50,7 +55,7 @@ def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any 
     mean, making layers of different weight scales comparable under one global threshold (useful for
     untrained models and where BatchNorm makes the scale of conv weights arbitrary).
     """
-    if criteria in ("group_l2", "bn_scale"):
+    if criteria in _SLICE_CRITERIA:
         return _slice_scores(gm, analysis, criteria, normalize)
     n = analysis.num_channels
     rows_of = []
@@ -104,15 +109,30 @@ def _slice_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: str, 
             producers.index_add_(0, ch, torch.ones(len(ch)))
         if s.path not in params:  # buffers (running statistics) say nothing about importance
             continue
-        if criteria == "bn_scale" and not (s.role == "norm" and s.path.endswith("weight") and params[s.path].dim() == 1):
+        if criteria != "group_l2" and not (s.role == "norm" and s.path.endswith("weight") and params[s.path].dim() == 1):
             continue
         w = params[s.path].detach().float()
+        if criteria == "bn_or_l2norm" and not _informative_bn_scale(gm, s.path, w):
+            continue
         ss = host(w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1).pow(2).sum(1)).float()
         if normalize:
             ss = ss / ss.mean().clamp(min=torch.finfo(torch.float32).tiny)
         total.index_add_(0, ch, ss)
         count.index_add_(0, ch, torch.ones(len(ch)))
     score = (total / count.clamp(min=1)).sqrt()
-    if criteria == "bn_scale":  # channels without a norm scale: their producers' L2 norm
+    if criteria != "group_l2":  # channels without a (usable) norm scale: their producers' L2 norm
         score = torch.where(count > 0, score, channel_scores(gm, analysis, "l2norm", normalize))
     return torch.where(producers > 0, score, torch.full_like(score, float("nan")))
+
+
+def _informative_bn_scale(gm: fx.GraphModule, path: str, scale: torch.Tensor) -> bool:
+    """True for the scale of a BatchNorm module whose entries are not all equal. A BatchNorm scale
+    multiplies a channel normalised over the batch, so its magnitude is the channel's output scale (network
+    slimming); a LayerNorm or GroupNorm scale normalises across channels and says less, and equal scales
+    (an untrained BatchNorm) rank every channel alike, so both leave the choice to the producer rows."""
+    owner = path.rpartition(".")[0]
+    try:
+        module = gm.get_submodule(owner)
+    except AttributeError:
+        return False
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and bool(scale.amax() > scale.amin())

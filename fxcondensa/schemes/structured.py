@@ -33,15 +33,15 @@ from ..passes.analysis import analyze
 from ..passes.annotate import annotate_param, param_owners
 from ..passes.channels import ChanInfo, ChannelAnalysis, host
 from ..passes.costs import profile_costs
-from ..passes.selection import select_channels
+from ..passes.selection import HW_MULTIPLE, memory_cost, select_channels
 from ..records import TargetRecord, graph_record
-from ..rules.attention import head_channels
+from ..rules.attention import head_channels, head_dim_channels
 from .base import Scheme, _LayerSelection, _match, validate_density
 from .scores import channel_scores, check_criteria
 
 __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "select_channels", "ATTENTION_CHOICES"]
 
-ATTENTION_CHOICES = (None, "heads", "keep")
+ATTENTION_CHOICES = (None, "heads", "head_dim", "both", "keep")
 
 
 
@@ -56,24 +56,43 @@ class _ChannelPrune(Scheme, _LayerSelection):
     before it arbitrary), and ranking them raw sends whole layers down to one channel, which is slow and
     inaccurate. ``normalize=False`` ranks raw scores, exactly Condensa's rule.
 
-    ``criteria`` defaults to Condensa's ``"l2norm"`` (each channel scored by its producer rows).
-    ``"group_l2"`` scores a channel over every tensor that carries it (producer rows, biases, norm affines and
-    the consumer columns that read it) and ``"bn_scale"`` by its norm scales: on a ResNet-20 trained on
-    Fashion-MNIST, pruned to half its MACs and fine-tuned identically, they kept 81.8% and 82.0% (mean of 3
-    seeds) where ``"l2norm"`` kept 80.8% and Torch-Pruning's choice 81.0%; on LeNet-5 (no BatchNorm) the
-    demo's FLOP scheme with ``"group_l2"`` ended 1.3 points under ``"l2norm"``, so the default stays
+    Without ``align``, the kept count of every group at least 64 channels wide (and not given a density of
+    its own) goes to its nearest multiple of 8, the total kept count staying within 4 channels of the
+    density's (``passes.selection``): CPU and GPU kernels pad channel counts to such multiples, so 33
+    channels run like 40. Ties go to rounding down memory-bound groups (activation elements per MAC).
+    ``align=N`` instead rounds every group up to a multiple of N; ``align="auto"`` starts from the rounded
+    counts and rounds up to the multiple a measured latency model predicts fastest.
+
+    ``criteria`` defaults to ``"bn_or_l2norm"``: a channel whose group has a trained BatchNorm is scored by
+    its BatchNorm scales (network slimming), every other channel by its producer rows (Condensa's
+    ``"l2norm"``), so networks without BatchNorm (LeNet-5, transformers) are ranked exactly as by
+    ``"l2norm"``. ``"l2norm"`` alone, ``"bn_scale"`` (any norm's scales), ``"group_l2"`` (every tensor
+    carrying the channel: producer rows, biases, norm affines, consumer columns) and the row criteria
+    (``"sum"``, ``"mean"``, ``"max"``, ``"min"``) remain available. Measured on a ResNet-20 trained on
+    Fashion-MNIST, pruned to half its MACs and fine-tuned identically, and on the LeNet-5 demo
     (``bench/quality.py --criteria``, BENCHMARKS.md).
 
     ``attention`` says what happens to attention heads (q/k/v projections reshaped into heads, and
     ``nn.MultiheadAttention``): ``None`` (the default) prunes whole heads like any other channel where the
     analysis finds them, ``"heads"`` does the same but raises ``ValueError`` when the model has none, and
     ``"keep"`` keeps every head. A head is scored over everything it owns: its query, key and value rows
-    and its out-projection columns.
+    and its out-projection columns. ``"head_dim"`` keeps every head and prunes columns inside them instead:
+    column ``j`` of every head of one attention goes together (q's and k's columns pair in ``q @ k^T``, v's
+    with the out-projection's), a ``density`` fraction of the columns stays, and the softmax keeps the dense
+    scale ``1 / sqrt(head_dim)``. ``"both"`` prunes heads and columns, each attention keeping
+    ``sqrt(density)`` of its heads and of their columns (about ``density`` of its width). Both need a
+    ``density``. A column is scored over all its rows and columns, in every head. Where the model's pattern
+    does not allow it (rotary embeddings that mix columns, a scale computed from the width at run time)
+    head_dim stays whole and the thinning record says why.
+
+    Example:
+        >>> StructurePrune(0.5, attention="head_dim")
+        StructurePrune(density=0.5, align=None, criteria='bn_or_l2norm', prune_bias=True, layers={}, exclude=[], target_flops=None, target_latency=None, normalize=True, attention='head_dim')
     """
 
     _producer_kinds: tuple[str, ...] = ()  # which producers' channels this scheme may prune
 
-    def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "l2norm",
+    def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "bn_or_l2norm",
                  prune_bias: bool = True, layers: Mapping[str, float] | None = None,
                  exclude: Sequence[str] | str | None = None, *, target_flops: float | None = None,
                  target_latency: float | None = None,
@@ -100,8 +119,13 @@ class _ChannelPrune(Scheme, _LayerSelection):
         self.normalize = normalize
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES} (None: prune whole heads where "
-                             f"found, 'heads': the same but the model must have attention, 'keep': keep every "
-                             f"head), got {attention!r}")
+                             f"found, 'heads': the same but the model must have attention, 'head_dim': keep "
+                             f"every head and prune columns inside them, 'both': heads and columns, 'keep': "
+                             f"keep every head), got {attention!r}")
+        if attention in ("head_dim", "both") and density is None:
+            raise ValueError(f"attention={attention!r} needs a density (the fraction of head_dim columns kept), "
+                             f"not target_flops or target_latency: the MAC and latency searches do not see "
+                             f"head_dim columns yet")
         self.attention = attention
         self._init_selection(layers, exclude)
 
@@ -127,16 +151,23 @@ class _ChannelPrune(Scheme, _LayerSelection):
                 own.pop(g.id, None)
         score = channel_scores(gm, analysis, self.criteria, self.normalize)
         heads = head_channels(gm, analysis)
-        if self.attention == "heads" and not bool(heads.any()):
+        # head_dim columns live in an analysis of their own (multi-query attention has columns, no heads)
+        columns = analyze(gm, head_dim=True) if self.attention in ("head_dim", "both") else None
+        found = bool(heads.any()) or (columns is not None and bool(head_dim_channels(columns).any()))
+        if self.attention in ("heads", "head_dim", "both") and not found:
             raise ValueError(
-                f"{type(self).__name__}(attention='heads'): the model {type(gm).__name__} has no attention "
+                f"{type(self).__name__}(attention={self.attention!r}): the model {type(gm).__name__} has no attention "
                 "heads the channel analysis recognises. It looked for q/k/v projections reshaped into "
                 "(..., heads, head_dim) and multiplied (matmul, scaled_dot_product_attention), and for "
                 "nn.MultiheadAttention modules. Use attention=None to prune without requiring heads.")
-        if self.attention == "keep":
+        if self.attention in ("keep", "head_dim"):
             candidate &= ~heads
-        elif bool(heads.any()) and self.criteria == "l2norm":
+        elif bool(heads.any()) and self.criteria in ("l2norm", "bn_or_l2norm"):
             score = torch.where(heads, _owned_scores(gm, analysis, self.normalize), score)
+        if self.attention == "both":  # each attention keeps sqrt(density) of its heads (and of their columns)
+            for g in analysis.groups:
+                if bool((heads & candidate)[g.channels].any()):
+                    own.setdefault(g.id, self.density ** 0.5)
         candidate &= ~torch.isnan(score)
         fixed = None if self.align == "auto" else self.align
         if self.target_latency is not None:
@@ -145,17 +176,41 @@ class _ChannelPrune(Scheme, _LayerSelection):
             graph_record(gm).target = sel.target_record()  # the report shows target and measured fraction
             keep = sel.keep
         else:
+            # Without an explicit align, wide groups round to the nearest hardware multiple (total kept count
+            # unchanged to within half a multiple); "auto" starts from those counts and may round further up.
+            rounding = ({} if isinstance(self.align, int)
+                        else {"multiple": HW_MULTIPLE, "cost": memory_cost(gm, analysis)})
             if self.target_flops is None:
-                keep = select_channels(analysis, score, candidate, self.density, own, fixed)
+                keep = select_channels(analysis, score, candidate, self.density, own, fixed, **rounding)
             else:
-                keep = self._search_flops(gm, analysis, score, candidate, own)
+                keep = self._search_flops(gm, analysis, score, candidate, own, rounding)
             if self.align == "auto":
                 model = LatencyModel.build(gm, analysis, placeholder_inputs(gm))
                 keep, _ = auto_align(model, analysis, keep, score, candidate)
         self._annotate_masks(gm, analysis, keep)
+        if columns is not None:
+            self._annotate_columns(gm, columns, excluded)
+
+    def _annotate_columns(self, gm: fx.GraphModule, analysis: ChannelAnalysis, excluded: set[str]) -> None:
+        """Mask head_dim columns: a second analysis of the same graph in which column ``j`` of every head of
+        an attention is one channel (``analyze(gm, head_dim=True)``; ``thin`` removes them in its second
+        stage). Scored over every row and column they own, one threshold over all attentions keeps
+        ``density`` of them (``sqrt(density)`` with ``attention="both"``)."""
+        candidate = head_dim_channels(analysis) & ~analysis.frozen_channels()
+        for g in analysis.groups:
+            if excluded & set(g.producers):
+                candidate[g.channels] = False
+        score = _owned_scores(gm, analysis, self.normalize)
+        candidate &= ~torch.isnan(score)
+        if not bool(candidate.any()):
+            return  # every head_dim is frozen: the thinning record says why
+        density = self.density ** 0.5 if self.attention == "both" else self.density
+        keep = select_channels(analysis, score, candidate, density, {}, None if self.align == "auto" else self.align)
+        self._annotate_masks(gm, analysis, keep)
 
     def _search_flops(self, gm: fx.GraphModule, analysis: ChannelAnalysis, score: torch.Tensor,
-                      candidate: torch.Tensor, own: Mapping[int, float]) -> torch.Tensor:
+                      candidate: torch.Tensor, own: Mapping[int, float],
+                      rounding: Mapping[str, Any] | None = None) -> torch.Tensor:
         """Largest global density whose thinned MACs stay within ``target_flops`` of the dense MACs.
 
         The MAC fraction only grows with the density, so a bisection over it finds the threshold; the
@@ -164,10 +219,10 @@ class _ChannelPrune(Scheme, _LayerSelection):
         macs = _MacModel(gm, analysis)
         lo, hi = 0.0, 1.0
         fixed = None if self.align == "auto" else self.align  # "auto" rounds after the search
-        best = select_channels(analysis, score, candidate, 1e-9, own, fixed)
+        best = select_channels(analysis, score, candidate, 1e-9, own, fixed, **(rounding or {}))
         for _ in range(24):
             mid = (lo + hi) / 2
-            keep = select_channels(analysis, score, candidate, mid, own, fixed)
+            keep = select_channels(analysis, score, candidate, mid, own, fixed, **(rounding or {}))
             if macs.fraction(keep) <= self.target_flops:
                 lo, best = mid, keep
             else:
