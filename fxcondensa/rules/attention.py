@@ -72,6 +72,17 @@ def _sdpa_cost(c: CostCall) -> int:
     return 2 * math.prod(q) * k[-2]
 
 
+def _fused_heads_zero(gm: fx.GraphModule, w_path: str, b_path: str | None, out_path: str, heads: int,
+                      head_dim: int) -> torch.Tensor:
+    """Bool per head of a fused (q, k, v) in-projection: True where the head adds nothing, its value rows
+    (and value biases) or its out-projection columns all zero."""
+    e = heads * head_dim
+    zero_v = zero_rows(_tensor(gm, w_path)[2 * e:].detach().reshape(heads, -1), 0)
+    if b_path is not None:
+        zero_v &= zero_rows(_tensor(gm, b_path)[2 * e:].detach().view(heads, head_dim), 0)
+    return zero_v | zero_rows(_tensor(gm, out_path).detach().t().reshape(heads, -1), 0)
+
+
 def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
     owner, _, attr = path.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, attr)
@@ -413,7 +424,6 @@ def mha_module(ctx: RuleContext, node: fx.Node) -> None:
     target = str(node.target)
     h = m.num_heads
     d = m.head_dim if thinned else m.embed_dim // h
-    e = h * d  # the width of q, k and v
     in_w, in_b, wpath, bpath = _mha_paths(target, m)
     if reason is not None:  # untracked output: whatever it is added to keeps its channels too
         if i is not None:
@@ -430,12 +440,7 @@ def mha_module(ctx: RuleContext, node: fx.Node) -> None:
         ctx.slice_param(wpath, 1, rows, "consumer", node)
 
         def own_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-            # A head adds nothing when its value rows (and biases) or its out-projection columns are zero.
-            v = _tensor(gm, in_w)[2 * e:].detach()
-            zero_v = zero_rows(v.reshape(h, -1), 0)
-            if in_b is not None:
-                zero_v &= zero_rows(_tensor(gm, in_b)[2 * e:].detach().view(h, d), 0)
-            return zero_v | zero_rows(_tensor(gm, wpath).detach().t().reshape(h, -1), 0)
+            return _fused_heads_zero(gm, in_w, in_b, wpath, h, d)
 
     out = ctx.new_channels(ctx.param(wpath).shape[0], target, "linear")  # after the heads: recipes keep ids
     if i is not None:
@@ -632,14 +637,10 @@ def swin_attention_rule(ctx: RuleContext, node: fx.Node) -> None:
                           "that is not a parameter table")
     else:
         ctx.slice_param(table, 1, heads, "consumer", node)
-        wq_path, wp_path, bq_path, e = paths["wq"], paths["wp"], paths["bq"], num_heads * d
+        wq_path, wp_path, bq_path = paths["wq"], paths["wp"], paths["bq"]
 
         def head_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-            v = _tensor(gm, wq_path)[2 * e:].detach()
-            zero_v = zero_rows(v.reshape(num_heads, -1), 0)
-            if bq_path is not None:
-                zero_v &= zero_rows(_tensor(gm, bq_path)[2 * e:].detach().view(num_heads, d), 0)
-            return zero_v | zero_rows(_tensor(gm, wp_path).detach().t().reshape(num_heads, -1), 0)
+            return _fused_heads_zero(gm, wq_path, bq_path, wp_path, num_heads, d)
 
         # The bias node (visited before this one, untracked so far) carries the heads on dim 1.
         ctx.analysis.infos[bias_node.name] = ChanInfo(1, heads)
