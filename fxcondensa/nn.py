@@ -36,10 +36,19 @@ def layer_norm_width(x: torch.Tensor, width: int, weight: torch.Tensor | None, b
     each missing zero channel adds ``mean^2`` to it.
     """
     missing = width - x.shape[dim]
-    mean = x.sum(dim, keepdim=True) / width
-    centred = x - mean
-    var = (centred * centred).sum(dim, keepdim=True) + missing * mean * mean
-    y = centred * torch.rsqrt(var / width + eps)
+    total = x.sum(dim, keepdim=True)
+    centred = torch.add(x, total, alpha=-1.0 / width)
+    # Written for speed, measured on vit_b_32's 8x50x368 stream (CPU fp32, torch 2.14): one pass for the
+    # sum of squares (vector_norm) and one for the affine (addcmul), and no out-of-place arithmetic with a
+    # Python number (``t * 0.5`` costs about 30 us of scalar wrapping even on a [8, 50, 1] tensor; ``alpha=``
+    # and ``value=`` arguments do not). Alternating in one process: 574 us per call against 803 us for the
+    # plain form; a native LayerNorm over the kept channels (a different function) takes 275 us.
+    norm = torch.linalg.vector_norm(centred, 2, dim, keepdim=True)
+    squares = torch.addcmul(norm * norm, total, total, value=missing / (width * width))  # + missing * mean^2
+    rstd = torch.rsqrt(torch.add(squares.new_full((), eps), squares, alpha=1.0 / width))
+    y = centred * rstd
+    if weight is not None and bias is not None:
+        return torch.addcmul(_along(bias, dim, x.dim()), y, _along(weight, dim, x.dim()))
     if weight is not None:
         y = y * _along(weight, dim, x.dim())
     if bias is not None:
@@ -50,7 +59,8 @@ def layer_norm_width(x: torch.Tensor, width: int, weight: torch.Tensor | None, b
 def rms_norm_width(x: torch.Tensor, width: int, weight: torch.Tensor | None, eps: float,
                    dim: int = -1) -> torch.Tensor:
     """RMSNorm over ``dim`` of ``x`` as if ``width - x.shape[dim]`` more zero channels were there."""
-    y = x * torch.rsqrt((x * x).sum(dim, keepdim=True) / width + eps)
+    norm = torch.linalg.vector_norm(x, 2, dim, keepdim=True)  # one pass; no Python-number arithmetic (above)
+    y = x * torch.rsqrt(torch.addcmul(norm.new_full((), eps), norm, norm, value=1.0 / width))
     if weight is not None:
         y = y * _along(weight, dim, x.dim())
     return y
@@ -189,10 +199,20 @@ def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight:
                      shift_size: list[int], attention_dropout: float = 0.0, dropout: float = 0.0,
                      qkv_bias: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
                      logit_scale: torch.Tensor | None = None, training: bool = True,
-                     head_dim: int = 0) -> torch.Tensor:
+                     head_dim: int = 0, scale: float | None = None) -> torch.Tensor:
     """Swin's shifted-window self-attention (torchvision's ``shifted_window_attention``, channels last) with
-    ``num_heads`` heads of an explicit ``head_dim``, so that its input and output widths and head count can
-    differ after thinning. The softmax scale is ``head_dim ** -0.5`` of the dense model (``head_dim``)."""
+    ``num_heads`` heads of an explicit ``head_dim``, so that its input and output widths, head count and
+    head_dim can differ after thinning. ``scale`` is the softmax scale of the dense model (``1 / sqrt(dense
+    head_dim)``; None: ``head_dim ** -0.5``, right while head_dim is the dense one); Swin V2's cosine
+    attention (``logit_scale`` given) has no such scale, and its key bias is zeroed as torchvision does.
+
+    Example:
+        >>> x = torch.randn(1, 4, 4, 6)
+        >>> out = window_attention(x, torch.randn(12, 6), torch.randn(5, 4), torch.zeros(1, 2, 4, 4), [2, 2],
+        ...                        2, [0, 0], head_dim=2, scale=0.5)   # 2 heads of 2 columns, 6 -> 5 channels
+        >>> out.shape
+        torch.Size([1, 4, 4, 5])
+    """
     b, h, w, c = input.shape
     ws0, ws1 = window_size[0], window_size[1]
     x = torch.nn.functional.pad(input, (0, 0, 0, (ws1 - w % ws1) % ws1, 0, (ws0 - h % ws0) % ws0))
@@ -204,14 +224,17 @@ def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight:
         x = torch.roll(x, shifts=(-s0, -s1), dims=(1, 2))
     nh, nw, n = ph // ws0, pw // ws1, ws0 * ws1
     x = x.view(b, nh, ws0, nw, ws1, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, n, c)
+    if logit_scale is not None and qkv_bias is not None:  # Swin V2 uses no key bias, whatever the parameter holds
+        third = qkv_bias.numel() // 3
+        qkv_bias = torch.cat([qkv_bias[:third], torch.zeros_like(qkv_bias[third:2 * third]), qkv_bias[2 * third:]])
     qkv = torch.nn.functional.linear(x, qkv_weight, qkv_bias)
     qkv = qkv.reshape(x.shape[0], n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
-    if logit_scale is not None:  # Swin V2's cosine attention
+    if logit_scale is not None:  # Swin V2's cosine attention: zero columns add nothing to the norms
         attn = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
     else:
-        attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+        attn = (q * (head_dim ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
     attn = attn + relative_position_bias
     if shifted:
         mask = _shift_mask(ph, pw, ws0, ws1, s0, s1, x)

@@ -153,19 +153,171 @@ def test_head_dim_options_are_validated_and_rebuild_from_repr():
     for attention in ("head_dim", "both"):
         s = StructurePrune(0.4, attention=attention, align=2)
         assert eval(repr(s), {"StructurePrune": StructurePrune}) == s
-        with pytest.raises(ValueError, match=f"attention='{attention}' needs a density"):
-            StructurePrune(target_flops=0.5, attention=attention)
+        with pytest.raises(ValueError, match=rf"attention='{attention}' cannot take target_latency=0.5: the latency "
+                                             r"search does not see head_dim columns\. Give target_flops=0.5"):
+            StructurePrune(target_latency=0.5, attention=attention)
+        s = StructurePrune(target_flops=0.5, attention=attention)  # the MAC search counts head_dim columns
+        assert eval(repr(s), {"StructurePrune": StructurePrune}) == s
 
 
-def test_llama_rotary_embedding_keeps_query_key_columns_with_a_reason():
-    """Rotary embeddings multiply q and k by computed cos/sin tables over head_dim: their columns stay (with
-    the reason), while v's columns and the out-projection thin exactly."""
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["head_dim", "both"])
+def test_llama_rotary_embedding_prunes_query_key_column_pairs(implementation, attention):
+    """Rotary embeddings pair column ``j`` of q and k with ``j + D/2`` (``rotate_half``) and with frequency
+    ``j mod D/2`` of the ``inv_freq`` buffer, shared by every layer: q/k columns go in pairs, the buffer loses the
+    pairs' frequencies, the softmax keeps the dense scale, and the thinned model computes what ``compress``
+    computes (captured with torch.export; SDPA and the eager matmul / softmax path)."""
     model, x = _hf("llama")
-    small = _exact(model, x, StructurePrune(0.5, attention="head_dim"))
-    layer = small.get_submodule("model.layers.0.self_attn")
-    assert layer.q_proj.weight.shape[0] == 32 and layer.v_proj.weight.shape[0] < 16  # 4 heads x 8, 2 kv heads x 8
-    frozen = [f for f in thin_record(small).frozen if f.group.endswith("q_proj (head_dim)")]
-    assert frozen and "cannot be sliced" in frozen[0].reason
+    model.set_attn_implementation(implementation)
+    small = _exact(model, x, StructurePrune(0.5, attention=attention))
+    inv_freq = small.get_submodule("model.rotary_emb").inv_freq
+    columns = 2 * inv_freq.numel()  # one frequency per kept pair of q/k columns, in every layer
+    assert columns < 8
+    for layer in range(2):
+        attn = small.get_submodule(f"model.layers.{layer}.self_attn")
+        q, k = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+        assert q % columns == 0 and k % columns == 0 and q // columns == 2 * (k // columns)  # 2 query heads per kv head
+        assert attention == "both" or q // columns == 4  # head_dim alone keeps every head
+    dense = model.get_submodule("model.rotary_emb").inv_freq
+    where = [int(torch.nonzero(dense == f)[0]) for f in inv_freq]
+    assert where == sorted(set(where))  # kept frequencies, in order, unchanged
+    assert not [f for f in thin_record(small).frozen if f.group.endswith("(head_dim)")]
+    # The dense softmax scale 1 / sqrt(8): SDPA's explicit scale, or the eager path's literal product.
+    calls = [n for n in small.graph.nodes
+             if getattr(n.target, "overloadpacket", None) is torch.ops.aten.scaled_dot_product_attention]
+    literal = [n for n in small.graph.nodes if getattr(n.target, "overloadpacket", None) is torch.ops.aten.mul
+               and n.args[1:] == (pytest.approx(8 ** -0.5),)]
+    assert len(calls if implementation == "sdpa" else literal) == 2
+    assert all(n.kwargs["scale"] == pytest.approx(8 ** -0.5) for n in calls)
+
+
+class _RotaryAttention(nn.Module):
+    """Self-attention with Hugging Face's rotary embedding written out: an ``inv_freq`` buffer, its outer
+    product with the positions (``outer="mul"``: transformers 5's broadcast product, ``"matmul"``: the
+    ``inv_freq[None, :, None] @ positions[:, None, :]`` of earlier versions), ``emb = cat((freqs, freqs), -1)``,
+    cos and sin, and ``rotate_half`` with ``x[..., D/2:]`` and ``x[..., :D/2]`` (``computed_half``: ``D/2`` read as
+    ``x.shape[-1] // 2``, as Hugging Face writes it; torch.export makes it a literal). ``interleaved=True`` pairs
+    neighbouring columns instead (GPT-J's ``rotate_every_two``: strided slices, ``stack``, tables made with
+    ``repeat_interleave``), which the rules do not follow."""
+
+    def __init__(self, c: int = 16, heads: int = 2, d: int = 8, outer: str = "mul", interleaved: bool = False,
+                 sdpa: bool = True, computed_half: bool = True):
+        super().__init__()
+        self.h, self.d, self.outer, self.interleaved, self.sdpa = heads, d, outer, interleaved, sdpa
+        self.computed_half = computed_half
+        self.q, self.k, self.v = (nn.Linear(c, heads * d) for _ in range(3))
+        self.o = nn.Linear(heads * d, c)
+        self.register_buffer("inv_freq", 1.0 / (100 ** (torch.arange(0, d, 2).float() / d)), persistent=False)
+
+    def tables(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n = x.shape[0], x.shape[1]
+        pos = torch.arange(n, device=x.device)[None].expand(b, -1)
+        if self.outer == "matmul":
+            freqs = (self.inv_freq[None, :, None].float().expand(b, -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+        else:
+            freqs = pos[..., None].float() * self.inv_freq
+        emb = torch.repeat_interleave(freqs, 2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+
+    def rotate(self, t: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            return torch.stack((-t[..., 1::2], t[..., ::2]), dim=-1).flatten(-2)
+        half = t.shape[-1] // 2 if self.computed_half else self.d // 2
+        return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.h, self.d).transpose(1, 2) for p in (self.q, self.k, self.v))
+        cos, sin = self.tables(x)
+        q = q * cos + self.rotate(q) * sin
+        k = k * cos + self.rotate(k) * sin
+        if self.sdpa:  # the default scale: rewritten to the dense one
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = (q @ k.transpose(-2, -1) * self.d ** -0.5).softmax(-1) @ v
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def _rotary_exact(model: nn.Module, x: torch.Tensor, scheme: StructurePrune, capture: str) -> nn.Module:
+    model = model.eval()
+    small = thin(model, scheme, x, capture=capture)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), compress(model, scheme, x)(x), rtol=1e-4, atol=1e-5)
+    return small
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize(("outer", "capture", "computed_half"), [
+    ("mul", "fx", True), ("mul", "fx", False), ("mul", "export", True), ("matmul", "export", False)])
+def test_rotary_attention_prunes_column_pairs_exactly(outer, capture, computed_half, sdpa):
+    """torch.fx keeps ``x.shape[-1] // 2`` as arithmetic on the width (the slice bounds become the kept
+    counts); torch.export records literal halves; the outer product is a broadcast ``mul`` or a ``matmul``
+    (torch.fx cannot trace the ``expand`` of that form, whose buffer it does not proxy)."""
+    torch.manual_seed(7)
+    model = _RotaryAttention(heads=2, d=8, outer=outer, sdpa=sdpa, computed_half=computed_half)
+    small = _rotary_exact(model, torch.randn(2, 5, 16), StructurePrune(0.5, attention="head_dim"), capture)
+    q, k = small.get_submodule("q").weight.shape[0], small.get_submodule("k").weight.shape[0]
+    assert q == k < 16 and q % 2 == 0 and small.inv_freq.numel() == q // 4  # 2 heads, columns in pairs
+    assert not [f for f in thin_record(small).frozen if f.group.endswith("(head_dim)")]
+
+
+def test_rotary_analysis_pairs_column_j_with_j_plus_half():
+    gm = fxcondensa.trace(_RotaryAttention(heads=2, d=8), torch.randn(2, 5, 16))
+    analysis = analyze(gm, head_dim=True)
+    for name in ("view", "view_1"):  # q and k split into heads: one column per head_dim index
+        channel = analysis.channel_of[analysis.info(name).atoms]
+        assert all(channel[j] == channel[j + 4] for j in range(4))
+        assert len(set(channel[:4].tolist())) == 4
+    q, k = (analysis.channel_of[analysis.info(n).atoms] for n in ("view", "view_1"))
+    assert torch.equal(q, k)  # summed over together in q @ k^T
+    assert not bool(analysis.frozen_channels()[q].any())
+
+
+@settings(max_examples=8, deadline=None)
+@given(heads=st.sampled_from([2, 3]), half=st.integers(1, 4), density=st.floats(0.1, 0.9),
+       sdpa=st.booleans(), computed_half=st.booleans(), seed=st.integers(0, 2**16))
+def test_rotary_column_pairs_property(heads, half, density, sdpa, computed_half, seed):
+    torch.manual_seed(seed)
+    model = _RotaryAttention(c=8, heads=heads, d=2 * half, sdpa=sdpa, computed_half=computed_half)
+    x = torch.randn(2, 4, 8)
+    small = _rotary_exact(model, x, StructurePrune(density, attention="head_dim"), "fx")
+    q, k = small.get_submodule("q").weight.shape[0], small.get_submodule("k").weight.shape[0]
+    assert q == k == 2 * heads * small.inv_freq.numel() and 1 <= small.inv_freq.numel() <= half
+    with torch.no_grad():  # fx capture: any sequence length
+        assert math.isfinite(float(small(torch.randn(2, 7, 8)).sum()))
+
+
+class _WidthBoundsTokens(nn.Module):
+    """The channel width bounds a slice of the tokens: after thinning it would count other tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h[:, : h.shape[-1] // 2])
+
+
+def test_width_bounding_a_slice_of_another_dim_stays_whole_with_a_reason():
+    torch.manual_seed(9)
+    small = _exact(_WidthBoundsTokens(), torch.randn(2, 12, 8), StructurePrune(0.5))
+    assert small.a.out_features == 8
+    reasons = [f.reason for f in thin_record(small).frozen if f.group == "a"]
+    assert reasons and "is used as a number" in reasons[0]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_rotary_embedding_the_rules_cannot_pair_keeps_query_key_columns_with_a_reason(capture):
+    """Interleaved rotary (neighbouring columns paired, the table built with ``repeat_interleave``): q and k
+    keep every column with the reason, ``inv_freq`` stays whole, v's columns still go."""
+    torch.manual_seed(8)
+    model = _RotaryAttention(heads=2, d=8, interleaved=True)
+    small = _rotary_exact(model, torch.randn(2, 5, 16), StructurePrune(0.5, attention="head_dim"), capture)
+    assert small.get_submodule("q").weight.shape[0] == small.get_submodule("k").weight.shape[0] == 16
+    assert small.inv_freq.numel() == 4 and small.get_submodule("v").weight.shape[0] < 16
+    reasons = " ".join(f.reason for f in thin_record(small).frozen if f.group == "q (head_dim)")
+    assert "computed from the buffer 'inv_freq'" in reasons and "repeat_interleave" in reasons
 
 
 @settings(max_examples=10, deadline=None)

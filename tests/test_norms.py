@@ -240,6 +240,21 @@ def test_llama_style_rms_norm_is_thinned_exactly():
     assert small.norm1.weight.numel() == small.embed.out_features
 
 
+def test_thinned_llama_style_norm_thins_again_and_costs_what_its_mean_costs():
+    """Regression: the ``mean_width`` a first ``thin`` writes had no registry entry, so a second ``thin``
+    froze the stream (unknown op) and the MAC count left the mean out."""
+    from fxcondensa.passes.costs import profile_costs
+
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 4)
+    once = _exact(LlamaStream(c=16).eval(), x)
+    width = once.embed.out_features
+    means = [c for c in profile_costs(once, x) if "mean" in c.name]
+    assert means and all(c.macs == 2 * 3 * width for c in means)  # the mean reads every kept channel
+    twice = _exact(once, x)
+    assert twice.embed.out_features < width and "mean_width" in twice.code
+
+
 def test_mean_over_channels_needs_zero_inputs():
     """Regression: a mean over channels keeps a channel that is not zero where it is averaged."""
     model = nn.Sequential(nn.Linear(4, 6), _MeanScale(), nn.Linear(6, 2)).eval()

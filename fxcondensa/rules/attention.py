@@ -19,11 +19,25 @@ both exits, so a column goes when it is zero in q and k and no product changes. 
 ``reshape(B, N, 3, H, D)`` gives q, k and v one head_dim). The softmax keeps the dense scale: an SDPA call
 that left ``scale`` to its default gets ``1 / sqrt(dense head_dim)``, ``ThinMultiheadAttention`` keeps its
 ``scale``, a literal ``q * 0.125`` is unchanged, and a scale computed from the width at run time
-(``q.size(-1) ** -0.5``) freezes the columns with that reason, as do rotary embeddings (their cos/sin
-tables are computed over head_dim).
+(``q.size(-1) ** -0.5``) freezes the columns with that reason.
+
+Rotary embeddings (Hugging Face's Llama family) go in pairs of columns: ``q * cos + rotate_half(q) * sin``
+ties column ``j`` to ``j + D/2`` (``rotate_half``'s slices and cat, whose literal or ``x.shape[-1] // 2``
+bounds become kept counts), and the cos/sin tables, computed in forward from the ``inv_freq`` buffer
+(``cat((freqs, freqs), -1)``), tie both to frequency ``j mod D/2``: the buffer is sliced with the kept pairs
+(``rules/elementwise.py``'s ``track_buffer_table``). One ``inv_freq`` shared by every layer makes a pair of
+all layers one channel. A rotary the rules cannot follow (interleaved pairs: strided slices, ``stack``,
+``repeat_interleave``) keeps q's and k's columns whole, with the reason.
 
 ``nn.MultiheadAttention`` (a leaf module) is thinned per head the same way and replaced by
 ``fxcondensa.nn.ThinMultiheadAttention`` (same arithmetic, its own head count and widths).
+
+Swin: timm's window attention is traced op by op; its relative position bias table, gathered by an integer
+index buffer (``table[index].view(N, N, -1).permute(2, 0, 1)``), is added to the logits, so the table's
+column follows its head (``rules/elementwise.py``'s ``track_parameter_chain``, ``rules/shapes.py``'s gather),
+and the shifted-window mask's literal head count is rewritten. torchvision's ``shifted_window_attention`` is
+one call with its own rule (heads, or head_dim columns; Swin V2 keeps its heads: its bias comes from an MLP
+and a per-head logit scale) and is replaced by ``fxcondensa.nn.window_attention`` with the dense scale.
 
 The reshape entry lives here, built on ``rules/shapes.py``'s ``view_rule``: every reshape that
 entry handles is handed to it unchanged; only the head split is new, and literal or computed sizes of the
@@ -66,10 +80,12 @@ def _addmm_cost(c: CostCall) -> int:
 def _sdpa_cost(c: CostCall) -> int:
     q = c.in_shapes[0] if c.in_shapes else None
     k = c.in_shapes[1] if len(c.in_shapes) > 1 else None
+    v = c.in_shapes[2] if len(c.in_shapes) > 2 and c.in_shapes[2] else q
     if not q or not k or len(q) < 2:
         return 0
-    # q @ k^T and attn @ v: two products of (..., Nq, D) by (..., D, Nk)
-    return 2 * math.prod(q) * k[-2]
+    # q @ k^T over q's head_dim, then attn @ v producing v's head_dim (head_dim pruning can leave v with
+    # another column count than q and k)
+    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
 def _fused_heads_zero(gm: fx.GraphModule, w_path: str, b_path: str | None, out_path: str, heads: int,
@@ -571,7 +587,7 @@ _MATMULS = (torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", "__matmul
 def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
     """Bool per channel of ``analysis``: True where the channel is an attention head (or heads tied to it),
     as recognised by the rules above: heads reaching ``scaled_dot_product_attention`` or a batched matmul,
-    and the heads of ``nn.MultiheadAttention`` modules."""
+    and the heads of ``nn.MultiheadAttention`` modules and of Swin's window attention calls."""
     heads = torch.zeros(analysis.num_channels, dtype=torch.bool)
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
@@ -586,6 +602,10 @@ def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
         elif node.op == "call_module" and isinstance(modules.get(node.target), nn.MultiheadAttention):
             path = f"{node.target}.in_proj_weight"
             atoms = next((s.atoms for s in analysis.slices if s.path == path and s.dim == 0), None)
+        elif node.op == "call_function" and getattr(rule_for_key(node.target), "channels", None) is swin_attention_rule:
+            w = node_arg(node, 1, "qkv_weight")  # Swin's window attention: its qkv rows are its heads
+            path = w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
+            atoms = next((s.atoms for s in analysis.slices if s.path == path and s.dim == 0), None)
         if atoms is not None and atoms.numel():
             heads[analysis.channel_of[atoms]] = True
     return heads
@@ -595,12 +615,15 @@ def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
 
 def swin_attention_rule(ctx: RuleContext, node: fx.Node) -> None:
     """torchvision's ``shifted_window_attention(input, qkv_weight, proj_weight, relative_position_bias,
-    window_size, num_heads, shift_size, ...)`` (a wrapped function: one node). Channels last: the input's
-    channels are the qkv weight's columns (an exit), heads are channels (q, k, v rows, out-projection
-    columns, the relative position bias table's column), the projection's rows are new channels. The bias
-    node carries the heads and is their exit: a head goes only when its value rows or out-projection
-    columns are zero. Thinning calls ``fxcondensa.nn.window_attention`` with the dense head_dim."""
-    x = node.args[0]
+    window_size, num_heads, shift_size, ...)`` (a wrapped function: one node), and
+    ``fxcondensa.nn.window_attention`` that thinning puts in its place (keyword arguments, an explicit
+    ``head_dim``). Channels last: the input's channels are the qkv weight's columns (an exit), the
+    projection's rows are new channels. Heads are channels (q, k, v rows, out-projection columns, the
+    relative position bias table's column); the bias node carries them and is their exit: a head goes only
+    when its value rows or out-projection columns are zero. With ``head_dim=True`` head_dim columns are the
+    channels instead (``_swin_columns``). Thinning calls ``fxcondensa.nn.window_attention`` with the dense
+    softmax scale."""
+    x = node_arg(node, 0, "input")
     wq, wp = node_arg(node, 1, "qkv_weight"), node_arg(node, 2, "proj_weight")
     bias_node = node_arg(node, 3, "relative_position_bias")
     num_heads = node_arg(node, 5, "num_heads")
@@ -621,31 +644,15 @@ def swin_attention_rule(ctx: RuleContext, node: fx.Node) -> None:
         ctx.exit(x)
     else:
         ctx.block(paths["wq"], 1, node)
-    heads = ctx.new_channels(num_heads, f"{paths['wq'].rsplit('.', 1)[0]} (heads)", "linear")
-    rows = heads.repeat_interleave(d)
-    ctx.slice_param(paths["wq"], 0, rows.repeat(3), "producer", node)
-    if paths["bq"] is not None:
-        ctx.slice_param(paths["bq"], 0, rows.repeat(3), "bias", node)
-    ctx.slice_param(paths["wp"], 1, rows, "consumer", node)
-    out = ctx.new_channels(ctx.param(paths["wp"]).shape[0], target, "linear")
+    logit = node_arg(node, 11, "logit_scale")
+    if ctx.analysis.head_dim:
+        _swin_columns(ctx, node, wq, paths, num_heads, d, cosine=logit is not None)
+    else:
+        _swin_heads(ctx, node, paths, bias_node, table, logit, num_heads, d)
+    out = ctx.new_channels(ctx.param(paths["wp"]).shape[0], target, "linear")  # after: recipes keep their ids
     ctx.slice_param(paths["wp"], 0, out, "producer", node)
     if paths["bp"] is not None:
         ctx.slice_param(paths["bp"], 0, out, "bias", node)
-    logit = node_arg(node, 11, "logit_scale")
-    if table is None or logit is not None:
-        ctx.freeze(heads, f"shifted_window_attention '{node.name}' has a relative position bias or logit scale "
-                          "that is not a parameter table")
-    else:
-        ctx.slice_param(table, 1, heads, "consumer", node)
-        wq_path, wp_path, bq_path = paths["wq"], paths["wp"], paths["bq"]
-
-        def head_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-            return _fused_heads_zero(gm, wq_path, bq_path, wp_path, num_heads, d)
-
-        # The bias node (visited before this one, untracked so far) carries the heads on dim 1.
-        ctx.analysis.infos[bias_node.name] = ChanInfo(1, heads)
-        ctx.analysis.rules[bias_node.name] = head_zero
-        ctx.exit(bias_node)
     wp_path, bp_path = paths["wp"], paths["bp"]
 
     def out_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
@@ -655,10 +662,76 @@ def swin_attention_rule(ctx: RuleContext, node: fx.Node) -> None:
     ctx.output(node, ChanInfo(len(shape) - 1, out), out_zero)
 
 
+def _swin_heads(ctx: RuleContext, node: fx.Node, paths: dict[str, str | None], bias_node: Any, table: str | None,
+                logit: Any, num_heads: int, d: int) -> None:
+    """The heads of a Swin window attention as channels; frozen when the relative position bias is computed
+    (Swin V2's continuous position bias MLP) or a logit scale is given, neither sliced here."""
+    heads = ctx.new_channels(num_heads, f"{paths['wq'].rsplit('.', 1)[0]} (heads)", "linear")
+    rows = heads.repeat_interleave(d)
+    ctx.slice_param(paths["wq"], 0, rows.repeat(3), "producer", node)
+    if paths["bq"] is not None:
+        ctx.slice_param(paths["bq"], 0, rows.repeat(3), "bias", node)
+    ctx.slice_param(paths["wp"], 1, rows, "consumer", node)
+    if table is None or logit is not None:
+        return ctx.freeze(heads, f"shifted_window_attention '{node.name}' has a relative position bias or logit "
+                                 "scale that is not a parameter table")
+    ctx.slice_param(table, 1, heads, "consumer", node)
+    wq_path, wp_path, bq_path = paths["wq"], paths["wp"], paths["bq"]
+
+    def head_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        return _fused_heads_zero(gm, wq_path, bq_path, wp_path, num_heads, d)
+
+    # The bias node (visited before this one, untracked so far) carries the heads on dim 1.
+    ctx.analysis.infos[bias_node.name] = ChanInfo(1, heads)
+    ctx.analysis.rules[bias_node.name] = head_zero
+    ctx.exit(bias_node)
+
+
+def _swin_columns(ctx: RuleContext, node: fx.Node, wq: fx.Node, paths: dict[str, str | None], num_heads: int,
+                  d: int, cosine: bool) -> None:
+    """The head_dim columns of a Swin window attention as channels: column ``j`` is row ``j`` of every head of
+    q, k and v (one fused reshape: one head_dim) and column ``j`` of every head of the projection. The heads,
+    the relative position bias and Swin V2's logit scale stay. Removing a column is exact when the head's
+    output has nothing there (v or the projection zero) and no logit changes: q or k zero there for
+    ``q @ k^T``; for Swin V2's cosine attention both, since q and k are normalised over head_dim (a zero
+    column adds nothing to a norm; a live one would). The key bias does not count there: V2 zeroes it."""
+    cols = ctx.new_channels(d, f"{paths['wq'].rsplit('.', 1)[0]} (head_dim)", "linear")
+    head_dim_atoms(ctx.analysis).append(cols)
+    rows = cols.repeat(num_heads)
+    ctx.slice_param(paths["wq"], 0, rows.repeat(3), "producer", node)
+    if paths["bq"] is not None:
+        ctx.slice_param(paths["bq"], 0, rows.repeat(3), "bias", node)
+    ctx.slice_param(paths["wp"], 1, rows, "consumer", node)
+    wq_path, bq_path, wp_path, e = paths["wq"], paths["bq"], paths["wp"], num_heads * d
+
+    def column_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        w = _tensor(gm, wq_path).detach()
+        b = _tensor(gm, bq_path).detach() if bq_path is not None else None
+
+        def part(s: int, bias: bool = True) -> torch.Tensor:  # per column: zero in every head of q, k or v
+            found = zero_rows(w[s * e:(s + 1) * e].reshape(num_heads, d, -1).transpose(0, 1).reshape(d, -1), 0)
+            if b is not None and bias:
+                found &= zero_rows(b[s * e:(s + 1) * e].reshape(num_heads, d).t(), 0)
+            return found
+
+        logits_kept = part(0) & part(1, bias=False) if cosine else part(0) | part(1)
+        out = zero_rows(_tensor(gm, wp_path).detach().reshape(-1, num_heads, d).permute(2, 0, 1).reshape(d, -1), 0)
+        return (logits_kept & (part(2) | out)).repeat(3 * num_heads)
+
+    # No tensor of the graph carries the columns (they live inside the call); the qkv weight's rows do, so
+    # that node is their exit: a column goes only when it adds nothing (zero rule above, one per row).
+    ctx.analysis.infos[wq.name] = ChanInfo(0, rows.repeat(3))
+    ctx.analysis.rules[wq.name] = column_zero
+    ctx.exit(wq)
+
+
 def _bias_table(ctx: RuleContext, bias: Any) -> str | None:
     """The parameter table behind ``_get_relative_position_bias(table, index, window_size)``, or None."""
-    if not (isinstance(bias, fx.Node) and bias.op == "call_function"
-            and getattr(bias.target, "__name__", "") == "_get_relative_position_bias"):
+    import sys
+
+    module = sys.modules.get("torchvision.models.swin_transformer")
+    if not (isinstance(bias, fx.Node) and bias.op == "call_function" and module is not None
+            and bias.target is getattr(module, "_get_relative_position_bias", None)):
         return None
     table = bias.args[0]
     if not (isinstance(table, fx.Node) and table.op == "get_attr") or ctx.param(table.target) is None \
@@ -668,21 +741,30 @@ def _bias_table(ctx: RuleContext, bias: Any) -> str | None:
 
 
 def _rewrite_swin_attention(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
-    args = list(node.args) + [None] * (13 - len(node.args))
+    """Call ``fxcondensa.nn.window_attention`` with the kept head count and head_dim (one stage changes one
+    of them: heads, or head_dim columns with ``analyze(gm, head_dim=True)``) and the dense softmax scale."""
     names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
              "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
-    call = {k: (args[j] if j < len(node.args) else node.kwargs.get(k, _SWIN_DEFAULTS.get(k)))
+    call = {k: (node.args[j] if j < len(node.args) else node.kwargs.get(k, _SWIN_DEFAULTS.get(k)))
             for j, k in enumerate(names)}
-    heads = call["num_heads"]
-    wq = _tensor(gm, call["qkv_weight"].target)
-    # head_dim from the dense row count (this tensor is already sliced)
+    heads, w = call["num_heads"], call["qkv_weight"]
     dense_rows = next((s.atoms.numel() for s in view.analysis.slices
-                       if s.path == call["qkv_weight"].target and s.dim == 0), wq.shape[0])
-    d = dense_rows // (3 * heads)
-    kept = view.kept_count(call["relative_position_bias"])
+                       if isinstance(w, fx.Node) and s.path == w.target and s.dim == 0), None)
+    if dense_rows is None:  # the rule kept the call whole (computed weights): it runs as it is
+        return
+    if node.target is fxnn.window_attention:
+        d, scale = node.kwargs["head_dim"], node.kwargs.get("scale")
+        if scale is None:  # head_dim is still the dense one
+            scale = fxnn.default_scale(d)
+    else:  # torchvision's: q * (C // num_heads) ** -0.5, C the dense input width (in the shape metadata)
+        d, scale = dense_rows // (3 * heads), fxnn.default_scale(node_shape(call["input"])[-1] // heads)
+    rows = _tensor(gm, w.target).shape[0]  # sliced: 3 * kept heads * kept head_dim
+    if view.analysis.head_dim:
+        d = rows // (3 * heads)
+    else:
+        heads = rows // (3 * d)
     node.target = fxnn.window_attention
-    node.args, node.kwargs = (), {**call, "num_heads": kept if kept is not None else wq.shape[0] // (3 * d),
-                                  "head_dim": d}
+    node.args, node.kwargs = (), {**call, "num_heads": heads, "head_dim": d, "scale": scale}
 
 
 _SWIN_DEFAULTS = {"attention_dropout": 0.0, "dropout": 0.0, "training": True}
@@ -715,6 +797,10 @@ def register_optional_rules() -> None:
     import sys
 
     elementwise.register_optional_rules()
+    if rule_for_key(fxnn.window_attention) is None:  # a thinned model thinned again (or its head_dim stage)
+        register_rule(fxnn.window_attention, channels=swin_attention_rule, zeros="custom", cost=_swin_cost,
+                      kind="matmul", rewrite=_rewrite_swin_attention, creates=True,
+                      name="window_attention (thinned)")
     module = sys.modules.get("torchvision.models.swin_transformer")
     if module is None:
         return
@@ -726,9 +812,6 @@ def register_optional_rules() -> None:
         fn = getattr(module, fname, None)
         if fn is not None and rule_for_key(fn) is None:
             register_rule(fn, zeros="custom", name=fname, **kwargs)
-    if rule_for_key(fxnn.window_attention) is None:
-        register_rule(fxnn.window_attention, channels="freeze", cost=_swin_cost, kind="matmul",
-                      name="window_attention (thinned)")
 
 
 # ------------------------------------------------------------------ window shifts and padding (Swin, timm)

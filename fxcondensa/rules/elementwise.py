@@ -46,18 +46,18 @@ register_rule(
     torch.log1p,
     torch.nn.functional.hardtanh_,
     "relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "double", "half", "bfloat16", "to",
-    "type", "detach", "neg", "abs", "requires_grad_", "square", "sign", "erf",
+    "type", "detach", "neg", "abs", "requires_grad_", "square", "sign", "erf", "sin",
     aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.hardswish, aten.hardswish_, aten.tanh,
     aten.leaky_relu, aten.elu, aten.mish, aten.dropout, aten.clone, aten.neg, aten.abs, aten.contiguous,
-    aten.alias, aten.detach, aten._to_copy, aten.to,
+    aten.alias, aten.detach, aten._to_copy, aten.to, aten.sin,
     cost="elementwise", zeros="preserve", name="zero-preserving elementwise",
 )
 register_rule(
     nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid,
     torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp, F.logsigmoid, torch.cos, torch.cosh,
     torch.log, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.erfc,
-    "sigmoid", "sigmoid_", "exp", "exp_", "log", "sqrt", "rsqrt", "reciprocal",
-    aten.sigmoid, aten.hardsigmoid, aten.exp, aten.log, aten.sqrt, aten.rsqrt, aten.softplus,
+    "sigmoid", "sigmoid_", "exp", "exp_", "log", "sqrt", "rsqrt", "reciprocal", "cos",
+    aten.sigmoid, aten.hardsigmoid, aten.exp, aten.log, aten.sqrt, aten.rsqrt, aten.softplus, aten.cos,
     cost="elementwise", zeros="fill", name="elementwise (zero not preserved)",
 )
 
@@ -222,11 +222,15 @@ def _binary(ctx: RuleContext, node: fx.Node, how: str) -> None:
             parts.append(("attr", viewed))
             continue
         computed = track_parameter_chain(ctx, node, x, dx, atoms.numel())
+        why = None
+        if computed is None:
+            computed, why = track_buffer_table(ctx, node, x, dx, atoms.numel())
         if computed is not None:
             ctx.unite(atoms, computed)
             parts.append(("tracked", x.name))
             continue
-        ctx.freeze(atoms, f"elementwise op '{node.name}' combines channels with '{x.name}', which cannot be sliced")
+        ctx.freeze(atoms, f"elementwise op '{node.name}' combines channels with '{x.name}', which cannot be sliced"
+                          + (f" ({why})" if why else ""))
         parts.append(("opaque", None))
     n = atoms.numel()
 
@@ -296,7 +300,8 @@ def _parameter_chain(ctx: RuleContext, x: fx.Node, user: fx.Node) -> list[fx.Nod
 def track_parameter_chain(ctx: RuleContext, user: fx.Node, x: fx.Node, dim: int, width: int) -> torch.Tensor | None:
     """Channels for an operand computed from parameters alone: a position embedding resampled in forward
     (``vision_transformer``'s and Qwen3-ViT's ``resample_abs_pos_embed``: slice, reshape, permute,
-    interpolate, cat), added to tracked channels on ``dim`` of ``x``.
+    interpolate, cat; Swin's relative position bias table gathered by an integer index buffer, viewed and
+    permuted), added to tracked channels on ``dim`` of ``x``.
 
     Each parameter of the computation gets new channels on its one dim of size ``width``, and the nodes of
     the computation are visited again with their own rules, exactly as if the parameter were an activation:
@@ -310,6 +315,10 @@ def track_parameter_chain(ctx: RuleContext, user: fx.Node, x: fx.Node, dim: int,
     seeds = []
     for n in attrs:
         t, shape = ctx.param(n.target), node_shape(n)
+        if t is not None and not (t.is_floating_point() or t.is_complex()):
+            # An integer buffer only indexes the others (Swin's relative position index gathering its bias
+            # table's rows): it holds no channels and stays untracked; the indexing rule keeps them apart.
+            continue
         dims = [k for k, size in enumerate(shape or ()) if size == width]
         if t is None or not t.is_floating_point() or len(dims) != 1:
             return None
@@ -349,6 +358,161 @@ def track_parameter_chain(ctx: RuleContext, user: fx.Node, x: fx.Node, dim: int,
 def _attr(gm: fx.GraphModule, path: str) -> torch.Tensor:
     owner, _, attr = path.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+# ------------------------------------------------------------------ tables computed from buffers (rotary)
+
+_TABLE_LIMIT = 256  # nodes behind one operand: a rotary table is a dozen ops, its positions a few more
+
+
+def track_buffer_table(ctx: RuleContext, user: fx.Node, x: fx.Node, dim: int,
+                       width: int) -> tuple[torch.Tensor | None, str | None]:
+    """Channels for an operand computed in forward from buffers, and possibly from graph inputs that do not
+    vary along the channels: the cos/sin tables of rotary embeddings. Hugging Face's Llama computes
+    ``freqs = positions[..., None] * inv_freq`` (or ``inv_freq[None, :, None] @ positions[:, None, :]``),
+    ``emb = cat((freqs, freqs), -1)``, ``cos = emb.cos() * scaling`` once for every layer, and multiplies q and
+    k (head_dim columns tracked) by it.
+
+    The buffer (``inv_freq``: ``D / 2`` frequencies) is a producer of its own channels on its one dim of size
+    ``width`` or ``width / 2``, and every node computed from it up to ``user`` is visited again with its own
+    rule, exactly as if the buffer were an activation: the outer product carries them, ``cat((f, f), -1)``
+    repeats them (column ``j`` and ``j + D/2`` read one frequency), cos and sin keep them, so that ``q * cos``
+    unites column ``j`` of q with frequency ``j mod D/2``; ``rotate_half``'s slices and cat (their own rules)
+    then tie ``j`` and ``j + D/2`` of q together, and thinning slices the buffer with the kept pairs. The
+    nodes computed after ``user`` (the next layers' products) are visited later with the buffer's channels.
+
+    The visit is speculative: when the computation does not bring exactly ``width`` channels to ``dim`` of
+    ``x`` (an op that no rule follows, a strided slice), everything it recorded is undone and the reason is
+    returned. Returns ``(atoms on x's dim, None)``, or ``(None, reason)``; the reason is None when ``x`` is
+    not computed from buffers at all (a parameter, an activation, a layer in between)."""
+    found = _table_sources(ctx, user, x, width)
+    if not isinstance(found, tuple):
+        return None, found
+    seeds, later = found
+    from ..records import node_record  # the walker records each node's channels; revisited nodes too
+
+    state = _snapshot(ctx.analysis)
+    touched = [n for n, _ in seeds] + later
+    chans = {n.name: node_record(n).chan for n in touched}
+    frozen_before = len(ctx.analysis.frozen)
+    for n, k in seeds:
+        atoms = ctx.new_channels(node_shape(n)[k], n.target, "other")
+        ctx.slice_param(n.target, k, atoms, "norm", n)
+        path = n.target
+        ctx.output(n, ChanInfo(k, atoms), lambda z, gm, path=path, k=k: zero_rows(_attr(gm, path), k))
+        node_record(n).chan = ctx.analysis.infos.get(n.name)
+    # An op on the way that no rule knows keeps the buffer whole (the reason below) instead of raising in
+    # strict mode, where the operand alone would not have raised either.
+    strict, ctx.strict = ctx.strict, False
+    why = None
+    try:
+        for n in later:
+            ctx.visit(n)
+            node_record(n).chan = ctx.analysis.infos.get(n.name)
+        i = ctx.info(x)
+    except Exception as exc:  # a rule that cannot follow the buffer: undone below
+        i, why = None, f"{type(exc).__name__}: {exc}"
+    finally:
+        ctx.strict = strict
+    if i is not None and i.dim == dim and i.atoms.numel() == width:
+        return i.atoms, None
+    reasons = [r for _, r in ctx.analysis.frozen[frozen_before:]]
+    why = why or (reasons[0] if reasons else f"they do not reach dim {dim} of '{x.name}' one by one")
+    _restore(ctx.analysis, state)
+    for n in touched:
+        node_record(n).chan = chans[n.name]
+    names = ", ".join(f"'{n.target}'" for n, _ in seeds)
+    return None, f"it is computed from the buffer {names} by ops that do not keep its channels apart: {why}"
+
+
+def _table_sources(ctx: RuleContext, user: fx.Node, x: fx.Node,
+                   width: int) -> tuple[list[tuple[fx.Node, int]], list[fx.Node]] | str | None:
+    """For ``track_buffer_table``: the buffers ``x`` is computed from, each with the dim that would carry the
+    channels, and the nodes computed from them before ``user`` (graph order), to visit again. A reason
+    string when they cannot be tracked, None when ``x`` is not such a computation."""
+    behind: dict[str, fx.Node] = {}
+    stack = [x]
+    while stack:
+        n = stack.pop()
+        if n.name in behind:
+            continue
+        # A tracked activation or a layer behind ``x``: not a table of constants (other rules' business).
+        if len(behind) >= _TABLE_LIMIT or n.op == "call_module" or ctx.analysis.infos.get(n.name) is not None:
+            return None
+        if n.op in ("call_function", "call_method"):
+            rule = rule_for_key(n.target)
+            if rule is not None and rule.creates:
+                return None
+        behind[n.name] = n
+        stack.extend(n.all_input_nodes)
+    seeds: list[tuple[fx.Node, int]] = []
+    for n in behind.values():
+        if n.op != "get_attr" or n.target not in ctx.param_alias:
+            continue  # a plain tensor attribute is not sliced: an untracked operand like a graph input
+        t = ctx.param(n.target)
+        if t is None or not t.is_floating_point():
+            continue  # integer buffers (positions) carry no channels
+        if isinstance(t, nn.Parameter):
+            return None  # learned: ``track_parameter_chain``'s business
+        dims = [k for k, s in enumerate(node_shape(n) or ()) if s > 1 and (s == width or 2 * s == width)]
+        if len(dims) > 1:
+            return f"buffer '{n.target}' has more than one dim that could carry them"
+        if dims:
+            seeds.append((n, dims[0]))
+    if not seeds:
+        return None
+    # Every reader of the buffer must slice it alike: another get_attr, or a module called whole, would not.
+    paths = {ctx.param_alias[n.target] for n, _ in seeds}
+    names = [name for name, canonical in ctx.param_alias.items() if canonical in paths]
+    seed_names = {n.name for n, _ in seeds}
+    nodes = ctx.__dict__.get("_graph_nodes")
+    if nodes is None or nodes[0] is not user.graph:
+        nodes = (user.graph, list(user.graph.nodes), {n: k for k, n in enumerate(user.graph.nodes)})
+        ctx.__dict__["_graph_nodes"] = nodes
+    _, order, index = nodes
+    for n in order:
+        if n.op == "get_attr" and n.name not in seed_names and ctx.param_alias.get(n.target) in paths:
+            return f"'{n.target}' is read again at node '{n.name}'"
+        if n.op == "call_module" and any(p.startswith(f"{n.target}.") for p in names):
+            return f"module '{n.target}', which holds it, is called as a whole"
+    # The nodes computed from the buffers before ``user``: visited once, with nothing tracked, so they
+    # recorded nothing; visited again with the buffers' channels. Later ones are visited in their turn.
+    marked, later = set(seed_names), []
+    for n in order[min(index[s] for s, _ in seeds):index[user]]:
+        if n.name not in marked and any(a.name in marked for a in n.all_input_nodes):
+            marked.add(n.name)
+            later.append(n)
+    if x.name not in marked:
+        return None
+    for n in later:
+        rule = rule_for_key(n.target) if n.op in ("call_function", "call_method") else None
+        if n.op not in ("call_function", "call_method") or (rule is not None and rule.creates):
+            return f"'{n.name}' ({n.op} {n.target}) is a layer that reads it"
+        for a in n.all_input_nodes:
+            if a.name not in marked and ctx.analysis.infos.get(a.name) is not None:
+                # visited with those channels already: what it recorded then stands
+                return f"'{n.name}' combines it with channels tracked before"
+    return seeds, later
+
+
+def _snapshot(analysis: Any) -> dict[str, Any]:
+    """What ``_restore`` needs to undo a speculative visit: the length of every list of the analysis (they
+    only grow), a copy of every dict, every other value."""
+    return {k: len(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+            for k, v in vars(analysis).items()}
+
+
+def _restore(analysis: Any, state: dict[str, Any]) -> None:
+    for k, v in list(vars(analysis).items()):
+        if k not in state:  # made by a rule during the visit (``head_dim_atoms``)
+            delattr(analysis, k)
+        elif isinstance(v, list):
+            del v[state[k]:]
+        elif isinstance(v, dict):
+            v.clear()
+            v.update(state[k])
+        else:
+            setattr(analysis, k, state[k])
 
 
 _VIEWS = {"view", "reshape", torch.reshape, aten.view, aten.reshape, aten._unsafe_view}

@@ -189,8 +189,10 @@ def mean_rule(ctx: RuleContext, node: fx.Node) -> None:
     x, dim = node.args[0], node_arg(node, 1, "dim")
     i, shape = ctx.info(x), node_shape(x)
     dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    # mean_width(x, dim, keepdim, width), written by an earlier thin, holds the dense width where mean has dtype
+    dtype = None if node.target is fxnn.mean_width else node_arg(node, 3, "dtype")
     if i is None or shape is None or len(dims) != 1 or not isinstance(dims[0], int) \
-            or dims[0] % len(shape) != i.dim or node_arg(node, 3, "dtype") is not None:
+            or dims[0] % len(shape) != i.dim or dtype is not None:
         return _ORIGINAL_REDUCTION(ctx, node)
     ctx.exit(x)
     ctx.output(node, None, None)
@@ -204,11 +206,11 @@ def _rewrite_mean(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
     if i is None or shape is None or len(dims) != 1 or not isinstance(dims[0], int) or dims[0] % len(shape) != i.dim:
         return
     kept, width = view.kept_count(x), view.width(x)
-    if kept == width:
+    if kept == width or node.target is fxnn.mean_width:  # already divides by its dense width
         return
     node.op, node.target = "call_function", fxnn.mean_width  # also for the method form x.mean(...)
     node.args, node.kwargs = (x, dims[0], bool(node_arg(node, 2, "keepdim", False)), width), {}
 
 
-register_rule(torch.mean, "mean", aten.mean, channels=mean_rule, zeros="custom", cost=shapes.reduce_cost,
+register_rule(torch.mean, "mean", aten.mean, fxnn.mean_width, channels=mean_rule, zeros="custom", cost=shapes.reduce_cost,
               kind="elementwise", rewrite=_rewrite_mean, name="mean")

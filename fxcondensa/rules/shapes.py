@@ -103,9 +103,16 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
     i = ctx.info(src)
     if i is None:
         return ctx.output(node, None, None)
-    # Tensor indexing: only plain slices, ints and None on dims other than the channel dim.
+    # Tensor indexing: only plain slices, ints and None on dims other than the channel dim, or one integer
+    # index tensor on another dim with every other dim whole (``table[index]``).
     idx_t = idx if isinstance(idx, tuple) else (idx,)
-    if any(not (isinstance(k, (int, slice)) or k is None or k is Ellipsis) for k in idx_t) or Ellipsis in idx_t:
+    tensors = [p for p, k in enumerate(idx_t) if isinstance(k, fx.Node)]
+    if len(tensors) == 1 and all(k == slice(None) for p, k in enumerate(idx_t) if p != tensors[0]):
+        return _gather_rule(ctx, node, src, i, tensors[0], idx_t[tensors[0]])
+    # One ``...`` (rotary embeddings' ``x[..., :half]``) is written out, so that the channel dim is counted.
+    shape = node_shape(src)
+    idx_t = _expand_ellipsis(idx_t, len(shape) if shape is not None else None)
+    if idx_t is None or any(not (isinstance(k, (int, slice)) or k is None) for k in idx_t):
         return ctx.unsupported(node, "advanced tensor indexing")
     d_in, d_out = 0, 0
     new_dim = None
@@ -115,6 +122,7 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
             d_out += 1
             continue
         if d_in == i.dim:
+            k = _resolved_slice(k)  # ``x[..., : x.shape[-1] // 2]``: the bound of the dense width
             if not (isinstance(k, slice) and k == slice(None)):
                 if _channel_range(k, i.atoms.numel()) is None:
                     return ctx.unsupported(node, "indexing along the channel dim (other than a plain x[:, a:b])")
@@ -130,6 +138,82 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
     if part is None:
         return ctx.passthrough(node, src, True, dim=new_dim)
     _channel_slice(ctx, node, src, i, new_dim, _channel_range(part, i.atoms.numel()))
+
+
+def _gather_rule(ctx: RuleContext, node: fx.Node, src: fx.Node, i: ChanInfo, dim: int, index: Any) -> None:
+    """``x[:, ..., index]`` with one untracked integer index tensor on ``dim``, every other dim whole (Swin's
+    relative position bias ``table[index]``, ``aten.index.Tensor``): the index dim is replaced by the index's
+    dims, and each channel on another dim is gathered whole (a zero channel stays zero)."""
+    shape = node_shape(index)
+    meta = index.meta.get("tensor_meta") if isinstance(index, fx.Node) else None
+    if ctx.info(index) is not None or shape is None or meta is None or meta.dtype.is_floating_point \
+            or meta.dtype == torch.bool:
+        return ctx.unsupported(node, "indexing with a tracked, boolean or unknown index tensor")
+    if dim == i.dim:
+        return ctx.unsupported(node, "indexing along the channel dim with an index tensor")
+    ctx.passthrough(node, src, True, dim=i.dim if i.dim < dim else i.dim - 1 + len(shape))
+
+
+def aten_index_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``aten.index.Tensor(x, indices)``: what torch.export makes of ``x[index]`` (see ``_gather_rule``)."""
+    x, indices = node.args[0], node_arg(node, 1, "indices")
+    i = ctx.info(x)
+    if i is None:
+        return ctx.output(node, None, None)
+    given = [p for p, k in enumerate(indices or ()) if k is not None]
+    if len(given) != 1:
+        return ctx.unsupported(node, "indexing with more than one index tensor")
+    _gather_rule(ctx, node, x, i, given[0], indices[given[0]])
+
+
+register_rule(aten.index, channels=aten_index_rule, zeros="custom", cost="none", name="index (aten)")
+
+
+def _expand_ellipsis(idx_t: tuple, ndim: int | None) -> tuple | None:
+    """``x[..., :k]`` as the explicit ``x[:, :, :, :k]``; None for an index that cannot be written out (two
+    ellipses, or an ellipsis without the tensor's shape)."""
+    at = [p for p, k in enumerate(idx_t) if k is Ellipsis]
+    if not at:
+        return idx_t
+    used = sum(1 for k in idx_t if k is not None and k is not Ellipsis)
+    if len(at) > 1 or ndim is None or used > ndim:
+        return None
+    return idx_t[:at[0]] + (slice(None),) * (ndim - used) + idx_t[at[0] + 1:]
+
+
+def _static_int(value: Any, depth: int = 0) -> int | None:
+    """The value of integer arithmetic on sizes (``x.shape[-1] // 2``, ``x.size(3) - 1``) in the shapes the graph
+    was captured with; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, fx.Node) or depth > 8 or value.op not in ("call_function", "call_method"):
+        return None
+    t, k = None, None
+    if value.op == "call_method" and value.target == "size" and len(value.args) == 2:
+        t, k = value.args
+    elif value.target is operator.getitem and isinstance(value.args[0], fx.Node):
+        q = value.args[0]
+        if (q.op == "call_function" and q.target is getattr and q.args[1] == "shape") or (
+                q.op == "call_method" and q.target == "size" and len(q.args) == 1):
+            t, k = q.args[0], value.args[1]
+    elif value.op == "call_function" and value.target in _INT_ARITH and len(value.args) == 2:
+        a, b = (_static_int(v, depth + 1) for v in value.args)
+        if a is None or b is None or (value.target is operator.floordiv and b == 0):
+            return None
+        return value.target(a, b)
+    shape = node_shape(t)
+    if shape is None or not isinstance(k, int) or isinstance(k, bool) or not -len(shape) <= k < len(shape):
+        return None
+    return int(shape[k])
+
+
+def _resolved_slice(k: Any) -> Any:
+    """A slice whose bounds are computed from sizes, with their values (``_static_int``); anything else as is."""
+    if not isinstance(k, slice) or not any(isinstance(b, fx.Node) for b in (k.start, k.stop, k.step)):
+        return k
+    values = [_static_int(b) if isinstance(b, fx.Node) else b for b in (k.start, k.stop, k.step)]
+    return k if any(v is None and isinstance(b, fx.Node) for v, b in zip(values, (k.start, k.stop, k.step),
+                                                                          strict=True)) else slice(*values)
 
 
 def _channel_range(k: Any, width: int) -> tuple[int, int] | None:
@@ -178,17 +262,22 @@ def _getitem_rewrite(node: fx.Node, view: Any) -> None:
     i = view.info(src) if isinstance(src, fx.Node) else None
     if i is None:  # not a tracked tensor (a split's tuple, shape arithmetic)
         return
-    idx_t = list(idx) if isinstance(idx, tuple) else [idx]
+    shape = node_shape(src)
+    expanded = _expand_ellipsis(idx if isinstance(idx, tuple) else (idx,), len(shape) if shape is not None else None)
+    if expanded is None:
+        return
+    idx_t = list(expanded)
     d_in = 0
     for pos, k in enumerate(idx_t):
         if k is None:
             continue
         if d_in == i.dim:
+            k = _resolved_slice(k)  # a computed bound becomes the literal kept count too
             if isinstance(k, slice) and k != slice(None) and _channel_range(k, i.atoms.numel()) is not None:
                 bounds = _kept_bounds(view, src, k.start, k.stop)
                 if bounds is not None:
                     idx_t[pos] = slice(*bounds)
-                    node.args = (src, tuple(idx_t) if isinstance(idx, tuple) else idx_t[0])
+                    node.args = (src, tuple(idx_t) if isinstance(idx, tuple) or len(idx_t) > 1 else idx_t[0])
             return
         d_in += 1
 
@@ -239,6 +328,21 @@ def no_value(ctx: RuleContext, node: fx.Node) -> None:
 
 register_rule(aten._assert_tensor_metadata, channels=no_value, zeros="custom", cost="none",
               name="tensor metadata check")
+
+
+def new_tensor_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``x.new_zeros(size)`` (``new_ones``, ``new_full``, ``new_empty``): a new tensor that takes only the
+    dtype and device of ``x`` (Swin's shifted-window mask, as torch.export records it), so it carries none
+    of ``x``'s channels. A size computed at run time may count them: that freezes them instead."""
+    sizes = [*node.args[1:], node.kwargs.get("size")]  # x.new_zeros((a, b)) or, as a method, x.new_zeros(a, b)
+    if any(isinstance(k, fx.Node) or (isinstance(k, (list, tuple)) and any(isinstance(j, fx.Node) for j in k))
+           for k in sizes):
+        return ctx.unsupported(node, f"{_reduction_name(node)} with a size computed at run time")
+    ctx.output(node, None, None)
+
+
+register_rule("new_zeros", "new_ones", "new_full", "new_empty", aten.new_zeros, aten.new_ones, aten.new_full,
+              aten.new_empty, channels=new_tensor_rule, zeros="custom", cost="none", name="new tensor")
 
 
 def reduce_rule(ctx: RuleContext, node: fx.Node) -> None:
@@ -434,9 +538,37 @@ def shape_query(ctx: RuleContext, node: fx.Node) -> None:
             # Arithmetic that only sizes reshapes gets the dense width at thinning (``shape_query_rewrite``).
             # (a negative index is left out: the thinned copy has no shapes to resolve it against)
             derived = what in ("size", "shape") and _nonnegative_index(value) and _arith_sizes_reshapes(user)
-            if not (_sizes_a_reshape(user, value) or derived):
+            bound = what in ("size", "shape") and _bounds_a_channel_slice(user, value, x, i.dim)
+            if not (_sizes_a_reshape(user, value) or derived or bound):
                 ctx.freeze(i.atoms, f"the channel count of '{x.name}' is used as a number at node '{user.name}'")
                 return
+
+
+def _bounds_a_channel_slice(user: fx.Node, value: fx.Node, x: fx.Node, dim: int, depth: int = 0) -> bool:
+    """True when ``value`` (the width of ``x``'s channel dim ``dim``, or integer arithmetic on it) is only a
+    bound of slices of that dim of ``x`` itself: rotary embeddings' ``rotate_half`` (``x[..., : x.shape[-1] //
+    2]``). The getitem rule reads the bound's dense value and thinning writes it as the literal count of kept
+    channels below it (``_getitem_rewrite``), so after thinning the width is no longer used as a number."""
+    if depth > 4 or user.op != "call_function":
+        return False
+    if user.target in _INT_ARITH:
+        return bool(user.users) and all(_bounds_a_channel_slice(u, user, x, dim, depth + 1) for u in user.users)
+    if user.target is not operator.getitem or user.args[0] is not x:
+        return False
+    idx, shape = user.args[1], node_shape(x)
+    idx_t = _expand_ellipsis(idx if isinstance(idx, tuple) else (idx,), len(shape) if shape is not None else None)
+    if idx_t is None:
+        return False
+    found, d_in = False, 0
+    for k in idx_t:
+        if k is value or (isinstance(k, slice) and k.step is value):
+            return False
+        if isinstance(k, slice) and value in (k.start, k.stop):
+            if d_in != dim or _resolved_slice(k) is k:
+                return False
+            found = True
+        d_in += k is not None
+    return found
 
 
 def _nonnegative_index(value: fx.Node) -> bool:

@@ -16,12 +16,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 
+from .. import nn as fxnn
 from ..latency_model import (
     LatencyModel,
     auto_align,
@@ -80,14 +83,21 @@ class _ChannelPrune(Scheme, _LayerSelection):
     column ``j`` of every head of one attention goes together (q's and k's columns pair in ``q @ k^T``, v's
     with the out-projection's), a ``density`` fraction of the columns stays, and the softmax keeps the dense
     scale ``1 / sqrt(head_dim)``. ``"both"`` prunes heads and columns, each attention keeping
-    ``sqrt(density)`` of its heads and of their columns (about ``density`` of its width). Both need a
-    ``density``. A column is scored over all its rows and columns, in every head. Where the model's pattern
-    does not allow it (rotary embeddings that mix columns, a scale computed from the width at run time)
-    head_dim stays whole and the thinning record says why.
+    ``sqrt(density)`` of its heads (at least two, or two key/value heads, where it has them: a single head
+    left could not lose columns in ``thin``) and of their columns (about ``density`` of its width). A column
+    is scored over all its rows and columns, in every head. Where the model's pattern does not allow it
+    (rotary embeddings that mix columns, a scale computed from the width at run time) head_dim stays whole
+    and the thinning record says why. Both take a ``density`` or a ``target_flops``: the MAC search picks columns,
+    heads and every other channel at one global density, and its MAC model counts the kept columns in the
+    q/k/v projections' rows, in ``q @ k^T`` and ``attn @ v`` and in the out-projection's input columns.
+    ``target_latency`` is refused with them (the latency model has no timings of head_dim widths): give
+    ``target_flops``, or ``attention=None`` for a latency target.
 
     Example:
         >>> StructurePrune(0.5, attention="head_dim")
         StructurePrune(density=0.5, align=None, criteria='bn_or_l2norm', prune_bias=True, layers={}, exclude=[], target_flops=None, target_latency=None, normalize=True, attention='head_dim')
+        >>> StructurePrune(target_flops=0.5, attention="both").target_flops
+        0.5
     """
 
     _producer_kinds: tuple[str, ...] = ()  # which producers' channels this scheme may prune
@@ -122,10 +132,13 @@ class _ChannelPrune(Scheme, _LayerSelection):
                              f"found, 'heads': the same but the model must have attention, 'head_dim': keep "
                              f"every head and prune columns inside them, 'both': heads and columns, 'keep': "
                              f"keep every head), got {attention!r}")
-        if attention in ("head_dim", "both") and density is None:
-            raise ValueError(f"attention={attention!r} needs a density (the fraction of head_dim columns kept), "
-                             f"not target_flops or target_latency: the MAC and latency searches do not see "
-                             f"head_dim columns yet")
+        if attention in ("head_dim", "both") and target_latency is not None:
+            # The latency model times the layers of the channel analysis at thinned widths; head_dim columns
+            # live in a second analysis whose widths (inside q @ k^T, attn @ v) it has no tables for.
+            raise ValueError(f"attention={attention!r} cannot take target_latency={target_latency!r}: the latency "
+                             f"search does not see head_dim columns. Give target_flops={target_latency!r} (a MAC "
+                             f"budget, which counts them) or a density instead, or attention=None to prune whole "
+                             f"heads for a latency target")
         self.attention = attention
         self._init_selection(layers, exclude)
 
@@ -164,12 +177,18 @@ class _ChannelPrune(Scheme, _LayerSelection):
             candidate &= ~heads
         elif bool(heads.any()) and self.criteria in ("l2norm", "bn_or_l2norm"):
             score = torch.where(heads, _owned_scores(gm, analysis, self.normalize), score)
-        if self.attention == "both":  # each attention keeps sqrt(density) of its heads (and of their columns)
-            for g in analysis.groups:
-                if bool((heads & candidate)[g.channels].any()):
-                    own.setdefault(g.id, self.density ** 0.5)
+        # With "both" each attention keeps sqrt(density) of its heads (and of its columns, below): about
+        # density of its width. A group given a density of its own through ``layers`` keeps that one. At least
+        # two heads (key/value heads) stay where there were two: thin's second stage finds head_dim columns
+        # where a reshape splits two or more heads, so a single head left would keep its zeroed columns and
+        # the thinned model more MACs than the search counted.
+        head_groups = {g.id: min(1.0, 2 / n) for g in analysis.groups
+                       if (n := int((heads & candidate)[g.channels].sum())) and g.id not in own} \
+            if self.attention == "both" else {}
         candidate &= ~torch.isnan(score)
         fixed = None if self.align == "auto" else self.align
+        pick_columns = self._column_selector(gm, columns, excluded) if columns is not None else None
+        keep_columns = None
         if self.target_latency is not None:
             sel = select_for_latency(gm, analysis, score, candidate, own, self.target_latency,
                                      placeholder_inputs(gm), align=self.align)
@@ -180,22 +199,35 @@ class _ChannelPrune(Scheme, _LayerSelection):
             # unchanged to within half a multiple); "auto" starts from those counts and may round further up.
             rounding = ({} if isinstance(self.align, int)
                         else {"multiple": HW_MULTIPLE, "cost": memory_cost(gm, analysis)})
+
+            def pick(density: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                """Kept channels of both analyses at one global density."""
+                own_d = {**{g: max(density ** 0.5, least) for g, least in head_groups.items()}, **own}
+                keep = select_channels(analysis, score, candidate, density, own_d, fixed, **rounding)
+                return keep, (pick_columns(density) if pick_columns is not None else None)
+
             if self.target_flops is None:
-                keep = select_channels(analysis, score, candidate, self.density, own, fixed, **rounding)
+                keep, keep_columns = pick(self.density)
             else:
-                keep = self._search_flops(gm, analysis, score, candidate, own, rounding)
+                keep, keep_columns = self._search_flops(gm, [analysis] + ([columns] if columns is not None else []),
+                                                        pick)
             if self.align == "auto":
                 model = LatencyModel.build(gm, analysis, placeholder_inputs(gm))
                 keep, _ = auto_align(model, analysis, keep, score, candidate)
         self._annotate_masks(gm, analysis, keep)
-        if columns is not None:
-            self._annotate_columns(gm, columns, excluded)
+        if columns is not None and keep_columns is not None:
+            self._annotate_masks(gm, columns, keep_columns)
 
-    def _annotate_columns(self, gm: fx.GraphModule, analysis: ChannelAnalysis, excluded: set[str]) -> None:
-        """Mask head_dim columns: a second analysis of the same graph in which column ``j`` of every head of
-        an attention is one channel (``analyze(gm, head_dim=True)``; ``thin`` removes them in its second
-        stage). Scored over every row and column they own, one threshold over all attentions keeps
-        ``density`` of them (``sqrt(density)`` with ``attention="both"``)."""
+    def _column_selector(self, gm: fx.GraphModule, analysis: ChannelAnalysis,
+                         excluded: set[str]) -> Callable[[float], torch.Tensor] | None:
+        """Which head_dim columns stay at a global density, as a function of it (None when every head_dim is
+        frozen: the thinning record says why).
+
+        The columns are the channels of a second analysis of the same graph, in which column ``j`` of every
+        head of an attention is one channel (``analyze(gm, head_dim=True)``; ``thin`` removes them in its
+        second stage). Scored over every row and column they own, one threshold over all attentions keeps
+        ``density`` of them (``sqrt(density)`` with ``attention="both"``, whose heads keep the other factor).
+        """
         candidate = head_dim_channels(analysis) & ~analysis.frozen_channels()
         for g in analysis.groups:
             if excluded & set(g.producers):
@@ -203,32 +235,40 @@ class _ChannelPrune(Scheme, _LayerSelection):
         score = _owned_scores(gm, analysis, self.normalize)
         candidate &= ~torch.isnan(score)
         if not bool(candidate.any()):
-            return  # every head_dim is frozen: the thinning record says why
-        density = self.density ** 0.5 if self.attention == "both" else self.density
-        keep = select_channels(analysis, score, candidate, density, {}, None if self.align == "auto" else self.align)
-        self._annotate_masks(gm, analysis, keep)
+            return None
+        fixed = None if self.align == "auto" else self.align
+        both = self.attention == "both"
 
-    def _search_flops(self, gm: fx.GraphModule, analysis: ChannelAnalysis, score: torch.Tensor,
-                      candidate: torch.Tensor, own: Mapping[int, float],
-                      rounding: Mapping[str, Any] | None = None) -> torch.Tensor:
+        def pick(density: float) -> torch.Tensor:
+            return select_channels(analysis, score, candidate, density ** 0.5 if both else density, {}, fixed)
+
+        return pick
+
+    def _search_flops(self, gm: fx.GraphModule, analyses: Sequence[ChannelAnalysis],
+                      pick: Callable[[float], tuple[torch.Tensor, torch.Tensor | None]],
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Largest global density whose thinned MACs stay within ``target_flops`` of the dense MACs.
 
-        The MAC fraction only grows with the density, so a bisection over it finds the threshold; the
-        reached fraction is recorded in ``graph_record(gm).target`` for the report.
+        ``pick(density)`` gives the kept channels of the channel analysis and of the head_dim analysis (None
+        without one) at a density; ``analyses`` are those analyses, in that order. The MAC fraction only grows
+        with the density, so a bisection over it finds the threshold; the reached fraction is recorded in
+        ``graph_record(gm).target`` for the report.
         """
-        macs = _MacModel(gm, analysis)
+        macs = _MacModel(gm, analyses)
+
+        def fraction(keeps: tuple[torch.Tensor, torch.Tensor | None]) -> float:
+            return macs.fraction([k for k in keeps if k is not None])
+
         lo, hi = 0.0, 1.0
-        fixed = None if self.align == "auto" else self.align  # "auto" rounds after the search
-        best = select_channels(analysis, score, candidate, 1e-9, own, fixed, **(rounding or {}))
+        best = pick(1e-9)
         for _ in range(24):
             mid = (lo + hi) / 2
-            keep = select_channels(analysis, score, candidate, mid, own, fixed, **(rounding or {}))
-            if macs.fraction(keep) <= self.target_flops:
-                lo, best = mid, keep
+            keeps = pick(mid)
+            if fraction(keeps) <= self.target_flops:
+                lo, best = mid, keeps
             else:
                 hi = mid
-        reached = macs.fraction(best)
-        graph_record(gm).target = TargetRecord("flops", self.target_flops, reached, lo)
+        graph_record(gm).target = TargetRecord("flops", self.target_flops, fraction(best), lo)
         return best
 
     def _annotate_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
@@ -269,39 +309,137 @@ def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool
     return torch.where(count > 0, (acc / count.clamp(min=1)).sqrt(), torch.full((n,), float("nan")))
 
 
+# One tensor dim a MAC term scales with: per analysis that tracks it, the channel id of each index along it.
+_Axis = list[tuple[int, torch.Tensor]]
+
+
 class _MacModel:
     """MACs of a thinned model estimated from kept channels, without building it.
 
-    Each node's dense MACs (from ``profile_costs``) scale with the kept fraction of its output channels,
-    and for a conv / linear also with the kept fraction of the input channels it sums over.
+    Each node's dense MACs (from ``profile_costs``) scale with the kept fraction of every tracked dim its
+    cost is a product over: its output channels; for a conv / linear the input channels it sums over; for a
+    matmul the contracted dim of its first operand where that dim is tracked (``q @ k^T`` over head_dim
+    columns); for ``scaled_dot_product_attention`` the query's heads and columns for ``q @ k^T`` and the
+    query's heads and the value's columns for ``attn @ v``; for a ``MultiheadAttention`` its heads and
+    columns, times the input channels for the in-projection and the output channels for the out-projection.
+
+    ``analyses`` are the channel analysis and, with head_dim pruning, the head_dim analysis of the same graph
+    (``fraction`` takes one keep vector per analysis). A dim both analyses track (the q/k/v projection's
+    rows: heads in one, columns in the other) keeps the indices both keep; dims tracked apart multiply.
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> from fxcondensa.passes.analysis import analyze
+        >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28))
+        >>> a = analyze(gm)
+        >>> keep = torch.ones(a.num_channels, dtype=torch.bool)
+        >>> _MacModel(gm, [a]).fraction([keep])
+        1.0
+        >>> keep[a.groups[0].channels[:10]] = False  # half of conv1's filters: conv1, its ReLU and pool, conv2's input
+        >>> round(_MacModel(gm, [a]).fraction([keep]), 3)
+        0.589
     """
 
-    def __init__(self, gm: fx.GraphModule, analysis: ChannelAnalysis):
-        self.analysis = analysis
-        self.terms: list[tuple[float, torch.Tensor | None, torch.Tensor | None]] = []
+    def __init__(self, gm: fx.GraphModule, analyses: Sequence[ChannelAnalysis]):
+        self.analyses = list(analyses)
+        self.terms: list[tuple[float, list[_Axis]]] = []
         nodes = {n.name: n for n in gm.graph.nodes}
-        grouped = {g.node for g in analysis.grouped}
         self.total = 0.0
-        for cost in profile_costs(gm):
+        for cost in profile_costs(gm, count_nonzero=False):
             if not cost.macs:
                 continue
             self.total += cost.macs
             node = nodes[cost.name]
-            out = analysis.infos.get(node.name)
-            out_atoms = out.atoms if isinstance(out, ChanInfo) else None
-            in_atoms = None
-            if cost.kind in ("conv", "conv_transpose", "linear") and node.name not in grouped and node.args:
-                x = analysis.infos.get(getattr(node.args[0], "name", None))
-                in_atoms = x.atoms if isinstance(x, ChanInfo) else None
-            self.terms.append((float(cost.macs), out_atoms, in_atoms))
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, (nn.MultiheadAttention, fxnn.ThinMultiheadAttention)):
+                self.terms.extend(self._mha_terms(node, module, float(cost.macs)))
+            elif getattr(getattr(node.target, "overloadpacket", node.target), "__name__", "") \
+                    == "scaled_dot_product_attention":
+                self.terms.extend(self._sdpa_terms(node, float(cost.macs)))
+            else:
+                self.terms.append((float(cost.macs), self._axes(node, cost.kind)))
 
-    def fraction(self, keep: torch.Tensor) -> float:
+    def _tracked(self, node: Any, *, last_only: bool = False) -> dict[int, _Axis]:
+        """The tracked dims of ``node``'s output, by dim, in every analysis (``last_only``: its last dim)."""
+        axes: dict[int, _Axis] = {}
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        ndim = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        for i, a in enumerate(self.analyses):
+            info = a.infos.get(getattr(node, "name", None))
+            if not isinstance(info, ChanInfo) or not info.atoms.numel():
+                continue
+            dim = info.dim % ndim if ndim else info.dim
+            if not last_only or (ndim is not None and dim == ndim - 1):
+                axes.setdefault(dim, []).append((i, a.channel_of[info.atoms]))
+        return axes
+
+    def _axes(self, node: fx.Node, kind: str) -> list[_Axis]:
+        target = getattr(node.target, "overloadpacket", node.target)
+        name = getattr(target, "__name__", str(target))
+        axes = list(self._tracked(node).values())
+        # addmm / baddbmm take the bias first; their input is the second argument
+        arg = node.args[1] if ("addmm" in name or "addbmm" in name) and len(node.args) > 1 else \
+            node.args[0] if node.args else None
+        if kind in ("conv", "conv_transpose", "linear"):
+            # a grouped conv's input channels are its output channels (counted once)
+            axes += [[(i, ch) for i, ch in axis if node.name not in {g.node for g in self.analyses[i].grouped}]
+                     for axis in self._tracked(arg).values()]
+        elif kind == "matmul":
+            axes += list(self._tracked(arg, last_only=True).values())  # the contracted dim
+        return [axis for axis in axes if axis]
+
+    def _sdpa_terms(self, node: fx.Node, macs: float) -> list[tuple[float, list[_Axis]]]:
+        """``q @ k^T`` (the query's heads and columns) and ``attn @ v`` (the query's heads, the value's
+        columns), split as the cost rule counts them: in proportion to the two head_dims."""
+        q = node.args[0] if node.args else None
+        v = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+        shapes = [getattr(a.meta.get("tensor_meta"), "shape", None) if isinstance(a, fx.Node) else None
+                  for a in (q, v)]
+        if shapes[0] is None:
+            return [(macs, [])]
+        dq = shapes[0][-1]
+        dv = shapes[1][-1] if shapes[1] is not None else dq
+        last = len(shapes[0]) - 1
+        q_axes = self._tracked(q)
+        qk = list(q_axes.values())
+        av = [axis for d, axis in q_axes.items() if d != last] + list(self._tracked(v, last_only=True).values())
+        return [(macs * dq / (dq + dv), [a for a in qk if a]), (macs * dv / (dq + dv), [a for a in av if a])]
+
+    def _mha_terms(self, node: fx.Node, m: nn.Module, macs: float) -> list[tuple[float, list[_Axis]]]:
+        """``tokens * (3 * inner * e_in + inner * e_out + 2 * seq * inner)`` (the MultiheadAttention cost
+        rule): the inner width (heads x head_dim, read off the in-projection's rows) scales all three, the
+        input channels the in-projection and the output channels the out-projection."""
+        x = node.args[0] if node.args else None
+        meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+        if meta is None or not hasattr(meta, "shape") or len(meta.shape) < 2:
+            return [(macs, [])]
+        seq = meta.shape[1] if getattr(m, "batch_first", False) else meta.shape[0]
+        e_in = m.in_proj_weight.shape[1]
+        e_out = (m.out_weight if isinstance(m, fxnn.ThinMultiheadAttention) else m.out_proj.weight).shape[0]
+        w_in = f"{node.target}.in_proj_weight"
+        inner = [(i, a.channel_of[s.atoms]) for i, a in enumerate(self.analyses) for s in a.slices
+                 if s.path == w_in and s.dim == 0]
+        out = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), None)
+        ins, outs = list(self._tracked(x).values()), list(self._tracked(out).values())
+        parts = ((3 * e_in, ins), (e_out, outs), (2 * seq, []))
+        total = sum(p for p, _ in parts)
+        return [(macs * p / total, [axis for axis in [inner, *extra] if axis]) for p, extra in parts]
+
+    def fraction(self, keeps: Sequence[torch.Tensor]) -> float:
+        """Estimated thinned MACs over dense MACs; ``keeps``: one bool per channel id of each analysis."""
         kept = 0.0
-        for macs, out_atoms, in_atoms in self.terms:
+        for macs, axes in self.terms:
             f = macs
-            for atoms in (out_atoms, in_atoms):
-                if atoms is not None and atoms.numel():
-                    f *= float(self.analysis.kept(keep, atoms).float().mean())
+            for axis in axes:
+                ks = [keeps[i][ch] for i, ch in axis]
+                if all(k.shape == ks[0].shape for k in ks):  # an index stays where every analysis keeps it
+                    both = ks[0]
+                    for k in ks[1:]:
+                        both = both & k
+                    f *= float(both.double().mean())
+                else:
+                    for k in ks:
+                        f *= float(k.double().mean())
             kept += f
         return kept / self.total if self.total else 1.0
 
@@ -327,11 +465,22 @@ class StructurePrune(_ChannelPrune):
     """Prune neurons and filters with one threshold (Condensa's ``StructurePrune``).
 
     ``StructurePrune(0.3)`` keeps 30% of the prunable channels; ``StructurePrune(target_flops=0.5)`` finds
-    the global threshold whose thinned model keeps at most half of the dense MACs.
+    the global threshold whose thinned model keeps at most half of the dense MACs;
+    ``StructurePrune(target_flops=0.5, attention="head_dim")`` does so removing head_dim columns inside the
+    heads instead of whole heads. ``graph_record(gm).target`` (shown by the report and kept in the thinning
+    record) holds the target and the MAC fraction the search reached.
 
     Example:
-        >>> StructurePrune(target_flops=0.5).target_flops
-        0.5
+        >>> import torch, torchvision, fxcondensa
+        >>> from fxcondensa.passes.costs import profile_costs
+        >>> from fxcondensa.records import thin_record
+        >>> vit = torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128)
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> small = fxcondensa.thin(vit.eval(), StructurePrune(target_flops=0.5, attention="head_dim"), x)
+        >>> macs = lambda m: sum(c.macs for c in profile_costs(m, x))
+        >>> record = thin_record(small).target
+        >>> record.target, record.reached <= 0.5, abs(macs(small) / macs(vit) - record.reached) < 1e-6
+        (0.5, True, True)
     """
 
     _producer_kinds = ("linear", "conv")
