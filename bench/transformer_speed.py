@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 import fxcondensa
+from fxcondensa.latency import compare_latency
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.schemes import StructurePrune
 
@@ -58,23 +58,12 @@ def n_params(model: nn.Module) -> int:
 
 def latencies_ms(models: dict[str, Callable[..., Any]], inputs: tuple[torch.Tensor, ...], warmup: int,
                  repeat: int) -> dict[str, dict[str, float]]:
-    """Median and IQR per model, the runs interleaved (one of each in turn), so that a change of load on
-    the shared machine hits every contender alike."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
-        for m in models.values():
-            for _ in range(warmup):
-                m(*inputs)
-        for _ in range(repeat):
-            for k, m in models.items():
-                t = time.perf_counter()
-                m(*inputs)
-                times[k].append((time.perf_counter() - t) * 1e3)
-    out = {}
-    for k, ts in times.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-        out[k] = {"median_ms": statistics.median(ts), "iqr_ms": q[2] - q[0], "runs": len(ts)}
-    return out
+    """Median and IQR per model from ``fxcondensa.latency.compare_latency``: the runs interleaved, one of each
+    in turn and in a new order every round, so that a change of load on the shared machine, or the caches
+    one model leaves to the next, hit every contender alike."""
+    timed = compare_latency(list(models.values()), inputs, warmup=warmup, repeat=repeat)
+    return {k: {"median_ms": t.median_ms, "iqr_ms": t.iqr_ms, "runs": t.repeat} for k, t in zip(models, timed,
+                                                                                               strict=True)}
 
 
 # ---------------------------------------------------------------------------------------- Torch-Pruning

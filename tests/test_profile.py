@@ -163,8 +163,17 @@ def test_compare_latency_alternates_and_keeps_order():
             return x
 
     a, b = compare_latency([Tag("a"), Tag("b")], torch.zeros(2, 3), warmup=1, repeat=3)
-    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up each, then alternate
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up each, then alternate, rotating
     assert a.repeat == b.repeat == 3 and a.batch_size == 2
+
+    # Regression: the order rotates, so no model always runs right after the same one (a thinned model timed
+    # after its dense model always met the caches the dense one left; it read up to 10% slower than alone).
+    calls.clear()
+    timed = compare_latency([Tag("dense"), Tag("thin"), Tag("peer")], torch.zeros(1, 3), warmup=0, repeat=3)
+    assert calls == ["dense", "thin", "peer", "dense", "peer", "thin", "thin", "dense", "peer"]
+    assert [t.repeat for t in timed] == [3, 3, 3]
+    before = {m: {calls[i - 1] for i in range(1, len(calls)) if calls[i] == m} for m in ("dense", "thin", "peer")}
+    assert all(p - {m} == {"dense", "thin", "peer"} - {m} for m, p in before.items())  # follows both others
 
 
 # -- CUDA timing without a GPU: the events must be recorded on the inputs' device -------------------------
