@@ -334,3 +334,17 @@ def test_head_dim_pruning_property(heads, head_dim, c, style, attention, density
     w = small.get_submodule("attn.0.proj").in_features
     assert w <= heads * head_dim and (attention == "both" or w % heads == 0)  # head_dim: every head stays
     assert math.isfinite(float(small(torch.randn(2, 6, 5)).sum()))
+
+
+def test_sdpa_cost_counts_the_value_head_dim_apart_from_the_query_one():
+    """Regression: head_dim pruning can leave v with other columns than q and k; ``attn @ v`` costs v's, not
+    q's (the counter used q's for both products)."""
+    from fxcondensa.passes.costs import profile_costs
+
+    class Attn(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
+    (cost,) = [c for c in profile_costs(Attn(), (q, k, v)) if c.macs]
+    assert cost.macs == 2 * 3 * 5 * 7 * (8 + 4)  # q @ k^T over 8 columns, attn @ v producing 4
