@@ -22,13 +22,14 @@ and our thinned latency at or below torch-pruning's.
     python bench/speedup.py --models resnet18 --densities 0.5 --deploy   # + eager / channels_last / compile / ORT
     python bench/speedup.py --models resnet18 --target-latency 0.5       # latency-target rows (batch 16, 128x128)
     python bench/speedup.py --models resnet50 --align auto               # align="auto" from the latency model
+    python bench/speedup.py --models mobilenet_v2 --copies 5             # 5 fresh copies per row, median ratio
 
 ``--deploy`` also times each thinned model under every deployment backend of
 ``fxcondensa.latency.deployment_latency`` (eager, channels_last, torch.compile, ONNX Runtime when installed),
-alternating, and names the fastest. ``--target-latency F`` runs ``StructurePrune(target_latency=F)`` (or, while
-the scheme does not take it yet, ``fxcondensa.latency_model.select_for_latency`` called directly on the same
-scores and candidates, said in the row's ``via``) and then measures the thinned model against the dense one
-again, alternating: ``measured_after`` is the fraction the issue asks for. Every row records the load average.
+alternating, and names the fastest. ``--target-latency F`` runs ``StructurePrune(target_latency=F)`` and then
+measures the thinned model against the dense one again, alternating: ``measured_after`` is the fraction the
+issue asks for. ``--align auto`` thins once per row, with the row's batch and resolution as the example
+inputs (the latency model is measured at the shape the model will run at). Every row records the load average.
 
 On CPU the throughput rows of the torchvision conv nets use ``--thr-size`` (128 by default) to keep the run
 short on a small machine; batch-1 rows and vit_b_32 (fixed 224) use 224. The resolution is in every row.
@@ -174,73 +175,70 @@ def prepare(model: nn.Module, device: torch.device, channels_last: bool, amp: st
     return model
 
 
+def timed_copies(contenders: dict[str, nn.Module], x: torch.Tensor, copies: int, prepare_: Any, *, warmup: int,
+                 repeat: int) -> dict[str, list[Any]]:
+    """``compare_latency`` over ``copies`` fresh copies of every contender (``prepare_`` makes one): a list
+    of ``Latency`` per contender, one per copy.
+
+    Why copies: on this shared machine the same two thinned mobilenet_v2 models (ours and Torch-Pruning's,
+    batch 1, 224x224, with the dense model in the rotation) measured ours/tp from 0.87 to 1.05 over twelve
+    runs in four fresh processes, and 0.87 to 1.00 over ten deep copies in two processes: where a model's
+    weights and activations land moves a 10 ms forward by more than the difference being measured, and more
+    repeats of one copy do not average that out.
+    """
+    runs: dict[str, list[Any]] = {k: [] for k in contenders}
+    for _ in range(copies):
+        timed = [prepare_(m) for m in contenders.values()]
+        for k, lat in zip(contenders, compare_latency(timed, x, warmup=warmup, repeat=repeat), strict=True):
+            runs[k].append(lat)
+        del timed
+    return runs
+
+
+def median_latency(lats: list[Any]) -> Any:
+    """One ``Latency`` for several copies: the copy with the median ``median_ms`` (the copy itself when one)."""
+    return sorted(lats, key=lambda lat: lat.median_ms)[(len(lats) - 1) // 2]
+
+
 def _input(shape: tuple[int, ...], batch: int, device: torch.device, channels_last: bool) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *shape, generator=g).to(device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
-def _takes(option: str) -> bool:
-    """Whether StructurePrune accepts ``option`` (target_latency / align="auto" are wired by the scheme)."""
-    import inspect
+def thinned_variants(model: nn.Module, density: float, align: int | str | None, batches: list[int],
+                     shapes: dict[int, tuple[int, ...]], x1: torch.Tensor) -> list[tuple[nn.Module, str | None, float, list[int]]]:
+    """The thinned models one density's rows time: ``(thinned, via, thin seconds, the batches it is timed at)``.
 
-    return option in inspect.signature(StructurePrune.__init__).parameters
-
-
-def _scheme_inputs(model: nn.Module, x: torch.Tensor) -> tuple[Any, ...]:
-    """What StructurePrune's annotate computes before choosing channels: graph, analysis, scores, candidates."""
-    from fxcondensa.passes.analysis import analyze
-    from fxcondensa.schemes.scores import channel_scores
-
-    gm = trace(model, x)
-    analysis = analyze(gm)
-    score = channel_scores(gm, analysis, "l2norm", True)
-    cand = ~analysis.frozen_channels() & ~torch.isnan(score)
-    for g in analysis.groups:
-        if not set(g.kinds) & {"conv", "linear"}:
-            cand[g.channels] = False
-    return gm, analysis, score, cand
-
-
-def thin_auto_align(model: nn.Module, density: float, x1: torch.Tensor, xb: torch.Tensor) -> tuple[nn.Module, str]:
-    """``StructurePrune(density, align="auto")`` when the scheme takes it, else the same selection here: the
-    density's channels, then ``auto_align`` with a latency model measured at the timed batch ``xb``."""
-    if _takes("align") and _accepts_auto():
-        return fxcondensa.thin(model, StructurePrune(density, align="auto"), xb), "scheme"
-    from fxcondensa.latency_model import LatencyModel, auto_align
-    from fxcondensa.passes.selection import select_channels
-    from fxcondensa.passes.thin import rethin
-
-    gm, analysis, score, cand = _scheme_inputs(model, xb)
-    keep = select_channels(analysis, score, cand, density, {}, None)
-    keep, _ = auto_align(LatencyModel.build(gm, analysis, xb), analysis, keep, score, cand)
-    return rethin(model, keep, x1), "auto_align called directly (the scheme does not take align='auto' yet)"
-
-
-def _accepts_auto() -> bool:
-    try:
-        StructurePrune(0.5, align="auto")
-    except (TypeError, ValueError):
-        return False
-    return True
+    A fixed ``align`` thins once for every row. ``align="auto"`` thins once per row, with that row's input as
+    the example inputs, as a user deploying at that batch and resolution would: its latency model is measured
+    at the shapes it will run at (counts that are fast at batch 32 and 128x128 need not be at batch 1 and
+    224x224).
+    """
+    variants: list[tuple[nn.Module, str | None, float, list[int]]] = []
+    if align != "auto":
+        t0 = time.perf_counter()
+        thinned = fxcondensa.thin(model, StructurePrune(density, align=align), x1, check=True)
+        return [(thinned, None, time.perf_counter() - t0, list(batches))]
+    for b in batches:
+        t0 = time.perf_counter()
+        xb = _input(shapes[b], b, torch.device("cpu"), False)
+        thinned = fxcondensa.thin(model, StructurePrune(density, align="auto"), xb, check=True)
+        variants.append((thinned, f"latency model at {'x'.join(map(str, xb.shape))}", time.perf_counter() - t0, [b]))
+    return variants
 
 
 def latency_target_row(name: str, target: float, *, batch: int = 16, size: int = 128, warmup: int = 3,
                        repeat: int = 11, device: str = "cpu", dtype: str | None = None,
-                       channels_last: bool = False, log: Any = print) -> dict[str, Any]:
+                       channels_last: bool = False, copies: int = 1, log: Any = print) -> dict[str, Any]:
     """``StructurePrune(target_latency=target)`` on ``name`` at (batch, 3, size, size), then measured again.
 
     ``measured_at_selection`` is what the selection's last feedback step measured; ``measured_after`` a fresh
-    alternating measurement of the thinned model against the dense one (the number that counts). On the
-    direct path the thinned model is ``rethin(model, keep)``: the selected architecture with the dense
-    weights sliced, which times exactly like the pruned one (values do not change the work). ``dtype``
+    alternating measurement of the thinned model against the dense one (the number that counts), the median
+    over ``copies`` fresh copies of both (``timed_copies``). ``dtype``
     ("bf16" / "fp16") casts the model and inputs (the latency model is measured in that dtype: no autocast);
-    ``channels_last`` puts models and inputs in channels_last for every measurement after selection and for the
-    selection's feedback steps.
+    ``channels_last`` puts models and inputs in channels_last for every measurement after selection.
     """
-    from fxcondensa.latency_model import LatencyModel, select_for_latency
-    from fxcondensa.passes.thin import rethin
-
     model, shape = build(name)
     dev = torch.device(device)
     cast = {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}[dtype]
@@ -250,42 +248,33 @@ def latency_target_row(name: str, target: float, *, batch: int = 16, size: int =
     def layout(m: nn.Module) -> nn.Module:
         return m.to(memory_format=torch.channels_last) if channels_last else m
 
-    def measure(dense: nn.Module, thinned: nn.Module, inputs: tuple) -> Any:
-        xs = tuple(t.contiguous(memory_format=torch.channels_last) if channels_last else t for t in inputs)
-        return compare_latency([layout(dense), layout(thinned)], xs, warmup=warmup, repeat=max(repeat, 7))
+    def fresh(m: nn.Module) -> nn.Module:
+        return layout(copy.deepcopy(m))
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
+    thinned = fxcondensa.thin(model, StructurePrune(target_latency=target), x)
+    rec = thin_record(thinned)
     record: dict[str, Any] = {}
-    if _takes("target_latency"):
-        via = "scheme"
-        thinned = fxcondensa.thin(model, StructurePrune(target_latency=target), x)
-        rec = thin_record(thinned)
-        if rec is not None and rec.target is not None:
-            record = {"measured_at_selection": rec.target.reached, "density": rec.target.density}
-        build_s = None
-    else:
-        via = "select_for_latency called directly (StructurePrune does not take target_latency yet)"
-        gm, analysis, score, cand = _scheme_inputs(model, x)
-        lm = LatencyModel.build(gm, analysis, x)
-        build_s = lm.build_s
-        sel = select_for_latency(gm, analysis, score, cand, {}, target, (x,), model=lm,
-                                 measure=measure if channels_last else None)
-        thinned = rethin(model, sel.keep, x)
-        record = {"measured_at_selection": sel.measured, "predicted": sel.predicted, "density": sel.density,
-                  "steps": sel.history, "cache_hits": lm.cache_hits, "cache_misses": lm.cache_misses}
+    if rec is not None and rec.target is not None:
+        record = {"measured_at_selection": rec.target.reached, "density": rec.target.density}
     total_s = time.perf_counter() - t0
-    dense, thin_ = measure(model, thinned, (x,))
+    xs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    runs = timed_copies({"dense": model, "thinned": thinned}, xs, copies, fresh, warmup=warmup,
+                        repeat=max(repeat, 7))
+    dense, thin_ = median_latency(runs["dense"]), median_latency(runs["thinned"])
+    fractions = [t.median_ms / d.median_ms for d, t in zip(runs["dense"], runs["thinned"], strict=True)]
     row = {"model": name, "target_latency": target, "batch": batch, "input": [batch, shape[0], size, size],
-           "device": str(dev), "dtype": str(cast), "channels_last": channels_last, "threads": torch.get_num_threads(), "via": via, "latency_model_build_s": build_s, "select_s": total_s,
+           "device": str(dev), "dtype": str(cast), "channels_last": channels_last, "threads": torch.get_num_threads(), "select_s": total_s,
            "dense_ms": dense.median_ms, "thinned_ms": thin_.median_ms, "dense_iqr_ms": dense.iqr_ms,
-           "thinned_iqr_ms": thin_.iqr_ms, "measured_after": thin_.median_ms / dense.median_ms,
+           "thinned_iqr_ms": thin_.iqr_ms, "measured_after": statistics.median(fractions), "copies": copies,
+           **({"measured_after_copies": fractions} if copies > 1 else {}),
            "macs_fraction": macs(thinned, x[:1]) / macs(model, x[:1]), "load_before": list(load_before),
            "load_after": list(os.getloadavg()), **record}
     row["goal"] = "met" if 0.45 <= row["measured_after"] <= 0.55 else f"missed: {row['measured_after']:.3f}"
     log(f"  {name} target_latency={target} b={batch} {size}x{size}: measured after {row['measured_after']:.3f} "
         f"(at selection {row.get('measured_at_selection', float('nan')):.3f}), MACs {row['macs_fraction']:.3f}, "
-        f"build {build_s if build_s is None else round(build_s, 1)} s, total {total_s:.1f} s, load {load_before[0]:.1f}"
+        f"total {total_s:.1f} s, load {load_before[0]:.1f}"
         f"{', ' + dtype if dtype else ''}{', channels_last' if channels_last else ''}")
     return row
 
@@ -293,9 +282,12 @@ def latency_target_row(name: str, target: float, *, batch: int = 16, size: int =
 def bench_model(name: str, densities: list[float], *, batches: list[int] | None = None, thr_size: int = 128,
                 align: int | str | None = None, deploy: bool = False, device: str = "cpu", amp: str | list[str | None] | None = None,
                 channels_last: bool = False, compile_: bool = False, warmup: int = 3, repeat: int = 10,
-                torch_pruning: bool = True, layers: bool = False, tp_steps: int = 9, log: Any = print,
-                on_row: Any = None) -> list[dict[str, Any]]:
+                torch_pruning: bool = True, layers: bool = False, tp_steps: int = 9, copies: int = 1,
+                log: Any = print, on_row: Any = None) -> list[dict[str, Any]]:
     """Rows (dicts) for one model: every density x batch, dense / thinned / torch-pruning side by side.
+
+    ``copies`` > 1 times that many fresh copies of the contenders, one ``compare_latency`` run each (see
+    ``timed_copies``); the ratios are then medians of the per-copy ratios.
 
     ``on_row(row)`` is called as soon as each row is measured (the command line rewrites its JSON there, so
     that a time limit keeps every finished row).
@@ -313,65 +305,68 @@ def bench_model(name: str, densities: list[float], *, batches: list[int] | None 
     dense_macs = {s: macs(model, torch.randn(1, *s)) for s in set(shapes.values())}
     rows = []
     for density in densities_for(name, densities):
-        t0 = time.perf_counter()
-        via = None
-        if align == "auto":
-            b_ = max(batches)
-            thinned, via = thin_auto_align(model, density, x1, _input(shapes[b_], b_, torch.device("cpu"), False))
-        else:
-            thinned = fxcondensa.thin(model, StructurePrune(density, align=align), x1, check=True)
-        thin_s = time.perf_counter() - t0
-        ours_macs = {s: macs(thinned, torch.randn(1, *s)) for s in dense_macs}
-        peer: dict[tuple[int, ...], Any] = {}
-        if torch_pruning and tp is not None:
-            for s in dense_macs:  # one match per resolution (the fc term makes the ratio resolution-dependent)
-                xs = torch.randn(1, *s)
-                peer[s] = tp_match(model, xs, dense_macs[s] / ours_macs[s], dense_macs[s], tp_steps)
-        for b in batches:
-            s = shapes[b]
-            x = _input(s, b, dev, channels_last)
-            for amp in amps:
-                contenders = {"dense": model, "thinned": thinned}
-                if peer.get(s) is not None:
-                    contenders["torch_pruning"] = peer[s][0]
-                timed = [prepare(m, dev, channels_last, amp, compile_) for m in contenders.values()]
-                lat = dict(zip(contenders, compare_latency(timed, x, warmup=warmup, repeat=repeat), strict=True))
-                flop_ratio = dense_macs[s] / ours_macs[s]
-                speedup = lat["dense"].median_ms / lat["thinned"].median_ms
-                row: dict[str, Any] = {
-                    "model": name, "density": density, "align": align, "batch": b, "resolution": list(s[1:]),
-                    "input": [b, *s], "device": str(dev), "amp": amp, "channels_last": channels_last,
-                    "compile": compile_, "threads": torch.get_num_threads(), "repeat": repeat, "warmup": warmup,
-                    "dense_ms": lat["dense"].median_ms, "thinned_ms": lat["thinned"].median_ms,
-                    "dense_iqr_ms": lat["dense"].iqr_ms, "thinned_iqr_ms": lat["thinned"].iqr_ms,
-                    "noisy": lat["dense"].noisy or lat["thinned"].noisy,
-                    "speedup": speedup, "dense_macs": dense_macs[s], "thinned_macs": ours_macs[s],
-                    "flop_ratio": flop_ratio, "efficiency": speedup / flop_ratio,
-                    "params_dense": n_params(model), "params_thinned": n_params(thinned), "thin_s": thin_s,
-                    "tp_ms": None, "tp_speedup": None, "tp_flop_ratio": None, "tp_efficiency": None,
-                    "tp_pruning_ratio": None, "ours_over_tp": None, "load": list(os.getloadavg()),
-                }
-                if via is not None:
-                    row["align_via"] = via
-                if "torch_pruning" in lat:
-                    _, ratio, tp_flops = peer[s]
-                    t = lat["torch_pruning"].median_ms
-                    row.update(tp_ms=t, tp_speedup=row["dense_ms"] / t, tp_flop_ratio=tp_flops,
-                               tp_efficiency=row["dense_ms"] / t / tp_flops, tp_pruning_ratio=ratio,
-                               ours_over_tp=row["thinned_ms"] / t, tp_iqr_ms=lat["torch_pruning"].iqr_ms)
-                if deploy:
-                    dep = deployment_latency(thinned, x, warmup=warmup, repeat=repeat)
-                    row["deploy"] = dep.to_dict()
-                    log(f"    {dep.note()}")
-                if layers and dev.type == "cpu" and not (channels_last or amp or compile_):
-                    row["layers"] = layer_breakdown(model, thinned, x, repeat=max(3, repeat // 2))
-                row["goal"] = goal(row, thr)
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
-                log(f"  {name} d={density} b={b} {amp or 'fp32'} {'x'.join(map(str, s[1:]))}: dense {row['dense_ms']:.2f} ms, "
-                    f"thinned {row['thinned_ms']:.2f} ms, x{speedup:.2f} at FLOPs /{flop_ratio:.2f}, "
-                    f"eff {row['efficiency']:.2f}" + (f", tp {row['tp_ms']:.2f} ms" if row["tp_ms"] else ""))
+        for variant in thinned_variants(model, density, align, batches, shapes, x1):
+            thinned, via, thin_s, row_batches = variant
+            ours_macs = {s: macs(thinned, torch.randn(1, *s)) for s in {shapes[b] for b in row_batches}}
+            peer: dict[tuple[int, ...], Any] = {}
+            if torch_pruning and tp is not None:
+                for s in ours_macs:  # one match per resolution (the fc term makes the ratio resolution-dependent)
+                    xs = torch.randn(1, *s)
+                    peer[s] = tp_match(model, xs, dense_macs[s] / ours_macs[s], dense_macs[s], tp_steps)
+            for b in row_batches:
+                s = shapes[b]
+                x = _input(s, b, dev, channels_last)
+                for amp in amps:
+                    contenders = {"dense": model, "thinned": thinned}
+                    if peer.get(s) is not None:
+                        contenders["torch_pruning"] = peer[s][0]
+                    runs = timed_copies(contenders, x, copies, lambda m, amp=amp: prepare(m, dev, channels_last, amp, compile_),
+                                        warmup=warmup, repeat=repeat)
+                    lat = {k: median_latency(v) for k, v in runs.items()}
+                    flop_ratio = dense_macs[s] / ours_macs[s]
+                    speedups = [d.median_ms / t.median_ms for d, t in zip(runs["dense"], runs["thinned"], strict=True)]
+                    speedup = statistics.median(speedups)
+                    row: dict[str, Any] = {
+                        "model": name, "density": density, "align": align, "batch": b, "resolution": list(s[1:]),
+                        "input": [b, *s], "device": str(dev), "amp": amp, "channels_last": channels_last,
+                        "compile": compile_, "threads": torch.get_num_threads(), "repeat": repeat, "warmup": warmup,
+                        "copies": copies,
+                        "dense_ms": lat["dense"].median_ms, "thinned_ms": lat["thinned"].median_ms,
+                        "dense_iqr_ms": lat["dense"].iqr_ms, "thinned_iqr_ms": lat["thinned"].iqr_ms,
+                        "noisy": lat["dense"].noisy or lat["thinned"].noisy,
+                        "speedup": speedup, "dense_macs": dense_macs[s], "thinned_macs": ours_macs[s],
+                        "flop_ratio": flop_ratio, "efficiency": speedup / flop_ratio,
+                        "params_dense": n_params(model), "params_thinned": n_params(thinned), "thin_s": thin_s,
+                        "tp_ms": None, "tp_speedup": None, "tp_flop_ratio": None, "tp_efficiency": None,
+                        "tp_pruning_ratio": None, "ours_over_tp": None, "load": list(os.getloadavg()),
+                    }
+                    if via is not None:
+                        row["align_via"] = via
+                    if "torch_pruning" in lat:
+                        _, ratio, tp_flops = peer[s]
+                        t = lat["torch_pruning"].median_ms
+                        per_copy = [o.median_ms / p.median_ms
+                                    for o, p in zip(runs["thinned"], runs["torch_pruning"], strict=True)]
+                        row.update(tp_ms=t, tp_speedup=row["dense_ms"] / t, tp_flop_ratio=tp_flops,
+                                   tp_efficiency=row["dense_ms"] / t / tp_flops, tp_pruning_ratio=ratio,
+                                   ours_over_tp=statistics.median(per_copy), tp_iqr_ms=lat["torch_pruning"].iqr_ms)
+                        if copies > 1:
+                            row["ours_over_tp_copies"] = per_copy
+                    if copies > 1:
+                        row["speedup_copies"] = speedups
+                    if deploy:
+                        dep = deployment_latency(thinned, x, warmup=warmup, repeat=repeat)
+                        row["deploy"] = dep.to_dict()
+                        log(f"    {dep.note()}")
+                    if layers and dev.type == "cpu" and not (channels_last or amp or compile_):
+                        row["layers"] = layer_breakdown(model, thinned, x, repeat=max(3, repeat // 2))
+                    row["goal"] = goal(row, thr)
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+                    log(f"  {name} d={density} b={b} {amp or 'fp32'} {'x'.join(map(str, s[1:]))}: dense {row['dense_ms']:.2f} ms, "
+                        f"thinned {row['thinned_ms']:.2f} ms, x{speedup:.2f} at FLOPs /{flop_ratio:.2f}, "
+                        f"eff {row['efficiency']:.2f}" + (f", tp {row['tp_ms']:.2f} ms" if row["tp_ms"] else ""))
     return rows
 
 
@@ -454,7 +449,7 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
 
     body = [[r["model"], r["target_latency"], "x".join(map(str, r["input"])), f(r["dense_ms"], ".1f"),
              f(r["thinned_ms"], ".1f"), f(r["measured_after"], ".3f"), f(r.get("measured_at_selection"), ".3f"),
-             f(r["macs_fraction"], ".3f"), f(r["latency_model_build_s"], ".1f"), f(r["select_s"], ".1f"),
+             f(r["macs_fraction"], ".3f"), f(r.get("latency_model_build_s"), ".1f"), f(r["select_s"], ".1f"),
              f(r["load_before"][0], ".1f"), r["goal"]] for r in rows]
     return tabulate(body, headers=["model", "target", "input", "dense ms", "thinned ms", "measured after",
                                    "at selection", "MAC fraction", "model build s", "total s", "load", "goal"],
@@ -501,7 +496,7 @@ def run(args: argparse.Namespace, log: Any = print, out: Path | None = None) -> 
                 amp = next((a for a in args.amp if a != "fp32"), None)
                 row = latency_target_row(name, target, batch=args.batch or 16, size=args.thr_size, warmup=warmup,
                                          repeat=repeat, device=args.device, dtype=amp,
-                                         channels_last=args.channels_last, log=log)
+                                         channels_last=args.channels_last, copies=args.copies, log=log)
                 rows.append(row)
                 on_row_done(result, out)
         return result
@@ -514,7 +509,7 @@ def run(args: argparse.Namespace, log: Any = print, out: Path | None = None) -> 
                         amp=[None if a == "fp32" else a for a in args.amp], tp_steps=args.tp_steps,
                         channels_last=args.channels_last, compile_=args.compile, warmup=warmup,
                         repeat=repeat, torch_pruning=not args.no_torch_pruning, layers=args.layers, log=log,
-                        on_row=on_row)
+                        copies=args.copies, on_row=on_row)
     return result
 
 
@@ -568,6 +563,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads (default 1 on CPU: on a shared machine more threads time the neighbours)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=11)
+    p.add_argument("--copies", type=int, default=1,
+                   help="time this many fresh copies of the contenders, one alternating run each; ratios are the "
+                        "median of the per-copy ratios (where weights land moves a batch-1 forward by several %%)")
     p.add_argument("--throughput-only", action="store_true", help="skip the batch-1 rows")
     p.add_argument("--layers", action="store_true",
                    help="per-layer dense vs thinned latency (fx Interpreter) in each row's JSON (CPU, plain fp32)")
@@ -575,6 +573,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torch-pruning", action="store_true", help="skip the torch-pruning comparison")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/speedup.json, or $OUT/ if set)")
     args = p.parse_args(argv)
+    if args.copies < 1:
+        p.error(f"--copies {args.copies}: give 1 or more fresh copies to time")
     if args.threads is None and args.device == "cpu":
         args.threads = 1
     if args.thr_size is None:

@@ -398,15 +398,44 @@ def test_bench_latency_target_row(tmp_path, monkeypatch):
     assert "| lenet5 |" in speedup.latency_table([row]).replace("  ", " ")
 
 
+def test_bench_latency_target_row_over_copies(tmp_path, monkeypatch):
+    """--copies 3: measured_after is the median of three fresh-copy measurements (fake, fixed fractions)."""
+    from fxcondensa.latency import Latency
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer())
+    monkeypatch.setattr(lmod, "_default_measure", lambda warmup, repeat: FakeMeasure())
+    speedup = _bench()
+    thinned_ms = iter([6.0, 4.0, 5.8])
+
+    def fake_compare(models, x, *, warmup, repeat):
+        return [Latency(ms, ms, ms, ms, ms, repeat, warmup, 1, 2, "cpu") for ms in (10.0, next(thinned_ms))]
+
+    monkeypatch.setattr(speedup, "compare_latency", fake_compare)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LatencyWarning)
+        row = speedup.latency_target_row("lenet5", 0.5, batch=2, size=28, warmup=0, repeat=1, copies=3,
+                                         log=lambda *a: None)
+    assert row["copies"] == 3 and row["measured_after_copies"] == pytest.approx([0.6, 0.4, 0.58])
+    assert row["measured_after"] == pytest.approx(0.58) and row["goal"] == "missed: 0.580"
+    assert row["thinned_ms"] == 5.8 and row["dense_ms"] == 10.0
+
+
 def test_bench_auto_align_thins(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer(odd=3.0))
     speedup = _bench()
     model, _ = speedup.build("resnet18")
-    x = torch.randn(1, 3, 32, 32)
-    small, via = speedup.thin_auto_align(model, 0.5, x, x)
-    assert via == "scheme" or via.startswith("auto_align called directly")
-    assert small.fc.in_features < 512 and small(x).shape == (1, 1000)
+    shapes = {1: (3, 32, 32), 4: (3, 24, 24)}
+    variants = speedup.thinned_variants(model, 0.5, "auto", [1, 4], shapes, torch.randn(1, 3, 32, 32))
+    # One thinned model per row, each chosen with a latency model measured at that row's input shape.
+    assert [v[3] for v in variants] == [[1], [4]]
+    assert [v[1] for v in variants] == ["latency model at 1x3x32x32", "latency model at 4x3x24x24"]
+    for small, _, _, (b,) in variants:
+        x = torch.randn(b, *shapes[b])
+        assert small.fc.in_features < 512 and small(x).shape == (b, 1000)
+    (plain, via, _, batches), = speedup.thinned_variants(model, 0.5, None, [1, 4], shapes, torch.randn(1, 3, 32, 32))
+    assert via is None and batches == [1, 4]  # a fixed align thins once for every row
 
 
 def test_placeholder_inputs_follow_the_traced_shapes():
@@ -557,3 +586,26 @@ def test_structure_prune_one_budget_only():
 
     with pytest.raises(ValueError, match="give exactly one of density"):
         StructurePrune(0.5, target_latency=0.5)
+
+
+def test_default_measure_times_fresh_copies_and_keeps_the_median_fraction(monkeypatch):
+    """A feedback step times MEASURE_COPIES fresh copies of dense and thinned (where a model lands in memory
+    moves its latency), about ``repeat`` runs in all, and returns the pair whose fraction is the median."""
+    dense, thinned = nn.Linear(4, 4), nn.Linear(4, 2)
+    calls = []
+    thinned_ms = iter([7.0, 4.0, 5.0])
+
+    def fake_compare(models, inputs, *, warmup, repeat):
+        calls.append((models, warmup, repeat))
+        ms = next(thinned_ms)
+        return [Latency(10.0, 9, 11, 9, 11, repeat, warmup, 1, 1, "cpu"),
+                Latency(ms, ms, ms, ms, ms, repeat, warmup, 1, 1, "cpu")]
+
+    monkeypatch.setattr(lmod, "compare_latency", fake_compare)
+    a, b = lmod._default_measure(2, 7)(dense, thinned, (torch.zeros(1, 4),))
+    assert lmod.MEASURE_COPIES == 3 and len(calls) == 3
+    assert b.median_ms == 5.0 and a.median_ms == 10.0  # fractions 0.7, 0.4, 0.5: the median copy
+    assert all(r == 3 and w == 2 for _, w, r in calls)  # ceil(7 / 3) runs per copy, each after its warm-up
+    copies = [m for models, _, _ in calls for m in models]
+    assert len({id(m) for m in copies}) == 6 and not {id(dense), id(thinned)} & {id(m) for m in copies}
+    assert all(torch.equal(c.weight, dense.weight) for c in copies[0::2])
