@@ -57,7 +57,7 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa.graph import trace
-from fxcondensa.latency import NodeTimer, compare_latency, deployment_latency
+from fxcondensa.latency import NodeTimer, compare_latency_copies, deployment_latency
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.records import thin_record
 from fxcondensa.schemes import StructurePrune
@@ -177,22 +177,11 @@ def prepare(model: nn.Module, device: torch.device, channels_last: bool, amp: st
 
 def timed_copies(contenders: dict[str, nn.Module], x: torch.Tensor, copies: int, prepare_: Any, *, warmup: int,
                  repeat: int) -> dict[str, list[Any]]:
-    """``compare_latency`` over ``copies`` fresh copies of every contender (``prepare_`` makes one): a list
-    of ``Latency`` per contender, one per copy.
-
-    Why copies: on this shared machine the same two thinned mobilenet_v2 models (ours and Torch-Pruning's,
-    batch 1, 224x224, with the dense model in the rotation) measured ours/tp from 0.87 to 1.05 over twelve
-    runs in four fresh processes, and 0.87 to 1.00 over ten deep copies in two processes: where a model's
-    weights and activations land moves a 10 ms forward by more than the difference being measured, and more
-    repeats of one copy do not average that out.
-    """
-    runs: dict[str, list[Any]] = {k: [] for k in contenders}
-    for _ in range(copies):
-        timed = [prepare_(m) for m in contenders.values()]
-        for k, lat in zip(contenders, compare_latency(timed, x, warmup=warmup, repeat=repeat), strict=True):
-            runs[k].append(lat)
-        del timed
-    return runs
+    """``compare_latency_copies`` with ``prepare_`` making each fresh copy: a list of ``Latency`` per
+    contender, one per copy."""
+    runs = compare_latency_copies(list(contenders.values()), x, copies=copies, warmup=warmup, repeat=repeat,
+                                  fresh=prepare_)
+    return dict(zip(contenders, runs, strict=True))
 
 
 def median_latency(lats: list[Any]) -> Any:

@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -59,7 +58,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .latency import Latency, compare_latency, measure_latency
+from .latency import Latency, compare_latency_copies, measure_latency
 from .latency import node_times as _node_times  # build() takes a node_times argument
 from .passes.analysis import balance_grouped
 from .passes.channels import ChannelAnalysis
@@ -703,24 +702,17 @@ MEASURE_COPIES = 3  # fresh copies of dense and thinned timed per feedback step 
 
 
 def _default_measure(warmup: int, repeat: int, copies: int = MEASURE_COPIES) -> Measure:
-    """Dense and thinned timed alternately (``compare_latency``) as ``copies`` fresh deep copies, about
-    ``repeat`` runs in all; the pair whose thinned/dense fraction is the median is returned.
-
-    Why copies: where a model's weights and activations land in memory moves its latency by more than the
-    tolerance on a shared CPU, and more runs of the same copy do not average that out. Measured on the
-    project's 2-core machine: one thinned resnet50 (batch 16, 128x128) read 0.516-0.639 of the dense latency
-    over five fresh copies, and a selection trusting one copy's 0.484 measured 0.561 afterwards.
-    """
+    """Dense and thinned timed alternately as ``copies`` fresh copies (``compare_latency_copies``: where a
+    model lands in memory moves its latency by more than the tolerance), about ``repeat`` runs in all; the
+    pair whose thinned/dense fraction is the median is returned. Measured: a selection trusting one copy's
+    0.484 of resnet50's dense latency measured 0.561 afterwards, over five copies."""
     per_copy = max(3, -(-repeat // copies))
 
     def measure(dense: fx.GraphModule, thinned: fx.GraphModule, inputs: tuple) -> tuple[Latency, Latency]:
-        pairs = []
-        for _ in range(copies):
-            a, b = compare_latency([copy.deepcopy(dense), copy.deepcopy(thinned)], inputs, warmup=warmup,
-                                   repeat=per_copy)
-            pairs.append((b.median_ms / a.median_ms if a.median_ms > 0 else 0.0, a, b))
-        _, a, b = sorted(pairs, key=lambda p: p[0])[(len(pairs) - 1) // 2]
-        return a, b
+        runs = compare_latency_copies([dense, thinned], inputs, copies=copies, warmup=warmup, repeat=per_copy)
+        pairs = sorted(zip(*runs, strict=True), key=lambda p: p[1].median_ms / p[0].median_ms if p[0].median_ms > 0
+                       else 0.0)
+        return pairs[(len(pairs) - 1) // 2]
     return measure
 
 
@@ -737,7 +729,7 @@ def select_for_latency(gm: fx.GraphModule, analysis: ChannelAnalysis, score: tor
     ``align``: None, an int (as ``select_channels``), or ``"auto"`` (``auto_align``).
 
     Each of the ``steps`` feedback steps thins ``gm`` with ``apply_keep``, measures dense and thinned
-    alternately (``measure``, default ``compare_latency`` over ``MEASURE_COPIES`` fresh copies of both, about
+    alternately (``measure``, default ``compare_latency_copies`` with ``MEASURE_COPIES`` fresh copies of both, about
     ``repeat`` runs in all after ``warmup`` each, the median copy kept; a noisy measurement is repeated once) and moves the internal target from what it measured, until a trusted measurement lands
     within half the tolerance; otherwise the closest step is kept. Every group keeps at least ``min_density``
     of its candidate channels: ranked by score per unit of latency alone, the costliest group (a residual

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import fxcondensa.latency
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "speedup.py"
 
 FIELDS = {"model", "density", "align", "batch", "resolution", "input", "device", "amp", "channels_last",
@@ -68,7 +70,7 @@ def test_copies_time_fresh_copies_and_take_median_ratios(speedup, monkeypatch):
         prepared.append(m)
         return torch.nn.Identity()  # a fresh object per copy
 
-    monkeypatch.setattr(speedup, "compare_latency", fake_compare)
+    monkeypatch.setattr(fxcondensa.latency, "compare_latency", fake_compare)
     runs = speedup.timed_copies({"dense": "D", "thinned": "T", "torch_pruning": "P"}, torch.zeros(2, 3), 3,
                                 lambda m: fake_prepare(m), warmup=0, repeat=2)
     assert prepared == ["D", "T", "P"] * 3

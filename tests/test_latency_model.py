@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 import fxcondensa
+import fxcondensa.latency
 import fxcondensa.latency_model as lmod
 from fxcondensa.latency import Latency
 from fxcondensa.latency_model import (
@@ -411,7 +412,7 @@ def test_bench_latency_target_row_over_copies(tmp_path, monkeypatch):
     def fake_compare(models, x, *, warmup, repeat):
         return [Latency(ms, ms, ms, ms, ms, repeat, warmup, 1, 2, "cpu") for ms in (10.0, next(thinned_ms))]
 
-    monkeypatch.setattr(speedup, "compare_latency", fake_compare)
+    monkeypatch.setattr(fxcondensa.latency, "compare_latency", fake_compare)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LatencyWarning)
         row = speedup.latency_target_row("lenet5", 0.5, batch=2, size=28, warmup=0, repeat=1, copies=3,
@@ -601,7 +602,7 @@ def test_default_measure_times_fresh_copies_and_keeps_the_median_fraction(monkey
         return [Latency(10.0, 9, 11, 9, 11, repeat, warmup, 1, 1, "cpu"),
                 Latency(ms, ms, ms, ms, ms, repeat, warmup, 1, 1, "cpu")]
 
-    monkeypatch.setattr(lmod, "compare_latency", fake_compare)
+    monkeypatch.setattr(fxcondensa.latency, "compare_latency", fake_compare)
     a, b = lmod._default_measure(2, 7)(dense, thinned, (torch.zeros(1, 4),))
     assert lmod.MEASURE_COPIES == 3 and len(calls) == 3
     assert b.median_ms == 5.0 and a.median_ms == 10.0  # fractions 0.7, 0.4, 0.5: the median copy

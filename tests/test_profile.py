@@ -310,3 +310,26 @@ def test_report_shows_latency_target():
     assert r.totals["latency_target"] == {"target": 0.5, "reached": 0.48, "density": 0.7}
     assert r.totals["flop_target"] is None
     assert "latency target: 0.500 of the dense latency; measured when the scheme selected the channels: 0.480" in str(r)
+
+
+def test_compare_latency_copies_times_each_fresh_copy_once():
+    from fxcondensa.latency import compare_latency_copies
+
+    made = []
+
+    def fresh(m):
+        made.append(m)
+        return torch.nn.Linear(4, 4)  # a new object per copy
+
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    runs = compare_latency_copies([a, b], torch.randn(2, 4), copies=3, warmup=0, repeat=2, fresh=fresh)
+    assert made == [a, b] * 3
+    assert [len(r) for r in runs] == [3, 3] and all(lat.repeat == 2 for r in runs for lat in r)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_compare_latency_copies_rejects_bad_copies(bad):
+    from fxcondensa.latency import compare_latency_copies
+
+    with pytest.raises(ValueError, match=rf"copies must be an int >= 1 \(fresh copies of the models to time\), got {bad!r}"):
+        compare_latency_copies([torch.nn.Linear(4, 4)], torch.randn(2, 4), copies=bad, repeat=1)
