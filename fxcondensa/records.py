@@ -12,7 +12,7 @@ one name and one type wherever it is used:
   reasons, how the graph was captured, and how many times the analysis fell back to freezing a group
   because a rule raised.
 
-This module is the bottom layer: it imports nothing from the rest of the package.
+This module is the bottom layer: it imports nothing from the rest of the package but ``codegen``.
 
 Example:
     >>> import torch, fxcondensa
@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+
+from .codegen import hoist_module_paths
 
 __all__ = [
     "META",
@@ -204,6 +206,13 @@ class RecordedGraphModule(fx.GraphModule):
         >>> [n.name for n in again.graph.nodes] == [n.name for n in gm.graph.nodes], type(again).__name__
         (True, 'LeNet5')
     """
+
+    def recompile(self) -> Any:
+        """torch.fx's recompile, with each submodule container looked up once per forward
+        (``codegen.hoist_module_paths``); a transformer the user registered runs first."""
+        hoist = hoist_module_paths(self.graph)
+        with self.graph.on_generate_code(lambda prev: (lambda body: hoist(prev(body) if prev else body))):
+            return super().recompile()
 
     def __reduce__(self) -> tuple[Any, ...]:
         body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_code", "meta")}
