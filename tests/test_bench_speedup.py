@@ -103,3 +103,71 @@ def test_copies_ours_over_tp_is_the_median_per_copy_ratio(speedup, monkeypatch):
     (row,) = speedup.bench_model("lenet5", [0.5], batches=[4], warmup=0, repeat=1, copies=3, log=lambda *a: None)
     assert len(row["ours_over_tp_copies"]) == 3
     assert row["ours_over_tp"] == sorted(row["ours_over_tp_copies"])[1]
+
+
+def test_machine_records_the_allocator_tuning(speedup, monkeypatch):
+    """CPU timings depend on how the C allocator returns memory (BENCHMARKS.md): a run says how it was set."""
+    for key in speedup.ALLOCATOR_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert speedup.machine("cpu")["allocator"] == "default"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
+    assert speedup.machine("cpu")["allocator"] == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}
+
+
+def test_control_times_a_second_copy_of_the_peer(speedup, monkeypatch):
+    """--control: torch-pruning's model timed twice from separate fresh copies; the row's control_over_tp is
+    the median of their per-copy ratios (the noise floor of ours_over_tp)."""
+    import copy
+
+    monkeypatch.setattr(speedup, "tp", object())
+    monkeypatch.setattr(speedup, "tp_match", lambda model, x, ratio, dense_macs, steps: (copy.deepcopy(model), 0.5, ratio))
+    timed: list[list[object]] = []
+    original = fxcondensa.latency.compare_latency
+
+    def recording(models, *args, **kwargs):
+        timed.append(list(models))
+        return original(models, *args, **kwargs)
+
+    monkeypatch.setattr(fxcondensa.latency, "compare_latency", recording)
+    (row,) = speedup.bench_model("lenet5", [0.5], batches=[4], warmup=0, repeat=1, copies=3, control=True,
+                                 log=lambda *a: None)
+    assert all(len(models) == 4 and models[2] is not models[3] for models in timed)  # tp and control: 2 objects
+    assert len(row["control_over_tp_copies"]) == 3 and len(row["control_over_tp_ci95"]) == 2
+    assert row["control_over_tp"] == sorted(row["control_over_tp_copies"])[1]
+
+
+@pytest.mark.parametrize("flags, message", [(["--throughput-only", "--latency-only"], "leave no rows"),
+                                            (["--control", "--no-torch-pruning"], "cannot go with")])
+def test_cli_rejects_contradicting_flags(speedup, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        speedup.parse(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_latency_only_runs_the_batch_one_rows(speedup, monkeypatch):
+    seen = []
+    monkeypatch.setattr(speedup, "bench_model", lambda name, densities, **kw: seen.append(kw["batches"]) or [])
+    speedup.run(speedup.parse(["--models", "lenet5", "--latency-only", "--no-torch-pruning"]), log=lambda *a: None)
+    assert seen == [[1]]
+
+
+@pytest.mark.parametrize("batch, ours_over_tp, efficiency, expected", [
+    (1, None, 0.5, None),                                       # no goal at batch 1 without a peer
+    (1, 0.99, 0.5, "met"),                                      # issue 14: no slower than the peer, any batch
+    (1, 1.02, 0.5, "missed: slower than torch-pruning (x1.020)"),
+    (32, None, 0.97, "met"),                                    # issue 7: efficiency at the throughput batch
+    (32, 0.98, 0.90, "missed: efficiency 0.90 < 0.95"),
+])
+def test_goal_by_batch(speedup, batch, ours_over_tp, efficiency, expected):
+    row = {"model": "resnet18", "batch": batch, "speedup": 3.0, "efficiency": efficiency, "ours_over_tp": ours_over_tp}
+    assert speedup.goal(row, 32) == expected
+    if batch == 1:
+        assert speedup.goal(row, 1) == expected  # --latency-only: batch 1 is also the largest batch
+
+
+def test_median_ci_brackets_the_median_and_is_reproducible(speedup):
+    values = [0.9, 1.1, 0.95, 1.02, 0.99, 1.2, 0.97, 1.01, 0.93, 1.05]
+    lo, hi = speedup.median_ci(values)
+    assert lo <= sorted(values)[4] <= sorted(values)[5] <= hi and lo < hi
+    assert speedup.median_ci(values) == (lo, hi)
+    assert speedup.median_ci([1.0] * 5) == (1.0, 1.0)
