@@ -126,3 +126,13 @@ def test_local_names_avoid_node_names() -> None:
     x = torch.randn(1, 3, 8, 8)
     assert f"{LOCAL_PREFIX}1 = self.body" in gm.code
     assert torch.equal(gm(x), root.body[1](root.body[0][0](x)))
+
+
+def test_unrecognised_body_is_left_as_fx_wrote_it() -> None:
+    """Another torch version's format (here: no per-node markers) gets no prologue and no rewrite."""
+    x = torch.randn(2, 3, 12, 12)
+    gm = fxcondensa.trace(Nested(), x)
+    from fxcondensa.codegen import hoist_module_paths
+
+    body = ["body_0_0 = getattr(getattr(self.body, \"0\"), \"0\")(x)\n", "return body_0_0\n"]
+    assert hoist_module_paths(gm.graph)(body) == body
