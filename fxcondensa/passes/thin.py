@@ -189,7 +189,10 @@ def thin(
     keep = balance_grouped(analysis, ~removable_channels(compressed, analysis))
     # The check runs the thinned model for real and records its shapes then (see ``_check``); the head_dim
     # stage analyses the thinned graph before that, so it needs them from ``apply_keep``.
-    head_dim_stage = _may_zero_columns(scheme) and bool(head_channels(compressed, analysis).any())
+    # A scheme that prunes columns gets the stage whatever the first analysis found: a multi-query attention's
+    # one key/value head freezes its heads there, and its columns still go here. Without a scheme (weights
+    # from anywhere) the stage runs where heads were found.
+    head_dim_stage = _asks_columns(scheme) or (scheme is None and bool(head_channels(compressed, analysis).any()))
     thinned = apply_keep(compressed, analysis, keep, inputs, shapes=not check or head_dim_stage)
     columns = None
     if head_dim_stage:
@@ -231,12 +234,13 @@ def thin(
     return thinned
 
 
-def _may_zero_columns(scheme: Any) -> bool:
-    """Whether head_dim columns may be zero: the scheme prunes them (``attention="head_dim"`` or ``"both"``),
-    or there is no scheme and the weights come from anything (a compressed model, L-C)."""
-    if scheme is None or getattr(scheme, "attention", None) in ("head_dim", "both"):
+def _asks_columns(scheme: Any) -> bool:
+    """Whether the scheme (or one it composes) prunes head_dim columns: ``attention="head_dim"`` or ``"both"``."""
+    if scheme is None:
+        return False
+    if getattr(scheme, "attention", None) in ("head_dim", "both"):
         return True
-    return any(_may_zero_columns(s) for s in getattr(scheme, "schemes", ()))
+    return any(_asks_columns(s) for s in getattr(scheme, "schemes", ()))
 
 
 def _thin_head_dim(gm: fx.GraphModule, inputs: tuple[Any, ...]

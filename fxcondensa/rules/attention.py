@@ -58,7 +58,7 @@ from torch import nn
 from .. import nn as fxnn
 from ..passes.channels import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
 from ..passes.reshape_map import reshape_target
-from ..registry import CostCall, register_rule, rule_for_key
+from ..registry import CostCall, register_rule, rule_for, rule_for_key
 from . import elementwise, shapes  # the rules this module's entries build on
 from .layers import zero_rows
 
@@ -115,10 +115,53 @@ def _head_split(src: tuple[int, ...], dst: tuple[int, ...], dim: int) -> tuple[i
     return (dim, sizes) if math.prod(sizes) == src[dim] and all(s > 1 for s in sizes[-2:]) else None
 
 
+def _single_head(src: tuple[int, ...], dst: tuple[int, ...], dim: int) -> bool:
+    """``dst`` is ``src`` with a size-1 dim inserted just before dim ``dim`` (wider than 1): the view that gives
+    the one key/value head of multi-query attention its heads dim, ``(B, T, d) -> (B, T, 1, d)``."""
+    return (len(dst) == len(src) + 1 and src[dim] > 1 and tuple(dst[:dim]) == tuple(src[:dim])
+            and dst[dim] == 1 and tuple(dst[dim + 1:]) == tuple(src[dim:]))
+
+
+# How far (in layout ops: transpose, permute, reshape, expand, contiguous, ...) a single-head view may sit
+# from the attention product it feeds.
+_ATTENTION_REACH = 8
+
+
+def _feeds_attention(ctx: RuleContext, node: fx.Node) -> bool:
+    """Whether ``node``'s value reaches a matmul or scaled_dot_product_attention through layout ops only.
+
+    A view that inserts a size-1 dim is a head split only when an attention consumes it; elsewhere (a
+    broadcast, a norm's statistics) it stays an unsqueeze. Matched by registry entry, not by name."""
+    frontier, seen = [node], {node}
+    for _ in range(_ATTENTION_REACH):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                rule = rule_for(user, ctx.modules.get(user.target) if user.op == "call_module" else None)
+                if rule is None:
+                    continue
+                if rule.channels in (matmul_rule, sdpa_rule):
+                    return True
+                if rule.kind in ("shape", "elementwise") and rule.channels is not None:
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
 def view_rule(ctx: RuleContext, node: fx.Node) -> None:
     x = node.args[0]
     i, src, dst = ctx.info(x), node_shape(x), node_shape(node)
-    if i is None or src is None or dst is None or reshape_target(src, dst, i.dim, i.atoms) is not None:
+    if i is None or src is None or dst is None:
+        return _ORIGINAL_VIEW(ctx, node)
+    if ctx.analysis.head_dim and _single_head(src, dst, i.dim) and _feeds_attention(ctx, node):
+        # Multi-query attention: its one key/value head's columns pair with every query head's, as a split
+        # into two or more heads would make them (below); without this they stayed plain channels, and the
+        # value columns the scheme zeroed stayed in the thinned model.
+        return _split_head_dim(ctx, node, x, i, i.dim, (1, src[i.dim]))
+    if reshape_target(src, dst, i.dim, i.atoms) is not None:
         return _ORIGINAL_VIEW(ctx, node)
     found = _head_split(src, dst, i.dim)
     if found is None:
