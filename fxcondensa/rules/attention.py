@@ -208,9 +208,10 @@ def head_dim_atoms(analysis: Any) -> list[torch.Tensor]:
     return analysis.__dict__.setdefault("_head_dim_atoms", [])
 
 
-def head_dim_channels(analysis: Any) -> torch.Tensor:
+def head_dim_channels(analysis: Any, into: Any = None) -> torch.Tensor:
     """Bool per channel of an analysis made with ``head_dim=True``: True where the channel is a head_dim
-    column of some attention (shared by all its heads).
+    column of some attention (shared by all its heads). With ``into`` (another analysis of the same graph; both
+    number atoms alike), per channel of ``into``: True where it holds atoms of such columns.
 
     Example:
         >>> import torch, fxcondensa
@@ -226,10 +227,11 @@ def head_dim_channels(analysis: Any) -> torch.Tensor:
         >>> int(head_dim_channels(analyze(gm, head_dim=True)).sum())  # 8 / 2 heads: 4 columns
         4
     """
-    found = torch.zeros(analysis.num_channels, dtype=torch.bool)
+    target = analysis if into is None else into
+    found = torch.zeros(target.num_channels, dtype=torch.bool)
     for atoms in head_dim_atoms(analysis):
         if atoms.numel():
-            found[analysis.channel_of[atoms]] = True
+            found[target.channel_of[atoms]] = True
     return found
 
 

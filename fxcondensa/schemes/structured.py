@@ -38,7 +38,7 @@ from ..passes.channels import ChanInfo, ChannelAnalysis, host
 from ..passes.costs import profile_costs
 from ..passes.selection import HW_MULTIPLE, memory_cost, select_channels
 from ..records import TargetRecord, graph_record
-from ..rules.attention import head_channels, head_dim_atoms, head_dim_channels
+from ..rules.attention import head_channels, head_dim_channels
 from .base import Scheme, _LayerSelection, _match, validate_density
 from .scores import channel_scores, check_criteria
 
@@ -176,7 +176,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
         if columns is not None:
             # A channel is pruned one way: a head_dim column that is no head here (multi-query attention's one
             # key/value head, an unsqueeze in this analysis) goes with the columns, not also as a channel.
-            candidate &= ~(_column_channels(analysis, columns) & ~heads)
+            candidate &= ~(head_dim_channels(columns, into=analysis) & ~heads)
         if self.attention in ("keep", "head_dim"):
             candidate &= ~heads
         elif bool(heads.any()) and self.criteria in ("l2norm", "bn_or_l2norm"):
@@ -291,16 +291,6 @@ class _ChannelPrune(Scheme, _LayerSelection):
             param = params[s.path]
             mask = torch.empty_like(param, dtype=torch.bool).copy_(k.view(shape).expand(param.shape))
             annotate_param(gm, s.path, mask=mask, owners=owners)
-
-
-def _column_channels(analysis: ChannelAnalysis, columns: ChannelAnalysis) -> torch.Tensor:
-    """Bool per channel of ``analysis``: True where the channel holds atoms that ``columns`` (the same graph
-    analysed with ``head_dim=True``; both number atoms alike) counts as head_dim columns."""
-    found = torch.zeros(analysis.num_channels, dtype=torch.bool)
-    for atoms in head_dim_atoms(columns):
-        if atoms.numel():
-            found[analysis.channel_of[atoms]] = True
-    return found
 
 
 def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool) -> torch.Tensor:
