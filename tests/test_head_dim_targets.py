@@ -180,3 +180,15 @@ def test_single_head_view_counts_only_where_attention_reads_it():
     assert not bool(head_dim_channels(analyze(gate, head_dim=True)).any())
     mqa = fxcondensa.trace(Encoder(c=32, heads=2, head_dim=4, style="gqa_sdpa", kv_heads=1, blocks=1).eval(), x)
     assert int(head_dim_channels(analyze(mqa, head_dim=True)).sum()) == 8  # q/k columns and v columns, 4 each
+
+
+def test_thin_without_a_scheme_finds_multi_query_columns():
+    """A model whose multi-query columns were zeroed elsewhere (here: compress) loses them in thin(model) too,
+    though the first analysis finds no head there."""
+    torch.manual_seed(0)
+    model, x = Encoder(c=32, heads=2, head_dim=4, style="gqa_sdpa", kv_heads=1), torch.randn(2, 6, 5)
+    compressed = fxcondensa.compress(model.eval(), StructurePrune(target_flops=0.5, attention="head_dim"), x)
+    small = thin(compressed, None, x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    assert any(small.get_submodule(f"attn.{b}.{n}").out_features < 4 for b in range(2) for n in "kv")

@@ -22,7 +22,7 @@ from ..capture import capture_notes, capture_of, graph_inputs, split_inputs
 from ..errors import ExampleInputError, ThinningCheckError
 from ..graph import propagate_shapes, trace
 from ..records import META, FrozenGroup, GroupRecord, ThinRecord, graph_record
-from ..rules.attention import head_channels, head_dim_channels
+from ..rules.attention import has_attention_products, head_channels, head_dim_channels
 from ..schemes import check_scheme
 from .analysis import analyze, balance_grouped, removable_channels
 from .channels import ChanInfo, ChannelAnalysis
@@ -191,8 +191,9 @@ def thin(
     # stage analyses the thinned graph before that, so it needs them from ``apply_keep``.
     # A scheme that prunes columns gets the stage whatever the first analysis found: a multi-query attention's
     # one key/value head freezes its heads there, and its columns still go here. Without a scheme (weights
-    # from anywhere) the stage runs where heads were found.
-    head_dim_stage = _asks_columns(scheme) or (scheme is None and bool(head_channels(compressed, analysis).any()))
+    # from anywhere) it runs where heads were found or attention products are (multi-query again).
+    head_dim_stage = _asks_columns(scheme) or (scheme is None and (bool(head_channels(compressed, analysis).any())
+                                                                   or has_attention_products(compressed)))
     thinned = apply_keep(compressed, analysis, keep, inputs, shapes=not check or head_dim_stage)
     columns = None
     if head_dim_stage:

@@ -629,6 +629,16 @@ _HEAD_OPS = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
 _MATMULS = (torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", "__matmul__", aten.matmul, aten.bmm)
 
 
+def has_attention_products(gm: fx.GraphModule) -> bool:
+    """Whether the graph multiplies anything the way attention does (``scaled_dot_product_attention`` or a
+    batched matmul): where head_dim columns can be, even when no head was recognised (multi-query)."""
+    for node in gm.graph.nodes:
+        op = getattr(node.target, "overloadpacket", node.target)
+        if node.op == "call_function" and op in _HEAD_OPS or node.op in ("call_function", "call_method") and op in _MATMULS:
+            return True
+    return False
+
+
 def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
     """Bool per channel of ``analysis``: True where the channel is an attention head (or heads tied to it),
     as recognised by the rules above: heads reaching ``scaled_dot_product_attention`` or a batched matmul,
