@@ -84,7 +84,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
     with the out-projection's), a ``density`` fraction of the columns stays, and the softmax keeps the dense
     scale ``1 / sqrt(head_dim)``. ``"both"`` prunes heads and columns, each attention keeping
     ``sqrt(density)`` of its heads (at least two, or two key/value heads, where it has them: a single head
-    left could not lose columns in ``thin``) and of their columns (about ``density`` of its width). A column
+    left of a fused ``qkv`` reshape could not lose columns in ``thin``) and of their columns (about ``density`` of its width). A column
     is scored over all its rows and columns, in every head. Where the model's pattern does not allow it
     (rotary embeddings that mix columns, a scale computed from the width at run time) head_dim stays whole
     and the thinning record says why. Both take a ``density`` or a ``target_flops``: the MAC search picks columns,
@@ -184,8 +184,9 @@ class _ChannelPrune(Scheme, _LayerSelection):
         # With "both" each attention keeps sqrt(density) of its heads (and of its columns, below): about
         # density of its width. A group given a density of its own through ``layers`` keeps that one. At least
         # two heads (key/value heads) stay where there were two: thin's second stage finds head_dim columns
-        # where a reshape splits two or more heads, so a single head left would keep its zeroed columns and
-        # the thinned model more MACs than the search counted.
+        # where a reshape splits two or more heads (or inserts a heads dim of 1 that an attention product
+        # reads, multi-query's view), so a single head left of a fused qkv reshape, (B, T, 3, 1, d), would keep
+        # its zeroed columns and the thinned model more MACs than the search counted.
         head_groups = {g.id: min(1.0, 2 / n) for g in analysis.groups
                        if (n := int((heads & candidate)[g.channels].sum())) and g.id not in own} \
             if self.attention == "both" else {}
