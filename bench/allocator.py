@@ -31,7 +31,7 @@ import torchvision
 from fxcondensa.latency import compare_latency_copies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speedup import ALLOCATOR_ENV, machine, median_ci  # noqa: E402  (the bench's own helpers)
+from speedup import ALLOCATOR_ENV, copy_ratios, machine, median_ci  # noqa: E402  (the bench's own helpers)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,7 +43,7 @@ def measure(model_name: str, batch: int, size: int, copies: int, warmup: int, re
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a, b = compare_latency_copies([model, model], x, copies=copies, warmup=warmup, repeat=repeat)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    ratios = [p.median_ms / q.median_ms for p, q in zip(a, b, strict=True)]
+    ratios = copy_ratios(a, b)
     return {"model": model_name, "input": [batch, 3, size, size], "copies": copies, "warmup": warmup,
             "repeat": repeat, "ms_a": [p.median_ms for p in a], "ms_b": [q.median_ms for q in b],
             "median_ms": statistics.median([p.median_ms for p in a + b]), "aa_ratio": ratios,

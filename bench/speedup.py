@@ -192,6 +192,11 @@ def median_latency(lats: list[Any]) -> Any:
     return sorted(lats, key=lambda lat: lat.median_ms)[(len(lats) - 1) // 2]
 
 
+def copy_ratios(num: list[Any], den: list[Any]) -> list[float]:
+    """Per copy, ``num``'s median latency over ``den``'s (two lists of ``Latency``, one per fresh copy)."""
+    return [a.median_ms / b.median_ms for a, b in zip(num, den, strict=True)]
+
+
 def median_ci(values: list[float], *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of the median of ``values`` (percentile method, seeded: the same values give the same
     interval). With per-copy ratios it says whether a median below 1 is more than the copies' scatter."""
@@ -264,7 +269,7 @@ def latency_target_row(name: str, target: float, *, batch: int = 16, size: int =
     runs = timed_copies({"dense": model, "thinned": thinned}, xs, copies, fresh, warmup=warmup,
                         repeat=max(repeat, 7))
     dense, thin_ = median_latency(runs["dense"]), median_latency(runs["thinned"])
-    fractions = [t.median_ms / d.median_ms for d, t in zip(runs["dense"], runs["thinned"], strict=True)]
+    fractions = copy_ratios(runs["thinned"], runs["dense"])
     row = {"model": name, "target_latency": target, "batch": batch, "input": [batch, shape[0], size, size],
            "device": str(dev), "dtype": str(cast), "channels_last": channels_last, "threads": torch.get_num_threads(), "select_s": total_s,
            "dense_ms": dense.median_ms, "thinned_ms": thin_.median_ms, "dense_iqr_ms": dense.iqr_ms,
@@ -329,7 +334,7 @@ def bench_model(name: str, densities: list[float], *, batches: list[int] | None 
                                         warmup=warmup, repeat=repeat)
                     lat = {k: median_latency(v) for k, v in runs.items()}
                     flop_ratio = dense_macs[s] / ours_macs[s]
-                    speedups = [d.median_ms / t.median_ms for d, t in zip(runs["dense"], runs["thinned"], strict=True)]
+                    speedups = copy_ratios(runs["dense"], runs["thinned"])
                     speedup = statistics.median(speedups)
                     row: dict[str, Any] = {
                         "model": name, "density": density, "align": align, "batch": b, "resolution": list(s[1:]),
@@ -350,8 +355,7 @@ def bench_model(name: str, densities: list[float], *, batches: list[int] | None 
                     if "torch_pruning" in lat:
                         _, ratio, tp_flops = peer[s]
                         t = lat["torch_pruning"].median_ms
-                        per_copy = [o.median_ms / p.median_ms
-                                    for o, p in zip(runs["thinned"], runs["torch_pruning"], strict=True)]
+                        per_copy = copy_ratios(runs["thinned"], runs["torch_pruning"])
                         row.update(tp_ms=t, tp_speedup=row["dense_ms"] / t, tp_flop_ratio=tp_flops,
                                    tp_efficiency=row["dense_ms"] / t / tp_flops, tp_pruning_ratio=ratio,
                                    ours_over_tp=statistics.median(per_copy), tp_iqr_ms=lat["torch_pruning"].iqr_ms)
@@ -359,8 +363,7 @@ def bench_model(name: str, densities: list[float], *, batches: list[int] | None 
                             row["ours_over_tp_copies"] = per_copy
                             row["ours_over_tp_ci95"] = median_ci(per_copy)
                     if "control" in lat:
-                        same = [c.median_ms / p.median_ms
-                                for c, p in zip(runs["control"], runs["torch_pruning"], strict=True)]
+                        same = copy_ratios(runs["control"], runs["torch_pruning"])
                         row.update(control_ms=lat["control"].median_ms, control_over_tp=statistics.median(same))
                         if copies > 1:
                             row["control_over_tp_copies"] = same
@@ -464,10 +467,10 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
 
     body = [[r["model"], r["target_latency"], "x".join(map(str, r["input"])), f(r["dense_ms"], ".1f"),
              f(r["thinned_ms"], ".1f"), f(r["measured_after"], ".3f"), f(r.get("measured_at_selection"), ".3f"),
-             f(r["macs_fraction"], ".3f"), f(r.get("latency_model_build_s"), ".1f"), f(r["select_s"], ".1f"),
+             f(r["macs_fraction"], ".3f"), f(r["select_s"], ".1f"),
              f(r["load_before"][0], ".1f"), r["goal"]] for r in rows]
     return tabulate(body, headers=["model", "target", "input", "dense ms", "thinned ms", "measured after",
-                                   "at selection", "MAC fraction", "model build s", "total s", "load", "goal"],
+                                   "at selection", "MAC fraction", "total s", "load", "goal"],
                     tablefmt="github")
 
 

@@ -131,7 +131,8 @@ def _feeds_attention(ctx: RuleContext, node: fx.Node) -> bool:
     """Whether ``node``'s value reaches a matmul or scaled_dot_product_attention through layout ops only.
 
     A view that inserts a size-1 dim is a head split only when an attention consumes it; elsewhere (a
-    broadcast, a norm's statistics) it stays an unsqueeze. Matched by registry entry, not by name."""
+    broadcast, a norm's statistics) it stays an unsqueeze. The attention ops are ``head_channels``'s; layout ops
+    are matched by their registry entry's kind."""
     frontier, seen = [node], {node}
     for _ in range(_ATTENTION_REACH):
         nxt = []
@@ -140,11 +141,11 @@ def _feeds_attention(ctx: RuleContext, node: fx.Node) -> bool:
                 if user in seen:
                     continue
                 seen.add(user)
+                if _attention_product(user):
+                    return True
                 rule = rule_for(user, ctx.modules.get(user.target) if user.op == "call_module" else None)
                 if rule is None:
                     continue
-                if rule.channels in (matmul_rule, sdpa_rule):
-                    return True
                 if rule.kind in ("shape", "elementwise") and rule.channels is not None:
                     nxt.append(user)
         frontier = nxt
@@ -629,14 +630,17 @@ _HEAD_OPS = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
 _MATMULS = (torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", "__matmul__", aten.matmul, aten.bmm)
 
 
+def _attention_product(node: fx.Node) -> bool:
+    """``scaled_dot_product_attention`` or a batched matmul (an ATen overload counts as its packet)."""
+    op = getattr(node.target, "overloadpacket", node.target)
+    return (node.op == "call_function" and op in _HEAD_OPS
+            or node.op in ("call_function", "call_method") and op in _MATMULS)
+
+
 def has_attention_products(gm: fx.GraphModule) -> bool:
     """Whether the graph multiplies anything the way attention does (``scaled_dot_product_attention`` or a
     batched matmul): where head_dim columns can be, even when no head was recognised (multi-query)."""
-    for node in gm.graph.nodes:
-        op = getattr(node.target, "overloadpacket", node.target)
-        if node.op == "call_function" and op in _HEAD_OPS or node.op in ("call_function", "call_method") and op in _MATMULS:
-            return True
-    return False
+    return any(_attention_product(node) for node in gm.graph.nodes)
 
 
 def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
@@ -648,9 +652,7 @@ def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
     for node in gm.graph.nodes:
         atoms = None
         info = analysis.infos.get(node.name)
-        op = getattr(node.target, "overloadpacket", node.target)  # an ATen overload counts as its packet
-        if node.op == "call_function" and op in _HEAD_OPS or \
-                node.op in ("call_function", "call_method") and op in _MATMULS:
+        if _attention_product(node):
             shape = node_shape(node)
             if isinstance(info, ChanInfo) and shape is not None and info.dim < len(shape) - 2:
                 atoms = info.atoms
