@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from fxcondensa.latency import compare_latency_copies
+from fxcondensa.measure.latency import compare_latency_copies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speedup import ALLOCATOR_ENV, copy_ratios, machine, median_ci  # noqa: E402  (the bench's own helpers)

@@ -239,11 +239,11 @@ def _call(model: Any, inputs: Any) -> Any:
 
 def run_one(zoo: str, name: str, density: float) -> dict:
     import torch
+    from fxcondensa.capture.graph import flatten_outputs
+    from fxcondensa.capture.records import thin_record
 
     import fxcondensa
-    from fxcondensa.graph import flatten_outputs
     from fxcondensa.passes.costs import profile_costs
-    from fxcondensa.records import thin_record
     from fxcondensa.schemes import StructurePrune
 
     torch.manual_seed(0)

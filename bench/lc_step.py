@@ -26,8 +26,8 @@ from torch.utils.data import TensorDataset
 from fxcondensa.models import LeNet5
 from fxcondensa.opt import LC
 from fxcondensa.opt.lc import _Run
+from fxcondensa.opt.training import as_batches
 from fxcondensa.schemes import Compose, Prune, Quantize, StructurePrune
-from fxcondensa.training import as_batches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxcondensa as condensa_fx
 from fxcondensa.data import as_tensors, load_dataset, split_train_val
+from fxcondensa.opt.training import as_batches, evaluate
 from fxcondensa.schemes import Compose, Prune, Quantize
-from fxcondensa.training import as_batches, evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

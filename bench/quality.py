@@ -37,10 +37,10 @@ from torch.utils.data import Subset
 
 import fxcondensa as condensa
 from fxcondensa.data import load_dataset
-from fxcondensa.fileio import save_atomic
+from fxcondensa.files.fileio import save_atomic
 from fxcondensa.models import LeNet5, ResNet20
+from fxcondensa.opt.training import as_batches, evaluate
 from fxcondensa.schemes import Compose, Prune, Quantize, StructurePrune
-from fxcondensa.training import as_batches, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CE = nn.CrossEntropyLoss()

@@ -25,7 +25,7 @@ and our thinned latency at or below torch-pruning's.
     python bench/speedup.py --models mobilenet_v2 --copies 5             # 5 fresh copies per row, median ratio
 
 ``--deploy`` also times each thinned model under every deployment backend of
-``fxcondensa.latency.deployment_latency`` (eager, channels_last, torch.compile, ONNX Runtime when installed),
+``fxcondensa.measure.latency.deployment_latency`` (eager, channels_last, torch.compile, ONNX Runtime when installed),
 alternating, and names the fastest. ``--target-latency F`` runs ``StructurePrune(target_latency=F)`` and then
 measures the thinned model against the dense one again, alternating: ``measured_after`` is the fraction the
 issue asks for. ``--align auto`` thins once per row, with the row's batch and resolution as the example
@@ -53,14 +53,14 @@ from typing import Any
 
 import torch
 import torchvision
+from fxcondensa.capture.graph import trace
+from fxcondensa.capture.records import thin_record
 from tabulate import tabulate
 from torch import nn
 
 import fxcondensa
-from fxcondensa.graph import trace
-from fxcondensa.latency import NodeTimer, compare_latency_copies, deployment_latency
+from fxcondensa.measure.latency import NodeTimer, compare_latency_copies, deployment_latency
 from fxcondensa.passes.costs import profile_costs
-from fxcondensa.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
 try:

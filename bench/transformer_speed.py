@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import fxcondensa
-from fxcondensa.latency import compare_latency
+from fxcondensa.measure.latency import compare_latency
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.schemes import StructurePrune
 
@@ -58,7 +58,7 @@ def n_params(model: nn.Module) -> int:
 
 def latencies_ms(models: dict[str, Callable[..., Any]], inputs: tuple[torch.Tensor, ...], warmup: int,
                  repeat: int) -> dict[str, dict[str, float]]:
-    """Median and IQR per model from ``fxcondensa.latency.compare_latency``: the runs interleaved, one of each
+    """Median and IQR per model from ``fxcondensa.measure.latency.compare_latency``: the runs interleaved, one of each
     in turn and in a new order every round, so that a change of load on the shared machine, or the caches
     one model leaves to the next, hit every contender alike."""
     timed = compare_latency(list(models.values()), inputs, warmup=warmup, repeat=repeat)

@@ -38,8 +38,8 @@ from torch import nn
 import fxcondensa as condensa
 from fxcondensa.data import load_dataset, split_train_val
 from fxcondensa.models import LeNet5
+from fxcondensa.opt.training import as_batches, evaluate
 from fxcondensa.schemes import Compose, Prune, Quantize
-from fxcondensa.training import as_batches, evaluate
 
 RUNS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs")
 

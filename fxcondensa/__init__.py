@@ -7,9 +7,10 @@ physically removed from the graph.
 
 import torch
 
-from . import export, functional, models, opt, schemes
-from .compression import compress, density, layer_densities
-from .compressor import Compressor
+from . import functional, models, opt, schemes
+from .capture.graph import trace
+from .compression.apply import compress, density, layer_densities
+from .compression.thinning import thin
 from .errors import (
     ExampleInputError,
     FileFormatError,
@@ -18,14 +19,14 @@ from .errors import (
     TraceError,
     UnknownOpError,
 )
-from .footprint import footprint
-from .graph import trace
-from .latency import measure_latency
-from .passes.thin import thin
-from .recipe import load_thinned, save_thinned
-from .registry import register_rule, unregister_rule
-from .report import Report, report
-from .serialize import load_compressed, save_compressed
+from .files import export
+from .files.recipe import load_thinned, save_thinned
+from .files.serialize import load_compressed, save_compressed
+from .measure.footprint import footprint
+from .measure.latency import measure_latency
+from .measure.report import Report, report
+from .opt.compressor import Compressor
+from .rules.registry import register_rule, unregister_rule
 
 float16 = torch.float16
 bfloat16 = torch.bfloat16

@@ -33,13 +33,13 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__, models, schemes
-from . import export as exporting
-from .compression import compress
+from .compression.apply import compress
+from .compression.thinning import thin
 from .errors import ExampleInputError
-from .footprint import footprint
+from .files import export as exporting
+from .measure.footprint import footprint
+from .measure.report import frozen_groups, report
 from .passes.costs import profile_costs
-from .passes.thin import thin
-from .report import frozen_groups, report
 
 __all__ = ["main", "parse_scheme", "parse_input_shape", "build_model", "SCHEME_NAMES", "SchemeSyntaxError"]
 

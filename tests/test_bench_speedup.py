@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import fxcondensa.latency
+import fxcondensa.measure.latency
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "speedup.py"
 
@@ -57,7 +57,7 @@ def test_copies_time_fresh_copies_and_take_median_ratios(speedup, monkeypatch):
     run, and the row's ours/tp is the median of the K per-copy ratios, not a ratio of pooled times."""
     import torch
 
-    from fxcondensa.latency import Latency
+    from fxcondensa.measure.latency import Latency
 
     prepared = []
     per_copy = iter([(10.0, 4.0, 5.0), (12.0, 6.0, 5.0), (11.0, 4.5, 5.0)])  # dense, thinned, tp medians
@@ -70,7 +70,7 @@ def test_copies_time_fresh_copies_and_take_median_ratios(speedup, monkeypatch):
         prepared.append(m)
         return torch.nn.Identity()  # a fresh object per copy
 
-    monkeypatch.setattr(fxcondensa.latency, "compare_latency", fake_compare)
+    monkeypatch.setattr(fxcondensa.measure.latency, "compare_latency", fake_compare)
     runs = speedup.timed_copies({"dense": "D", "thinned": "T", "torch_pruning": "P"}, torch.zeros(2, 3), 3,
                                 lambda m: fake_prepare(m), warmup=0, repeat=2)
     assert prepared == ["D", "T", "P"] * 3
@@ -122,13 +122,13 @@ def test_control_times_a_second_copy_of_the_peer(speedup, monkeypatch):
     monkeypatch.setattr(speedup, "tp", object())
     monkeypatch.setattr(speedup, "tp_match", lambda model, x, ratio, dense_macs, steps: (copy.deepcopy(model), 0.5, ratio))
     timed: list[list[object]] = []
-    original = fxcondensa.latency.compare_latency
+    original = fxcondensa.measure.latency.compare_latency
 
     def recording(models, *args, **kwargs):
         timed.append(list(models))
         return original(models, *args, **kwargs)
 
-    monkeypatch.setattr(fxcondensa.latency, "compare_latency", recording)
+    monkeypatch.setattr(fxcondensa.measure.latency, "compare_latency", recording)
     (row,) = speedup.bench_model("lenet5", [0.5], batches=[4], warmup=0, repeat=1, copies=3, control=True,
                                  log=lambda *a: None)
     assert all(len(models) == 4 and models[2] is not models[3] for models in timed)  # tp and control: 2 objects

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from _models import state_hash
+from fxcondensa.capture.exported import capture_of, graph_inputs
+from fxcondensa.capture.records import thin_record
 from test_channels import randomize
 from torch import nn
 
 from fxcondensa import thin, trace
-from fxcondensa.capture import capture_of, graph_inputs
 from fxcondensa.errors import TraceError
-from fxcondensa.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5

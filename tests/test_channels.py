@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from fxcondensa.capture.records import node_record
 from torch import nn
 
 import fxcondensa
 from fxcondensa.passes.analysis import analyze
-from fxcondensa.passes.channels import ChanInfo, ChannelAnalysis, Group
-from fxcondensa.records import node_record
+from fxcondensa.rules.api import ChanInfo, ChannelAnalysis, Group
 
 # --------------------------------------------------------------------------------------------------
 # Pattern models: tiny, with small channel counts. ``randomize`` gives every norm layer random affine
@@ -705,7 +705,7 @@ def test_unknown_op_freezes_and_never_crashes(name, word):
 
 
 def test_analysis_failure_inside_a_rule_freezes_instead_of_crashing():
-    from fxcondensa import registry
+    from fxcondensa.rules import registry
 
     def boom(ctx, node):
         raise RuntimeError("synthetic failure")

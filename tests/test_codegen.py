@@ -1,5 +1,5 @@
 """The generated forward of trace / compress / thin results looks each submodule container up once per call
-(``fxcondensa.codegen``), computes what torch.fx's own code computes, and follows submodules replaced later."""
+(``fxcondensa.capture.codegen``), computes what torch.fx's own code computes, and follows submodules replaced later."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.fx as fx
 import torchvision
+from fxcondensa.capture.codegen import LOCAL_PREFIX
+from fxcondensa.capture.records import RecordedGraphModule
 from torch import nn
 
 import fxcondensa
-from fxcondensa.codegen import LOCAL_PREFIX
-from fxcondensa.records import RecordedGraphModule
 from fxcondensa.schemes import StructurePrune
 
 
@@ -132,7 +132,7 @@ def test_unrecognised_body_is_left_as_fx_wrote_it() -> None:
     """Another torch version's format (here: no per-node markers) gets no prologue and no rewrite."""
     x = torch.randn(2, 3, 12, 12)
     gm = fxcondensa.trace(Nested(), x)
-    from fxcondensa.codegen import hoist_module_paths
+    from fxcondensa.capture.codegen import hoist_module_paths
 
     body = ["body_0_0 = getattr(getattr(self.body, \"0\"), \"0\")(x)\n", "return body_0_0\n"]
     assert hoist_module_paths(gm.graph)(body) == body

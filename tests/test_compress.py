@@ -8,7 +8,7 @@ import pytest
 import torch
 from _models import LeNet5, lenet_input, make_convnet, state_hash
 
-from fxcondensa.compression import compress, density, layer_densities
+from fxcondensa.compression.apply import compress, density, layer_densities
 from fxcondensa.passes.annotate import annotations
 from fxcondensa.schemes import Compose, Prune, Quantize
 

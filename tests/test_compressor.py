@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import fxcondensa as condensa
+from fxcondensa.opt.training import as_batches, evaluate
 from fxcondensa.schemes import Compose, Prune, Quantize
-from fxcondensa.training import as_batches, evaluate
 
 CE = nn.CrossEntropyLoss()
 MEM = Compose([Prune(0.05), Quantize(condensa.float16)])

@@ -13,9 +13,9 @@ import torch
 import torchvision
 
 import fxcondensa
-from fxcondensa import export
+from fxcondensa.files import export
+from fxcondensa.files.recipe import thinning_record
 from fxcondensa.models import LeNet5
-from fxcondensa.recipe import thinning_record
 from fxcondensa.schemes import Prune, StructurePrune
 
 pytestmark = pytest.mark.cuda
@@ -82,7 +82,7 @@ def test_save_and_load_thinned_across_devices(tmp_path, saved_on, loaded_on):
 def test_save_and_load_compressed_across_devices(tmp_path):
     w = fxcondensa.compress(LeNet5().to(CUDA), Prune(0.1))
     fxcondensa.save_compressed(w, tmp_path / "w.fxc")
-    assert fxcondensa.footprint(w, "stored") == (tmp_path / "w.fxc").stat().st_size
+    assert fxcondensa.measure.footprint(w, "stored") == (tmp_path / "w.fxc").stat().st_size
     back = fxcondensa.load_compressed(tmp_path / "w.fxc", LeNet5)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(w.state_dict().values(), back.state_dict().values(),
                                                          strict=True))

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.fx as fx
 import torchvision
+from fxcondensa.capture.records import ParamAnnotation
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import fxcondensa
 from fxcondensa.passes.analysis import analyze, zero_channels
 from fxcondensa.passes.annotate import annotate_param, annotations, apply_annotations
-from fxcondensa.records import ParamAnnotation
 from fxcondensa.schemes import StructurePrune, channel_scores
 
 CUDA = torch.device("cuda", 0)

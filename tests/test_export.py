@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import fxcondensa
-from fxcondensa import export
-from fxcondensa.export import ExportCheckError
+from fxcondensa.files import export
+from fxcondensa.files.export import ExportCheckError
 from fxcondensa.models import LeNet5
 from fxcondensa.schemes import Prune
 

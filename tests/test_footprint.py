@@ -9,8 +9,8 @@ import torch
 from _models import LeNet5, make_convnet
 
 from fxcondensa import save_compressed
-from fxcondensa.compression import compress
-from fxcondensa.footprint import footprint, storage_dtypes
+from fxcondensa.compression.apply import compress
+from fxcondensa.measure.footprint import footprint, storage_dtypes
 from fxcondensa.schemes import Compose, Prune, Quantize
 
 LENET_PARAMS = 431080  # 500+20 + 25000+50 + 400000+500 + 5000+10

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fxcondensa.capture.records import thin_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attention import Encoder, X, _exact, _hf, _SelfMHA
@@ -23,7 +24,6 @@ from fxcondensa import compress, thin
 from fxcondensa.nn import ThinMultiheadAttention
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.thin import rethin
-from fxcondensa.records import thin_record
 from fxcondensa.rules.attention import head_dim_channels
 from fxcondensa.schemes import StructurePrune
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _models import bench_coverage, state_hash
+from fxcondensa.capture.graph import flatten_outputs
+from fxcondensa.capture.records import thin_record
 
 from fxcondensa import thin, trace
-from fxcondensa.graph import flatten_outputs
-from fxcondensa.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
 _bench = bench_coverage()
@@ -57,7 +57,7 @@ def test_report_takes_keyword_inputs_of_an_export_captured_model():
     torch.manual_seed(0)
     model, x, _, _ = build_hf("bert")
     small = thin(model, SCHEME, x)
-    rep = fxcondensa.report(model, small, x, latency=True, warmup=0, repeat=1)
+    rep = fxcondensa.measure.report(model, small, x, latency=True, warmup=0, repeat=1)
     assert rep.totals["params_after"] == params(small) < rep.totals["params_before"] == params(model)
     assert rep.totals["macs_after"] < rep.totals["macs_before"]
     assert rep.totals["latency_after"]["batch_size"] == x["input_ids"].shape[0]
@@ -67,7 +67,7 @@ def test_report_takes_keyword_inputs_of_an_export_captured_model():
 @pytest.mark.parametrize("fmt", ["torch_export", "onnx", "torchscript"])
 def test_an_export_captured_model_exports_with_keyword_inputs(fmt, tmp_path):
     import fxcondensa
-    from fxcondensa.export import StaticShapeWarning
+    from fxcondensa.files.export import StaticShapeWarning
 
     torch.manual_seed(0)
     model, x, _, _ = build_hf("bert")
@@ -75,5 +75,5 @@ def test_an_export_captured_model_exports_with_keyword_inputs(fmt, tmp_path):
     # The capture is specialised to the example shapes, so the file is too: it says so, and the exporter has
     # reloaded it and compared its outputs with the model's before keeping it.
     with pytest.warns(StaticShapeWarning, match="dynamic batch"):
-        path = getattr(fxcondensa.export, fmt)(small, tmp_path / f"bert.{fmt}", x)
+        path = getattr(fxcondensa.files.export, fmt)(small, tmp_path / f"bert.{fmt}", x)
     assert path.exists() and path.stat().st_size > 0

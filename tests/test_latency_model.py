@@ -18,10 +18,13 @@ import torch.fx as fx
 from torch import nn
 
 import fxcondensa
-import fxcondensa.latency
-import fxcondensa.latency_model as lmod
-from fxcondensa.latency import Latency
-from fxcondensa.latency_model import (
+import fxcondensa.measure.latency
+import fxcondensa.schemes.latency_model as lmod
+from fxcondensa.measure.latency import Latency
+from fxcondensa.passes.analysis import analyze
+from fxcondensa.passes.costs import profile_costs
+from fxcondensa.passes.thin import apply_keep
+from fxcondensa.schemes.latency_model import (
     CACHE_ENV,
     LatencyModel,
     LatencyWarning,
@@ -30,9 +33,6 @@ from fxcondensa.latency_model import (
     select_for_latency,
     validate_target_latency,
 )
-from fxcondensa.passes.analysis import analyze
-from fxcondensa.passes.costs import profile_costs
-from fxcondensa.passes.thin import apply_keep
 from fxcondensa.schemes.scores import channel_scores
 
 
@@ -401,7 +401,7 @@ def test_bench_latency_target_row(tmp_path, monkeypatch):
 
 def test_bench_latency_target_row_over_copies(tmp_path, monkeypatch):
     """--copies 3: measured_after is the median of three fresh-copy measurements (fake, fixed fractions)."""
-    from fxcondensa.latency import Latency
+    from fxcondensa.measure.latency import Latency
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer())
@@ -412,7 +412,7 @@ def test_bench_latency_target_row_over_copies(tmp_path, monkeypatch):
     def fake_compare(models, x, *, warmup, repeat):
         return [Latency(ms, ms, ms, ms, ms, repeat, warmup, 1, 2, "cpu") for ms in (10.0, next(thinned_ms))]
 
-    monkeypatch.setattr(fxcondensa.latency, "compare_latency", fake_compare)
+    monkeypatch.setattr(fxcondensa.measure.latency, "compare_latency", fake_compare)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LatencyWarning)
         row = speedup.latency_target_row("lenet5", 0.5, batch=2, size=28, warmup=0, repeat=1, copies=3,
@@ -538,7 +538,7 @@ def test_graph_signature_is_the_same_in_every_process():
     import sys
 
     code = ("import torch, sys; sys.path.insert(0, 'tests'); from test_latency_model import Net, X; "
-            "import fxcondensa; from fxcondensa.latency_model import _graph_signature; "
+            "import fxcondensa; from fxcondensa.schemes.latency_model import _graph_signature; "
             "print(_graph_signature(fxcondensa.trace(Net(), X), (X,)))")
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     sigs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
@@ -548,7 +548,8 @@ def test_graph_signature_is_the_same_in_every_process():
 
 
 def test_structure_prune_target_latency_is_recorded_and_thin_checks_it(tmp_path, monkeypatch):
-    from fxcondensa.records import thin_record
+    from fxcondensa.capture.records import thin_record
+
     from fxcondensa.schemes import StructurePrune
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
@@ -560,12 +561,13 @@ def test_structure_prune_target_latency_is_recorded_and_thin_checks_it(tmp_path,
     assert rec.kind == "latency" and rec.target == 0.5 and abs(rec.reached - 0.5) <= 0.05
     dense = fxcondensa.trace(model, X)
     assert true_ms(small, 1.2) / true_ms(dense, 1.2) == pytest.approx(rec.reached)
-    r = fxcondensa.report(model, small, X, latency=False)
+    r = fxcondensa.measure.report(model, small, X, latency=False)
     assert r.totals["latency_target"]["reached"] == rec.reached
 
 
 def test_structure_prune_align_auto(tmp_path, monkeypatch):
-    from fxcondensa.records import thin_record
+    from fxcondensa.capture.records import thin_record
+
     from fxcondensa.schemes import StructurePrune
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
@@ -602,7 +604,7 @@ def test_default_measure_times_fresh_copies_and_keeps_the_median_fraction(monkey
         return [Latency(10.0, 9, 11, 9, 11, repeat, warmup, 1, 1, "cpu"),
                 Latency(ms, ms, ms, ms, ms, repeat, warmup, 1, 1, "cpu")]
 
-    monkeypatch.setattr(fxcondensa.latency, "compare_latency", fake_compare)
+    monkeypatch.setattr(fxcondensa.measure.latency, "compare_latency", fake_compare)
     a, b = lmod._default_measure(2, 7)(dense, thinned, (torch.zeros(1, 4),))
     assert lmod.MEASURE_COPIES == 3 and len(calls) == 3
     assert b.median_ms == 5.0 and a.median_ms == 10.0  # fractions 0.7, 0.4, 0.5: the median copy

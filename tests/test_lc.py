@@ -15,8 +15,8 @@ from torch.utils.data import TensorDataset
 import fxcondensa as condensa
 from fxcondensa.opt import LC, Direct
 from fxcondensa.opt import lc as lc_module
+from fxcondensa.opt.training import as_batches, evaluate
 from fxcondensa.schemes import Compose, Prune, Quantize
-from fxcondensa.training import as_batches, evaluate
 
 ARGS = dict(steps=4, l_batch_size=64, lr=0.05, lr_decay=0.98, momentum=0.9, sgd_iterations_per_l=40,
             sgd_iterations_first_l=80, mu_init=1e-2, mu_multiplier=2.0, mu_cap=1e4, val_batch_size=512)

@@ -208,7 +208,7 @@ def test_resume_from_rank_0_checkpoint_equals_uninterrupted(ranks):
 
 @pytest.mark.parametrize("loader", [False, True])
 def test_ranks_split_each_global_batch_like_distributed_sampler(loader):
-    from fxcondensa.training import LoaderBatches, TensorBatches
+    from fxcondensa.opt.training import LoaderBatches, TensorBatches
 
     x, y = torch.arange(100.0).unsqueeze(1), torch.arange(100)
     if loader:  # a dataset that is not held as tensors goes through a DataLoader with a batch sampler

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 import fxcondensa as condensa
 from fxcondensa.opt import distributed as dist_lc
 from fxcondensa.opt.engine import _Run, keep_masks, l_update, multiplier_update
-from fxcondensa.training import as_batches
+from fxcondensa.opt.training import as_batches
 
 CUDA = torch.device("cuda")
 
@@ -143,7 +143,7 @@ class CopyFlags(TorchDispatchMode):
 def test_batches_from_pageable_memory_are_copied_blocking():
     """Regression (issue 15): ``non_blocking=True`` was passed for every batch; from pageable memory the
     copy is synchronous anyway, and the flag only hides where the time goes."""
-    from fxcondensa.training import LoaderBatches
+    from fxcondensa.opt.training import LoaderBatches
 
     fake, flags = FakeTensorMode(allow_non_fake_inputs=True), CopyFlags()
     batches = LoaderBatches(None, "cpu", dataset=None)
@@ -155,7 +155,7 @@ def test_batches_from_pageable_memory_are_copied_blocking():
 
 @pytest.mark.parametrize("pinned", [False, True])
 def test_non_blocking_only_from_pinned_memory(monkeypatch, pinned):
-    from fxcondensa import training
+    from fxcondensa.opt import training
 
     seen = []
     t = torch.ones(2)
@@ -166,7 +166,7 @@ def test_non_blocking_only_from_pinned_memory(monkeypatch, pinned):
 
 
 def test_loader_batches_prefetch_one_batch_on_cuda(monkeypatch):
-    from fxcondensa.training import LoaderBatches
+    from fxcondensa.opt.training import LoaderBatches
 
     moved: list[int] = []
     batches = LoaderBatches(None, "cpu", dataset=None)

@@ -8,8 +8,8 @@ from torch import nn
 
 import fxcondensa as condensa
 from fxcondensa.opt import Direct
+from fxcondensa.opt.training import as_batches
 from fxcondensa.schemes import Compose, Prune, Quantize
-from fxcondensa.training import as_batches
 
 
 def test_direct_equals_compress_and_leaves_the_model_alone():

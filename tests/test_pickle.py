@@ -81,7 +81,7 @@ def test_a_reloaded_module_can_be_traced_and_thinned_again(tmp_path):
 def test_the_thin_record_pickles(tmp_path):
     """What ``thin`` leaves in ``gm.meta`` pickles on its own (torch drops ``meta`` when it rebuilds a
     GraphModule, so it is checked here directly)."""
-    from fxcondensa.recipe import thinning_record
+    from fxcondensa.files.recipe import thinning_record
 
     gm, _ = _returned("thin", tmp_path)
     rec = thinning_record(gm)
@@ -92,13 +92,14 @@ def test_the_thin_record_pickles(tmp_path):
 
 def test_records_survive_whole_module_pickling(tmp_path):
     """torch rebuilds a GraphModule from its code and drops ``meta``; the records come back by node name."""
+    from fxcondensa.capture.records import thin_record
+
     from fxcondensa.passes.annotate import annotations
-    from fxcondensa.records import thin_record
 
     compressed, x = _returned("compress", tmp_path)
     again = pickle.loads(pickle.dumps(compressed))
     assert annotations(again).keys() == annotations(compressed).keys()
-    assert fxcondensa.footprint(again, "stored") == fxcondensa.footprint(compressed, "stored")
+    assert fxcondensa.measure.footprint(again, "stored") == fxcondensa.measure.footprint(compressed, "stored")
     thinned, _ = _returned("thin resnet18", tmp_path)
     buf = io.BytesIO()
     torch.save(pickle.loads(pickle.dumps(thinned)), buf)  # twice: a reloaded module pickles its records too
@@ -114,7 +115,7 @@ def test_an_export_captured_thinned_model_round_trips_whole():
     """A Hugging Face model is captured by torch.export: its thinned GraphModule (ATen operators, keyword
     inputs, a ModelOutput result) pickles whole and comes back with the same graph, outputs and recipe.
     torch's own pickling failed here (``_ModuleStackTracer.__init__() missing ... 'scope_root'``)."""
-    from fxcondensa.records import thin_record
+    from fxcondensa.capture.records import thin_record
 
     torch.manual_seed(0)
     model, x, fresh, _ = bench_coverage().build_hf("bert")

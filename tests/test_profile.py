@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fxcondensa.latency import Latency, compare_latency, measure_latency, node_latency
+from fxcondensa.measure.latency import Latency, compare_latency, measure_latency, node_latency
 from fxcondensa.models import LeNet5
 from fxcondensa.passes.costs import profile_costs
 
@@ -252,7 +252,7 @@ def test_node_timer_records_on_the_inputs_device(monkeypatch):
 # ------------------------------------------------------------------ deployment backends (structure, never values)
 
 def test_deployment_latency_names_the_fastest_backend():
-    from fxcondensa.latency import deployment_latency
+    from fxcondensa.measure.latency import deployment_latency
 
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -267,7 +267,7 @@ def test_deployment_latency_names_the_fastest_backend():
 
 
 def test_deployment_latency_rejects_unknown_backend():
-    from fxcondensa.latency import deployment_latency
+    from fxcondensa.measure.latency import deployment_latency
 
     with pytest.raises(ValueError, match="unknown deployment backend 'tensorrt'"):
         deployment_latency(LeNet5(), torch.randn(1, 1, 28, 28), backends=("eager", "tensorrt"))
@@ -276,7 +276,7 @@ def test_deployment_latency_rejects_unknown_backend():
 def test_deployment_failure_is_reported_not_raised():
     """A backend that fails on a model is skipped with the reason (channels_last on a model that calls
     .view on what channels_last makes non-contiguous)."""
-    from fxcondensa.latency import deployment_latency
+    from fxcondensa.measure.latency import deployment_latency
 
     class Flat(nn.Module):
         def forward(self, x):
@@ -291,29 +291,30 @@ def test_report_deployment_line():
     import fxcondensa
 
     model, x = LeNet5(), torch.randn(1, 1, 28, 28)
-    r = fxcondensa.report(model, model, x, warmup=0, repeat=2, deployment=("eager", "onnxruntime"))
+    r = fxcondensa.measure.report(model, model, x, warmup=0, repeat=2, deployment=("eager", "onnxruntime"))
     dep = r.totals["deployment"]
     assert "eager" in dep["latency_ms"] and ("onnxruntime" in dep["latency_ms"]) != ("onnxruntime" in dep["skipped"])
     assert any(n.startswith("deployment (batch 1, ") and "fastest: " in n for n in r.notes)
-    assert fxcondensa.report(model, model, x, latency=False).totals["deployment"] is None
+    assert fxcondensa.measure.report(model, model, x, latency=False).totals["deployment"] is None
 
 
 def test_report_shows_latency_target():
+    from fxcondensa.capture.records import TargetRecord, thin_record
+
     import fxcondensa
-    from fxcondensa.records import TargetRecord, thin_record
     from fxcondensa.schemes import StructurePrune
 
     x = torch.randn(1, 1, 28, 28)
     small = fxcondensa.thin(LeNet5(), StructurePrune(0.5), x)
     thin_record(small).target = TargetRecord("latency", 0.5, 0.48, 0.7)
-    r = fxcondensa.report(LeNet5(), small, x, latency=False)
+    r = fxcondensa.measure.report(LeNet5(), small, x, latency=False)
     assert r.totals["latency_target"] == {"target": 0.5, "reached": 0.48, "density": 0.7}
     assert r.totals["flop_target"] is None
     assert "latency target: 0.500 of the dense latency; measured when the scheme selected the channels: 0.480" in str(r)
 
 
 def test_compare_latency_copies_times_each_fresh_copy_once():
-    from fxcondensa.latency import compare_latency_copies
+    from fxcondensa.measure.latency import compare_latency_copies
 
     made = []
 
@@ -329,7 +330,7 @@ def test_compare_latency_copies_times_each_fresh_copy_once():
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_compare_latency_copies_rejects_bad_copies(bad):
-    from fxcondensa.latency import compare_latency_copies
+    from fxcondensa.measure.latency import compare_latency_copies
 
     with pytest.raises(ValueError, match=rf"copies must be an int >= 1 \(fresh copies of the models to time\), got {bad!r}"):
         compare_latency_copies([torch.nn.Linear(4, 4)], torch.randn(2, 4), copies=bad, repeat=1)

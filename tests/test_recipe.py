@@ -12,7 +12,7 @@ from _models import LeNet5, bench_coverage, state_hash
 
 import fxcondensa
 from fxcondensa.errors import FileFormatError
-from fxcondensa.recipe import reference_tolerance, thinning_record
+from fxcondensa.files.recipe import reference_tolerance, thinning_record
 from fxcondensa.schemes import StructurePrune
 
 CASES = {
@@ -248,7 +248,7 @@ def test_a_file_of_format_version_1_still_loads(tmp_path):
     assert a.target is not None and a.target.kind == "flops"
     again = tmp_path / "again.thin"  # and it is written back in the current format
     fxcondensa.save_thinned(loaded, again)
-    assert torch.load(again, weights_only=True)["version"] == fxcondensa.recipe.FORMAT_VERSION == 2
+    assert torch.load(again, weights_only=True)["version"] == fxcondensa.files.recipe.FORMAT_VERSION == 2
 
 
 def test_the_recipe_has_no_scheme_field(lenet_file):
@@ -357,7 +357,7 @@ def test_reference_outputs_are_computed_on_the_models_device():
     so a CUDA model could not be saved), and the stored heads come back to the CPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fxcondensa import recipe
+    from fxcondensa.files import recipe
 
     specs = [{"shape": [2, 1, 28, 28], "dtype": "float32"}]
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -372,7 +372,7 @@ def test_reference_outputs_are_computed_on_the_models_device():
 def test_reference_inputs_are_the_same_values_on_every_device():
     """Drawn on the CPU with one seed, then moved: a file saved on CUDA checks on the CPU against the same
     inputs."""
-    from fxcondensa import recipe
+    from fxcondensa.files import recipe
 
     specs = [{"shape": [3, 4], "dtype": "float32"}, {"shape": [3], "dtype": "int64"}]
     a = recipe._reference_inputs(specs, torch.device("cpu"))
@@ -383,7 +383,7 @@ def test_reference_inputs_are_the_same_values_on_every_device():
 def test_an_export_captured_model_with_keyword_inputs_saves_and_loads(tmp_path):
     """A Hugging Face model (torch.export capture, keyword inputs, a ModelOutput result) is rebuilt by
     load_thinned from its dense architecture: same outputs on fresh keyword inputs, same recipe and capture."""
-    from fxcondensa.records import thin_record
+    from fxcondensa.capture.records import thin_record
 
     torch.manual_seed(0)
     model, x, fresh, _ = bench_coverage().build_hf("bert")

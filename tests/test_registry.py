@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _models import state_hash
+from fxcondensa.capture.records import thin_record
 from torch import nn
 
 import fxcondensa
 from fxcondensa import UnknownOpError, compress, register_rule, thin, unregister_rule
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.costs import profile_costs
-from fxcondensa.records import thin_record
-from fxcondensa.registry import registered_ops, rule_for_key
+from fxcondensa.rules.registry import registered_ops, rule_for_key
 from fxcondensa.schemes import StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -13,8 +13,8 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa import functional as F
-from fxcondensa.compression import compress, density, layer_densities
-from fxcondensa.footprint import storage_dtypes
+from fxcondensa.compression.apply import compress, density, layer_densities
+from fxcondensa.measure.footprint import storage_dtypes
 from fxcondensa.schemes import (
     BlockPrune,
     Compose,

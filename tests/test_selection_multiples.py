@@ -9,8 +9,8 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa.passes.analysis import analyze
-from fxcondensa.passes.selection import HW_MULTIPLE, MULTIPLE_MIN_WIDTH, memory_cost, select_channels
 from fxcondensa.schemes import StructurePrune, channel_scores
+from fxcondensa.schemes.selection import HW_MULTIPLE, MULTIPLE_MIN_WIDTH, memory_cost, select_channels
 
 
 class Wide(nn.Module):

@@ -14,9 +14,9 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa import FileFormatError, load_compressed, save_compressed
-from fxcondensa.compression import compress
+from fxcondensa.compression.apply import compress
+from fxcondensa.files.serialize import FORMAT_VERSION, MAGIC, decode_tensor, encode_tensor, index_dtype
 from fxcondensa.schemes import Compose, Prune, Quantize
-from fxcondensa.serialize import FORMAT_VERSION, MAGIC, decode_tensor, encode_tensor, index_dtype
 
 
 def _mem(seed: int = 0):
@@ -55,7 +55,7 @@ def test_load_into_the_compressed_graph_module_itself(tmp_path):
     again = load_compressed(tmp_path / "w.fxc", w)
     assert again is not w
     _same_state(again, w)
-    assert fxcondensa.footprint(again) == fxcondensa.footprint(w)  # annotations travel with the copy
+    assert fxcondensa.measure.footprint(again) == fxcondensa.measure.footprint(w)  # annotations travel with the copy
 
 
 def test_buffers_round_trip(tmp_path):

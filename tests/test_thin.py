@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from _models import state_hash
+from fxcondensa.capture.records import thin_record
 from test_channels import (
     CLAMP_BUG,
     COUNT_BUG,
@@ -29,7 +30,6 @@ from torch import nn
 import fxcondensa
 from fxcondensa import ThinningCheckError, compress, thin
 from fxcondensa.passes.costs import profile_costs
-from fxcondensa.records import thin_record
 from fxcondensa.schemes import FilterPrune, NeuronPrune, Prune, StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5

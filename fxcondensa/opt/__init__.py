@@ -7,7 +7,7 @@
   the compressed set; with its defaults it ends with a masked fine-tune of the compressed weights.
 
 All implement ``compress(model, scheme, train, val, test, criterion, example_inputs) -> (model, statistics)``
-on :class:`fxcondensa.training.Batches`; :class:`fxcondensa.Compressor` builds those from datasets. The
+on :class:`fxcondensa.opt.training.Batches`; :class:`fxcondensa.Compressor` builds those from datasets. The
 trained ones share one loop (``fxcondensa.opt.engine``): statistics, progress, checkpoint/resume, torchrun.
 """
 

@@ -25,9 +25,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..training import Batches
 from . import distributed as dist_lc
 from .engine import _Run
+from .training import Batches
 
 __all__ = ["Trained", "check_int", "check_float"]
 

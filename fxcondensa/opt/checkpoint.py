@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import FileFormatError
-from ..fileio import save_atomic as write_atomic
+from ..files.fileio import save_atomic as write_atomic
 
 __all__ = ["FORMAT", "VERSION", "save_atomic", "load_checkpoint", "model_fingerprint", "config_mismatch"]
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..compression import compress
-from ..training import Batches
+from ..compression.apply import compress
+from .training import Batches
 
 __all__ = ["Direct"]
 

@@ -39,13 +39,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
-from ..compression import density
-from ..graph import as_input_tuple, trace
+from ..capture.graph import as_input_tuple, trace
+from ..capture.records import META
+from ..compression.apply import density
 from ..passes.annotate import annotations
-from ..records import META
-from ..training import Batches, evaluate, recalibrate_bn
 from . import distributed as dist_lc
 from .checkpoint import FORMAT, VERSION, config_mismatch, load_checkpoint, model_fingerprint, save_atomic
+from .training import Batches, evaluate, recalibrate_bn
 
 __all__: list[str] = []
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..training import Batches
 from .base import Trained, check_float, check_int, cosine
 from .finetune import split
+from .training import Batches
 
 __all__ = ["Gradual", "scaled_scheme"]
 

@@ -11,8 +11,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import registry, rules
-from .channels import ChannelAnalysis, RuleContext
+from .. import rules
+from ..rules import registry
+from ..rules.api import ChannelAnalysis
+from .channels import ChannelWalker
 
 __all__ = ["analyze", "zero_channels", "removable_channels", "keep_one_per_slice", "balance_grouped"]
 
@@ -43,7 +45,7 @@ def analyze(gm: fx.GraphModule, *, strict: bool = False, head_dim: bool = False)
         raise ValueError("analyze needs shape metadata: trace the model with example inputs "
                          "(fxcondensa.trace(model, example_inputs))")
     rules.register_optional_rules()
-    ctx = RuleContext(gm, strict=strict)
+    ctx = ChannelWalker(gm, strict=strict)
     ctx.analysis.head_dim = head_dim
     analysis = ctx.run()
     # Schemes and thin analyse the same graph in turn; the result depends on structure, shapes and the

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..capture.records import META, ParamAnnotation, node_record
 from ..functional import round_trip
-from ..records import META, ParamAnnotation, node_record
 
 __all__ = ["META", "ParamAnnotation", "param_owners", "annotations", "annotate_param", "apply_annotations"]
 

@@ -19,7 +19,7 @@ What is counted (one number per node, ``NodeCost.macs``, called MACs throughout)
 - anything else (``kind == "other"``, e.g. an opaque leaf module or ``einsum``): zero; it is listed so that a
   reader sees what was not counted.
 
-Each op's cost lives in its entry of the op registry (``fxcondensa.registry``, built-in entries in
+Each op's cost lives in its entry of the op registry (``fxcondensa.rules.registry``, built-in entries in
 ``fxcondensa.rules``), next to its channel rule; a rule registered by a user is counted here too.
 
 Parameters are attributed to the node that uses them first: a ``call_module`` node gets its module's
@@ -36,9 +36,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .. import registry, rules
-from ..graph import trace
-from ..registry import CostCall
+from .. import rules
+from ..capture.graph import trace
+from ..rules import registry
+from ..rules.registry import CostCall
 
 __all__ = ["NodeCost", "profile_costs", "node_cost", "layer_name"]
 

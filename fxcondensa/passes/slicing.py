@@ -16,11 +16,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .. import registry
-from ..graph import propagate_shapes
-from ..records import META
+from ..capture.graph import propagate_shapes
+from ..capture.records import META
+from ..rules import registry
+from ..rules.api import ChanInfo, ChannelAnalysis, KeptView
 from ..rules.shapes import channel_slice_rewrite
-from .channels import ChanInfo, ChannelAnalysis, KeptView
 
 __all__ = ["apply_keep"]
 

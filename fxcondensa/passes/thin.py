@@ -1,7 +1,7 @@
 """Network thinning: physically remove pruned channels and emit a smaller ``GraphModule``.
 
 A channel can go when it is exactly zero wherever it enters a layer that sums over channels (see
-``channels.py``). Removing it slices every parameter and buffer that carries it, updates the module
+``rules/api.py``). Removing it slices every parameter and buffer that carries it, updates the module
 attributes that describe those sizes, rewrites literal sizes in ``view`` / ``reshape`` / ``split`` calls,
 and recompiles. By construction the thinned model computes the same outputs as the compressed dense one;
 ``check=True`` verifies that on the example inputs and names the first node where they part.
@@ -10,7 +10,6 @@ and recompiles. By construction the thinned model computes the same outputs as t
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,35 +17,18 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..capture import capture_notes, capture_of, graph_inputs, split_inputs
+from ..capture.exported import capture_notes, capture_of, graph_inputs, split_inputs
+from ..capture.graph import propagate_shapes, trace
+from ..capture.records import META, FrozenGroup, GroupRecord, ThinRecord, graph_record
 from ..errors import ExampleInputError, ThinningCheckError
-from ..graph import propagate_shapes, trace
-from ..records import META, FrozenGroup, GroupRecord, ThinRecord, graph_record
+from ..rules.api import ChanInfo, ChannelAnalysis
 from ..rules.attention import has_attention_products, head_channels, head_dim_channels
-from ..schemes import check_scheme
 from .analysis import analyze, balance_grouped, removable_channels
-from .channels import ChanInfo, ChannelAnalysis
 from .slicing import _kept, apply_keep
 
-__all__ = ["thin", "rethin", "apply_keep", "RTOL", "ATOL"]
+__all__ = ["thin_graph", "rethin", "apply_keep", "RTOL", "ATOL"]
 
 RTOL, ATOL = 1e-4, 1e-5
-
-
-def _example_inputs(model: nn.Module, example_inputs: Any) -> Any:
-    """The example inputs as the model takes them (tensor, tuple, or dict of keyword inputs)."""
-    if example_inputs is not None:
-        split_inputs(example_inputs)  # a bad container fails here, with the message saying what to pass
-        return example_inputs
-    if isinstance(model, fx.GraphModule):
-        metas = [n.meta.get("tensor_meta") for n in model.graph.nodes if n.op == "placeholder"]
-        if metas and all(m is not None and hasattr(m, "shape") for m in metas):
-            # Made where the model lives: a CUDA model gets CUDA inputs.
-            device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
-            return tuple(torch.randn(m.shape, dtype=m.dtype, device=device) if m.dtype.is_floating_point
-                         else torch.zeros(m.shape, dtype=m.dtype, device=device) for m in metas)
-    raise ValueError("thin needs example inputs to learn the tensor shapes, e.g. "
-                     "thin(model, scheme, example_inputs=torch.randn(1, 3, 224, 224))")
 
 
 def _outputs_close(a: Any, b: Any) -> bool:
@@ -140,75 +122,52 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
             m.training = mode
 
 
-def thin(
-    model: nn.Module,
-    scheme: Any = None,
-    example_inputs: Any = None,
-    *,
-    check: bool = True,
-    strict: bool = False,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    concrete_args: dict[str, Any] | None = None,
-    capture: str = "auto",
-) -> fx.GraphModule:
-    """Return a smaller ``GraphModule`` with pruned channels physically removed.
+def thin_graph(compressed: fx.GraphModule, inputs: tuple[Any, ...], *, check: bool = True,
+               strict: bool = False, columns: bool | None = None) -> fx.GraphModule:
+    """The thinning pass: remove the channels of ``compressed`` that are zero across their whole group.
 
-    With a ``scheme`` (e.g. ``StructurePrune(0.5)``) the model is compressed first; without one, the
-    channels that are already zero across their whole group are removed (e.g. the output of L-C with a
-    structured scheme). The model is never modified. ``check=True`` compares the thinned model with the
-    compressed dense one on ``example_inputs`` (eval mode, rtol 1e-4, atol 1e-5) and raises
-    ``ThinningCheckError`` naming the first node that differs. ``strict=True`` raises ``UnknownOpError`` at
-    the first op the channel analysis has no rule for, instead of keeping its channels whole (see
-    ``fxcondensa.register_rule``). ``leaf_modules``, ``concrete_args`` and ``capture`` are passed to ``trace``:
-    a model torch.fx cannot trace symbolically is captured with ``torch.export`` (``capture="auto"``), and
-    ``example_inputs`` may be a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``);
-    the thinned module takes the inputs the model takes.
-
-    What was removed, which channel groups were frozen and why, and the recipe are in
-    ``fxcondensa.records.thin_record(thinned)`` (a ``ThinRecord``).
+    ``compressed`` is a captured, shape-annotated graph whose weights already hold the compressed values
+    (``fxcondensa.thin`` captures and compresses, then calls this); ``inputs`` are its placeholder values in
+    graph order. ``columns`` says whether the head_dim column stage runs: True where a scheme asked for
+    columns, False where it did not, None (nobody said) where heads or attention products are found.
+    ``check=True`` runs both graphs on ``inputs`` and raises ``ThinningCheckError`` at the first node that
+    differs. The result carries its ``ThinRecord`` (``fxcondensa.capture.records.thin_record``).
 
     Example:
         >>> import torch, fxcondensa
-        >>> from fxcondensa.schemes import StructurePrune
-        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(1, 1, 28, 28))
-        >>> small.conv1.out_channels < 20 and small.ip1.out_features < 500
-        True
+        >>> from fxcondensa.capture.exported import graph_inputs
+        >>> x = torch.randn(1, 1, 28, 28)
+        >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5(), x)
+        >>> with torch.no_grad():
+        ...     gm.conv1.weight[:5] = 0
+        ...     gm.conv1.bias[:5] = 0
+        >>> thin_graph(gm, graph_inputs(gm, x)).conv1.out_channels
+        15
     """
-    if scheme is not None:
-        check_scheme(scheme)
-    example = _example_inputs(model, example_inputs)
-    compressed = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
-    inputs = graph_inputs(compressed, example)  # the placeholder values, in graph order
-    if strict:  # fail before spending time on the scheme
-        analyze(compressed, strict=True)
-    if scheme is not None:
-        with torch.no_grad():
-            scheme.pi(compressed)
-            scheme.delta(compressed)
     analysis = analyze(compressed, strict=strict)
     keep = balance_grouped(analysis, ~removable_channels(compressed, analysis))
     # The check runs the thinned model for real and records its shapes then (see ``_check``); the head_dim
     # stage analyses the thinned graph before that, so it needs them from ``apply_keep``.
     # A scheme that prunes columns gets the stage whatever the first analysis found: a multi-query attention's
-    # one key/value head freezes its heads there, and its columns still go here. Without a scheme (weights
+    # one key/value head freezes its heads there, and its columns still go here. Where nobody said (weights
     # from anywhere) it runs where heads were found or attention products are (multi-query again).
-    head_dim_stage = _asks_columns(scheme) or (scheme is None and (bool(head_channels(compressed, analysis).any())
-                                                                   or has_attention_products(compressed)))
+    head_dim_stage = columns if columns is not None else (bool(head_channels(compressed, analysis).any())
+                                                          or has_attention_products(compressed))
     thinned = apply_keep(compressed, analysis, keep, inputs, shapes=not check or head_dim_stage)
-    columns = None
+    column_analysis = None
     if head_dim_stage:
-        thinned, columns, column_keep = _thin_head_dim(thinned, inputs)
+        thinned, column_analysis, column_keep = _thin_head_dim(thinned, inputs)
     if check:
         _check(compressed, thinned, analysis, keep, inputs)
     groups = [GroupRecord(g.name, tuple(g.producers), int(g.channels.numel()), int(keep[g.channels].sum()),
                           "; ".join(g.frozen)) for g in analysis.groups]
     frozen = analysis.frozen_report()
     recipe = keep.clone()
-    if columns is not None and (column_keep is not None or scheme is not None):
+    if column_analysis is not None and (column_keep is not None or columns is not None):
         # Shown when columns went or the scheme asked for them: a frozen head_dim says why it stayed whole.
-        found = head_dim_channels(columns)
-        column_groups = [g for g in columns.groups if bool(found[g.channels].any())]
-        kept = column_keep if column_keep is not None else torch.ones(columns.num_channels, dtype=torch.bool)
+        found = head_dim_channels(column_analysis)
+        column_groups = [g for g in column_analysis.groups if bool(found[g.channels].any())]
+        kept = column_keep if column_keep is not None else torch.ones(column_analysis.num_channels, dtype=torch.bool)
         groups += [GroupRecord(f"{g.name} (head_dim)", tuple(g.producers), int(g.channels.numel()),
                                int(kept[g.channels].sum()), "; ".join(g.frozen)) for g in column_groups]
         frozen += [FrozenGroup(f"{g.name} (head_dim)", tuple(g.layers) or tuple(g.producers), "; ".join(g.frozen))
@@ -230,18 +189,7 @@ def thin(
         capture=capture_of(compressed),
         notes=capture_notes(compressed),
     )
-    for note in capture_notes(compressed):
-        warnings.warn(f"thin: {type(model).__name__} was {note}", stacklevel=2)
     return thinned
-
-
-def _asks_columns(scheme: Any) -> bool:
-    """Whether the scheme (or one it composes) prunes head_dim columns: ``attention="head_dim"`` or ``"both"``."""
-    if scheme is None:
-        return False
-    if getattr(scheme, "attention", None) in ("head_dim", "both"):
-        return True
-    return any(_asks_columns(s) for s in getattr(scheme, "schemes", ()))
 
 
 def _thin_head_dim(gm: fx.GraphModule, inputs: tuple[Any, ...]
@@ -271,7 +219,7 @@ def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
         >>> from fxcondensa.schemes import StructurePrune
         >>> x = torch.randn(1, 1, 28, 28)
         >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), x)
-        >>> from fxcondensa.records import thin_record
+        >>> from fxcondensa.capture.records import thin_record
         >>> again = rethin(fxcondensa.models.LeNet5(), thin_record(small).keep, x)
         >>> again.conv1.weight.shape == small.conv1.weight.shape
         True

@@ -1,4 +1,4 @@
-"""The built-in entries of the op registry (``fxcondensa.registry``), one module per family of ops.
+"""The built-in entries of the op registry (``fxcondensa.rules.registry``), one module per family of ops.
 
 Importing this package registers them; ``passes/analysis.py`` and ``passes/costs.py`` import it, so every
 pass sees the same table. A new rule goes into the module of its family (or a new one imported here):

@@ -56,11 +56,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as fxnn
-from ..passes.channels import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
-from ..passes.reshape_map import reshape_target
-from ..registry import CostCall, register_rule, rule_for, rule_for_key
 from . import elementwise, shapes  # the rules this module's entries build on
+from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
 from .layers import zero_rows
+from .registry import CostCall, register_rule, rule_for, rule_for_key
+from .reshape_map import reshape_target
 
 aten = torch.ops.aten
 

@@ -18,9 +18,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..passes.channels import ChanInfo, RuleContext, node_arg, node_shape
-from ..registry import CostCall, register_rule, rule_for_key
+from .api import ChanInfo, RuleContext, node_arg, node_shape
 from .layers import zero_rows
+from .registry import CostCall, register_rule, rule_for_key
 
 aten = torch.ops.aten
 
@@ -325,7 +325,7 @@ def track_parameter_chain(ctx: RuleContext, user: fx.Node, x: fx.Node, dim: int,
         seeds.append((n, dims[0]))
     if not seeds:
         return None
-    from ..records import node_record  # the walker records each node's channels; revisited nodes too
+    from ..capture.records import node_record  # the walker records each node's channels; revisited nodes too
 
     for n, k in seeds:
         atoms = ctx.new_channels(width, n.target, "other")
@@ -389,7 +389,7 @@ def track_buffer_table(ctx: RuleContext, user: fx.Node, x: fx.Node, dim: int,
     if not isinstance(found, tuple):
         return None, found
     seeds, later = found
-    from ..records import node_record  # the walker records each node's channels; revisited nodes too
+    from ..capture.records import node_record  # the walker records each node's channels; revisited nodes too
 
     state = _snapshot(ctx.analysis)
     touched = [n for n, _ in seeds] + later

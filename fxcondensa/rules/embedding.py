@@ -19,10 +19,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..passes.channels import ChanInfo, RuleContext, node_arg, node_shape
-from ..registry import CostCall, register_rule, rule_for_key
 from . import shapes  # the rule this module's cat entry builds on
+from .api import ChanInfo, RuleContext, node_arg, node_shape
 from .layers import zero_rows
+from .registry import CostCall, register_rule, rule_for_key
 
 aten = torch.ops.aten
 

@@ -15,8 +15,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..passes.channels import ChanInfo, RuleContext, ZeroRule, host, node_arg, node_shape
-from ..registry import CostCall, register_rule
+from .api import ChanInfo, RuleContext, ZeroRule, host, node_arg, node_shape
+from .registry import CostCall, register_rule
 
 aten = torch.ops.aten
 

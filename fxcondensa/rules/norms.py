@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as fxnn
-from ..passes.channels import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
-from ..registry import register_rule
 from . import shapes  # the rule this module's mean entry builds on
+from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
 from .layers import norm_cost
+from .registry import register_rule
 
 aten = torch.ops.aten
 

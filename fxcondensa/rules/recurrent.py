@@ -21,10 +21,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..passes.channels import ChanInfo, RuleContext, node_arg, node_shape
-from ..registry import CostCall, register_rule
+from .api import ChanInfo, RuleContext, node_arg, node_shape
 from .attention import tuple_outputs
 from .layers import zero_rows
+from .registry import CostCall, register_rule
 
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 

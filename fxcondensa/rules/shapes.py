@@ -1,7 +1,7 @@
 """Built-in rules for ops that move channels without computing on them: reshapes, permutes, cat, split,
 indexing, reductions over other dims, and shape queries.
 
-Where the channel dim goes through a general reshape is shape arithmetic (``passes/reshape_map.py``). Ops
+Where the channel dim goes through a general reshape is shape arithmetic (``rules/reshape_map.py``). Ops
 that hold literal sizes counting channels (``view``, ``reshape``, ``expand``, ``split``) are marked for the
 thinning pass to rewrite.
 """
@@ -16,9 +16,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..passes.channels import ChanInfo, RuleContext, node_arg, node_shape
-from ..passes.reshape_map import reshape_index, reshape_target
-from ..registry import register_rule
+from .api import ChanInfo, RuleContext, node_arg, node_shape
+from .registry import register_rule
+from .reshape_map import reshape_index, reshape_target
 
 aten = torch.ops.aten
 

@@ -16,7 +16,6 @@ Example:
     0.007
 """
 
-from ..passes.selection import select_channels
 from .base import (
     LINEAR_CONV,
     BlockPrune,
@@ -29,6 +28,7 @@ from .base import (
     validate_density,
 )
 from .scores import channel_scores
+from .selection import select_channels
 from .structured import FilterPrune, NeuronPrune, StructurePrune
 
 __all__ = [

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import functional as F
-from ..graph import trace
+from ..capture.graph import trace
 from ..passes.annotate import annotate_param, apply_annotations, param_owners
 
 __all__ = ["Scheme", "Prune", "Quantize", "BlockPrune", "Compose", "is_scheme", "check_scheme", "validate_density"]

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import functional as F
-from ..passes.channels import ChannelAnalysis, host
+from ..rules.api import ChannelAnalysis, host
 
 __all__ = ["channel_scores", "check_criteria", "CHANNEL_CRITERIA"]
 

@@ -25,22 +25,22 @@ import torch.fx as fx
 from torch import nn
 
 from .. import nn as fxnn
-from ..latency_model import (
+from ..capture.records import TargetRecord, graph_record
+from ..passes.analysis import analyze
+from ..passes.annotate import annotate_param, param_owners
+from ..passes.costs import profile_costs
+from ..rules.api import ChanInfo, ChannelAnalysis, host
+from ..rules.attention import head_channels, head_dim_channels
+from .base import Scheme, _LayerSelection, _match, validate_density
+from .latency_model import (
     LatencyModel,
     auto_align,
     placeholder_inputs,
     select_for_latency,
     validate_target_latency,
 )
-from ..passes.analysis import analyze
-from ..passes.annotate import annotate_param, param_owners
-from ..passes.channels import ChanInfo, ChannelAnalysis, host
-from ..passes.costs import profile_costs
-from ..passes.selection import HW_MULTIPLE, memory_cost, select_channels
-from ..records import TargetRecord, graph_record
-from ..rules.attention import head_channels, head_dim_channels
-from .base import Scheme, _LayerSelection, _match, validate_density
 from .scores import channel_scores, check_criteria
+from .selection import HW_MULTIPLE, memory_cost, select_channels
 
 __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "select_channels", "ATTENTION_CHOICES"]
 
@@ -166,6 +166,8 @@ class _ChannelPrune(Scheme, _LayerSelection):
         heads = head_channels(gm, analysis)
         # head_dim columns live in an analysis of their own (multi-query attention has columns, no heads)
         columns = analyze(gm, head_dim=True) if self.attention in ("head_dim", "both") else None
+        if columns is not None:
+            graph_record(gm).head_dim_columns = True  # thin's column stage runs whatever the first analysis found
         found = bool(heads.any()) or (columns is not None and bool(head_dim_channels(columns).any()))
         if self.attention in ("heads", "head_dim", "both") and not found:
             raise ValueError(
@@ -478,7 +480,7 @@ class StructurePrune(_ChannelPrune):
     Example:
         >>> import torch, torchvision, fxcondensa
         >>> from fxcondensa.passes.costs import profile_costs
-        >>> from fxcondensa.records import thin_record
+        >>> from fxcondensa.capture.records import thin_record
         >>> vit = torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128)
         >>> x = torch.randn(1, 3, 32, 32)
         >>> small = fxcondensa.thin(vit.eval(), StructurePrune(target_flops=0.5, attention="head_dim"), x)

@@ -96,12 +96,13 @@ class TargetRecord:
 @dataclass
 class GraphRecord:
     """What capture and schemes leave on a graph: how it was captured ("fx" or "export") and what the capture
-    changed about the model (one line each, e.g. a key-value cache turned off), and the budget a scheme
-    searched for."""
+    changed about the model (one line each, e.g. a key-value cache turned off), the budget a scheme
+    searched for, and whether a scheme prunes head_dim columns (thinning then runs its column stage)."""
 
     capture: str = "fx"
     notes: list[str] = field(default_factory=list)
     target: TargetRecord | None = None
+    head_dim_columns: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ copy is issued before the current batch is handed out (one batch of prefetch).
 Example:
     >>> import torch
     >>> from torch.utils.data import TensorDataset
-    >>> from fxcondensa.training import as_batches, evaluate
+    >>> from fxcondensa.opt.training import as_batches, evaluate
     >>> data = as_batches(TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,))), batch_size=4)
     >>> [len(y) for _, y in data.ordered()]
     [4, 4, 2]
@@ -206,7 +206,7 @@ def _tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
             return dataset.tensors[0], dataset.tensors[1]
         idx = _subset_indices(dataset)
         return base.tensors[0][idx], base.tensors[1][idx]
-    from .data import _as_tensors_fast  # MNIST-like datasets with a ToTensor/Normalize transform
+    from ..data import _as_tensors_fast  # MNIST-like datasets with a ToTensor/Normalize transform
 
     return _as_tensors_fast(dataset)
 

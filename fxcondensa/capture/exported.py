@@ -24,7 +24,7 @@ What such a graph is, compared with a symbolically traced one:
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from fxcondensa.capture import export_capture, capture_of
+    >>> from fxcondensa.capture.exported import export_capture, capture_of
     >>> class Branchy(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()

@@ -9,7 +9,7 @@ Entries are matched by op identity, never by the text of a node's name:
 - an ATen overload (``torch.ops.aten.relu.default``) or packet (``torch.ops.aten.relu``, all its overloads):
   what ``torch.export`` produces, so the torch-level and ATen-level forms of an op share one entry.
 
-Every pass reads this one table: the channel analysis (``passes/channels.py``), the cost model
+Every pass reads this one table: the channel analysis (``passes/channels.py`` over ``rules/api.py``), the cost model
 (``passes/costs.py``), the thinning pass (module attributes) and, through them, ``compress``, ``report`` and
 ``StructurePrune(target_flops=...)``. The built-in entries live in ``fxcondensa/rules/``; users add their own
 with ``register_rule``.

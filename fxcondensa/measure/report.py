@@ -7,7 +7,7 @@ Example:
     >>> import torch, fxcondensa
     >>> from fxcondensa.schemes import Prune
     >>> model, x = fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28)
-    >>> r = fxcondensa.report(model, fxcondensa.compress(model, Prune(0.1)), x, latency=False)
+    >>> r = fxcondensa.measure.report(model, fxcondensa.compress(model, Prune(0.1)), x, latency=False)
     >>> r.rows[0].layer, r.rows[0].macs_before, round(r.totals["density"], 2)
     ('conv1', 288000, 0.1)
     >>> print(r)  # doctest: +SKIP
@@ -26,12 +26,12 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from .capture import split_inputs
-from .graph import trace
+from ..capture.exported import split_inputs
+from ..capture.graph import trace
+from ..capture.records import META
+from ..files.recipe import thinning_record
+from ..passes.costs import NodeCost, profile_costs
 from .latency import BACKENDS, NodeLatency, compare_latency, deployment_latency, node_latency
-from .passes.costs import NodeCost, profile_costs
-from .recipe import thinning_record
-from .records import META
 
 __all__ = ["report", "Report", "LayerRow", "frozen_groups"]
 
@@ -215,14 +215,14 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
     tracing options of ``fxcondensa.trace`` (pass those given to ``thin`` or ``compress``). When ``other``
     was left whole by ``thin``, the report says why on its first line. ``deployment=True`` (or a list of
     backends) also times ``other`` deployed eager, in channels_last, under ``torch.compile`` and in ONNX
-    Runtime when installed (``fxcondensa.latency.deployment_latency``; compiling takes a while) and adds a
+    Runtime when installed (``fxcondensa.measure.latency.deployment_latency``; compiling takes a while) and adds a
     line saying which is fastest.
 
     Example:
         >>> import torch, fxcondensa
         >>> from fxcondensa.schemes import Prune
         >>> model = fxcondensa.models.LeNet5()
-        >>> r = fxcondensa.report(model, fxcondensa.compress(model, Prune(0.5)), torch.randn(1, 1, 28, 28))
+        >>> r = fxcondensa.measure.report(model, fxcondensa.compress(model, Prune(0.5)), torch.randn(1, 1, 28, 28))
         >>> r.totals["macs_before"]
         2322940
     """

@@ -24,8 +24,8 @@ from torch.fx.experimental import symbolic_shapes
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .capture import export_capture, graph_inputs, split_inputs, user_frame
-from .errors import ExampleInputError, TraceError
+from ..errors import ExampleInputError, TraceError
+from .exported import export_capture, graph_inputs, split_inputs, user_frame
 from .records import RecordedGraphModule, graph_record
 
 __all__ = ["trace", "as_input_tuple", "flatten_outputs", "DEFAULT_LEAF_MODULES"]
@@ -153,10 +153,10 @@ def trace(
 
     ``capture`` picks the frontend: ``"fx"`` (torch.fx symbolic tracing: module calls stay visible,
     any input shape), ``"export"`` (``torch.export``, non-strict, specialised to the example inputs, see
-    ``fxcondensa.capture``), or ``"auto"`` (symbolic tracing, and ``torch.export`` when that fails).
+    ``fxcondensa.capture.exported``), or ``"auto"`` (symbolic tracing, and ``torch.export`` when that fails).
     ``example_inputs`` is a tensor, a tuple of positional inputs, or a dict of keyword inputs
     (``{"input_ids": ids, "attention_mask": mask}``); the graph takes the inputs the model takes.
-    ``fxcondensa.capture.capture_of(gm)`` says which frontend made it.
+    ``fxcondensa.capture.exported.capture_of(gm)`` says which frontend made it.
 
     Every node then has ``node.meta["tensor_meta"]`` (shape, dtype, ...) as written by
     ``torch.fx.passes.shape_prop.ShapeProp``. The state-dict keys of the result equal the model's.

@@ -25,7 +25,7 @@ only (``warnings.catch_warnings``), never globally. Prefer ``torch_export`` for 
 Example:
     >>> import torch, fxcondensa
     >>> model, x = fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28)
-    >>> path = fxcondensa.export.torch_export(model, "/tmp/lenet5_doc.pt2", x, overwrite=True)
+    >>> path = fxcondensa.files.export.torch_export(model, "/tmp/lenet5_doc.pt2", x, overwrite=True)
     >>> torch.export.load(path).module()(torch.randn(4, 1, 28, 28)).shape  # another batch size
     torch.Size([4, 10])
 """
@@ -46,9 +46,9 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from .errors import FxCondensaError
+from ..capture.graph import as_input_tuple, flatten_outputs
+from ..errors import FxCondensaError
 from .fileio import no_tf32
-from .graph import as_input_tuple, flatten_outputs
 
 __all__ = ["torchscript", "torch_export", "onnx", "export", "ExportCheckError", "StaticShapeWarning", "FORMATS",
            "RTOL", "ATOL", "CUDA_RTOL", "CUDA_ATOL"]
@@ -285,7 +285,7 @@ def torchscript(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     Example:
         >>> import torch, fxcondensa
         >>> x = torch.randn(1, 1, 28, 28)
-        >>> fxcondensa.export.torchscript(fxcondensa.models.LeNet5(), "/tmp/lenet5.pt", x, overwrite=True)
+        >>> fxcondensa.files.export.torchscript(fxcondensa.models.LeNet5(), "/tmp/lenet5.pt", x, overwrite=True)
         PosixPath('/tmp/lenet5.pt')
     """
     def write(tmp: str, work: nn.Module, inputs: Inputs, spec: Spec | None) -> None:
@@ -315,7 +315,7 @@ def torch_export(model: nn.Module, path: str | os.PathLike[str], example_inputs:
     Example:
         >>> import torch, fxcondensa
         >>> x = torch.randn(1, 1, 28, 28)
-        >>> fxcondensa.export.torch_export(fxcondensa.models.LeNet5(), "/tmp/lenet5.pt2", x, overwrite=True)
+        >>> fxcondensa.files.export.torch_export(fxcondensa.models.LeNet5(), "/tmp/lenet5.pt2", x, overwrite=True)
         PosixPath('/tmp/lenet5.pt2')
     """
     def write(tmp: str, work: nn.Module, inputs: Inputs, spec: Spec | None) -> None:
@@ -337,7 +337,7 @@ def onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
     Example:
         >>> import torch, fxcondensa
         >>> x = torch.randn(1, 1, 28, 28)
-        >>> fxcondensa.export.onnx(fxcondensa.models.LeNet5(), "/tmp/lenet5.onnx", x, overwrite=True)  # doctest: +SKIP
+        >>> fxcondensa.files.export.onnx(fxcondensa.models.LeNet5(), "/tmp/lenet5.onnx", x, overwrite=True)  # doctest: +SKIP
         PosixPath('/tmp/lenet5.onnx')
     """
     try:  # imported here: onnxruntime takes a second to import, and only this exporter needs it
@@ -374,7 +374,7 @@ def export(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, 
     Example:
         >>> import torch, fxcondensa
         >>> x = torch.randn(1, 1, 28, 28)
-        >>> fxcondensa.export.export(fxcondensa.models.LeNet5(), "/tmp/lenet5b.pt2", x, overwrite=True)
+        >>> fxcondensa.files.export.export(fxcondensa.models.LeNet5(), "/tmp/lenet5b.pt2", x, overwrite=True)
         PosixPath('/tmp/lenet5b.pt2')
     """
     suffix = Path(path).suffix.lower()

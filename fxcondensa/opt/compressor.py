@@ -26,10 +26,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .compression import density, layer_densities
-from .footprint import footprint
-from .opt import distributed as dist_lc
-from .schemes import check_scheme
+from ..compression.apply import density, layer_densities
+from ..measure.footprint import footprint
+from ..schemes import check_scheme
+from . import distributed as dist_lc
 from .training import Batches, as_batches, evaluate
 
 __all__ = ["Compressor", "Statistics"]

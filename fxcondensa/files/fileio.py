@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import FileFormatError
+from ..errors import FileFormatError
 
 __all__ = ["save_atomic", "load_plain", "no_tf32"]
 

@@ -35,9 +35,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import FileFormatError
+from ..errors import FileFormatError
+from ..passes.annotate import annotations
 from .fileio import load_plain, save_atomic
-from .passes.annotate import annotations
 
 __all__ = ["save_compressed", "load_compressed", "architecture", "storage_dtypes", "encode_tensor", "decode_tensor",
            "decode_table", "MAGIC", "FORMAT_VERSION"]
@@ -182,7 +182,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
         >>> import fxcondensa
         >>> from fxcondensa.schemes import Prune
         >>> w = fxcondensa.compress(fxcondensa.models.LeNet5(), Prune(0.01))
-        >>> dense_bytes = fxcondensa.footprint(fxcondensa.models.LeNet5())
+        >>> dense_bytes = fxcondensa.measure.footprint(fxcondensa.models.LeNet5())
         >>> fxcondensa.save_compressed(w, "/tmp/w.fxc", overwrite=True) < dense_bytes / 20
         True
     """

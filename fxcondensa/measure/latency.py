@@ -26,8 +26,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import graph_inputs, split_inputs
-from .graph import as_input_tuple, trace
+from ..capture.exported import graph_inputs, split_inputs
+from ..capture.graph import as_input_tuple, trace
 
 __all__ = ["Latency", "measure_latency", "compare_latency", "compare_latency_copies", "NodeTimer", "NodeLatency", "node_latency",
            "Deployment", "deployment_latency", "BACKENDS"]
@@ -138,7 +138,7 @@ def compare_latency(models: Sequence[nn.Module], example_inputs: Any, *, warmup:
 
     Example:
         >>> import torch, fxcondensa
-        >>> from fxcondensa.latency import compare_latency
+        >>> from fxcondensa.measure.latency import compare_latency
         >>> a, b = compare_latency([fxcondensa.models.LeNet5()] * 2, torch.randn(1, 1, 28, 28), repeat=3)
         >>> a.repeat == b.repeat == 3
         True
@@ -180,7 +180,7 @@ def compare_latency_copies(models: Sequence[nn.Module], example_inputs: Any, *, 
 
     Example:
         >>> import torch, fxcondensa
-        >>> from fxcondensa.latency import compare_latency_copies
+        >>> from fxcondensa.measure.latency import compare_latency_copies
         >>> runs = compare_latency_copies([fxcondensa.models.LeNet5()] * 2, torch.randn(1, 1, 28, 28), copies=2,
         ...                               warmup=1, repeat=3)
         >>> [len(r) for r in runs]
@@ -322,7 +322,7 @@ def node_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 3, repe
 
     Example:
         >>> import torch, fxcondensa
-        >>> from fxcondensa.latency import node_latency
+        >>> from fxcondensa.measure.latency import node_latency
         >>> lat = node_latency(fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28), repeat=3)
         >>> sorted(lat.per_node_ms)[:2]
         ['conv1', 'conv2']
@@ -415,7 +415,7 @@ def _backend(name: str, model: nn.Module, inputs: tuple, tmp: str) -> nn.Module:
             compiled(*inputs)  # compile now, not inside the warm-up of the timed loop
         return compiled
     if name == "onnxruntime":
-        from . import export
+        from ..files import export
 
         path = os.path.join(tmp, "model.onnx")
         export.onnx(work, path, inputs if len(inputs) != 1 else inputs[0], overwrite=True, dynamic=False)
@@ -429,7 +429,7 @@ def deployment_latency(model: nn.Module, example_inputs: Any, *, backends: Seque
 
     ``eager``: the module as it is; ``channels_last``: weights and 4-d inputs in channels_last (the input
     conversion is timed); ``compile``: ``torch.compile`` (compiled before timing); ``onnxruntime``: exported
-    with ``fxcondensa.export.onnx`` (static shapes) and run by ONNX Runtime's CPU provider. CPU inputs only
+    with ``fxcondensa.files.export.onnx`` (static shapes) and run by ONNX Runtime's CPU provider. CPU inputs only
     for ``onnxruntime``. A backend that is not installed or fails on the model is skipped, with the reason
     in ``skipped``. ``model`` is not changed (each backend gets a copy).
 

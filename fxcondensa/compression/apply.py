@@ -9,8 +9,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import trace
-from .schemes import LINEAR_CONV, check_scheme
+from ..capture.graph import trace
+from ..schemes import LINEAR_CONV, check_scheme
 
 __all__ = ["compress", "density", "layer_densities"]
 

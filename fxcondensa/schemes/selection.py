@@ -20,9 +20,9 @@ import torch
 import torch.fx as fx
 
 from .. import functional as F
-from .analysis import balance_grouped, keep_one_per_slice
-from .channels import ChanInfo, ChannelAnalysis
-from .costs import profile_costs
+from ..passes.analysis import balance_grouped, keep_one_per_slice
+from ..passes.costs import profile_costs
+from ..rules.api import ChanInfo, ChannelAnalysis
 
 __all__ = ["select_channels", "memory_cost", "HW_MULTIPLE", "MULTIPLE_MIN_WIDTH"]
 

@@ -11,7 +11,7 @@ import tempfile
 
 from torch import nn
 
-from .serialize import save_compressed, storage_dtypes
+from ..files.serialize import save_compressed, storage_dtypes
 
 __all__ = ["footprint", "storage_dtypes"]
 
@@ -27,7 +27,7 @@ def footprint(model: nn.Module, accounting: str = "values") -> int:
 
     Example:
         >>> import fxcondensa
-        >>> fxcondensa.footprint(fxcondensa.models.LeNet5())
+        >>> fxcondensa.measure.footprint(fxcondensa.models.LeNet5())
         1724320
     """
     if accounting == "values":

@@ -42,11 +42,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import FileFormatError, TraceError
+from ..capture.graph import flatten_outputs
+from ..capture.records import META, FrozenGroup, GroupRecord, TargetRecord, ThinRecord, thin_record
+from ..errors import FileFormatError, TraceError
+from ..passes.thin import rethin
 from .fileio import load_plain, no_tf32, save_atomic
-from .graph import flatten_outputs
-from .passes.thin import rethin
-from .records import META, FrozenGroup, GroupRecord, TargetRecord, ThinRecord, thin_record
 from .serialize import architecture, decode_table, encode_tensor
 
 __all__ = ["save_thinned", "load_thinned", "thinning_record", "reference_tolerance", "MAGIC", "FORMAT_VERSION",

@@ -58,14 +58,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .latency import Latency, compare_latency_copies, measure_latency
-from .latency import node_times as _node_times  # build() takes a node_times argument
-from .passes.analysis import balance_grouped
-from .passes.channels import ChannelAnalysis
-from .passes.costs import node_cost
-from .passes.selection import select_channels
-from .passes.slicing import apply_keep
-from .records import TargetRecord
+from ..capture.records import TargetRecord
+from ..measure.latency import Latency, compare_latency_copies, measure_latency
+from ..measure.latency import node_times as _node_times  # build() takes a node_times argument
+from ..passes.analysis import balance_grouped
+from ..passes.costs import node_cost
+from ..passes.slicing import apply_keep
+from ..rules.api import ChannelAnalysis
+from .selection import select_channels
 
 __all__ = [
     "LatencyWarning",

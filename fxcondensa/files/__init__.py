@@ -1,0 +1,2 @@
+"""Writing and reading models: atomic writes, compact compressed files, thinned-model recipes, exports.
+"""

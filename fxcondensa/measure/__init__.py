@@ -1,0 +1,2 @@
+"""What a model costs: per-layer reports, latency measurement, bytes on disk.
+"""
