@@ -239,10 +239,10 @@ def _call(model: Any, inputs: Any) -> Any:
 
 def run_one(zoo: str, name: str, density: float) -> dict:
     import torch
-    from fxcondensa.capture.graph import flatten_outputs
-    from fxcondensa.capture.records import thin_record
 
     import fxcondensa
+    from fxcondensa.capture.graph import flatten_outputs
+    from fxcondensa.capture.records import thin_record
     from fxcondensa.passes.costs import profile_costs
     from fxcondensa.schemes import StructurePrune
 

@@ -53,12 +53,12 @@ from typing import Any
 
 import torch
 import torchvision
-from fxcondensa.capture.graph import trace
-from fxcondensa.capture.records import thin_record
 from tabulate import tabulate
 from torch import nn
 
 import fxcondensa
+from fxcondensa.capture.graph import trace
+from fxcondensa.capture.records import thin_record
 from fxcondensa.measure.latency import NodeTimer, compare_latency_copies, deployment_latency
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.schemes import StructurePrune

@@ -19,10 +19,10 @@ import argparse
 import time
 
 import torch
-from fxcondensa.capture.records import thin_record
 from torch import nn
 
 import fxcondensa
+from fxcondensa.capture.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
 TORCHVISION = ["vit_b_32", "swin_t", "convnext_tiny"]

@@ -71,7 +71,7 @@ def baseline(train, steps: int, device: torch.device) -> nn.Module:
     """A quickly trained dense LeNet-5 (the same seed on every rank; L-C starts from rank 0's anyway)."""
     torch.manual_seed(0)
     model = LeNet5().to(device)
-    data = condensa.training.as_batches(train, 128, device)
+    data = condensa.opt.training.as_batches(train, 128, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     stream = data.shuffled(torch.Generator().manual_seed(0))
     for _ in range(steps):

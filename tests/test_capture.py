@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from _models import state_hash
-from fxcondensa.capture.exported import capture_of, graph_inputs
-from fxcondensa.capture.records import thin_record
 from test_channels import randomize
 from torch import nn
 
 from fxcondensa import thin, trace
+from fxcondensa.capture.exported import capture_of, graph_inputs
+from fxcondensa.capture.records import thin_record
 from fxcondensa.errors import TraceError
 from fxcondensa.schemes import StructurePrune
 

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 from _models import LeNet5, state_hash
-from fxcondensa.capture.records import thin_record
 from torch import nn
 
 import fxcondensa
+from fxcondensa.capture.records import thin_record
 from fxcondensa.errors import ExampleInputError, FileFormatError, TraceError
 from fxcondensa.schemes import FilterPrune, Prune, StructurePrune
 

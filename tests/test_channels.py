@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxcondensa.capture.records import node_record
 from torch import nn
 
 import fxcondensa
+from fxcondensa.capture.records import node_record
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.rules.api import ChanInfo, ChannelAnalysis, Group
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.fx as fx
 import torchvision
-from fxcondensa.capture.codegen import LOCAL_PREFIX
-from fxcondensa.capture.records import RecordedGraphModule
 from torch import nn
 
 import fxcondensa
+from fxcondensa.capture.codegen import LOCAL_PREFIX
+from fxcondensa.capture.records import RecordedGraphModule
 from fxcondensa.schemes import StructurePrune
 
 

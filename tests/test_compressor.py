@@ -122,7 +122,7 @@ def test_statistics_are_a_typed_record_read_as_condensas_dict():
     c = condensa.Compressor(lc(), MEM, tiny_model(), train, test, val, CE)
     c.run()
     s = c.statistics
-    assert isinstance(s, condensa.compressor.Statistics)
+    assert isinstance(s, condensa.opt.compressor.Statistics)
     assert s.density == s["density"] and s.footprint_values_ratio == s["footprint_values_ratio"]
     assert s["history"] is s.history and s["best_iteration"] == s.best_iteration
     assert s["elapsed_lc"] == s.optimizer_stats["elapsed_lc"] and s["budget"] == c.opt.budget

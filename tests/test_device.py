@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.fx as fx
 import torchvision
-from fxcondensa.capture.records import ParamAnnotation
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import fxcondensa
+from fxcondensa.capture.records import ParamAnnotation
 from fxcondensa.passes.analysis import analyze, zero_channels
 from fxcondensa.passes.annotate import annotate_param, annotations, apply_annotations
 from fxcondensa.schemes import StructurePrune, channel_scores
@@ -142,7 +142,7 @@ def test_thin_slices_cuda_weights_with_cpu_indices(mode):
 
 
 def test_thin_without_example_inputs_makes_them_where_the_model_lives(monkeypatch):
-    from fxcondensa.passes import thin as thin_pass
+    from fxcondensa.compression import thinning as thin_pass
 
     gm = fxcondensa.trace(fxcondensa.models.LeNet5(), torch.randn(2, 1, 28, 28))
     meta_model = gm.to("meta")  # a device other than the CPU that needs no GPU

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.fx as fx
 from _models import ConvBN, LeNet5, lenet_input, make_convnet, state_hash
-from fxcondensa.capture.graph import as_input_tuple, trace
 from torch import nn
 
+from fxcondensa.capture.graph import as_input_tuple, trace
 from fxcondensa.errors import ExampleInputError, TraceError
 
 

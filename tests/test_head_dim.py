@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from fxcondensa.capture.records import thin_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attention import Encoder, X, _exact, _hf, _SelfMHA
@@ -21,6 +20,7 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa import compress, thin
+from fxcondensa.capture.records import thin_record
 from fxcondensa.nn import ThinMultiheadAttention
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.thin import rethin

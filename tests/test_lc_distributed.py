@@ -236,7 +236,7 @@ def test_batch_not_divisible_by_ranks_is_refused(monkeypatch):
     monkeypatch.setattr("torch.distributed.get_backend", lambda *a, **k: "gloo")
     train, val, _ = problem()
     with pytest.raises(ValueError, match="l_batch_size is the global batch.*63 is not a multiple of the 2 ranks"):
-        lc.compress(copy.deepcopy(model()), Prune(0.3), condensa.training.as_batches(train, 63), None, None,
+        lc.compress(copy.deepcopy(model()), Prune(0.3), condensa.opt.training.as_batches(train, 63), None, None,
                     nn.CrossEntropyLoss(), train.tensors[0][:2])
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fxcondensa.capture.records import thin_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fxcondensa
 from fxcondensa import compress, thin
+from fxcondensa.capture.records import thin_record
 from fxcondensa.nn import WidthLayerNorm, WidthRMSNorm, layer_norm_width, rms_norm_width
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.schemes import StructurePrune
@@ -188,12 +188,12 @@ def test_thinned_norms_export(tmp_path):
     model = _randomize_norms(PreNorm(norm="functional"))
     x = torch.randn(2, 5, 6)
     small = thin(model, StructurePrune(0.5), x)
-    fxcondensa.files.export.torchscript(small, tmp_path / "m.pt", x)
-    fxcondensa.files.export.torch_export(small, tmp_path / "m.pt2", x)
-    fxcondensa.files.export.onnx(small, tmp_path / "m.onnx", x)
+    fxcondensa.export.torchscript(small, tmp_path / "m.pt", x)
+    fxcondensa.export.torch_export(small, tmp_path / "m.pt2", x)
+    fxcondensa.export.onnx(small, tmp_path / "m.onnx", x)
     module_norms = thin(_randomize_norms(PreNorm(norm="rms")), StructurePrune(0.5), x)
-    fxcondensa.files.export.torch_export(module_norms, tmp_path / "r.pt2", x)
-    fxcondensa.files.export.onnx(module_norms, tmp_path / "r.onnx", x)
+    fxcondensa.export.torch_export(module_norms, tmp_path / "r.pt2", x)
+    fxcondensa.export.onnx(module_norms, tmp_path / "r.onnx", x)
 
 
 @settings(max_examples=15, deadline=None)

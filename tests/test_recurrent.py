@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fxcondensa.capture.records import thin_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fxcondensa
 from fxcondensa import compress, thin
+from fxcondensa.capture.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -117,4 +117,4 @@ def test_thinned_lstm_exports(tmp_path):
     torch.manual_seed(3)
     x = torch.randn(2, 5, 4)
     small = thin(Tagger("lstm").eval(), StructurePrune(0.5), x)
-    fxcondensa.files.export.torch_export(small, tmp_path / "l.pt2", x)
+    fxcondensa.export.torch_export(small, tmp_path / "l.pt2", x)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _models import state_hash
-from fxcondensa.capture.records import thin_record
 from torch import nn
 
 import fxcondensa
 from fxcondensa import UnknownOpError, compress, register_rule, thin, unregister_rule
+from fxcondensa.capture.records import thin_record
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.rules.registry import registered_ops, rule_for_key

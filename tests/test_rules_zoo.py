@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fxcondensa.capture.records import thin_record
 from test_channels import randomize
 from torch import nn
 
 from fxcondensa import thin, trace
+from fxcondensa.capture.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from fxcondensa.capture.records import thin_record
 from torch import nn
 
 import fxcondensa
+from fxcondensa.capture.records import thin_record
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.schemes import StructurePrune, channel_scores

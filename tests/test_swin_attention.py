@@ -14,10 +14,10 @@ import operator
 
 import pytest
 import torch
-from fxcondensa.capture.records import thin_record
 from torch import nn
 
 from fxcondensa import thin, trace
+from fxcondensa.capture.records import thin_record
 from fxcondensa.nn import window_attention
 from fxcondensa.passes.analysis import analyze, removable_channels
 from fxcondensa.rules.attention import head_channels, head_dim_channels

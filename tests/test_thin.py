@@ -12,7 +12,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from _models import state_hash
-from fxcondensa.capture.records import thin_record
 from test_channels import (
     CLAMP_BUG,
     COUNT_BUG,
@@ -29,6 +28,7 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa import ThinningCheckError, compress, thin
+from fxcondensa.capture.records import thin_record
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.schemes import FilterPrune, NeuronPrune, Prune, StructurePrune
 

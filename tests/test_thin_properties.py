@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fxcondensa.capture.records import thin_record
 from hypothesis import given, note
 from hypothesis import strategies as st
 from test_channels import randomize
@@ -19,6 +18,7 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa import compress, thin
+from fxcondensa.capture.records import thin_record
 from fxcondensa.schemes import FilterPrune, NeuronPrune, StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torchvision
 from _models import state_hash
-from fxcondensa.capture.records import thin_record
 from test_channels import randomize
 from torch import nn
 
 from fxcondensa import compress, thin
+from fxcondensa.capture.records import thin_record
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.schemes import StructurePrune
 

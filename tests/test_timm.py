@@ -8,9 +8,9 @@ import pytest
 import timm
 import torch
 from _models import bench_coverage
-from fxcondensa.capture.records import thin_record
 
 from fxcondensa import thin, trace
+from fxcondensa.capture.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
 _bench = bench_coverage()

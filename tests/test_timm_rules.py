@@ -15,11 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fxcondensa.capture.records import thin_record
 from test_rules_zoo import ATOL, RTOL, SCHEME, compressed, params
 from torch import nn
 
 from fxcondensa import thin
+from fxcondensa.capture.records import thin_record
 
 
 def _randomize(model: nn.Module) -> nn.Module:
