@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIXED_SIZE = {"inception_v3": 299}
 NATIVE_224 = ("vit_", "swin_", "maxvit_")
 TIMM_SIZE = 128  # timm models run at min(their default, this); fixed-size ones are rebuilt at it when they allow
-JSON_NAME = {"torchvision": "coverage.json", "timm": "coverage_timm.json", "hf": "coverage_hf.json"}
+JSON_NAME = {"torchvision": "coverage_torchvision.json", "timm": "coverage_timm.json", "hf": "coverage_hf.json"}
 
 
 def input_size(name: str) -> int:
@@ -322,7 +322,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
     parser.add_argument("--jobs", type=int, default=1, help="models run in parallel (each in its own process)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/coverage[_zoo].json)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/coverage_<zoo>.json)")
     parser.add_argument("--markdown", type=Path, default=None,
                         help="print the README table of a JSON written by this script, and exit")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child mode

@@ -115,7 +115,7 @@ def main() -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    out = os.path.join(HERE, "results", f"lc_step-{device.type}.json")
+    out = os.path.join(HERE, "results", f"lc_step_{device.type}.json")
     with open(out, "w") as f:
         json.dump({"args": vars(args), "machine": machine, "results": results}, f, indent=1)
     print(f"written: {out}")

@@ -598,7 +598,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per-layer dense vs thinned latency (fx Interpreter) in each row's JSON (CPU, plain fp32)")
     p.add_argument("--quick", action="store_true", help="short run: few models, density 0.5, 3 repeats")
     p.add_argument("--no-torch-pruning", action="store_true", help="skip the torch-pruning comparison")
-    p.add_argument("--out", type=Path, help="JSON path (default bench/results/speedup.json, or $OUT/ if set)")
+    p.add_argument("--out", type=Path, help="JSON path (default bench/results/speedup.json, latency_target.json with --target-latency; in $OUT/ if set)")
     args = p.parse_args(argv)
     if args.throughput_only and args.latency_only:
         p.error("--throughput-only and --latency-only together leave no rows: give one of them")
@@ -616,7 +616,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     log = functools.partial(print, flush=True)  # unbuffered progress, also through a pipe
-    out = args.out or (Path(os.environ["OUT"]) / "speedup.json" if os.environ.get("OUT") else RESULTS / "speedup.json")
+    name = "latency_target.json" if args.target_latency else "speedup.json"  # one results file per measure
+    out = args.out or (Path(os.environ["OUT"]) / name if os.environ.get("OUT") else RESULTS / name)
     result = run(args, log=log, out=out)
     print(latency_table(result["rows"]) if args.target_latency else table(result["rows"]))
     out.parent.mkdir(parents=True, exist_ok=True)

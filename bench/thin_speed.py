@@ -9,7 +9,7 @@ imports left pending (half a second on the first call otherwise); every run's ti
 
     python bench/thin_speed.py                        # default models at 1x3x224x224
     python bench/thin_speed.py resnet50 --repeat 5
-    python bench/thin_speed.py resnet50 --out bench/results/thin_speed_resnet50.json
+    python bench/thin_speed.py resnet50 --out resnet50.json   # default: bench/results/thin_speed.json
     python bench/thin_speed.py resnet50 --threads 1  # one thread (a shared machine); load average recorded
 
 The machine's 1-minute load average before and after the runs goes into the JSON and the printout: on a

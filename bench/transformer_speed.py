@@ -9,7 +9,7 @@ whose MACs do not exceed the thinned model's (a bisection over the ratio). MACs 
 cost model for all three (``fxcondensa.passes.costs.profile_costs``). The machine is shared: the load
 average before and after each model is recorded with the timings.
 
-Run: ``nice -n 10 .venv/bin/python bench/transformer_speed.py --out bench/results/transformer_speed.json``
+Run: ``python bench/transformer_speed.py --models vit_b_32 --out bench/results/transformer_speed_vit_b_32.json``
 """
 
 from __future__ import annotations

@@ -127,6 +127,36 @@ class Trained:
     def in_target(self, j: int) -> bool:
         return True
 
+    # -- the log: each optimizer in its own words (LC keeps Condensa's L-C words) -------------------------------
+    #: Templates of the log lines the shared loop writes, filled by :meth:`say`; a subclass replaces the ones
+    #: it names differently (``LC``: Condensa's "L-step", "Nested (theta)", ...).
+    WORDS: dict[str, str] = {
+        "config": "{name} configuration [{config}]",
+        "step": "{name} iteration {j}",
+        "evaluation": "{name} iteration {j} {key}: loss {loss:.5f}, top1 {acc:.2f}%",
+        "best": "{name}: iteration {j} is the best so far (by {basis})",
+        "resume": "Resuming {name} from {path} at iteration {j}",
+        "untracked": "{name} keeps compressed only the parameters compressed at iteration 0",
+        "baseline": "uncompressed model {key}: loss {loss:.5f}, top1 {acc:.2f}%",
+    }
+
+    def say(self, event: str, **fields: Any) -> str:
+        """The log line of ``event`` in this optimizer's words (``name`` is filled in).
+
+        Example:
+            >>> from fxcondensa.opt import FineTune
+            >>> FineTune(iterations=10).say("step", j=2)
+            'FineTune iteration 2'
+        """
+        return self.WORDS[event].format(name=type(self).__name__, **fields)
+
+    def opening(self, j: int, mu: float, lrs: list[float]) -> list[str]:
+        """The lines that open iteration j: what it is about to do, in this optimizer's words."""
+        if j == 0:
+            return [f"{type(self).__name__} iteration 0: direct compression, no training"]
+        lr = f", lr {lrs[0]:.5f}" if lrs else ""
+        return [f"{type(self).__name__} iteration {j} of {self.steps - 1}: {len(lrs)} minibatches under the masks{lr}"]
+
     @property
     def budget(self) -> int:
         """SGD minibatches of the whole run."""

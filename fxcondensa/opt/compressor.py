@@ -244,10 +244,13 @@ class Compressor:
         # and runs under no_grad, so nothing in it changes); otherwise a temporary copy on the device.
         model = self.model if _model_device(self.model) == device else copy.deepcopy(self.model).to(device)
         metrics = self._metrics_here(model, val, test)
+        say = getattr(self.opt, "say", None)  # the optimizer's own words (LC: Condensa's "w VAL ...")
         for key in ("val", "test"):
             if f"{key}_loss" in metrics:
-                logger.info("[fxcondensa] w %s\tloss=%.5f, top1:%.2f", key.upper(), metrics[f"{key}_loss"],
-                            metrics[f"{key}_accuracy"])
+                loss, acc = metrics[f"{key}_loss"], metrics[f"{key}_accuracy"]
+                line = (say("baseline", key=key.upper(), loss=loss, acc=acc) if say is not None
+                        else f"uncompressed model {key.upper()}: loss {loss:.5f}, top1 {acc:.2f}%")
+                logger.info("[fxcondensa] %s", line)
         return metrics
 
     def _metrics(self, model: nn.Module, val: Batches | None, test: Batches | None) -> dict[str, float]:

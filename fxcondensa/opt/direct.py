@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -12,6 +13,8 @@ from ..compression.apply import compress
 from .training import Batches
 
 __all__ = ["Direct"]
+
+logger = logging.getLogger("fxcondensa")
 
 
 class Direct:
@@ -39,7 +42,9 @@ class Direct:
         """Return ``(compressed copy of model, statistics)``; the data is not used."""
         start = time.perf_counter()
         result = compress(model, scheme, example_inputs)
-        return result, {"elapsed_optimizer": time.perf_counter() - start}
+        elapsed = time.perf_counter() - start
+        logger.info("[fxcondensa] Direct: %r applied once, no training (%.2f s)", scheme, elapsed)
+        return result, {"elapsed_optimizer": elapsed}
 
     def __repr__(self) -> str:
         return "Direct()"

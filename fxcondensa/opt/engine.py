@@ -193,7 +193,7 @@ class _Run:
             stream = self.train_data.shuffled(gen, rank=self.group.rank, world_size=self.group.world_size)
             torch.manual_seed(_seed(lc.seed * 65_537 + self.group.rank + 1, j, 3))
         self.w.train()
-        bar = tqdm(total=len(lrs), desc=f"L-step {j}", ascii=True, leave=False, disable=not self._bar())
+        bar = tqdm(total=len(lrs), desc=lc.say("step", j=j), ascii=True, leave=False, disable=not self._bar())
         with _precision(self.device, lc.tf32):
             for lr in lrs:
                 x, y = next(stream)
@@ -220,8 +220,8 @@ class _Run:
         mean = loss_sum / len(lrs)
         self.l_seconds += time.perf_counter() - start
         if self._progress() and not self._bar():  # one plain line per L step instead of a bar
-            logger.info("[fxcondensa] L-step %d: %d minibatches, mean loss %.4f, %.1f s", j, len(lrs), float(mean),
-                        time.perf_counter() - start)
+            logger.info("[fxcondensa] %s: %d minibatches, mean loss %.4f, %.1f s", lc.say("step", j=j), len(lrs),
+                        float(mean), time.perf_counter() - start)
         return mean
 
     @torch.no_grad()
@@ -247,8 +247,7 @@ class _Run:
             if extra:  # the L step trains these without a penalty; say so rather than stay silent
                 self.warned = True
                 logger.warning("[fxcondensa] iteration %d: the scheme now also compresses %s, which iteration 0 "
-                               "left alone; L-C constrains only the parameters compressed at iteration 0",
-                               j, ", ".join(extra))
+                               "left alone; %s", j, ", ".join(extra), self.lc.say("untracked"))
         if j > 0 and not plain:  # lambda <- lambda - mu (w - theta), with the projected theta
             multiplier_update(lam, self._params(self.c), self._params(self.w), mu)
 
@@ -260,7 +259,7 @@ class _Run:
             if data is not None:
                 loss, acc = evaluate(self.c, data, self.criterion)
                 metrics[f"{key}_loss"], metrics[f"{key}_accuracy"] = loss, acc
-                logger.info("[fxcondensa] Nested (theta) %s\tloss=%.5f, top1:%.2f", key.upper(), loss, acc)
+                logger.info("[fxcondensa] %s", self.lc.say("evaluation", j=j, key=key.upper(), loss=loss, acc=acc))
         return metrics
 
     def _is_better(self, metrics: dict[str, float]) -> bool:
@@ -323,7 +322,7 @@ class _Run:
         if state.get("best_state") is not None:
             self.best_state = {k: v.to(self.device) for k, v in state["best_state"].items()}
         self.elapsed_before = float(state["elapsed"])
-        logger.info("[fxcondensa] Resuming L-C from %s at iteration %d", path, state["next_iteration"])
+        logger.info("[fxcondensa] %s", self.lc.say("resume", path=path, j=state["next_iteration"]))
         ranks, saved_ranks = 1 if self.group is None else self.group.world_size, int(state.get("world_size", 1))
         if ranks != saved_ranks:
             logger.warning("[fxcondensa] the checkpoint was written by a run on %d process(es), this one runs on "
@@ -358,8 +357,8 @@ class _Run:
     def execute(self) -> tuple[fx.GraphModule, dict[str, Any]]:
         lc = self.lc
         start = time.perf_counter()
-        name = type(lc).__name__  # "LC", "FineTune", "Gradual": Condensa's log lines, with the optimizer's name
-        logger.info("[fxcondensa] %s ENGINE CONFIG [%s]", name, ", ".join(f"{k}={v!r}" for k, v in lc.config.items()))
+        # Each optimizer writes its own words (lc.say, lc.opening): LC Condensa's, the others theirs.
+        logger.info("[fxcondensa] %s", lc.say("config", config=", ".join(f"{k}={v!r}" for k, v in lc.config.items())))
         first, lam = 0, None
         if self.group is not None:  # every rank starts from rank 0's model (and names its checkpoint the same)
             with torch.no_grad():
@@ -371,7 +370,8 @@ class _Run:
         for j in range(first, lc.steps):
             mu, lrs = lc.mu_at(j), lc.step_lrs(j)
             lr = lrs[0] if lrs else 0.0
-            logger.info("[fxcondensa] %s Iteration %d:\tmu=%.5f, lr=%.5f", name, j, mu, lr)
+            for line in lc.opening(j, mu, lrs):
+                logger.info("[fxcondensa] %s", line)
             # The iteration's own seeds, in a forked RNG: the user's global RNG state is left as it was.
             devices = []
             if self.device.type == "cuda":
@@ -379,7 +379,6 @@ class _Run:
             with torch.random.fork_rng(devices=devices, device_type=self.device.type):
                 torch.manual_seed(_seed(lc.seed, j, 2))
                 if j == 0:
-                    logger.info("[fxcondensa] Skipping first L-step")
                     l_loss = None
                     self._c_step(0, 0.0, [])
                     self.names = list(annotations(self.c)) or [n for n, p in self.c.named_parameters()
@@ -406,7 +405,7 @@ class _Run:
             self.history.append(entry)
             if better:
                 basis = "VAL" if "val_accuracy" in metrics else "TEST" if "test_accuracy" in metrics else "most recent"
-                logger.info("[fxcondensa] Saving model based on %s", basis)
+                logger.info("[fxcondensa] %s", lc.say("best", j=j, basis=basis))
                 if self.lead:
                     self._keep_best(j, metrics)
                 else:  # rank 0 holds the best state and sends it at the end

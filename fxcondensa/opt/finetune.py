@@ -66,3 +66,10 @@ class FineTune(Trained):
     def step_lrs(self, j: int) -> list[float]:
         start = sum(self._sizes[:j])
         return [cosine(self.lr, start + i, self.iterations) for i in range(self._sizes[j])]
+
+    def opening(self, j: int, mu: float, lrs: list[float]) -> list[str]:
+        if j == 0:
+            return ["FineTune: direct compression first (evaluation 0, no training)"]
+        start = sum(self._sizes[:j])
+        return [f"FineTune evaluation {j} of {self.evaluations}: minibatches {start + 1}-{start + len(lrs)} of "
+                f"{self.iterations} under the masks, lr {lrs[0]:.5f} (cosine)"]

@@ -131,6 +131,16 @@ class Gradual(Trained):
         start = sum(self._sizes[:j])
         return [cosine(self.lr, start + i, self.iterations) for i in range(self._sizes[j])]
 
+    def opening(self, j: int, mu: float, lrs: list[float]) -> list[str]:
+        if j == 0:
+            return ["Gradual: direct compression to the target first (iteration 0, no training)"]
+        train = f"{len(lrs)} minibatches under the last step's zeros (lr {lrs[0]:.5f}), then " if lrs else ""
+        if j <= self.pruning_steps:
+            return [f"Gradual pruning step {j} of {self.pruning_steps}: {train}pruning to "
+                    f"{self.fraction(j):.0%} of the target sparsity"]
+        return [f"Gradual fine-tuning {j - self.pruning_steps} of {self.evaluations} at the target: {len(lrs)} "
+                f"minibatches under the masks, lr {lrs[0]:.5f}"]
+
     def compress(self, model: nn.Module, scheme: Any, train: Batches, val: Batches | None, test: Batches | None,
                  criterion: Any, example_inputs: Any) -> tuple[fx.GraphModule, dict[str, Any]]:
         """As :meth:`fxcondensa.opt.LC.compress`; the scheme must have a density (or target_flops) to scale."""

@@ -208,6 +208,22 @@ class LC(Trained):
                 "raise mu_multiplier or the SGD iterations, or leave mu_init, mu_multiplier and mu_cap unset for "
                 "a schedule chosen from the budget.", UserWarning, stacklevel=3)
 
+    # Condensa's log lines: the L-C words (w, theta, mu, L step) are this optimizer's own.
+    WORDS = {
+        **Trained.WORDS,
+        "config": "LC ENGINE CONFIG [{config}]",
+        "step": "L-step {j}",
+        "evaluation": "Nested (theta) {key}\tloss={loss:.5f}, top1:{acc:.2f}",
+        "best": "Saving model based on {basis}",
+        "resume": "Resuming L-C from {path} at iteration {j}",
+        "untracked": "L-C constrains only the parameters compressed at iteration 0",
+        "baseline": "w {key}\tloss={loss:.5f}, top1:{acc:.2f}",
+    }
+
+    def opening(self, j: int, mu: float, lrs: list[float]) -> list[str]:
+        lines = [f"LC Iteration {j}:\tmu={mu:.5f}, lr={lrs[0] if lrs else 0.0:.5f}"]
+        return (lines + ["Skipping first L-step"]) if j == 0 else lines
+
     def mu_at(self, iteration: int) -> float:
         """mu of iteration j: 0 at j = 0 (direct compression), then mu_init * mu_multiplier**(j-1), capped."""
         if iteration == 0 or self.masked(iteration):
