@@ -9,6 +9,7 @@ import torch
 
 from . import functional, models, opt, schemes
 from .capture.graph import trace
+from .capture.records import thin_record
 from .compression.apply import compress, density, layer_densities
 from .compression.thinning import thin
 from .errors import (
@@ -63,6 +64,7 @@ __all__ = [
     "save_thinned",
     "schemes",
     "thin",
+    "thin_record",
     "trace",
     "unregister_rule",
 ]

@@ -61,7 +61,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
 
     Without ``align``, the kept count of every group at least 64 channels wide (and not given a density of
     its own) goes to its nearest multiple of 8, the total kept count staying within 4 channels of the
-    density's (``passes.selection``): CPU and GPU kernels pad channel counts to such multiples, so 33
+    density's (``schemes.selection``): CPU and GPU kernels pad channel counts to such multiples, so 33
     channels run like 40. Ties go to rounding down memory-bound groups (activation elements per MAC).
     ``align=N`` instead rounds every group up to a multiple of N; ``align="auto"`` starts from the rounded
     counts and rounds up to the multiple a measured latency model predicts fastest.
