@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import as_input_tuple, trace
+from ..passes.tap import tap
 from ..training import logits_of
 from . import distributed as dist_lc
 from .base import check_float
@@ -66,37 +67,22 @@ def _hidden_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 class _Recorder:
-    """Called from a tapped graph: keeps each value it is shown under its node's name, returns it unchanged."""
-
-    __name__ = "record_hidden"  # fx names the graph node after its target
+    """Keeps the latest value of each tapped node, by the name the user gave."""
 
     def __init__(self) -> None:
         self.values: dict[str, torch.Tensor] = {}
 
-    def __call__(self, value: torch.Tensor, name: str) -> torch.Tensor:
-        self.values[name] = value
-        return value
+    def observers(self, names: Sequence[str]) -> dict[str, Any]:
+        return {name: (lambda v, name=name: self.values.__setitem__(name, v)) for name in names}
 
 
 def _tap(gm: fx.GraphModule, names: Sequence[str], owner: str) -> tuple[fx.GraphModule, _Recorder]:
-    """A module running ``gm``'s graph on ``gm``'s own parameters (shared, so training it trains ``gm``) that
-    also records the values of the nodes ``names`` (a node name, or the qualified name of a called module)."""
-    graph = copy.deepcopy(gm.graph)
-    by_name = {n.name: n for n in graph.nodes}
-    by_module = {n.target: n for n in graph.nodes if n.op == "call_module"}
+    """A module running ``gm``'s graph on ``gm``'s own parameters that also records the nodes ``names``."""
     recorder = _Recorder()
-    for name in names:
-        node = by_name.get(name) or by_module.get(name)
-        if node is None or node.op in ("output", "get_attr", "placeholder"):
-            known = [n.name for n in graph.nodes if n.op in ("call_function", "call_module", "call_method")]
-            raise ValueError(f"{owner}: hidden={name!r} names no computed value of the captured model; give node "
-                             f"names of fxcondensa.trace(model, example_inputs).graph (or names of modules it "
-                             f"calls), e.g. {known[-6:-1]}")
-        with graph.inserting_after(node):
-            tap = graph.call_function(recorder, (node, name))
-        node.replace_all_uses_with(tap, delete_user_cb=lambda user, t=tap: user is not t)
-    graph.lint()
-    return fx.GraphModule(gm, graph), recorder
+    try:
+        return tap(gm, recorder.observers(names), owner), recorder
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(f"{owner}: ", f"{owner}: hidden=", 1)) from None
 
 
 class Distill(FineTune):
