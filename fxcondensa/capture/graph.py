@@ -28,7 +28,7 @@ from ..errors import ExampleInputError, TraceError
 from .exported import export_capture, graph_inputs, split_inputs, user_frame
 from .records import RecordedGraphModule, graph_record
 
-__all__ = ["trace", "as_input_tuple", "flatten_outputs", "DEFAULT_LEAF_MODULES"]
+__all__ = ["trace", "as_input_tuple", "flatten_outputs", "logits_of", "DEFAULT_LEAF_MODULES"]
 
 # Modules whose forward torch.fx cannot trace (data-dependent checks inside), kept as opaque calls.
 # The channel analysis freezes the channels that flow through them.
@@ -452,3 +452,22 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, *, fake: bool = Fa
     finally:
         for name, m in gm.named_modules():
             m.training = modes[name]
+
+
+def logits_of(out: Any, owner: str = "evaluate") -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, or the ``.logits`` of a Hugging Face ``ModelOutput``.
+
+    Example:
+        >>> import torch
+        >>> logits_of(torch.zeros(2, 3)).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{owner}: the model returned {type(out).__name__}, which is neither a tensor of logits "
+                        "nor an output with a .logits tensor; wrap the model so that it returns its logits")
+    return logits

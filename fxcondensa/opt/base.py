@@ -157,6 +157,14 @@ class Trained:
         lr = f", lr {lrs[0]:.5f}" if lrs else ""
         return [f"{type(self).__name__} iteration {j} of {self.steps - 1}: {len(lrs)} minibatches under the masks{lr}"]
 
+    def l_loss(self, model: nn.Module, x: Any, y: Any, criterion: Any) -> torch.Tensor:
+        """The loss of one L-step minibatch: ``criterion(model(x), y)``, the forward under bf16 autocast when
+        asked. ``Distill`` replaces it with its distillation loss; every other step of the loop is shared."""
+        device = self.resolved_device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast is not None):
+            out = model(x)
+        return criterion(out.float() if self.autocast else out, y)
+
     @property
     def budget(self) -> int:
         """SGD minibatches of the whole run."""

@@ -197,9 +197,7 @@ class _Run:
         with _precision(self.device, lc.tf32):
             for lr in lrs:
                 x, y = next(stream)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=lc.autocast is not None):
-                    out = model(x)
-                loss = self.criterion(out.float() if lc.autocast else out, y)  # under DDP, backward averages
+                loss = lc.l_loss(model, x, y, self.criterion)  # under DDP, backward averages
                 for p in params:
                     p.grad = None
                 loss.backward()

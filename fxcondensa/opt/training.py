@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset, TensorDataset
 
+from ..capture.graph import logits_of
+
 __all__ = [
     "Batches",
     "TensorBatches",
@@ -33,6 +35,7 @@ __all__ = [
     "evaluate",
     "recalibrate_bn",
     "has_batchnorm",
+    "logits_of",
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -242,6 +245,15 @@ def as_batches(data: Any, batch_size: int, device: Any = None) -> Batches:
                     "wrap tensors as torch.utils.data.TensorDataset(inputs, targets)")
 
 
+def _predictions(out: Any, y: torch.Tensor) -> torch.Tensor:
+    """Predicted classes: over the last dim where the targets are the logits less their last dim (a causal LM's
+    (batch, tokens, vocab) against (batch, tokens)), else over dim 1 (a classifier, a segmentation map)."""
+    logits = logits_of(out)
+    if logits.dim() == y.dim() + 1 and logits.shape[:-1] == y.shape:
+        return logits.argmax(dim=-1)
+    return logits.argmax(dim=1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Batches, criterion: Callable[..., torch.Tensor]) -> tuple[float, float]:
     """``(mean loss, top-1 accuracy in percent)`` of ``model`` in eval mode over every sample.
@@ -253,19 +265,20 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Callable[..., torch.
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=batches.device)
     correct = torch.zeros((), dtype=torch.int64, device=batches.device)
-    n = 0
+    n = predicted = 0
     try:
         for x, y in batches.ordered():
             out = model(x)
             # Sums stay on the device: one synchronisation at the end, not one per batch.
             loss_sum += criterion(out, y).double() * len(y)
-            correct += (out.argmax(dim=1) == y).sum()
+            correct += (_predictions(out, y) == y).sum()
             n += len(y)
+            predicted += y.numel()  # a token (or pixel) is one prediction
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("evaluation data is empty")
-    return float(loss_sum) / n, 100.0 * float(correct) / n
+    return float(loss_sum) / n, 100.0 * float(correct) / predicted
 
 
 _BN = nn.modules.batchnorm._BatchNorm

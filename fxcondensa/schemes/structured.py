@@ -32,6 +32,7 @@ from ..passes.costs import profile_costs
 from ..rules.api import ChanInfo, ChannelAnalysis, host
 from ..rules.attention import head_channels, head_dim_channels
 from .base import Scheme, _LayerSelection, _match, validate_density
+from .calibration import CALIBRATED_CRITERIA, Calibration, calibrated_scores, measure
 from .latency_model import (
     LatencyModel,
     auto_align,
@@ -95,7 +96,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
 
     Example:
         >>> StructurePrune(0.5, attention="head_dim")
-        StructurePrune(density=0.5, align=None, criteria='bn_or_l2norm', prune_bias=True, layers={}, exclude=[], target_flops=None, target_latency=None, normalize=True, attention='head_dim')
+        StructurePrune(density=0.5, align=None, criteria='bn_or_l2norm', prune_bias=True, layers={}, exclude=[], target_flops=None, target_latency=None, normalize=True, attention='head_dim', calibration=None)
         >>> StructurePrune(target_flops=0.5, attention="both").target_flops
         0.5
     """
@@ -106,7 +107,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
                  prune_bias: bool = True, layers: Mapping[str, float] | None = None,
                  exclude: Sequence[str] | str | None = None, *, target_flops: float | None = None,
                  target_latency: float | None = None,
-                 normalize: bool = True, attention: str | None = None):
+                 normalize: bool = True, attention: str | None = None, calibration: Any = None):
         if sum(v is not None for v in (density, target_flops, target_latency)) != 1:
             raise ValueError(f"give exactly one of density (fraction of channels kept), target_flops (fraction "
                              f"of the dense MACs kept) and target_latency (fraction of the dense latency), got "
@@ -119,7 +120,21 @@ class _ChannelPrune(Scheme, _LayerSelection):
             raise ValueError(f"align must be a positive int (e.g. 8), 'auto' (the counts the device runs fastest, "
                              f"from a measured latency model) or None, got {align!r}")
         self.align = align
-        check_criteria(criteria)
+        self.calibration = None if calibration is None else Calibration(calibration)
+        if self.calibration is not None and criteria == "bn_or_l2norm":
+            criteria = "activation"  # the default criterion, given calibration batches, ranks by them
+        if criteria in CALIBRATED_CRITERIA:
+            if self.calibration is None:
+                raise ValueError(f"criteria={criteria!r} scores channels on calibration batches: pass "
+                                 "calibration= a DataLoader, a list of input tensors (or tuples of positional "
+                                 "inputs) or a list of keyword-input dicts, e.g. "
+                                 f"{type(self).__name__}(0.5, criteria={criteria!r}, calibration=[x1, x2])")
+        else:
+            check_criteria(criteria)
+            if self.calibration is not None:
+                raise ValueError(f"calibration is read only by criteria {list(CALIBRATED_CRITERIA)}; "
+                                 f"criteria={criteria!r} ranks by weights alone. Drop calibration, or use "
+                                 "criteria='activation' (the default with calibration) or 'taylor'")
         self.criteria = criteria
         if not isinstance(prune_bias, bool):
             raise TypeError(f"prune_bias must be True or False, got {prune_bias!r}")
@@ -162,7 +177,13 @@ class _ChannelPrune(Scheme, _LayerSelection):
             if not set(g.kinds) & set(self._producer_kinds) or excluded & set(g.producers):
                 candidate[g.channels] = False
                 own.pop(g.id, None)
-        score = channel_scores(gm, analysis, self.criteria, self.normalize)
+        stats = None
+        if self.criteria in CALIBRATED_CRITERIA:  # one pass over the calibration batches for both analyses
+            stats = measure(gm, self.criteria, self.calibration, type(self).__name__)  # type: ignore[arg-type]
+            score = calibrated_scores(gm, analysis, self.criteria, stats, self.normalize,
+                                      channel_scores(gm, analysis, "l2norm", self.normalize))
+        else:
+            score = channel_scores(gm, analysis, self.criteria, self.normalize)
         heads = head_channels(gm, analysis)
         # head_dim columns live in an analysis of their own (multi-query attention has columns, no heads)
         columns = analyze(gm, head_dim=True) if self.attention in ("head_dim", "both") else None
@@ -194,7 +215,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
             if self.attention == "both" else {}
         candidate &= ~torch.isnan(score)
         fixed = None if self.align == "auto" else self.align
-        pick_columns = self._column_selector(gm, columns, excluded) if columns is not None else None
+        pick_columns = self._column_selector(gm, columns, excluded, stats) if columns is not None else None
         keep_columns = None
         if self.target_latency is not None:
             sel = select_for_latency(gm, analysis, score, candidate, own, self.target_latency,
@@ -225,8 +246,8 @@ class _ChannelPrune(Scheme, _LayerSelection):
         if columns is not None and keep_columns is not None:
             self._annotate_masks(gm, columns, keep_columns)
 
-    def _column_selector(self, gm: fx.GraphModule, analysis: ChannelAnalysis,
-                         excluded: set[str]) -> Callable[[float], torch.Tensor] | None:
+    def _column_selector(self, gm: fx.GraphModule, analysis: ChannelAnalysis, excluded: set[str],
+                         stats: dict[str, torch.Tensor] | None = None) -> Callable[[float], torch.Tensor] | None:
         """Which head_dim columns stay at a global density, as a function of it (None when every head_dim is
         frozen: the thinning record says why).
 
@@ -240,6 +261,8 @@ class _ChannelPrune(Scheme, _LayerSelection):
             if excluded & set(g.producers):
                 candidate[g.channels] = False
         score = _owned_scores(gm, analysis, self.normalize)
+        if stats is not None:  # calibration statistics where a column has them
+            score = calibrated_scores(gm, analysis, self.criteria, stats, self.normalize, score)
         candidate &= ~torch.isnan(score)
         if not bool(candidate.any()):
             return None
