@@ -158,7 +158,8 @@ def thin(
     structured scheme). The model is never modified. ``check=True`` compares the thinned model with the
     compressed dense one on ``example_inputs`` (eval mode, rtol 1e-4, atol 1e-5) and raises
     ``ThinningCheckError`` naming the first node that differs. ``strict=True`` raises ``UnknownOpError`` at
-    the first op the channel analysis has no rule for, instead of keeping its channels whole (see
+    the first op the channel analysis has no rule for (``RuleFailedError`` where an op's rule fails on a call),
+    instead of keeping its channels whole (see
     ``fxcondensa.register_rule``). ``leaf_modules``, ``concrete_args`` and ``capture`` are passed to ``trace``:
     a model torch.fx cannot trace symbolically is captured with ``torch.export`` (``capture="auto"``), and
     ``example_inputs`` may be a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``);

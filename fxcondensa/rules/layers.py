@@ -132,27 +132,79 @@ def conv_function_rewrite(gm: fx.GraphModule, node: fx.Node, view: Any) -> None:
         node.kwargs = {**node.kwargs, "groups": new}
 
 
+def _conv_t(ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | None, groups: int, cin: int,
+            cout: int, owner: str, module: str | None) -> None:
+    """A transposed conv: its weight is ``(cin, cout // groups, *kernel)``, inputs on dim 0, outputs on dim 1.
+
+    Depthwise (one input and one output per conv group, ``module`` names its weight's owner): input ``j``
+    and output ``j`` go together, as for a depthwise conv, and the group count follows. Other grouped ones:
+    weight column ``k`` makes output ``k`` of every conv group and a layer keeps one count per group, so
+    output ``k`` of every group goes together, and so does input ``k`` (the group count stays)."""
+    i = ctx.info(x)
+    if i is not None and i.dim != 1:
+        ctx.freeze(i.atoms, f"transposed conv '{node.name}' reads channels moved to dim {i.dim}")
+        i = None
+    out = ctx.new_channels(cout, owner, "conv")
+    if groups > 1 and cin == cout == groups and module is not None:
+        if i is not None:
+            ctx.unite(i.atoms, out)
+            ctx.exit(x)
+        else:
+            ctx.freeze(out, f"depthwise transposed conv '{node.name}' reads untracked channels")
+        ctx.grouped_conv(node, module, groups, out)
+        ctx.slice_param(weight, 0, out, "producer", node)  # row j is output j's whole filter
+    else:
+        if groups > 1:
+            grid = out.view(groups, cout // groups)
+            ctx.unite(grid[:-1].flatten(), grid[1:].flatten())
+            if i is not None:
+                igrid = i.atoms.view(groups, cin // groups)
+                ctx.unite(igrid[:-1].flatten(), igrid[1:].flatten())
+        if i is not None:
+            ctx.slice_param(weight, 0, i.atoms, "consumer", node)
+            ctx.exit(x)
+        else:
+            ctx.block(weight, 0, node)
+        # Column k is output k of every conv group: the first group's atoms name it (all are one channel).
+        ctx.slice_param(weight, 1, out[: cout // groups], "producer", node)
+    if bias is not None:
+        ctx.slice_param(bias, 0, out, "bias", node)
+    ctx.output(node, ChanInfo(1, out), _conv_t_zero_rule(weight, bias, groups))
+
+
+def _conv_t_zero_rule(weight: str, bias: str | None, groups: int) -> ZeroRule:
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        w = _tensor(gm, weight).detach()
+        # Output k of group j is zero when the rows of group j are zero in column k (and its bias is zero).
+        per_group = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).abs().amax(dim=(1, 3))
+        zero = host(per_group.flatten() == 0)
+        if bias is not None:
+            zero = zero & host(_tensor(gm, bias) == 0)
+        return zero
+
+    return rule
+
+
 def conv_transpose_module(ctx: RuleContext, node: fx.Node) -> None:
     m = ctx.module(node)
-    x = node.args[0]
-    i = ctx.info(x)
-    w, b = f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None
-    out = ctx.new_channels(m.out_channels, node.target, "conv")
-    if m.groups != 1:
-        reason = f"grouped transposed conv '{node.name}' is not thinned"
-        ctx.freeze(out, reason)
-        if i is not None:
-            ctx.freeze(i.atoms, reason)
-    elif i is not None:
-        if i.dim != 1:
-            ctx.freeze(i.atoms, f"transposed conv '{node.name}' reads channels moved to dim {i.dim}")
-        else:
-            ctx.slice_param(w, 0, i.atoms, "consumer", node)
-            ctx.exit(x)
-    ctx.slice_param(w, 1, out, "producer", node)
-    if b is not None:
-        ctx.slice_param(b, 0, out, "bias", node)
-    ctx.output(node, ChanInfo(1, out), _producer_rule(w, b, 1))
+    _conv_t(ctx, node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+            m.groups, m.in_channels, m.out_channels, node.target, node.target)
+
+
+def conv_transpose_function(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)`` and
+    ``aten.conv_transpose2d`` (same layout) with parameter weights."""
+    w, b = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
+    groups = node_arg(node, 6, "groups", 1)
+    wpath, bpath = _attr_path(w), _attr_path(b)
+    if wpath is None or (b is not None and bpath is None):
+        return _computed_weight(ctx, node, w, "transposed conv")
+    wt = ctx.param(wpath)
+    if not isinstance(wt, nn.Parameter) or not isinstance(groups, int):
+        return ctx.unsupported(node, "functional transposed conv with a non-parameter weight or a computed group count")
+    # A depthwise functional one is tied like a module one; thinning rewrites its group count in the call.
+    owner = wpath.rsplit(".", 1)[0] if wpath.endswith(".weight") and "." in wpath else None
+    _conv_t(ctx, node, node.args[0], wpath, bpath, groups, wt.shape[0], wt.shape[1] * groups, owner or node.name, owner)
 
 
 # A bias assembled in forward from parameters: one (path, like) per concatenated part, where ``path`` is a
@@ -303,9 +355,10 @@ def _computed_weight(ctx: RuleContext, node: fx.Node, w: Any, what: str) -> None
     reason = (f"{what} '{node.name}' uses a weight computed in forward ('{getattr(w, 'name', w)}', e.g. weight "
               "standardisation): its channels are kept")
     ctx.freeze_inputs(node, reason)
-    out = ctx.new_channels(int(shape[0]), node.name, what if what == "conv" else "linear")
+    dim = len(oshape) - 1 if what == "linear" else 1
+    # The output width, not the weight's rows: a transposed conv's weight holds its inputs on dim 0.
+    out = ctx.new_channels(int(oshape[dim]), node.name, "linear" if what == "linear" else "conv")
     ctx.freeze(out, reason)
-    dim = 1 if what == "conv" else len(oshape) - 1
     ctx.output(node, ChanInfo(dim, out), _never_zero(out.numel()))
 
 
@@ -349,8 +402,9 @@ register_rule(F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3
               name="conv (functional)")
 register_rule(*_CONV_T, channels=conv_transpose_module, zeros="custom", cost=_conv_t_cost, kind="conv_transpose",
               resize=_resize_conv_t, creates=True, name="conv_transpose")
-register_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, channels="freeze", cost=_conv_t_cost,
-              kind="conv_transpose", name="conv_transpose (functional)")
+register_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, aten.conv_transpose1d, aten.conv_transpose2d,
+              aten.conv_transpose3d, channels=conv_transpose_function, zeros="custom", cost=_conv_t_cost,
+              kind="conv_transpose", rewrite=conv_function_rewrite, creates=True, name="conv_transpose (functional)")
 register_rule(nn.Linear, channels=linear_module, zeros="custom", cost=_linear_cost, kind="linear",
               resize=_resize_linear, creates=True, name="linear")
 register_rule(F.linear, aten.linear, channels=linear_function, zeros="custom", cost=_linear_cost, kind="linear",
