@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 
 import pytest
 import torch
@@ -105,3 +106,181 @@ def test_a_model_calling_max_pool_functions_pickles(kind):
     assert [n.target for n in again.graph.nodes] == [n.target for n in gm.graph.nodes]
     if kind == "thin":
         assert thin_record(again).frozen == thin_record(gm).frozen
+
+
+# -- a linear layer written as a matmul -----------------------------------------------------------------
+
+class MatLinear(nn.Linear):
+    """transformers' ``FalconLinear``: ``nn.Linear``'s parameters, applied as a matmul."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class Transposes(nn.Module):
+    """The other spellings of ``x @ W.T`` and ``x @ W`` (a weight stored as ``(in, out)``)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.w1 = nn.Parameter(torch.randn(6, 16) if form == "x @ W" else torch.randn(16, 6))
+        self.w2 = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        w = {"x @ W": self.w1, "W.t()": self.w1.t(), "transpose": self.w1.transpose(0, 1),
+             "mT": self.w1.mT, "permute": self.w1.permute(1, 0), "matmul": self.w1.T}[self.form]
+        h = torch.relu(torch.matmul(x, w) if self.form == "matmul" else x @ w)
+        return h @ self.w2.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_linear_written_as_a_matmul_thins(capture):
+    model = _randomized(nn.Sequential(MatLinear(6, 16), nn.ReLU(), MatLinear(16, 4)))
+    small = _thin_exact(model, torch.randn(3, 5, 6), capture=capture)
+    rec = thin_record(small)
+    assert [g.group for g in rec.groups] == ["0", "2"] and rec.groups[0].kept < 16
+    assert _params(small) == 16 // 2 * (6 + 1) + 4 * (16 // 2 + 1)  # half of the hidden layer goes
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("form", ["x @ W", "W.t()", "transpose", "mT", "permute", "matmul"])
+def test_every_spelling_of_a_matmul_by_a_weight_thins(form, capture):
+    model = _randomized(Transposes(form))
+    small = _thin_exact(model, torch.randn(3, 6), capture=capture)
+    assert small.w1.numel() < model.w1.numel() and small.w2.shape == (4, 8)
+
+
+class ScaledWeight(nn.Module):
+    """A matmul by a weight computed in forward: not a layer the analysis can slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 6))
+        self.s = nn.Parameter(torch.rand(16, 1) + 0.5)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(x @ (self.w * self.s).T))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_matmul_by_a_computed_weight_is_frozen_with_its_reason(capture):
+    model = _randomized(ScaledWeight())
+    small = thin(model, StructurePrune(0.5), torch.randn(3, 6), capture=capture)
+    rec = thin_record(small)
+    assert rec.whole_reason is not None and re.search(r"computed in forward from parameter '[ws]'", rec.whole_reason)
+    assert any("matmul" in f.reason and "its output channels are kept" in f.reason for f in rec.frozen)
+
+
+def test_register_rule_refuses_a_bad_creates():
+    def fn(x):
+        return x
+
+    with pytest.raises(TypeError, match=r"creates for fn must be True, False or a function\(node\) -> bool, got 'yes'"):
+        fxcondensa.register_rule(fn, creates="yes")
+
+
+# -- a one-channel gate broadcast over many ------------------------------------------------------------
+
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's shared expert: a gated MLP scaled by ``sigmoid(Linear(d, 1)(x))``, added to the stream."""
+
+    def __init__(self, d: int = 16, hidden: int = 24):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, hidden), nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        expert = self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        gated = torch.sigmoid(self.shared_expert_gate(h)) * expert
+        gated = gated + expert * torch.sigmoid(self.shared_expert_gate(h))  # either operand order
+        return self.head(h + gated)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_one_channel_gate_broadcast_over_the_stream_thins_the_rest(capture, dtype):
+    model = _randomized(SharedExpert()).to(dtype)
+    x = torch.randn(2, 5, 8, dtype=dtype)
+    small = thin(model, StructurePrune(0.5), x, capture=capture, strict=True)  # no rule fails on the way
+    rec = thin_record(small)
+    assert rec.rule_failures == 0
+    assert small.gate_proj.weight.shape[0] < 24 and small.embed.weight.shape[0] < 16
+    assert small.shared_expert_gate.weight.shape == (1, small.embed.weight.shape[0])
+    dense = trace(model, x, capture=capture)
+    scheme = StructurePrune(0.5)
+    with torch.no_grad():
+        scheme.pi(dense)
+        scheme.delta(dense)
+        tol = dict(rtol=RTOL, atol=ATOL) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(small(x), dense(x), **tol)
+
+
+# -- the two capture frontends agree --------------------------------------------------------------------
+
+class TwoLayers(nn.Module):
+    """``first`` makes 8 channels, ``op`` acts on them, ``last`` reads them."""
+
+    def __init__(self, op, first=None, last=None):
+        super().__init__()
+        self.first = first or nn.Conv2d(4, 8, 3, padding=1)
+        self.op = op
+        self.last = last or nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.first(x)
+        return self.last(self.op(y) if isinstance(self.op, nn.Module) else self.op(self, y))
+
+
+def _split_and_join(self, y):
+    a, b = torch.tensor_split(y, 2, dim=2)
+    return torch.cat([a, b.relu()], 2)
+
+
+def _stack_and_sum(self, y):
+    return torch.stack([y, y.relu()], 1).sum(1)
+
+
+PARITY = {
+    "conv_transpose2d": lambda: TwoLayers(nn.ReLU(), nn.ConvTranspose2d(4, 8, 3, padding=1),
+                                          nn.ConvTranspose2d(8, 3, 3, padding=1)),
+    "reshape_as": lambda: TwoLayers(lambda self, y: y.reshape(1, -1).relu().reshape_as(y)),
+    "instance_norm": lambda: TwoLayers(nn.InstanceNorm2d(8, affine=True)),
+    "adaptive_avg_pool3d": lambda: TwoLayers(nn.AdaptiveAvgPool3d((2, 3, 3)), nn.Conv3d(4, 8, 3, padding=1),
+                                             nn.Conv3d(8, 3, 3, padding=1)),
+    "dropout_": lambda: TwoLayers(lambda self, y: F.dropout(y, 0.5, False, inplace=True)),
+    "ZeroPad2d": lambda: TwoLayers(nn.ZeroPad2d(1)),
+    "ReflectionPad2d": lambda: TwoLayers(nn.ReflectionPad2d((1, 0, 2, 1))),
+    "stack": lambda: TwoLayers(_stack_and_sum),
+    "tensor_split": lambda: TwoLayers(_split_and_join),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARITY))
+def test_both_captures_thin_two_layer_models_alike(name):
+    model = _randomized(PARITY[name]())
+    x = torch.randn(1, 4, 4, 6, 6) if name.endswith("3d") else torch.randn(1, 4, 6, 6)
+    counts = {}
+    for capture in ("fx", "export"):
+        small = _thin_exact(model, x, capture=capture)
+        counts[capture] = _params(small)
+        assert [f.reason for f in thin_record(small).frozen] == ["reaches the graph output ('output')"]
+    assert counts["fx"] == counts["export"] < _params(model)
+
+
+def test_an_instance_norm_with_running_statistics_uses_them():
+    # In eval mode it maps a zero channel to bias - weight * mean / std, not to its bias: that channel is not
+    # zero after the norm, so it cannot go (it used to, and the thinned model differed).
+    norm = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+    model = _randomized(TwoLayers(norm))
+    with torch.no_grad():
+        norm.bias.zero_()
+        model.first.weight[:4] = 0
+        model.first.bias[:4] = 0
+    x = torch.randn(1, 4, 6, 6)
+    for capture in ("fx", "export"):
+        small = thin(model, None, x, capture=capture)  # raises ThinningCheckError if a live channel went
+        assert _params(small) == _params(model)
