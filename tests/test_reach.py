@@ -284,3 +284,24 @@ def test_an_instance_norm_with_running_statistics_uses_them():
     for capture in ("fx", "export"):
         small = thin(model, None, x, capture=capture)  # raises ThinningCheckError if a live channel went
         assert _params(small) == _params(model)
+
+
+class Gather(nn.Module):
+    """Picks positions along the tokens with ``torch.gather``: every channel reads its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("order", torch.tensor([[3, 1, 4, 1, 0]]).unsqueeze(-1).expand(2, 5, 8).clone())
+
+    def forward(self, x):
+        return self.b(torch.gather(torch.relu(self.a(x)), 1, self.order))
+
+
+def test_both_captures_thin_a_gather_alike():
+    model = _randomized(Gather())
+    with torch.no_grad():
+        model.order.copy_(torch.randint(0, 5, model.order.shape, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(2, 5, 4)
+    counts = [_params(_thin_exact(model, x, capture=capture)) for capture in ("fx", "export")]
+    assert counts[0] == counts[1] == 8 // 2 * 5 + 3 * (8 // 2 + 1)

@@ -212,6 +212,44 @@ def aten_index_rule(ctx: RuleContext, node: fx.Node) -> None:
 register_rule(aten.index, channels=aten_index_rule, zeros="custom", cost="none", name="index (aten)")
 
 
+def gather_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``torch.gather(x, dim, index)`` along a dim other than the channel dim, with an index that spans every
+    channel: output channel ``c`` reads channel ``c`` of ``x`` only, so channels pass through and a zero one
+    stays zero. Thinning selects the kept channels of the index too (``gather_rewrite``)."""
+    x, dim, index = node.args[0], node_arg(node, 1, "dim"), node_arg(node, 2, "index")
+    i, shape, ishape = ctx.info(x), node_shape(x), node_shape(index)
+    if i is None or shape is None or ishape is None or not isinstance(dim, int) or len(ishape) != len(shape) \
+            or ctx.info(index) is not None:
+        return ctx.unsupported(node, "gather by a tracked or shapeless index, or along a computed dim")
+    if dim % len(shape) == i.dim:
+        return ctx.unsupported(node, "gather along the channel dim")
+    if ishape[i.dim] != shape[i.dim]:
+        return ctx.unsupported(node, f"gather whose index spans {ishape[i.dim]} of {shape[i.dim]} channels")
+    ctx.passthrough(node, x, True)
+
+
+def gather_rewrite(gm: fx.GraphModule, node: fx.Node, view: Any) -> None:
+    """The index of a thinned gather keeps the rows of the kept channels: ``index.index_select(c, kept)``."""
+    x, index = node.args[0], node_arg(node, 2, "index")
+    kept, info = view.kept_indices(x), view.info(x)
+    if kept is None or kept.numel() == view.width(x) or not isinstance(index, fx.Node):
+        return
+    device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+    name = f"_kept_{node.name}"
+    gm.register_buffer(name, kept.to(device), persistent=False)
+    with gm.graph.inserting_before(node):
+        keep = gm.graph.get_attr(name)
+        picked = gm.graph.call_function(torch.index_select, (index, info.dim, keep))
+    if len(node.args) > 2:
+        node.args = (*node.args[:2], picked, *node.args[3:])
+    else:
+        node.kwargs = {**node.kwargs, "index": picked}
+
+
+register_rule(torch.gather, "gather", aten.gather, channels=gather_rule, zeros="custom", cost="none",
+              rewrite=gather_rewrite, name="gather")
+
+
 def _expand_ellipsis(idx_t: tuple, ndim: int | None) -> tuple | None:
     """``x[..., :k]`` as the explicit ``x[:, :, :, :k]``; None for an index that cannot be written out (two
     ellipses, or an ellipsis without the tensor's shape)."""
