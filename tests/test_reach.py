@@ -305,3 +305,19 @@ def test_both_captures_thin_a_gather_alike():
     x = torch.randn(2, 5, 4)
     counts = [_params(_thin_exact(model, x, capture=capture)) for capture in ("fx", "export")]
     assert counts[0] == counts[1] == 8 // 2 * 5 + 3 * (8 // 2 + 1)
+
+
+class LinearOfComputedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 6))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(F.linear(x, self.w / self.w.norm(dim=1, keepdim=True))))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_linear_of_a_computed_weight_is_frozen_with_its_reason(capture):
+    small = thin(_randomized(LinearOfComputedWeight()), StructurePrune(0.5), torch.randn(3, 6), capture=capture)
+    assert "uses a weight computed in forward" in (thin_record(small).whole_reason or "")
