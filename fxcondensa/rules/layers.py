@@ -430,35 +430,38 @@ def matmul_linear(ctx: RuleContext, node: fx.Node, a: Any, b: Any) -> bool:
     return True
 
 
-def reads_parameter(ctx: RuleContext, x: Any, limit: int = 64) -> str | None:
-    """The path of a parameter ``x`` is computed from (within ``limit`` nodes back), else None."""
-    seen, stack = set(), [x] if isinstance(x, fx.Node) else []
-    while stack and len(seen) < limit:
+def _module_tensors_only(x: Any, limit: int = 64) -> list[fx.Node] | None:
+    """The ``get_attr`` nodes ``x`` is computed from when it reads module tensors only (no graph input, no
+    module call, within ``limit`` nodes), else None: a weight computed in forward, not an activation."""
+    seen: set[str] = set()
+    attrs: list[fx.Node] = []
+    stack = [x] if isinstance(x, fx.Node) else []
+    while stack:
         n = stack.pop()
         if n.name in seen:
             continue
         seen.add(n.name)
-        if n.op == "get_attr" and isinstance(ctx.param(n.target), nn.Parameter):
-            return n.target
+        if len(seen) > limit or n.op in ("placeholder", "call_module"):
+            return None
+        if n.op == "get_attr":
+            attrs.append(n)
         stack.extend(n.all_input_nodes)
-    return None
+    return attrs or None
+
+
+def reads_parameter(ctx: RuleContext, x: Any) -> str | None:
+    """The path of a parameter that ``x``, computed from module tensors only, reads; else None."""
+    attrs = _module_tensors_only(x) or []
+    return next((n.target for n in attrs if isinstance(ctx.param(n.target), nn.Parameter)), None)
 
 
 def matmul_creates(node: fx.Node) -> bool:
-    """Whether a matmul may make channels: its right operand is a weight or is computed from a module
-    tensor (the rules above decide from the tensors themselves); a product of two activations does not."""
+    """Whether a matmul may make channels: its right operand is a weight or is computed from module tensors
+    only (the rules above decide from the tensors themselves); a product of two activations does not."""
     a, b = node_arg(node, 0, "input"), node_arg(node, 1, "other")
     if not isinstance(b, fx.Node) or not isinstance(a, fx.Node) or a.op == "get_attr":
         return False
-    seen, stack = set(), [b]
-    while stack and len(seen) < 64:
-        n = stack.pop()
-        if n.name not in seen:
-            if n.op == "get_attr":
-                return True
-            seen.add(n.name)
-            stack.extend(n.all_input_nodes)
-    return False
+    return _module_tensors_only(b) is not None
 
 
 def computed_weight_matmul(ctx: RuleContext, node: fx.Node, b: Any) -> None:
