@@ -9,6 +9,7 @@ __all__ = [
     "ThinningCheckError",
     "FileFormatError",
     "UnknownOpError",
+    "RuleFailedError",
 ]
 
 
@@ -33,4 +34,8 @@ class FileFormatError(FxCondensaError, ValueError):
 
 
 class UnknownOpError(FxCondensaError, ValueError):
-    """``strict=True``: the channel analysis met an op it has no rule for (or whose rule failed)."""
+    """``strict=True``: the channel analysis met an op it has no rule for."""
+
+
+class RuleFailedError(FxCondensaError, RuntimeError):
+    """``strict=True``: the op has a rule, and that rule raised on this call (a form it does not handle)."""

@@ -9,8 +9,8 @@ from _models import state_hash
 from torch import nn
 
 import fxcondensa
-from fxcondensa import UnknownOpError, compress, register_rule, thin, unregister_rule
-from fxcondensa.capture.records import thin_record
+from fxcondensa import RuleFailedError, UnknownOpError, compress, register_rule, thin, unregister_rule
+from fxcondensa.capture.exported.records import thin_record
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.rules.registry import registered_ops, rule_for_key
@@ -219,8 +219,10 @@ def test_a_failing_rule_is_counted_and_strict_turns_it_into_an_error():
         rec = thin_record(thin(scale_net(), StructurePrune(0.5), x, leaf_modules=[ChannelScale]))
         assert rec.rule_failures == 1
         assert any("rule bug" in f.reason for f in rec.frozen)
-        with pytest.raises(UnknownOpError, match=r"raised RuntimeError: rule bug"):
+        # The op is known: strict says which rule failed and how, not that the op is unknown.
+        with pytest.raises(RuleFailedError, match=r"rule 'ChannelScale' .* failed: RuntimeError: rule bug") as err:
             thin(scale_net(), StructurePrune(0.5), x, leaf_modules=[ChannelScale], strict=True)
+        assert not isinstance(err.value, UnknownOpError) and "is not known" not in str(err.value)
     finally:
         unregister_rule(ChannelScale)
 

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,6 +241,28 @@ class _OperatorRef:
     overload: str | None
 
 
+@dataclass(frozen=True)
+class _FunctionRef:
+    """A function made by a factory (``F.max_pool2d`` is ``boolean_dispatch``'s local ``fn``), pickled by the
+    module attribute it is published as: pickle looks a function up by its qualified name, which for such a
+    function names the factory's local scope, not anything importable."""
+
+    module: str
+    name: str
+
+
+def _published_name(fn: Any) -> _FunctionRef | None:
+    """The module attribute a factory-made function is published as, when it is exactly that object."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__name__", None)
+    if not (module and name and "<locals>" in getattr(fn, "__qualname__", "")):
+        return None
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    return _FunctionRef(module, name) if found is fn else None
+
+
 def _encode(value: Any) -> Any:
     if isinstance(value, fx.Node):
         return _NodeRef(value.name)
@@ -249,6 +272,10 @@ def _encode(value: Any) -> Any:
         return _OperatorRef(value._qualified_op_name.split("::")[0], value._qualified_op_name.split("::")[1], None)
     if isinstance(value, torch._ops.HigherOrderOperator):
         return _OperatorRef("higher_order", value.name(), None)
+    if callable(value) and not isinstance(value, type):
+        ref = _published_name(value)
+        if ref is not None:
+            return ref
     if isinstance(value, (tuple, list)):
         items = [_encode(v) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # named tuples by field
@@ -265,6 +292,8 @@ def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
     if isinstance(value, _OperatorRef):
         op = getattr(getattr(torch.ops, value.namespace), value.name)
         return op if value.overload is None else getattr(op, value.overload)
+    if isinstance(value, _FunctionRef):
+        return getattr(importlib.import_module(value.module), value.name)
     if isinstance(value, (tuple, list)):
         items = [_decode(v, env) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)

@@ -24,7 +24,8 @@ def analyze(gm: fx.GraphModule, *, strict: bool = False, head_dim: bool = False)
 
     Writes each node's tracked channel dim (``ChanInfo`` or None) to ``node_record(node).chan`` and returns
     the ``ChannelAnalysis`` with groups, slices and frozen reasons. ``strict=True`` raises
-    ``UnknownOpError`` at the first op without a rule (or whose rule fails) instead of freezing its group.
+    ``UnknownOpError`` at the first op without a rule, and ``RuleFailedError`` at the first whose rule raises,
+    instead of freezing its group.
     ``head_dim=True`` makes each head_dim column of an attention (shared by all its heads) a channel instead
     of each head (``thin`` runs it as a second stage; see ``rules/attention.py``).
 

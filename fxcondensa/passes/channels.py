@@ -6,9 +6,12 @@ The data model and the API rules are written against (``RuleContext``, ``ChanInf
 
 from __future__ import annotations
 
+import torch.fx as fx
+
 from ..capture.records import node_record
-from ..errors import UnknownOpError
-from ..rules.api import ChannelAnalysis, RuleContext, _op_text, _strict_message
+from ..errors import RuleFailedError, UnknownOpError
+from ..rules import registry
+from ..rules.api import ChannelAnalysis, RuleContext, _op_text, _source_line
 
 __all__ = ["ChannelWalker"]
 
@@ -24,12 +27,30 @@ class ChannelWalker(RuleContext):
             except UnknownOpError:
                 raise
             except Exception as exc:  # never crash on an op we misjudged: freeze what flows into it
+                rule = self._rule_name(node)
                 if self.strict:
-                    raise UnknownOpError(_strict_message(
-                        node, f"the rule for {_op_text(node, self.modules)} raised {type(exc).__name__}: {exc}")) from exc
-                self.analysis.rule_failures.append(f"{node.name}: {type(exc).__name__}: {exc}")
-                self.freeze_inputs(node, f"analysis failed at node '{node.name}' ({type(exc).__name__}: {exc})")
+                    raise RuleFailedError(_failed_message(node, rule, _op_text(node, self.modules), exc)) from exc
+                self.analysis.rule_failures.append(f"{node.name}: {rule}: {type(exc).__name__}: {exc}")
+                self.freeze_inputs(node, f"analysis failed at node '{node.name}' ({rule} raised "
+                                         f"{type(exc).__name__}: {exc})")
                 self.output(node, None, None)
             node_record(node).chan = self.analysis.infos.get(node.name)
         self.analysis.finalize()
         return self.analysis
+
+    def _rule_name(self, node: fx.Node) -> str:
+        """"rule 'mul'" for the registry entry that handles ``node`` (a failure names the rule that raised)."""
+        try:
+            rule = registry.rule_for(node, self.modules.get(node.target) if node.op == "call_module" else None)
+        except Exception:
+            rule = None
+        return f"rule '{rule.name}'" if rule is not None else "the walker"
+
+
+def _failed_message(node: fx.Node, rule: str, op: str, exc: BaseException) -> str:
+    target = node.target if node.op == "call_module" else getattr(node.target, "__name__", node.target)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return (f"strict=True: {rule} for {op} at node '{node.name}' ({node.op} {target}; {_source_line(node)}) failed: "
+            f"{type(exc).__name__}: {first}. The op is known, but its rule does not handle this call. Call without "
+            "strict=True to keep the channels that flow into it whole (counted in thin_record(...).rule_failures), "
+            "or replace the rule with fxcondensa.register_rule(<the op>, ..., replace=True).")

@@ -456,7 +456,7 @@ class RuleContext:
             return None
         module = self.modules.get(node.target) if node.op == "call_module" else None
         rule = registry.rule_for(node, module)
-        if not self.tracked_inputs(node) and not (rule is not None and rule.creates):
+        if not self.tracked_inputs(node) and not registry.creates(rule, node):
             # Nothing tracked flows in and nothing is produced: shape arithmetic, constants, ...
             return self.output(node, None, None)
         if rule is None:

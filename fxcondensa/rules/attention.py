@@ -58,7 +58,7 @@ from torch import nn
 from .. import nn as fxnn
 from . import elementwise, shapes  # the rules this module's entries build on
 from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
-from .layers import zero_rows
+from .layers import computed_weight_matmul, matmul_creates, matmul_linear, zero_rows
 from .registry import CostCall, register_rule, rule_for, rule_for_key
 from .reshape_map import reshape_target
 
@@ -290,8 +290,12 @@ def matmul_rule(ctx: RuleContext, node: fx.Node) -> None:
     heads) are united and carried; on the rows of ``a`` or the columns of ``b`` alone they are carried; on
     the contracted dim of both they are united and both operands are exits."""
     a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if matmul_linear(ctx, node, a, b):  # x @ W.T with a parameter W: a linear layer
+        return None
     sa, sb, so = node_shape(a), node_shape(b), node_shape(node)
     ia, ib = ctx.info(a), ctx.info(b)
+    if ia is None and ib is None:  # visited for the linear case only (the entry creates channels)
+        return computed_weight_matmul(ctx, node, b)
     if sa is None or sb is None or so is None or len(sa) < 2 or len(sb) < 2:
         return ctx.unsupported(node, "matmul of vectors or without shape metadata")
     na, nb, no = len(sa), len(sb), len(so)
@@ -326,7 +330,8 @@ def matmul_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 
 register_rule(torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", "__matmul__", aten.matmul, aten.bmm,
-              channels=matmul_rule, zeros="custom", cost=_matmul_cost, kind="matmul", name="matmul")
+              channels=matmul_rule, zeros="custom", cost=_matmul_cost, kind="matmul", creates=matmul_creates,
+              name="matmul")
 register_rule(torch.mm, "mm", aten.mm, channels="freeze", cost=_matmul_cost, kind="matmul", name="mm")
 def addmm_rule(ctx: RuleContext, node: fx.Node) -> None:
     """``torch.addmm(bias, x, weight)`` with parameter ``bias`` (out,) and ``weight`` (in, out): a linear layer

@@ -20,7 +20,7 @@ from torch import nn
 
 from .api import ChanInfo, RuleContext, node_arg, node_shape
 from .layers import zero_rows
-from .registry import CostCall, register_rule, rule_for_key
+from .registry import CostCall, creates, register_rule, rule_for_key
 
 aten = torch.ops.aten
 
@@ -50,6 +50,8 @@ register_rule(
     aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.hardswish, aten.hardswish_, aten.tanh,
     aten.leaky_relu, aten.elu, aten.mish, aten.dropout, aten.clone, aten.neg, aten.abs, aten.contiguous,
     aten.alias, aten.detach, aten._to_copy, aten.to, aten.sin,
+    aten.dropout_, aten.feature_dropout, aten.feature_dropout_, aten.alpha_dropout, aten.alpha_dropout_,
+    aten.feature_alpha_dropout, aten.feature_alpha_dropout_,
     cost="elementwise", zeros="preserve", name="zero-preserving elementwise",
 )
 register_rule(
@@ -141,13 +143,13 @@ register_rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool
               nn.LPPool2d, *((nn.LPPool3d,) if hasattr(nn, "LPPool3d") else ()),
               F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.lp_pool1d,
               F.lp_pool2d, torch.max_pool2d, torch.avg_pool1d,
-              aten.max_pool2d, aten.avg_pool2d, aten.max_pool1d, aten.avg_pool1d,
+              aten.max_pool2d, aten.avg_pool2d, aten.max_pool1d, aten.avg_pool1d, aten.max_pool3d, aten.avg_pool3d,
               channels=pool, zeros="custom", cost=_pool_cost, kind="pool", name="pool")
 register_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
               nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
               F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
               F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.adaptive_avg_pool1d,
-              aten.adaptive_avg_pool2d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool2d,
+              aten.adaptive_avg_pool2d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool2d, aten.adaptive_avg_pool3d,
               channels=pool, zeros="custom", cost=_adaptive_pool_cost, kind="pool", name="adaptive pool")
 register_rule(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate,
               aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten._upsample_bicubic2d_aa,
@@ -170,10 +172,21 @@ def _unite_tracked(ctx: RuleContext, node: fx.Node, operands: Any, what: str) ->
         ctx.freeze_inputs(node, f"{what} '{node.name}' combines channels on different dims")
         ctx.output(node, None, None)
         return None
+    d = dims.pop()
+    width = node_shape(node)[d]
+    # A tracked operand with one channel broadcast over many (Qwen2-MoE's shared-expert gate,
+    # ``sigmoid(gate(x)) * expert(x)``) keeps its channel; the other operands keep theirs.
+    for x, i in tracked:
+        if i.atoms.numel() == 1 and width > 1:
+            ctx.freeze(i.atoms, f"{what} '{node.name}' broadcasts the one channel of '{x.name}' over {width}")
+    tracked = [(x, i) for x, i in tracked if not (i.atoms.numel() == 1 and width > 1)]
+    if not tracked:  # only broadcast channels: the output's channels come from no tracked producer
+        ctx.output(node, None, None)
+        return None
     atoms = tracked[0][1].atoms
     for _, i in tracked[1:]:
         ctx.unite(atoms, i.atoms)
-    return dims.pop(), atoms
+    return d, atoms
 
 
 def _binary(ctx: RuleContext, node: fx.Node, how: str) -> None:
@@ -236,7 +249,7 @@ def _binary(ctx: RuleContext, node: fx.Node, how: str) -> None:
 
     def is_zero(kind: str, val: Any, z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
         if kind == "tracked":
-            return z[val]
+            return z[val].expand(n)  # a broadcast channel (one) counts for every channel
         if kind == "scalar":
             return torch.full((n,), val == 0, dtype=torch.bool)
         if kind == "attr":
@@ -276,7 +289,7 @@ def _parameter_chain(ctx: RuleContext, x: fx.Node, user: fx.Node) -> list[fx.Nod
         if n.op not in ("get_attr", "call_function", "call_method") or len(found) >= _CHAIN_LIMIT:
             return None
         rule = rule_for_key(n.target) if n.op != "get_attr" else None
-        if rule is not None and rule.creates:  # a layer over parameters made its channels on the first visit
+        if creates(rule, n):  # a layer over parameters made its channels on the first visit
             return None
         found[n.name] = n
         stack.extend(n.all_input_nodes)
@@ -441,7 +454,7 @@ def _table_sources(ctx: RuleContext, user: fx.Node, x: fx.Node,
             return None
         if n.op in ("call_function", "call_method"):
             rule = rule_for_key(n.target)
-            if rule is not None and rule.creates:
+            if creates(rule, n):
                 return None
         behind[n.name] = n
         stack.extend(n.all_input_nodes)
@@ -486,7 +499,7 @@ def _table_sources(ctx: RuleContext, user: fx.Node, x: fx.Node,
         return None
     for n in later:
         rule = rule_for_key(n.target) if n.op in ("call_function", "call_method") else None
-        if n.op not in ("call_function", "call_method") or (rule is not None and rule.creates):
+        if n.op not in ("call_function", "call_method") or creates(rule, n):
             return f"'{n.name}' ({n.op} {n.target}) is a layer that reads it"
         for a in n.all_input_nodes:
             if a.name not in marked and ctx.analysis.infos.get(a.name) is not None:
@@ -659,6 +672,22 @@ register_rule(aten.constant_pad_nd, channels=constant_pad_rule, zeros="custom", 
               name="constant_pad_nd")
 
 
+def pad_module(ctx: RuleContext, node: fx.Node) -> None:
+    """``nn.ZeroPad2d`` and the other padding modules: ``F.pad`` with the module's amounts (which pad the
+    trailing dims only) and its mode; reflection, replication and circular padding of a zero channel give zeros."""
+    m, x = ctx.module(node), node.args[0]
+    shape, i = node_shape(x), ctx.info(x)
+    if i is not None and shape is not None and _pad_spares(tuple(m.padding), len(shape), i.dim):
+        return ctx.passthrough(node, x, getattr(m, "value", 0) in (0, 0.0))
+    return ctx.unsupported(node, "padding of the channel dim")
+
+
+_PAD_MODULES = tuple(getattr(nn, f"{kind}Pad{d}d") for kind in ("Zero", "Constant", "Reflection", "Replication",
+                                                                 "Circular") for d in (1, 2, 3)
+                     if hasattr(nn, f"{kind}Pad{d}d"))
+register_rule(*_PAD_MODULES, channels=pad_module, zeros="custom", cost="none", kind="shape", name="pad (module)")
+
+
 def where_rule(ctx: RuleContext, node: fx.Node) -> None:
     """``torch.where(cond, a, b)``: per element, so channel ``c`` of the output comes from channel ``c`` of
     ``a`` or ``b`` (and of ``cond``): tracked operands are united; a channel is zero when it is zero in both
@@ -688,7 +717,7 @@ def where_rule(ctx: RuleContext, node: fx.Node) -> None:
 
     def zero(kind: str, val: Any, z: dict[str, Any]) -> torch.Tensor:
         if kind == "tracked":
-            return z[val]
+            return z[val].expand(n)  # a broadcast channel (one) counts for every channel
         return torch.full((n,), kind == "scalar" and val == 0, dtype=torch.bool)
 
     def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:

@@ -132,27 +132,79 @@ def conv_function_rewrite(gm: fx.GraphModule, node: fx.Node, view: Any) -> None:
         node.kwargs = {**node.kwargs, "groups": new}
 
 
+def _conv_t(ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | None, groups: int, cin: int,
+            cout: int, owner: str, module: str | None) -> None:
+    """A transposed conv: its weight is ``(cin, cout // groups, *kernel)``, inputs on dim 0, outputs on dim 1.
+
+    Depthwise (one input and one output per conv group, ``module`` names its weight's owner): input ``j``
+    and output ``j`` go together, as for a depthwise conv, and the group count follows. Other grouped ones:
+    weight column ``k`` makes output ``k`` of every conv group and a layer keeps one count per group, so
+    output ``k`` of every group goes together, and so does input ``k`` (the group count stays)."""
+    i = ctx.info(x)
+    if i is not None and i.dim != 1:
+        ctx.freeze(i.atoms, f"transposed conv '{node.name}' reads channels moved to dim {i.dim}")
+        i = None
+    out = ctx.new_channels(cout, owner, "conv")
+    if groups > 1 and cin == cout == groups and module is not None:
+        if i is not None:
+            ctx.unite(i.atoms, out)
+            ctx.exit(x)
+        else:
+            ctx.freeze(out, f"depthwise transposed conv '{node.name}' reads untracked channels")
+        ctx.grouped_conv(node, module, groups, out)
+        ctx.slice_param(weight, 0, out, "producer", node)  # row j is output j's whole filter
+    else:
+        if groups > 1:
+            grid = out.view(groups, cout // groups)
+            ctx.unite(grid[:-1].flatten(), grid[1:].flatten())
+            if i is not None:
+                igrid = i.atoms.view(groups, cin // groups)
+                ctx.unite(igrid[:-1].flatten(), igrid[1:].flatten())
+        if i is not None:
+            ctx.slice_param(weight, 0, i.atoms, "consumer", node)
+            ctx.exit(x)
+        else:
+            ctx.block(weight, 0, node)
+        # Column k is output k of every conv group: the first group's atoms name it (all are one channel).
+        ctx.slice_param(weight, 1, out[: cout // groups], "producer", node)
+    if bias is not None:
+        ctx.slice_param(bias, 0, out, "bias", node)
+    ctx.output(node, ChanInfo(1, out), _conv_t_zero_rule(weight, bias, groups))
+
+
+def _conv_t_zero_rule(weight: str, bias: str | None, groups: int) -> ZeroRule:
+    def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
+        w = _tensor(gm, weight).detach()
+        # Output k of group j is zero when the rows of group j are zero in column k (and its bias is zero).
+        per_group = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).abs().amax(dim=(1, 3))
+        zero = host(per_group.flatten() == 0)
+        if bias is not None:
+            zero = zero & host(_tensor(gm, bias) == 0)
+        return zero
+
+    return rule
+
+
 def conv_transpose_module(ctx: RuleContext, node: fx.Node) -> None:
     m = ctx.module(node)
-    x = node.args[0]
-    i = ctx.info(x)
-    w, b = f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None
-    out = ctx.new_channels(m.out_channels, node.target, "conv")
-    if m.groups != 1:
-        reason = f"grouped transposed conv '{node.name}' is not thinned"
-        ctx.freeze(out, reason)
-        if i is not None:
-            ctx.freeze(i.atoms, reason)
-    elif i is not None:
-        if i.dim != 1:
-            ctx.freeze(i.atoms, f"transposed conv '{node.name}' reads channels moved to dim {i.dim}")
-        else:
-            ctx.slice_param(w, 0, i.atoms, "consumer", node)
-            ctx.exit(x)
-    ctx.slice_param(w, 1, out, "producer", node)
-    if b is not None:
-        ctx.slice_param(b, 0, out, "bias", node)
-    ctx.output(node, ChanInfo(1, out), _producer_rule(w, b, 1))
+    _conv_t(ctx, node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+            m.groups, m.in_channels, m.out_channels, node.target, node.target)
+
+
+def conv_transpose_function(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)`` and
+    ``aten.conv_transpose2d`` (same layout) with parameter weights."""
+    w, b = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
+    groups = node_arg(node, 6, "groups", 1)
+    wpath, bpath = _attr_path(w), _attr_path(b)
+    if wpath is None or (b is not None and bpath is None):
+        return _computed_weight(ctx, node, w, "transposed conv")
+    wt = ctx.param(wpath)
+    if not isinstance(wt, nn.Parameter) or not isinstance(groups, int):
+        return ctx.unsupported(node, "functional transposed conv with a non-parameter weight or a computed group count")
+    # A depthwise functional one is tied like a module one; thinning rewrites its group count in the call.
+    owner = wpath.rsplit(".", 1)[0] if wpath.endswith(".weight") and "." in wpath else None
+    _conv_t(ctx, node, node.args[0], wpath, bpath, groups, wt.shape[0], wt.shape[1] * groups, owner or node.name, owner)
 
 
 # A bias assembled in forward from parameters: one (path, like) per concatenated part, where ``path`` is a
@@ -303,10 +355,126 @@ def _computed_weight(ctx: RuleContext, node: fx.Node, w: Any, what: str) -> None
     reason = (f"{what} '{node.name}' uses a weight computed in forward ('{getattr(w, 'name', w)}', e.g. weight "
               "standardisation): its channels are kept")
     ctx.freeze_inputs(node, reason)
-    out = ctx.new_channels(int(shape[0]), node.name, what if what == "conv" else "linear")
+    dim = len(oshape) - 1 if what == "linear" else 1
+    # The output width, not the weight's rows: a transposed conv's weight holds its inputs on dim 0.
+    out = ctx.new_channels(int(oshape[dim]), node.name, "linear" if what == "linear" else "conv")
     ctx.freeze(out, reason)
-    dim = 1 if what == "conv" else len(oshape) - 1
     ctx.output(node, ChanInfo(dim, out), _never_zero(out.numel()))
+
+
+# ------------------------------------------------------------------------------- linear as a matmul
+
+# The ways a 2-D weight is transposed in ``forward`` (``W.T``, ``W.t()``, ``W.transpose(0, 1)``, ``W.mT``,
+# ``W.permute(1, 0)``; torch.export's ``aten.numpy_T``, ``aten.t``, ...).
+_T_ATTRS = ("T", "mT")
+_T_CALLS = (torch.t, aten.t.default, aten.numpy_T.default, aten.mT.default)
+_TRANSPOSE_CALLS = (torch.transpose, torch.swapaxes, aten.transpose.int)
+_PERMUTE_CALLS = (torch.permute, aten.permute.default)
+
+
+def _transposed_input(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` transposes when it swaps the two dims of a 2-D tensor, else None."""
+    x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if x is None or node.op not in ("call_function", "call_method"):
+        return None
+    target, rest = node.target, node.args[1:]
+    if node.op == "call_function" and target is getattr:
+        return x if rest and rest[0] in _T_ATTRS else None
+    if (node.op == "call_method" and target in ("t", "numpy_T")) or (node.op == "call_function" and target in _T_CALLS):
+        return x
+    if (node.op == "call_method" and target in ("transpose", "swapaxes")) or target in _TRANSPOSE_CALLS:
+        dims = (node_arg(node, 1, "dim0"), node_arg(node, 2, "dim1"))
+        return x if all(isinstance(d, int) for d in dims) and {d % 2 for d in dims} == {0, 1} else None
+    if (node.op == "call_method" and target == "permute") or target in _PERMUTE_CALLS:
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        return x if [d % 2 for d in dims if isinstance(d, int)] == [1, 0] and len(dims) == 2 else None
+    return None
+
+
+def weight_operand(ctx: RuleContext, b: Any) -> tuple[str, int, int] | None:
+    """``(path, in_dim, out_dim)`` when the right operand of a matmul is a 2-D floating parameter or buffer
+    (``x @ W``: inputs on dim 0) or its transpose (``x @ W.T``, the layout of ``nn.Linear``: inputs on dim 1)."""
+    if not isinstance(b, fx.Node):
+        return None
+    src, dims = b, (0, 1)
+    if b.op != "get_attr":
+        src, dims = _transposed_input(b), (1, 0)
+    path = _attr_path(src)
+    t = ctx.param(path) if path is not None else None
+    if t is None or t.dim() != 2 or not t.is_floating_point():
+        return None
+    return path, dims[0], dims[1]
+
+
+def matmul_linear(ctx: RuleContext, node: fx.Node, a: Any, b: Any) -> bool:
+    """``x @ W.T`` (``+ b`` is the next op's business) or ``x @ W`` with a parameter ``W``: a linear layer
+    written as a matmul (transformers' ``FalconLinear``). Its output columns are new channels made by ``W``'s
+    rows (columns for ``x @ W``), its input columns read ``x``'s channels. Returns False, recording nothing,
+    for any other matmul."""
+    found = weight_operand(ctx, b)
+    sa, so = node_shape(a), node_shape(node)
+    if found is None or not isinstance(a, fx.Node) or a.op == "get_attr" or sa is None or not so:
+        return False
+    path, in_dim, out_dim = found
+    i = ctx.info(a)
+    if i is not None and i.dim != len(sa) - 1:
+        return False  # channels on a row or batch dim: a per-channel map of those, the matmul rule's case
+    if i is not None:
+        ctx.slice_param(path, in_dim, i.atoms, "consumer", node)
+        ctx.exit(a)
+    else:
+        ctx.block(path, in_dim, node)
+    out = ctx.new_channels(int(ctx.param(path).shape[out_dim]), path.rsplit(".", 1)[0] or node.name, "linear")
+    ctx.slice_param(path, out_dim, out, "producer", node)
+    ctx.output(node, ChanInfo(len(so) - 1, out), _producer_rule(path, None, out_dim))
+    return True
+
+
+def _module_tensors_only(x: Any, limit: int = 64) -> list[fx.Node] | None:
+    """The ``get_attr`` nodes ``x`` is computed from when it reads module tensors only (no graph input, no
+    module call, within ``limit`` nodes), else None: a weight computed in forward, not an activation."""
+    seen: set[str] = set()
+    attrs: list[fx.Node] = []
+    stack = [x] if isinstance(x, fx.Node) else []
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if len(seen) > limit or n.op in ("placeholder", "call_module"):
+            return None
+        if n.op == "get_attr":
+            attrs.append(n)
+        stack.extend(n.all_input_nodes)
+    return attrs or None
+
+
+def reads_parameter(ctx: RuleContext, x: Any) -> str | None:
+    """The path of a parameter that ``x``, computed from module tensors only, reads; else None."""
+    attrs = _module_tensors_only(x) or []
+    return next((n.target for n in attrs if isinstance(ctx.param(n.target), nn.Parameter)), None)
+
+
+def matmul_creates(node: fx.Node) -> bool:
+    """Whether a matmul may make channels: its right operand is a weight or is computed from module tensors
+    only (the rules above decide from the tensors themselves); a product of two activations does not."""
+    a, b = node_arg(node, 0, "input"), node_arg(node, 1, "other")
+    if not isinstance(b, fx.Node) or not isinstance(a, fx.Node) or a.op == "get_attr":
+        return False
+    return _module_tensors_only(b) is not None
+
+
+def computed_weight_matmul(ctx: RuleContext, node: fx.Node, b: Any) -> None:
+    """A matmul by an operand computed from parameters in forward (``x @ (W * s).T``): its output columns
+    are new channels kept whole, with the reason, so that the model is never left whole without one."""
+    so = node_shape(node)
+    path = reads_parameter(ctx, b)
+    if path is None or not so:
+        return ctx.output(node, None, None)
+    out = ctx.new_channels(int(so[-1]), node.name, "linear")
+    ctx.freeze(out, f"matmul '{node.name}' multiplies by '{getattr(b, 'name', b)}', computed in forward from "
+                    f"parameter '{path}': its output channels are kept")
+    ctx.output(node, ChanInfo(len(so) - 1, out), _never_zero(out.numel()))
 
 
 def _never_zero(n: int) -> ZeroRule:
@@ -349,8 +517,9 @@ register_rule(F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3
               name="conv (functional)")
 register_rule(*_CONV_T, channels=conv_transpose_module, zeros="custom", cost=_conv_t_cost, kind="conv_transpose",
               resize=_resize_conv_t, creates=True, name="conv_transpose")
-register_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, channels="freeze", cost=_conv_t_cost,
-              kind="conv_transpose", name="conv_transpose (functional)")
+register_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, aten.conv_transpose1d, aten.conv_transpose2d,
+              aten.conv_transpose3d, channels=conv_transpose_function, zeros="custom", cost=_conv_t_cost,
+              kind="conv_transpose", rewrite=conv_function_rewrite, creates=True, name="conv_transpose (functional)")
 register_rule(nn.Linear, channels=linear_module, zeros="custom", cost=_linear_cost, kind="linear",
               resize=_resize_linear, creates=True, name="linear")
 register_rule(F.linear, aten.linear, channels=linear_function, zeros="custom", cost=_linear_cost, kind="linear",
@@ -398,7 +567,8 @@ def batchnorm_module(ctx: RuleContext, node: fx.Node) -> None:
     m = ctx.module(node)
     paths = {k: (f"{node.target}.{k}" if getattr(m, k, None) is not None else None)
              for k in ("weight", "bias", "running_mean", "running_var")}
-    _batchnorm(ctx, node, node.args[0], paths, m.eps, isinstance(m, _INSTANCENORM))
+    # An instance norm that tracks running statistics normalises with them in eval mode, as batch norm does.
+    _batchnorm(ctx, node, node.args[0], paths, m.eps, isinstance(m, _INSTANCENORM) and not m.track_running_stats)
 
 
 def batchnorm_function(ctx: RuleContext, node: fx.Node) -> None:
@@ -416,11 +586,25 @@ def batchnorm_aten(ctx: RuleContext, node: fx.Node) -> None:
     _functional_norm(ctx, node, values, node_arg(node, 7, "eps", 1e-5))
 
 
-def _functional_norm(ctx: RuleContext, node: fx.Node, values: dict[str, Any], eps: Any) -> None:
+def _functional_norm(ctx: RuleContext, node: fx.Node, values: dict[str, Any], eps: Any, instance: bool = False) -> None:
     paths = {k: _attr_path(v) for k, v in values.items()}
     if any(v is not None and paths[k] is None for k, v in values.items()) or not isinstance(eps, (int, float)):
         return ctx.unsupported(node, "batch_norm with computed statistics or affine terms")
-    _batchnorm(ctx, node, node.args[0], paths, float(eps), False)
+    _batchnorm(ctx, node, node.args[0], paths, float(eps), instance)
+
+
+def instancenorm_function(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)`` and
+    ``aten.instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn)``
+    (what torch.export makes of ``nn.InstanceNorm2d``): per channel, like the module. With
+    ``use_input_stats=False`` it normalises with the running statistics, as batch norm in eval mode does."""
+    order = ("weight", "bias", "running_mean", "running_var") if node.target is aten.instance_norm.default \
+        or node.target is aten.instance_norm else ("running_mean", "running_var", "weight", "bias")
+    values = {k: node_arg(node, 1 + j, k) for j, k in enumerate(order)}
+    use_input_stats = node_arg(node, 5, "use_input_stats", True)
+    if not isinstance(use_input_stats, bool):
+        return ctx.unsupported(node, "instance_norm with a computed use_input_stats")
+    _functional_norm(ctx, node, values, node_arg(node, 7, "eps", 1e-5), instance=use_input_stats)
 
 
 def groupnorm_module(ctx: RuleContext, node: fx.Node) -> None:
@@ -540,6 +724,8 @@ register_rule(nn.GroupNorm, channels=groupnorm_module, zeros="custom", cost=norm
 # known (costed, never an unknown op in strict mode), channels kept.
 register_rule(F.group_norm, aten.group_norm, channels=groupnorm_function, zeros="custom", cost=norm_cost, kind="norm",
               rewrite=groupnorm_function_rewrite, name="group_norm (functional)")
-register_rule(nn.LocalResponseNorm, nn.CrossMapLRN2d, F.local_response_norm, F.instance_norm,
+register_rule(F.instance_norm, aten.instance_norm, channels=instancenorm_function, zeros="custom", cost=norm_cost,
+              kind="norm", name="instance_norm (functional)")
+register_rule(nn.LocalResponseNorm, nn.CrossMapLRN2d, F.local_response_norm,
               channels="freeze", cost=norm_cost, kind="norm", name="norm over neighbouring channels")
 register_rule(nn.PReLU, channels=prelu_module, zeros="custom", cost="elementwise", resize=_resize_prelu, name="prelu")

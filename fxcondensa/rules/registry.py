@@ -52,6 +52,7 @@ __all__ = [
     "unregister_rule",
     "rule_for",
     "rule_for_key",
+    "creates",
     "registered_ops",
     "generation",
     "ZEROS",
@@ -115,7 +116,8 @@ class OpRule:
       dividing by the original width, an attention with the original softmax scale). ``view`` is a
       ``fxcondensa.passes.channels.KeptView``: the kept indices and original width of any node's channels.
     - ``creates``: the op makes new channels (convs, linears): the analysis visits it even when no
-      tracked channel flows in.
+      tracked channel flows in; or ``fn(node) -> bool`` deciding per call (a matmul by a weight is a linear
+      layer, one of two activations is not).
     """
 
     name: str
@@ -126,7 +128,14 @@ class OpRule:
     params: Mapping[str, int] = field(default_factory=dict)
     resize: Callable[[nn.Module, int | None], None] | None = None
     rewrite: Callable[[fx.GraphModule, fx.Node, Any], None] | None = None
-    creates: bool = False
+    creates: bool | Callable[[fx.Node], bool] = False
+
+
+def creates(rule: OpRule | None, node: fx.Node) -> bool:
+    """Whether ``rule`` makes new channels at ``node`` (see ``OpRule.creates``)."""
+    if rule is None:
+        return False
+    return bool(rule.creates(node)) if callable(rule.creates) else bool(rule.creates)
 
 
 _MODULES: dict[type, OpRule] = {}
@@ -200,7 +209,7 @@ def register_rule(
     params: Mapping[str, int] | None = None,
     resize: Callable[[nn.Module, int | None], None] | None = None,
     rewrite: Callable[[fx.GraphModule, fx.Node, Any], None] | None = None,
-    creates: bool = False,
+    creates: bool | Callable[[fx.Node], bool] = False,
     name: str | None = None,
     replace: bool = False,
 ) -> OpRule:
@@ -226,6 +235,8 @@ def register_rule(
         raise ValueError(f"channels for {what} must be 'elementwise', 'freeze' or a function(ctx, node), got {channels!r}")
     if not (callable(channels) or isinstance(channels, str)):
         raise TypeError(f"channels for {what} must be a string preset or a function(ctx, node), got {channels!r}")
+    if not (isinstance(creates, bool) or callable(creates)):
+        raise TypeError(f"creates for {what} must be True, False or a function(node) -> bool, got {creates!r}")
     if isinstance(zeros, str) and zeros not in ZEROS:
         raise ValueError(f"zeros for {what} must be one of {ZEROS} or a function(node) -> bool, got {zeros!r}")
     params = dict(params or {})

@@ -91,6 +91,49 @@ register_rule(torch.split, torch.chunk, "split", "chunk", aten.split, aten.chunk
               channels=split_rule, zeros="custom", cost="none", name="split")
 
 
+def tensor_split_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``torch.tensor_split(x, sections_or_indices, dim)`` along a dim other than the channel dim: every part
+    carries the channels. Along the channel dim its sections or indices would count channels: kept."""
+    x = node.args[0]
+    i = ctx.info(x)
+    shape, out = node_shape(x), node.meta.get("tensor_meta")
+    if i is None or shape is None or not isinstance(out, (list, tuple)):
+        return ctx.unsupported(node, "tensor_split without shape metadata")
+    if node_arg(node, 2, "dim", 0) % len(shape) == i.dim:
+        return ctx.unsupported(node, "tensor_split of the channel dim")
+    src = x.name
+    infos = [ChanInfo(i.dim, i.atoms) for _ in out]
+    ctx.output(node, infos, lambda z, gm: [z[src] for _ in infos])
+
+
+register_rule(torch.tensor_split, "tensor_split", aten.tensor_split, channels=tensor_split_rule, zeros="custom",
+              cost="none", name="tensor_split")
+
+
+def stack_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``torch.stack(tensors, dim)``: a new dim, the channels where they were (one further on when the new dim
+    comes before them). The parts' channels are one, as in a cat along another dim; an untracked part that
+    has them cannot be sliced with them."""
+    tensors, shape = node_arg(node, 0, "tensors"), node_shape(node)
+    if shape is None or not isinstance(tensors, (list, tuple)):
+        return ctx.unsupported(node, "stack without shape metadata")
+    new = node_arg(node, 1, "dim", 0) % len(shape)
+    infos = [ctx.info(t) for t in tensors]
+    tracked = [i for i in infos if i is not None]
+    if len(tracked) != len(infos) or len({i.dim for i in tracked}) != 1:
+        ctx.freeze_inputs(node, f"stack '{node.name}' joins tensors whose channels cannot be matched")
+        return ctx.output(node, None, None)
+    for i in tracked[1:]:
+        ctx.unite(tracked[0].atoms, i.atoms)
+    d = tracked[0].dim
+    names = [t.name for t in tensors]
+    ctx.output(node, ChanInfo(d + 1 if new <= d else d, tracked[0].atoms),
+               lambda z, gm: torch.stack([z[n] for n in names]).all(0))
+
+
+register_rule(torch.stack, aten.stack, channels=stack_rule, zeros="custom", cost="none", name="stack")
+
+
 def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
     src, idx = node.args
     whole = ctx.analysis.infos.get(src.name)
@@ -167,6 +210,44 @@ def aten_index_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 
 register_rule(aten.index, channels=aten_index_rule, zeros="custom", cost="none", name="index (aten)")
+
+
+def gather_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``torch.gather(x, dim, index)`` along a dim other than the channel dim, with an index that spans every
+    channel: output channel ``c`` reads channel ``c`` of ``x`` only, so channels pass through and a zero one
+    stays zero. Thinning selects the kept channels of the index too (``gather_rewrite``)."""
+    x, dim, index = node.args[0], node_arg(node, 1, "dim"), node_arg(node, 2, "index")
+    i, shape, ishape = ctx.info(x), node_shape(x), node_shape(index)
+    if i is None or shape is None or ishape is None or not isinstance(dim, int) or len(ishape) != len(shape) \
+            or ctx.info(index) is not None:
+        return ctx.unsupported(node, "gather by a tracked or shapeless index, or along a computed dim")
+    if dim % len(shape) == i.dim:
+        return ctx.unsupported(node, "gather along the channel dim")
+    if ishape[i.dim] != shape[i.dim]:
+        return ctx.unsupported(node, f"gather whose index spans {ishape[i.dim]} of {shape[i.dim]} channels")
+    ctx.passthrough(node, x, True)
+
+
+def gather_rewrite(gm: fx.GraphModule, node: fx.Node, view: Any) -> None:
+    """The index of a thinned gather keeps the rows of the kept channels: ``index.index_select(c, kept)``."""
+    x, index = node.args[0], node_arg(node, 2, "index")
+    kept, info = view.kept_indices(x), view.info(x)
+    if kept is None or kept.numel() == view.width(x) or not isinstance(index, fx.Node):
+        return
+    device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+    name = f"_kept_{node.name}"
+    gm.register_buffer(name, kept.to(device), persistent=False)
+    with gm.graph.inserting_before(node):
+        keep = gm.graph.get_attr(name)
+        picked = gm.graph.call_function(torch.index_select, (index, info.dim, keep))
+    if len(node.args) > 2:
+        node.args = (*node.args[:2], picked, *node.args[3:])
+    else:
+        node.kwargs = {**node.kwargs, "index": picked}
+
+
+register_rule(torch.gather, "gather", aten.gather, channels=gather_rule, zeros="custom", cost="none",
+              rewrite=gather_rewrite, name="gather")
 
 
 def _expand_ellipsis(idx_t: tuple, ndim: int | None) -> tuple | None:
@@ -474,12 +555,12 @@ register_rule(torch.transpose, torch.swapaxes, "transpose", "swapaxes", aten.tra
               zeros="custom", cost="none", name="transpose")
 register_rule(torch.t, "t", aten.t, channels=t_rule, zeros="custom", cost="none", name="t")
 register_rule("expand", aten.expand, channels=expand_rule, zeros="custom", cost="none", name="expand")
-register_rule("expand_as", channels=expand_as_rule, zeros="custom", cost="none", name="expand_as")
+register_rule("expand_as", aten.expand_as, channels=expand_as_rule, zeros="custom", cost="none", name="expand_as")
 # view / reshape are registered in rules/attention.py, whose rule adds the split into heads and hands every
 # other reshape to ``view_rule``.
 register_rule(torch.flatten, torch.squeeze, torch.unsqueeze, torch.movedim, "flatten", "squeeze", "unsqueeze",
               "movedim", "unflatten", "view_as", "reshape_as", nn.Flatten, nn.Unflatten, aten.flatten, aten.squeeze,
-              aten.unsqueeze, aten.movedim, aten.unflatten, channels=flatten_rule, zeros="custom", cost="none",
+              aten.unsqueeze, aten.movedim, aten.unflatten, aten.view_as, aten.reshape_as, channels=flatten_rule, zeros="custom", cost="none",
               name="flatten")
 
 
@@ -625,7 +706,7 @@ register_rule(getattr, "size", "dim", "numel", "nelement", "ndimension", channel
 # Ops that move or repeat channels in ways the analysis does not follow (a shuffle, a new stacked dim):
 # known and costed, their channels kept.
 register_rule(nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle,
-              torch.stack, torch.narrow, "narrow",
+              torch.narrow, "narrow",
               channels="freeze", cost="none", name="channel-moving op")
 
 
