@@ -10,7 +10,7 @@ from torch import nn
 
 import fxcondensa
 from fxcondensa import RuleFailedError, UnknownOpError, compress, register_rule, thin, unregister_rule
-from fxcondensa.capture.exported.records import thin_record
+from fxcondensa.capture.records import thin_record
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.rules.registry import registered_ops, rule_for_key

@@ -131,11 +131,11 @@ def thin_graph(compressed: fx.GraphModule, inputs: tuple[Any, ...], *, check: bo
     graph order. ``columns`` says whether the head_dim column stage runs: True where a scheme asked for
     columns, False where it did not, None (nobody said) where heads or attention products are found.
     ``check=True`` runs both graphs on ``inputs`` and raises ``ThinningCheckError`` at the first node that
-    differs. The result carries its ``ThinRecord`` (``fxcondensa.capture.exported.records.thin_record``).
+    differs. The result carries its ``ThinRecord`` (``fxcondensa.capture.records.thin_record``).
 
     Example:
         >>> import torch, fxcondensa
-        >>> from fxcondensa.capture.exported.exported import graph_inputs
+        >>> from fxcondensa.capture.exported import graph_inputs
         >>> x = torch.randn(1, 1, 28, 28)
         >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5(), x)
         >>> with torch.no_grad():
@@ -219,7 +219,7 @@ def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
         >>> from fxcondensa.schemes import StructurePrune
         >>> x = torch.randn(1, 1, 28, 28)
         >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), x)
-        >>> from fxcondensa.capture.exported.records import thin_record
+        >>> from fxcondensa.capture.records import thin_record
         >>> again = rethin(fxcondensa.models.LeNet5(), thin_record(small).keep, x)
         >>> again.conv1.weight.shape == small.conv1.weight.shape
         True
