@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _models import state_hash
-from fxcondensa.capture.exported.records import thin_record
+from fxcondensa.capture.records import thin_record
 from torch import nn
 
 import fxcondensa
