@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _models import state_hash
-from fxcondensa.capture.records import thin_record
 from torch import nn
 
 import fxcondensa
 from fxcondensa import thin, trace
+from fxcondensa.capture.records import thin_record
 from fxcondensa.schemes import StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5

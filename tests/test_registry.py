@@ -248,26 +248,3 @@ def test_register_rule_errors_name_the_bad_value():
         register_rule()
     assert rule_for_key(ChannelScale) is None  # nothing was half-registered
 
-
-def test_the_readme_example_runs_as_written():
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Teaching thin a new op", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    try:
-        exec(compile(code, "README.md", "exec"), namespace)
-        before, after, model, x = namespace["before"], namespace["after"], namespace["model"], namespace["x"]
-        assert before.get_submodule("0").out_channels == 16
-        assert any("ChannelScale" in f.reason for f in thin_record(before).frozen)
-        assert after.get_submodule("0").out_channels == 8
-        assert after.get_submodule("1").weight.numel() == 8
-        ref = compress(model, StructurePrune(0.5), x, leaf_modules=[namespace["ChannelScale"]]).eval()
-        with torch.no_grad():
-            fresh = torch.randn(2, 3, 32, 32)
-            torch.testing.assert_close(after.eval()(fresh), ref(fresh), rtol=RTOL, atol=ATOL)
-    finally:
-        if "ChannelScale" in namespace and rule_for_key(namespace["ChannelScale"]) is not None:
-            unregister_rule(namespace["ChannelScale"])
