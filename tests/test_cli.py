@@ -21,6 +21,14 @@ HAS_THIN = hasattr(fxcondensa, "thin") and hasattr(schemes, "StructurePrune")
 needs_thin = pytest.mark.skipif(not HAS_THIN, reason="fxcondensa.thin / StructurePrune not available yet")
 
 
+def seeded(spec, shape, seed=0):
+    """The command's model and example input: the model built after torch.manual_seed(seed), the input drawn
+    from its own generator of that seed."""
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    return model, torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
 def run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -184,9 +192,8 @@ def test_compress_exports_a_checked_file(capsys, tmp_path):
     code, _, err = run(capsys, "compress", "--model", "fxcondensa:LeNet5", "--scheme", "Prune(0.1)",
                        "--export", str(path), "--quiet")
     assert code == 0 and path.is_file() and f"wrote {path}" in err
-    torch.manual_seed(0)  # the command's example input and model come from seed 0, in this order
-    x = torch.randn(1, 1, 28, 28)
-    expected = fxcondensa.compress(build_model("fxcondensa:LeNet5"), schemes.Prune(0.1), x)(x)
+    model, x = seeded("fxcondensa:LeNet5", (1, 1, 28, 28))
+    expected = fxcondensa.compress(model, schemes.Prune(0.1), x)(x)
     torch.testing.assert_close(torch.export.load(str(path)).module()(x), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -218,9 +225,8 @@ def test_thin_resnet18_report_and_torchscript_export(capsys, tmp_path):
     assert "layer1.0.conv1" in out and "MACs" in out and "latency ms" in out and "TOTAL" in out
     assert "frozen channel groups" in out
     assert "thinning with StructurePrune" in err and f"wrote {path}" in err
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, 64, 64)
-    thinned = fxcondensa.thin(build_model("torchvision:resnet18"), schemes.StructurePrune(0.5), x)
+    model, x = seeded("torchvision:resnet18", (1, 3, 64, 64))
+    thinned = fxcondensa.thin(model, schemes.StructurePrune(0.5), x)
     with torch.no_grad():
         torch.testing.assert_close(_jit_load(path)(x), thinned.eval()(x), rtol=1e-4, atol=1e-5)
 
