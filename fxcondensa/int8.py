@@ -149,6 +149,9 @@ def int8_candidates(model: nn.Module) -> tuple[list[str], dict[str, str]]:
         if not isinstance(p, torch.Tensor) or p.ndim != 2 or not p.is_floating_point():
             chosen.remove(name)
             left[name] = "not a 2-D float weight"
+        elif p.shape[1] < 2:  # torchao 0.18 fails to reshape the scales of a one-column weight
+            chosen.remove(name)
+            left[name] = "one input feature (torchao's per-row int8 cannot quantize a one-column weight)"
     return chosen, left
 
 

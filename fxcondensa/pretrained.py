@@ -13,14 +13,14 @@ write leaves no half-written directory under the target's name.
 
 Example:
     >>> import tempfile, torch, transformers, fxcondensa
-    >>> from fxcondensa.schemes import Prune
     >>> config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
     ...                                  intermediate_size=32)
     >>> bert = transformers.BertModel(config).eval()
     >>> x = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
-    >>> folder = tempfile.mkdtemp() + "/pruned"
-    >>> _ = save_pretrained_like(fxcondensa.compress(bert, Prune(0.5), x), bert, folder)
-    >>> fxcondensa.density(transformers.BertModel.from_pretrained(folder)) < 0.6
+    >>> same = fxcondensa.thin(bert, None, x)  # no channel is zero: nothing is removed, every shape stays
+    >>> folder = save_pretrained_like(same, bert, tempfile.mkdtemp() + "/bert")
+    >>> again = transformers.BertModel.from_pretrained(folder).eval()
+    >>> torch.equal(again(**x).last_hidden_state, bert(**x).last_hidden_state)
     True
 """
 
@@ -35,6 +35,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import FxCondensaError
+from .sources import quiet_transformers
 
 __all__ = ["save_pretrained_like", "SavePretrainedError"]
 
@@ -78,7 +79,14 @@ def save_pretrained_like(result: nn.Module, original: nn.Module, folder: str | o
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        copy_.save_pretrained(tmp)
+        with quiet_transformers():
+            copy_.save_pretrained(tmp)
+        # mkdtemp makes the folder private (and writers may make files so): give them normal modes
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
         old = None
         if target.exists():  # overwrite: move the old one aside first, delete it once the new one is in place
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))

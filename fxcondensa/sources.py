@@ -27,6 +27,8 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +178,21 @@ def _from_file(path: Path, factory: str) -> nn.Module:
 
 
 # -- Hugging Face directories -----------------------------------------------------------------------------
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars for a while (loading, saving): the command shows its own progress."""
+    import transformers
+
+    logging = transformers.utils.logging
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
 def _hf_dir_error(folder: Path) -> ModelSpecError:
     """A missing directory: most often a Hub name, which we do not download."""
     parent = folder.parent if str(folder.parent) else Path(".")
@@ -185,6 +202,15 @@ def _hf_dir_error(folder: Path) -> ModelSpecError:
         f"--model hf:{folder}: no directory {folder}{hint}. hf: takes a local directory written by "
         "save_pretrained (config.json and *.safetensors); nothing is downloaded. For a Hub model, download it "
         f"first (huggingface-cli download NAME --local-dir DIR) and pass hf:DIR")
+
+
+def _hf_build(auto: Any, folder: Path, config: Any) -> tuple[nn.Module, str]:
+    """The model with the directory's safetensors weights, or random weights (and a note) for a config alone."""
+    if any(folder.glob("*.safetensors")):
+        return auto.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True,
+                                    trust_remote_code=False, dtype=torch.float32), ""
+    # a config alone: the architecture with random weights, as for torchvision: and timm:
+    return auto.from_config(config, dtype=torch.float32), f"{folder} has no *.safetensors weights: random weights"
 
 
 def _hf_source(spec: str, folder: Path) -> Source:
@@ -209,23 +235,15 @@ def _hf_source(spec: str, folder: Path) -> Source:
     arch = (getattr(config, "architectures", None) or [""])[0]
     auto_name = next((auto for suffix, auto in _HEADS if arch.endswith(suffix)), "AutoModel")
     auto = getattr(transformers, auto_name)
-    has_safetensors = any(folder.glob("*.safetensors"))
     pickled = [p.name for p in folder.glob("*.bin")]
-    note = ""
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise ModelSpecError(
+            f"--model {spec}: {folder} holds weights only as {', '.join(pickled)} (pickles, which fxcondensa "
+            "does not load); save them as safetensors (model.save_pretrained(DIR)), or pass --weights FILE")
     try:
-        if has_safetensors:
-            model = auto.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True,
-                                         trust_remote_code=False, dtype=torch.float32)
-        elif pickled:
-            raise ModelSpecError(
-                f"--model {spec}: {folder} holds weights only as {', '.join(pickled)} (pickles, which fxcondensa "
-                "does not load); save them as safetensors (model.save_pretrained(DIR)), or pass --weights FILE")
-        else:  # a config alone: the architecture with random weights, as for torchvision: and timm:
-            model = auto.from_config(config, dtype=torch.float32)
-            note = f"{folder} has no *.safetensors weights: the model has random weights"
+        with quiet_transformers():
+            model, note = _hf_build(auto, folder, config)
     except ValueError as exc:  # the config's head is not one the Auto class builds
-        if isinstance(exc, ModelSpecError):
-            raise
         raise ModelSpecError(f"--model {spec}: {auto_name} cannot build {arch or config.model_type} from "
                              f"{folder}/config.json ({(str(exc).splitlines() or [''])[0]})") from exc
     if auto_name == "AutoModel" and arch:
