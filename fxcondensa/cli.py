@@ -232,7 +232,9 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _inputs(args: argparse.Namespace, source: Source, parser: argparse.ArgumentParser) -> Any:
-    kind = args.input_kind or ("tokens" if args.seq_len else source.input_kind)
+    # An hf: model says what it takes; for other models --seq-len means token inputs.
+    known = source.input_kind if source.keywords else None
+    kind = args.input_kind or known or ("tokens" if args.seq_len else source.input_kind)
     if args.seq_len and kind != "tokens":
         parser.error(f"--seq-len {args.seq_len}: {args.model} takes {kind} inputs, not token ids; give --input-shape")
     shape = args.input_shape or ((1, args.seq_len) if args.seq_len else None)
