@@ -20,6 +20,7 @@ from .errors import (
 )
 from .footprint import footprint
 from .graph import trace
+from .int8 import quantize_int8
 from .latency import measure_latency
 from .passes.thin import thin
 from .recipe import load_thinned, save_thinned
@@ -56,6 +57,7 @@ __all__ = [
     "measure_latency",
     "models",
     "opt",
+    "quantize_int8",
     "register_rule",
     "report",
     "save_compressed",
