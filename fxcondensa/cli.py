@@ -247,14 +247,15 @@ def _inputs(args: argparse.Namespace, source: Source, parser: argparse.ArgumentP
     return example_inputs(source, shape, kind=kind, generator=torch.Generator().manual_seed(args.seed))
 
 
-def _int8_line(result: nn.Module, quantized: nn.Module, mode: str) -> str:
+def _int8_line(result: nn.Module, quantized: nn.Module, mode: str, what: str) -> str:
     names, left = int8_.int8_candidates(result)
     before = sum(stored_bytes(p) for p in result.parameters())
     after = sum(stored_bytes(p) for p in quantized.parameters())
     others = f", {len(left)} Linear weights left float ({'; '.join(f'{k}: {v}' for k, v in list(left.items())[:3])})" \
         if left else ""
     return (f"int8 ({mode}): {len(names)} Linear weights stored in int8{others}; convolutions and other layers "
-            f"stay float; parameter bytes {before} -> {after} ({before / max(after, 1):.2f}x smaller)")
+            f"stay float; the {what} model's parameter bytes {before} -> {after} ({before / max(after, 1):.2f}x "
+            "smaller)")
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -325,7 +326,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                   + "; ".join(f"{g.get('group')}: {g.get('reason')}" for g in frozen[:5])
                   + ("; ..." if len(frozen) > 5 else ""))
     if args.int8 and not args.json:
-        print(_int8_line(floating, result, args.int8))
+        print(_int8_line(floating, result, args.int8, "thinned" if thinning else "compressed"))
     for line in written:
         print(line, file=sys.stderr)
     return 0
