@@ -11,6 +11,7 @@ from . import functional, models, opt, schemes
 from .capture.graph import trace
 from .capture.records import thin_record
 from .compression.apply import compress, density, layer_densities
+from .compression.int8 import quantize_int8
 from .compression.thinning import thin
 from .errors import (
     ExampleInputError,
@@ -60,6 +61,7 @@ __all__ = [
     "measure_latency",
     "models",
     "opt",
+    "quantize_int8",
     "register_rule",
     "report",
     "save_compressed",

@@ -6,11 +6,20 @@ Examples::
         --input-shape 1,3,224,224 --report --export r18.pt
     fxcondensa compress --model fxcondensa:LeNet5 --scheme "Compose([Prune(0.007), Quantize(float16)])"
     fxcondensa report --model fxcondensa:LeNet5 --scheme "StructurePrune(0.3)" --thin --json
+    fxcondensa thin --model timm:convnext_tiny --scheme "StructurePrune(0.5)" --report --save c.fxt
+    fxcondensa thin --model hf:my-bert/ --scheme "StructurePrune(0.5)" --seq-len 64 --int8 dynamic \\
+        --save bert.fxt --export bert.pt2
 
 ``--scheme`` is parsed with ``ast`` into calls of the scheme classes with literal arguments; nothing in it
-is evaluated as Python. ``--model`` names a torchvision model (built with ``weights=None``: no download),
-a model of ``fxcondensa.models``, or a factory function in a Python file (that file is imported: it is your
-code, run as such).
+is evaluated as Python. ``--model`` names a torchvision or timm model (random weights: nothing is
+downloaded), a local Hugging Face directory, a model of ``fxcondensa.models``, or a factory function in a
+Python file (that file is imported: it is your code, run as such); ``--weights`` loads a state dict into it
+(``fxcondensa.files.sources``). The example input is random: the model is built after ``torch.manual_seed(seed)``,
+then the input is drawn from ``torch.Generator().manual_seed(seed)``.
+
+``--int8`` quantizes the result's Linear layers with torchao (``fxcondensa.compression.int8``); ``--save`` then writes
+the float result (``save_thinned`` / ``save_compressed``: quantize again after loading), ``--export`` (.pt2
+only) the int8 one.
 
 Exit codes: 0 done; 1 the work failed (the message says why); 2 bad arguments (with the usage line).
 """
@@ -32,31 +41,39 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__, models, schemes
+from . import __version__, schemes
 from .compression.apply import compress
+from .compression.apply import int8 as int8_
 from .compression.thinning import thin
 from .errors import ExampleInputError
 from .files import export as exporting
+from .files.pretrained import save_pretrained_like
+from .files.recipe import save_thinned
+from .files.serialize import save_compressed
+from .files.sources import (
+    INPUT_KINDS,
+    MODEL_FORMS,
+    ModelSpecError,
+    Source,
+    build_model,
+    example_inputs,
+    load_source,
+)
 from .measure.footprint import footprint
 from .measure.report import frozen_groups, report
 from .passes.costs import profile_costs
+from .passes.storage import stored_bytes
 
-__all__ = ["main", "parse_scheme", "parse_input_shape", "build_model", "SCHEME_NAMES", "SchemeSyntaxError"]
+__all__ = ["main", "parse_scheme", "parse_input_shape", "build_model", "SCHEME_NAMES", "SchemeSyntaxError",
+           "ModelSpecError"]
 
 SCHEME_NAMES = ("Prune", "Quantize", "BlockPrune", "Compose", "StructurePrune", "FilterPrune", "NeuronPrune")
 _CONSTANT_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _MAX_SCHEME_LENGTH = 2000
-_MODEL_FORMS = "torchvision:NAME (e.g. torchvision:resnet18), fxcondensa:NAME (e.g. fxcondensa:LeNet5) or " \
-               "path/to/file.py:factory"
-_DEFAULT_SHAPES = {"fxcondensa:LeNet5": (1, 1, 28, 28)}
 
 
 class SchemeSyntaxError(ValueError):
     """A ``--scheme`` expression that is not a call of the scheme classes with literal arguments."""
-
-
-class ModelSpecError(ValueError):
-    """A ``--model`` that names no model we can build."""
 
 
 # ----------------------------------------------------------------------------------------------- schemes
@@ -140,73 +157,7 @@ def parse_scheme(text: str) -> Any:
         raise _scheme_error(None, "the scheme expression is nested too deeply") from exc
 
 
-# ------------------------------------------------------------------------------------------------ models
-
-def _torchvision_names() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models())
-
-
-def _fxcondensa_names() -> list[str]:
-    return list(models.__all__)
-
-
-def _unknown(kind: str, name: str, known: list[str], prefix: str) -> ModelSpecError:
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-    hint = f"; close matches: {', '.join(prefix + c for c in close)}" if close else ""
-    return ModelSpecError(f"unknown {kind} model {name!r}{hint}. Models are named {_MODEL_FORMS}")
-
-
-def build_model(spec: str) -> nn.Module:
-    """Build the model a ``--model`` argument names, in eval mode.
-
-    Example:
-        >>> type(build_model("fxcondensa:LeNet5")).__name__
-        'LeNet5'
-    """
-    head, sep, name = spec.rpartition(":")
-    if head == "torchvision":
-        known = _torchvision_names()
-        if name not in known:
-            raise _unknown("torchvision", name, known, "torchvision:")
-        import torchvision
-
-        return torchvision.models.get_model(name, weights=None).eval()
-    if head == "fxcondensa":
-        known = _fxcondensa_names()
-        if name not in known:
-            raise _unknown("fxcondensa", name, known, "fxcondensa:")
-        return getattr(models, name)().eval()
-    if sep and head.endswith(".py"):
-        return _from_file(Path(head), name).eval()
-    # A bare name: guess what was meant from every model we know.
-    known = [f"torchvision:{n}" for n in _torchvision_names()] + [f"fxcondensa:{n}" for n in _fxcondensa_names()]
-    close = difflib.get_close_matches(spec, known, n=5, cutoff=0.5)
-    close += [k for k in known if k.split(":", 1)[1] == spec and k not in close]
-    hint = f"; close matches: {', '.join(close)}" if close else ""
-    raise ModelSpecError(f"cannot tell which model {spec!r} is{hint}. Models are named {_MODEL_FORMS}")
-
-
-def _from_file(path: Path, factory: str) -> nn.Module:
-    if not path.is_file():
-        raise ModelSpecError(f"no file {path} (from --model {path}:{factory}); models are named {_MODEL_FORMS}")
-    spec = importlib.util.spec_from_file_location(f"_fxcondensa_user_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ModelSpecError(f"cannot import {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fn = getattr(module, factory, None)
-    if not callable(fn):
-        found = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        close = difflib.get_close_matches(factory, found, n=5, cutoff=0.5)
-        hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise ModelSpecError(f"{path} has no function {factory!r}{hint}")
-    model = fn()
-    if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"{path}:{factory}() returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
+# ------------------------------------------------------------------------------------------------ inputs
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``; argparse turns errors into exit 2."""
@@ -254,29 +205,76 @@ def _summary(before: nn.Module, after: nn.Module, x: torch.Tensor, what: str) ->
             f"MACs {ma} -> {mb} ({ma / max(mb, 1):.2f}x fewer)")
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    shape = args.input_shape or _DEFAULT_SHAPES.get(args.model)
-    if shape is None and args.model.startswith("torchvision:"):
-        shape = (1, 3, 224, 224)
-    if shape is None:
-        parser.error(f"--input-shape is needed for {args.model} (e.g. --input-shape 1,3,224,224)")
-    args.input_shape = shape
+def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse, before any work, what would fail once the model is thinned: formats, existing files, extras."""
     if args.export:
         if Path(args.export).suffix.lower() not in exporting.FORMATS:
             parser.error(f"--export {args.export}: use a suffix among {', '.join(exporting.FORMATS)} "
                          "(.pt TorchScript, .pt2 torch.export, .onnx ONNX)")
-        if Path(args.export).exists() and not args.overwrite:
-            parser.error(f"--export {args.export} already exists; pass --overwrite to replace it")
+        if args.int8 and Path(args.export).suffix.lower() != ".pt2":
+            parser.error(f"--export {args.export} with --int8: int8 models export to .pt2 only (torch.export keeps "
+                         "torchao's int8 tensors; TorchScript and ONNX cannot hold them)")
+    for flag in ("export", "save", "save_pretrained"):
+        path = getattr(args, flag, None)
+        if path and Path(path).exists() and not args.overwrite:
+            parser.error(f"--{flag.replace('_', '-')} {path} already exists; pass --overwrite to replace it")
+    if getattr(args, "save_pretrained", None) and not args.model.startswith("hf:"):
+        parser.error(f"--save-pretrained {args.save_pretrained}: only a model loaded with --model hf:DIR can be "
+                     f"written back with save_pretrained (--model is {args.model}); use --save or --export")
+    if args.seq_len and args.input_shape:
+        parser.error(f"--seq-len {args.seq_len} and --input-shape {','.join(map(str, args.input_shape))}: give "
+                     "one (for token inputs, --input-shape N,L is batch N of sequence length L)")
+    if args.int8:
+        try:
+            int8_.require_torchao()
+        except int8_.TorchaoMissingError as exc:
+            parser.error(f"--int8 {args.int8}: {exc}")
+
+
+def _inputs(args: argparse.Namespace, source: Source, parser: argparse.ArgumentParser) -> Any:
+    # An hf: model says what it takes; for other models --seq-len means token inputs.
+    known = source.input_kind if source.keywords else None
+    kind = args.input_kind or known or ("tokens" if args.seq_len else source.input_kind)
+    if args.seq_len and kind != "tokens":
+        parser.error(f"--seq-len {args.seq_len}: {args.model} takes {kind} inputs, not token ids; give --input-shape")
+    shape = args.input_shape or ((1, args.seq_len) if args.seq_len else None)
+    if shape is None and kind == source.input_kind:
+        shape = source.input_shape
+    if shape is None:
+        example = "--seq-len 128 (or --input-shape 1,128)" if kind == "tokens" else "--input-shape 1,3,224,224"
+        parser.error(f"--input-shape is needed for {args.model} (e.g. {example})")
+    args.input_shape = shape
+    return example_inputs(source, shape, kind=kind, generator=torch.Generator().manual_seed(args.seed))
+
+
+def _int8_line(result: nn.Module, quantized: nn.Module, mode: str, what: str) -> str:
+    names, left = int8_.int8_candidates(result)
+    before = sum(stored_bytes(p) for p in result.parameters())
+    after = sum(stored_bytes(p) for p in quantized.parameters())
+    others = f", {len(left)} Linear weights left float ({'; '.join(f'{k}: {v}' for k, v in list(left.items())[:3])})" \
+        if left else ""
+    return (f"int8 ({mode}): {len(names)} Linear weights stored in int8{others}; convolutions and other layers "
+            f"stay float; the {what} model's parameter bytes {before} -> {after} ({before / max(after, 1):.2f}x "
+            "smaller)")
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _check_outputs(args, parser)
     thinning = args.command == "thin" or getattr(args, "thin", False)
     want_report = args.command == "report" or args.report or args.json
+    save, save_pretrained = getattr(args, "save", None), getattr(args, "save_pretrained", None)
 
-    steps = 2 + int(want_report) + int(bool(args.export))
+    steps = 2 + sum(map(bool, (want_report, args.export, args.int8, save, save_pretrained)))
     progress = _Progress(steps, args.quiet)
     torch.manual_seed(args.seed)
-    x = torch.randn(shape)
+    written: list[str] = []
     try:
         with progress.step(f"building {args.model}"):
-            model = build_model(args.model)
+            source = load_source(args.model, weights=args.weights)
+        model = source.model
+        if source.note:
+            print(f"note: {source.note}", file=sys.stderr)
+        x = _inputs(args, source, parser)
         leaf_modules = tuple(args.leaf_module)
         if thinning:
             with progress.step(f"thinning with {type(args.scheme).__name__ if args.scheme else 'the zeros in the model'}"):
@@ -284,14 +282,32 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else:
             with progress.step(f"compressing with {type(args.scheme).__name__}"):
                 result = compress(model, args.scheme, x, leaf_modules=leaf_modules)
+        floating = result
+        if args.int8:
+            with progress.step(f"quantizing Linear layers to int8 ({args.int8})"):
+                result = int8_.quantize_int8(floating, mode=args.int8)
         rep = None
         if want_report:
             with progress.step("measuring layers" + ("" if args.no_latency else " and latency")):
                 rep = report(model, result, x, latency=not args.no_latency, repeat=args.repeat,
                              leaf_modules=leaf_modules)
+        if save_pretrained:  # first: it is the output most likely to be refused (a thinned width)
+            with progress.step(f"writing {save_pretrained} with save_pretrained"):
+                save_pretrained_like(floating, model, save_pretrained, overwrite=args.overwrite)
+            written.append(f"wrote {save_pretrained} (save_pretrained; load it with from_pretrained)")
+        if save:
+            with progress.step(f"saving to {save}"):
+                writer = save_thinned if thinning else save_compressed
+                writer(floating, save, overwrite=args.overwrite)
+            loader = "fxcondensa.load_thinned(path, factory)" if thinning else "fxcondensa.load_compressed(path, model)"
+            written.append(f"wrote {save} ({writer.__name__}; load it with {loader}"
+                           + ("; the float model: apply quantize_int8 again after loading)" if args.int8 else ")"))
         if args.export:
             with progress.step(f"exporting to {args.export}"):
-                written = exporting.export(result, args.export, x, overwrite=args.overwrite)
+                exporting.export(result, args.export, x, overwrite=args.overwrite)
+            what = f"int8 {'thinned' if thinning else 'compressed'}" if args.int8 else \
+                ("thinned" if thinning else "compressed")
+            written.append(f"wrote {args.export} (checked against the {what} model's outputs)")
     finally:
         progress.close()
 
@@ -300,18 +316,19 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif rep is not None:
         print(rep)
     else:
-        print(_summary(model, result, x, "thinned" if thinning else "compressed"))
+        print(_summary(model, floating, x, "thinned" if thinning else "compressed"))
         if args.command == "compress":
-            fa, fb = footprint(model), footprint(result)
+            fa, fb = footprint(model), footprint(floating)
             print(f"footprint (non-zero values x storage bytes): {fa} -> {fb} bytes ({fa / max(fb, 1):.1f}x smaller)")
-        frozen = frozen_groups(result)
+        frozen = frozen_groups(floating)
         if frozen:
             print(f"{len(frozen)} frozen channel groups (kept whole): "
                   + "; ".join(f"{g.get('group')}: {g.get('reason')}" for g in frozen[:5])
                   + ("; ..." if len(frozen) > 5 else ""))
-    if args.export:
-        print(f"wrote {written} (checked against the {'thinned' if thinning else 'compressed'} model's outputs)",
-              file=sys.stderr)
+    if args.int8 and not args.json:
+        print(_int8_line(floating, result, args.int8, "thinned" if thinning else "compressed"))
+    for line in written:
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -330,14 +347,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     subs: dict[str, argparse.ArgumentParser] = {}
     for name, text in helps.items():
         p = subs[name] = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--model", required=True, metavar="SPEC", help=f"the model: {_MODEL_FORMS}")
+        p.add_argument("--model", required=True, metavar="SPEC", help=f"the model: {MODEL_FORMS}")
         p.add_argument("--scheme", required=name != "thin", type=_scheme_arg, metavar="EXPR",
                        help=f"scheme expression over {', '.join(SCHEME_NAMES)}, e.g. \"StructurePrune(0.5)\""
                        + (" (without one, thin removes the channels that are already zero)" if name == "thin"
                           else ""))
+        p.add_argument("--weights", metavar="FILE",
+                       help="a state dict to load into the model: torch.save file (read with weights_only=True) "
+                            "or .safetensors")
         p.add_argument("--input-shape", type=parse_input_shape, metavar="N,C,H,W",
-                       help="shape of the random example input (default: 1,1,28,28 for fxcondensa:LeNet5, "
-                            "1,3,224,224 for torchvision models)")
+                       help="shape of the random example input (default: the model's own: 1,1,28,28 for "
+                            "fxcondensa:LeNet5, 1,3,224,224 for torchvision, the pretrained_cfg size for timm, "
+                            "from the config for hf); N,L for token ids")
+        p.add_argument("--input-kind", choices=INPUT_KINDS,
+                       help="float: random normal values (the default); tokens: random token ids below the "
+                            "vocabulary size (hf: text models take them by default)")
+        p.add_argument("--seq-len", type=_positive_int, metavar="L",
+                       help="token inputs of one sequence of length L (default for hf text models: 128, or the "
+                            "model's maximum if smaller)")
+        p.add_argument("--int8", choices=int8_.MODES,
+                       help="then quantize the result's Linear layers to int8 with torchao (weight_only, or "
+                            "dynamic int8 activations too); convolutions stay float. Needs the torchao extra")
         p.add_argument("--seed", type=int, default=0, help="seed of the random example input (default 0)")
         p.add_argument("--leaf-module", action="append", default=[], type=_module_class, metavar="MODULE.CLASS",
                        help="a module class torch.fx keeps as one opaque call (its channels are frozen), e.g. "
@@ -345,14 +375,20 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         if name == "report":
             p.add_argument("--thin", action="store_true", help="compare with the thinned model")
             p.add_argument("--json", action="store_true", help="print the report as JSON")
-            p.set_defaults(report=True, export=None, overwrite=False)
+            p.set_defaults(report=True, export=None, overwrite=False, save=None, save_pretrained=None)
         else:
             shown = p.add_mutually_exclusive_group()
             shown.add_argument("--report", action="store_true", help="print the per-layer table")
             shown.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
             p.add_argument("--export", metavar="PATH",
                            help="write the result: .pt TorchScript, .pt2 torch.export, .onnx ONNX")
-            p.add_argument("--overwrite", action="store_true", help="replace an existing --export file")
+            p.add_argument("--save", metavar="PATH",
+                           help="save the float result in fxcondensa's reloadable format: save_thinned (thin; "
+                                "e.g. out.fxt) or save_compressed (compress; e.g. out.fxc)")
+            p.add_argument("--save-pretrained", metavar="DIR",
+                           help="hf: models only: write the result as a Hugging Face directory (save_pretrained); "
+                                "refused where thinning changed layer widths, which a config cannot describe")
+            p.add_argument("--overwrite", action="store_true", help="replace existing --export/--save files")
         if name in ("thin", "report"):
             p.add_argument("--no-check", action="store_true",
                            help="skip thin's check that the thinned model matches the compressed one")
@@ -412,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ModelSpecError as exc:
             sub.error(str(exc))
         except ExampleInputError as exc:
-            sub.error(f"--input-shape {','.join(map(str, args.input_shape))}: {exc}")
+            shape = ",".join(map(str, args.input_shape or ()))
+            kind = f" (--input-kind {args.input_kind})" if args.input_kind else ""
+            sub.error(f"--input-shape {shape}{kind}: {exc}")
     except SystemExit as exc:  # argparse reports usage errors (2) and --help (0) by exiting
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:

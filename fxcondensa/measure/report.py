@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
@@ -30,7 +31,9 @@ from ..capture.exported import split_inputs
 from ..capture.graph import trace
 from ..capture.records import META
 from ..files.recipe import thinning_record
+from ..passes.annotate import annotations
 from ..passes.costs import NodeCost, profile_costs
+from ..passes.storage import layer_storage, stored_bytes
 from .latency import BACKENDS, NodeLatency, compare_latency, deployment_latency, node_latency
 
 __all__ = ["report", "Report", "LayerRow", "frozen_groups"]
@@ -46,7 +49,9 @@ class LayerRow:
     original's non-zero parameters (pruned zeros and removed channels both lower it; zeros the original
     already had, such as freshly initialised biases, do not). ``None`` for layers without parameters. Latencies are per-node medians
     in milliseconds, ``None`` when latency was not measured. ``frozen`` holds the reasons of the frozen
-    channel groups this layer belongs to ("" when none).
+    channel groups this layer belongs to ("" when none). ``storage_before`` / ``storage_after`` name the
+    dtype the layer's weight is stored in (``"float32"``, ``"float16"`` under Quantize, ``"int8"`` after
+    ``quantize_int8``; ``fxcondensa.passes.storage.layer_storage``), ``None`` for layers without parameters.
     """
 
     layer: str
@@ -64,6 +69,8 @@ class LayerRow:
     latency_before_ms: float | None
     latency_after_ms: float | None
     frozen: str = ""
+    storage_before: str | None = None
+    storage_after: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -131,12 +138,23 @@ class Report:
         table.append(["TOTAL", "", "", "", _pair(t["params_before"], t["params_after"], _human),
                       f"{t['density']:.3f}", _pair(t["macs_before"], t["macs_after"], _human),
                       _pair(_get(t, "latency_before", "median_ms"), _get(t, "latency_after", "median_ms"), _ms)])
+        # The storage column only where some weight is stored other than in float32 (Quantize, int8): in an
+        # all-float32 comparison it would repeat one word on every row.
+        if any(d not in (None, "float32") for r in self.rows for d in (r.storage_before, r.storage_after)):
+            headers.insert(5, "storage")
+            for r, line in zip(self.rows, table, strict=False):
+                line.insert(5, "" if r.storage_before is None and r.storage_after is None
+                            else _pair(r.storage_before, r.storage_after, str))
+            table[-1].insert(5, "")
         lines = [f"left whole: {self.whole_reason}", ""] if self.whole_reason else []
         lines += [tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True), ""]
         lines.append(f"parameters: {t['params_before']} -> {t['params_after']} ({_ratio(t['params_ratio'])} smaller), "
                      f"non-zero {t['nonzero_params_before']} -> {t['nonzero_params_after']} "
                      f"(density {t['density']:.4f})")
         lines.append(f"MACs: {t['macs_before']} -> {t['macs_after']} ({_ratio(t['macs_ratio'])} fewer)")
+        if "storage" in headers:
+            a, b = t.get("param_bytes_before"), t.get("param_bytes_after")
+            lines.append(f"parameter bytes as stored: {a} -> {b} ({_ratio(_safe_div(a, b))} smaller)")
         if t.get("flop_target"):
             ft = t["flop_target"]
             lines.append(f"MAC target: {ft['target']:.3f} of the dense MACs; the scheme's search reached "
@@ -231,6 +249,7 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
     tracing = {"leaf_modules": leaf_modules, "concrete_args": concrete_args}
     gm_a, gm_b = trace(original, inputs, **tracing), trace(other, inputs, **tracing)
     costs_a, costs_b = profile_costs(gm_a), profile_costs(gm_b)
+    storage_a, storage_b = layer_storage(gm_a), layer_storage(gm_b)
     lat_a: NodeLatency | None = None
     lat_b: NodeLatency | None = None
     if latency:
@@ -250,7 +269,7 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
     names_a = {c.name for c in costs_a}
     pairs: list[tuple[NodeCost | None, NodeCost | None]] = [(c, by_name_b.get(c.name)) for c in costs_a]
     pairs += [(None, c) for c in costs_b if c.name not in names_a]
-    rows = [_row(a, b, lat_a, lat_b, reasons) for a, b in pairs]
+    rows = [_row(a, b, lat_a, lat_b, reasons, storage_a, storage_b) for a, b in pairs]
 
     p_a, p_b = sum(c.params for c in costs_a), sum(c.params for c in costs_b)
     nz_a, nz_b = sum(c.nonzero_params for c in costs_a), sum(c.nonzero_params for c in costs_b)
@@ -259,6 +278,8 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
         "params_before": p_a, "params_after": p_b, "params_ratio": _safe_div(p_a, p_b),
         "nonzero_params_before": nz_a, "nonzero_params_after": nz_b, "density": nz_b / nz_a if nz_a else 1.0,
         "macs_before": m_a, "macs_after": m_b, "macs_ratio": _safe_div(m_a, m_b),
+        # bytes of the parameters in their storage dtypes (int8 values plus their scales once quantized)
+        "param_bytes_before": _param_bytes(gm_a), "param_bytes_after": _param_bytes(gm_b),
         "latency_before": lat_a.whole.to_dict() if lat_a else None,
         "latency_after": lat_b.whole.to_dict() if lat_b else None,
         "layer_latency_sum_before_ms": lat_a.sum_ms if lat_a else None,
@@ -284,6 +305,13 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
     return Report(rows=rows, totals=totals, frozen=frozen, notes=notes,
                   input_shapes=[tuple(t.shape) for t in _tensors(inputs)],
                   whole_reason=rec.whole_reason if rec is not None else None)
+
+
+def _param_bytes(gm: nn.Module) -> int:
+    annotated = {n: a.dtype for n, a in annotations(gm).items() if a.dtype is not None} \
+        if isinstance(gm, fx.GraphModule) else {}
+    return sum(p.numel() * annotated[n].itemsize if n in annotated else stored_bytes(p)
+               for n, p in gm.named_parameters())
 
 
 def _tensors(example_inputs: Any) -> list[torch.Tensor]:
@@ -324,7 +352,7 @@ def _first_input(c: NodeCost | None) -> Shape | None:
 
 
 def _row(a: NodeCost | None, b: NodeCost | None, lat_a: NodeLatency | None, lat_b: NodeLatency | None,
-         reasons: dict[str, list[str]]) -> LayerRow:
+         reasons: dict[str, list[str]], storage_a: dict[str, str], storage_b: dict[str, str]) -> LayerRow:
     some = a or b
     assert some is not None
     types = some.type if not (a and b) or a.type == b.type else f"{a.type} -> {b.type}"
@@ -340,4 +368,5 @@ def _row(a: NodeCost | None, b: NodeCost | None, lat_a: NodeLatency | None, lat_
         latency_before_ms=lat_a.per_node_ms.get(a.name) if lat_a and a else None,
         latency_after_ms=lat_b.per_node_ms.get(b.name) if lat_b and b else None,
         frozen="; ".join(dict.fromkeys(reasons.get(some.layer, []))),
+        storage_before=storage_a.get(a.name) if a else None, storage_after=storage_b.get(b.name) if b else None,
     )

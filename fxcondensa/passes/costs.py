@@ -40,6 +40,7 @@ from .. import rules
 from ..capture.graph import trace
 from ..rules import registry
 from ..rules.registry import CostCall
+from .storage import count_nonzero as _count_nonzero
 
 __all__ = ["NodeCost", "profile_costs", "node_cost", "layer_name"]
 
@@ -134,7 +135,8 @@ def profile_costs(model: nn.Module, example_inputs: Any = None, *,
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel()
-                nonzero += int(p.count_nonzero()) if count_nonzero else 0
+                # a quantized weight (torchao) counts its stored integers: it has no count_nonzero of its own
+                nonzero += _count_nonzero(p) if count_nonzero else 0
         return total, nonzero
 
     costs: list[NodeCost] = []
