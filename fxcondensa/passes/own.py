@@ -67,6 +67,8 @@ def _same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(map(_same, a, b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, slice) and isinstance(b, slice):
+        return _same((a.start, a.stop, a.step), (b.start, b.stop, b.step))
     return type(a) is type(b) and a == b
 
 
@@ -75,6 +77,8 @@ def _literals(before: Any, after: Any) -> list[tuple[Any, Any]]:
     counts as (the node, literal)."""
     if isinstance(before, (list, tuple)) and isinstance(after, (list, tuple)) and len(before) == len(after):
         return [p for a, b in zip(before, after, strict=True) for p in _literals(a, b)]
+    if isinstance(before, slice) and isinstance(after, slice):
+        return _literals((before.start, before.stop, before.step), (after.start, after.stop, after.step))
     return [] if _same(before, after) else [(before, after)]
 
 
@@ -173,14 +177,23 @@ def own_model(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphMod
             changed.update(n.rpartition(".")[0] for n in names)
     result = copy.deepcopy(model, memo)
     dense_modules = dict(compressed.named_modules())
-    for path, m in thinned.named_modules():  # modules the pass swapped (a width-preserving norm, attention)
-        if path and path in dense_modules and type(m) is not type(dense_modules[path]):
+    for path, m in thinned.named_modules():
+        if not path or path not in dense_modules:
+            continue
+        if type(m) is not type(dense_modules[path]):  # swapped by the pass (a width-preserving norm, attention)
             _set_module(result, path, m)
             changed.add(path)
+        elif path in changed:
+            _copy_sizes(m, dense_modules[path], result.get_submodule(path))
+    nodes = {n.name: n for n in thinned.graph.nodes}
     for e in edits:
         if e.blocking:
             continue
-        node = next(n for n in thinned.graph.nodes if n.name == e.node)
+        node = nodes[e.node]
+        if node.target in _CONVS and e.owner:  # a grouped conv of a torch.export capture: its group count
+            conv = result.get_submodule(e.owner)
+            if isinstance(conv, nn.modules.conv._ConvNd) and len(node.args) > 6 and isinstance(node.args[6], int):
+                conv.groups = node.args[6]
         if node.target in _FORMS:
             width = node.args[1] if node.target is not fxnn.mean_width else node.args[3]
             owner = result.get_submodule(e.owner)
@@ -192,6 +205,18 @@ def own_model(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphMod
             changed.add(e.owner)
     _follow(result, changed)
     return result
+
+
+_CONVS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)
+_SIZES = (int, float, bool, tuple)
+
+
+def _copy_sizes(thinned: nn.Module, dense: nn.Module, target: nn.Module) -> None:
+    """The size attributes the pass set on a module of a torch.fx capture (``groups`` of a depthwise conv,
+    ``out_channels``, ...): plain values that changed, copied to the user's module."""
+    for key, value in thinned.__dict__.items():
+        if isinstance(value, _SIZES) and key in dense.__dict__ and dense.__dict__[key] != value:
+            target.__dict__[key] = value
 
 
 def _lookup(model: nn.Module, name: str) -> torch.Tensor:
@@ -255,7 +280,8 @@ def _call_graph(compressed: fx.GraphModule, module: nn.Module) -> fx.GraphModule
     """A graph with ``compressed``'s placeholders that calls ``module``'s own forward on them: what the
     thinning check runs in place of the thinned graph."""
     graph = fx.Graph()
-    holders = [graph.placeholder(n.name) for n in compressed.graph.nodes if n.op == "placeholder"]
+    holders = [graph.placeholder(n.name, default_value=n.args[0]) if n.args else graph.placeholder(n.name)
+               for n in compressed.graph.nodes if n.op == "placeholder"]
     root = nn.Module()
     root.model = module
     if isinstance(compressed.graph._codegen, fx.graph._PyTreeCodeGen):

@@ -67,6 +67,10 @@ def _timm_attention(m: nn.Module) -> None:
             m.attn_dim = m.num_heads * m.head_dim
 
 
+def _timm_window_attention(m: nn.Module) -> None:
+    m.num_heads = int(m.relative_position_bias_table.shape[-1])  # one bias column per head, cut with it
+
+
 def _torchvision_vit(m: nn.Module) -> None:
     m.hidden_dim = int(m.conv_proj.weight.shape[0])  # _process_input reshapes patches to this width
 
@@ -79,7 +83,7 @@ ATTRIBUTES: dict[Any, Callable[[nn.Module], None]] = {
     "transformers.models.bert.modeling_bert.BertSelfAttention": _bert_attention,
     "transformers.models.roberta.modeling_roberta.RobertaSelfAttention": _bert_attention,
     "timm.layers.attention.Attention": _timm_attention,
-    "timm.models.swin_transformer.WindowAttention": _timm_attention,
+    "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
 }
 
