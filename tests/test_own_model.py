@@ -223,3 +223,16 @@ def test_vision_models_come_back_as_their_class_exact(name):
         torch.testing.assert_close(small(y), ref(y), rtol=1e-4, atol=1e-4)
         if hasattr(model, "forward_features"):
             assert small.forward_features(y).shape[0] == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama"])
+def test_non_uniform_lm_round_trips_through_save_thinned_as_its_class(name, tmp_path):
+    model, x = _lm(name, torch.float32)
+    small = fxcondensa.thin(model, StructurePrune(0.5), x)
+    fxcondensa.save_thinned(small, tmp_path / "small.pt")
+    back = fxcondensa.load_thinned(tmp_path / "small.pt", model)
+    assert type(back) is type(model) and thin_record(back).returns == "module"
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(input_ids=ids).logits, small.eval()(input_ids=ids).logits,
+                                   rtol=0, atol=0)

@@ -152,6 +152,7 @@ class ThinRecord:
     # returned where the user's class was asked for ("auto"), why the user's class could not follow.
     returns: str = "graph"
     reason: str = ""
+    input_names: list[str] = field(default_factory=list)  # the inputs by name, to call the user's class
 
     @property
     def whole_reason(self) -> str | None:
