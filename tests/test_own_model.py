@@ -33,7 +33,7 @@ def test_lenet_comes_back_as_its_class_with_record_and_the_input_untouched():
     torch.manual_seed(0)
     model, x = fxcondensa.models.LeNet5(), torch.randn(2, 1, 28, 28)
     before = state_hash(model)
-    small = fxcondensa.thin(model, StructurePrune(0.3), x)
+    small = fxcondensa.thin(model, StructurePrune(0.3), x, output="auto")
     assert type(small) is fxcondensa.models.LeNet5 and state_hash(model) == before
     assert small.conv1.out_channels == small.conv1.weight.shape[0] < 20
     assert small.ip1.in_features == small.ip1.weight.shape[1]
@@ -74,7 +74,7 @@ def test_a_literal_size_blocks_the_own_class_named_in_the_error_and_the_record()
     with pytest.raises(ValueError, match=r"module 'body' \(_Literal\).*literal size 64"):
         fxcondensa.thin(model, StructurePrune(0.5), x, output="module")
     assert state_hash(model) == before
-    small = fxcondensa.thin(model, StructurePrune(0.5), x)
+    small = fxcondensa.thin(model, StructurePrune(0.5), x, output="auto")
     rec = thin_record(small)
     assert isinstance(small, torch.fx.GraphModule) and rec.returns == "graph" and "literal size 64" in rec.reason
 
@@ -82,6 +82,7 @@ def test_a_literal_size_blocks_the_own_class_named_in_the_error_and_the_record()
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     (dict(output="modul"), ValueError, "output must be one of"),
     (dict(output="graph", inplace=True), ValueError, "inplace=True thins the model object itself"),
+    (dict(inplace=True), ValueError, "inplace=True thins the model object itself"),
     (dict(inplace=1), TypeError, "inplace must be True or False"),
 ])
 def test_bad_output_options_say_what_to_pass(kwargs, error, match):
@@ -100,7 +101,7 @@ def test_inplace_thins_the_model_object_itself_and_it_trains():
     torch.manual_seed(0)
     model, x = fxcondensa.models.LeNet5(), torch.randn(4, 1, 28, 28)
     ref = _compressed_dense(model, StructurePrune(0.5), x)
-    out = fxcondensa.thin(model, StructurePrune(0.5), x, inplace=True)
+    out = fxcondensa.thin(model, StructurePrune(0.5), x, output="auto", inplace=True)
     assert out is model and model.ip1.weight.shape[0] < 500 and thin_record(model).returns == "module"
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
@@ -131,7 +132,7 @@ def test_uniform_lm_keeps_its_class_generate_shapes_and_stock_round_trip(name, t
 
     model, x = _lm(name, torch.float32)
     scheme = StructurePrune(0.5, uniform=True)
-    small = fxcondensa.thin(model, scheme, x)
+    small = fxcondensa.thin(model, scheme, x, output="module")
     assert type(small) is type(model) and thin_record(small).returns == "module"
     assert _params(small) < _params(model)
     ref = _compressed_dense(model, scheme, x)
@@ -157,7 +158,7 @@ def test_bf16_lm_comes_back_as_its_class_and_generates_like_the_compressed_one(n
     scheme = StructurePrune(0.5, uniform=True)
     # bf16 sums in another order over fewer channels differ beyond the float32 check's tolerance: compared here
     # at bf16's own, the module path itself is what is tested.
-    small = fxcondensa.thin(model, scheme, x, check=False)
+    small = fxcondensa.thin(model, scheme, x, check=False, output="module")
     assert type(small) is type(model) and next(small.parameters()).dtype == torch.bfloat16
     ref = _compressed_dense(model, scheme, x)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
@@ -168,7 +169,7 @@ def test_bf16_lm_comes_back_as_its_class_and_generates_like_the_compressed_one(n
 @pytest.mark.parametrize("name", ["llama", "qwen2-gqa"])
 def test_non_uniform_lm_is_its_class_and_trains(name):
     model, x = _lm(name, torch.float32)
-    small = fxcondensa.thin(model, StructurePrune(0.5), x)
+    small = fxcondensa.thin(model, StructurePrune(0.5), x, output="auto")
     assert type(small) is type(model) and thin_record(small).returns == "module"
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
     small.train()
@@ -214,7 +215,7 @@ def test_vision_models_come_back_as_their_class_exact(name):
     _bench.randomize_constants(model)
     model.eval()
     x = torch.randn(1, 3, size, size)
-    small = fxcondensa.thin(model, StructurePrune(0.5), x)
+    small = fxcondensa.thin(model, StructurePrune(0.5), x, output="auto")
     assert type(small) is type(model), thin_record(small).reason
     assert _params(small) < _params(model)
     ref = _compressed_dense(model, StructurePrune(0.5), x)
@@ -228,7 +229,7 @@ def test_vision_models_come_back_as_their_class_exact(name):
 @pytest.mark.parametrize("name", ["gpt2-lm", "llama"])
 def test_non_uniform_lm_round_trips_through_save_thinned_as_its_class(name, tmp_path):
     model, x = _lm(name, torch.float32)
-    small = fxcondensa.thin(model, StructurePrune(0.5), x)
+    small = fxcondensa.thin(model, StructurePrune(0.5), x, output="module")
     fxcondensa.save_thinned(small, tmp_path / "small.pt")
     back = fxcondensa.load_thinned(tmp_path / "small.pt", model)
     assert type(back) is type(model) and thin_record(back).returns == "module"

@@ -54,7 +54,7 @@ def thin(
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     capture: str = "auto",
-    output: str = "auto",
+    output: str = "graph",
     inplace: bool = False,
 ) -> nn.Module:
     """Return a smaller model with pruned channels physically removed: the user's own class, or a ``GraphModule``.
@@ -76,7 +76,7 @@ def thin(
     ``save_pretrained``) and its own forward stay, and that forward is what the check runs. Where thinning
     needs a graph rewrite that module attributes cannot express (a literal size in the model's code),
     ``"module"`` raises ``ValueError`` naming the module and the literal. ``"graph"``: the thinned
-    ``GraphModule`` (what the capture recorded, at the example's shapes). ``"auto"`` (the default): the
+    ``GraphModule`` (what the capture recorded, at the example's shapes; the default for now). ``"auto"``: the
     user's class where it can follow and passes the check, else the graph, with the reason in the record.
     ``inplace=True`` (with ``"auto"`` or ``"module"``) makes ``model`` itself the thinned model when its
     class comes back, instead of a copy: the input is then changed; when a graph comes back it is not.
@@ -87,7 +87,8 @@ def thin(
     Example:
         >>> import torch, fxcondensa
         >>> from fxcondensa.schemes import StructurePrune
-        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(1, 1, 28, 28))
+        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(1, 1, 28, 28),
+        ...                         output="auto")
         >>> small.conv1.out_channels < 20 and small.ip1.out_features < 500, type(small).__name__
         (True, 'LeNet5')
     """
@@ -96,8 +97,8 @@ def thin(
     if not isinstance(inplace, bool):
         raise TypeError(f"thin: inplace must be True or False, got {inplace!r}")
     if inplace and output == "graph":
-        raise ValueError("thin: inplace=True thins the model object itself, which output='graph' does not return; "
-                         "pass output='auto' or 'module', or drop inplace")
+        raise ValueError("thin: inplace=True thins the model object itself, which output='graph' (the default) does "
+                         "not return; pass output='auto' or 'module', or drop inplace")
     if scheme is not None:
         check_scheme(scheme)
     example = _example_inputs(model, example_inputs)
