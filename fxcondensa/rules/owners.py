@@ -129,7 +129,8 @@ _PER_CHANNEL = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 # ------------------------------------------------------------------------------- module forms of rewrites
 
-_LAYER_NORMS = {nn.LayerNorm: -1, "timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1}
+_LAYER_NORMS = {nn.LayerNorm: -1, "timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1,
+                "torchvision.models.convnext.LayerNorm2d": 1}
 
 
 def _layer_norm_dim(m: nn.Module) -> int | None:
