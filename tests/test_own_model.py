@@ -237,3 +237,29 @@ def test_non_uniform_lm_round_trips_through_save_thinned_as_its_class(name, tmp_
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(input_ids=ids).logits, small.eval()(input_ids=ids).logits,
                                    rtol=0, atol=0)
+
+
+class _Branchy(nn.Module):
+    """torch.fx cannot trace it (a branch on a size), torch.export can; it counts the live copies of itself
+    while it runs."""
+
+    seen: list[int] = []
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        import gc
+
+        gc.collect()  # garbage in cycles does not count: only what something still holds
+        _Branchy.seen.append(sum(type(o) is _Branchy for o in gc.get_objects()))
+        return self.fc(x) if x.shape[0] > 1 else x
+
+
+def test_a_failed_symbolic_trace_leaves_no_copy_alive_while_export_captures():
+    model = _Branchy()
+    _Branchy.seen.clear()
+    fxcondensa.trace(model, torch.randn(2, 4))
+    # the user's model and the copy torch.export runs (the failed symbolic trace's copy is gone)
+    assert _Branchy.seen and max(_Branchy.seen) <= 2, _Branchy.seen
