@@ -284,18 +284,55 @@ def run_one(zoo: str, name: str, density: float) -> dict:
             ref, got = flatten_outputs(_call(c64, f64)), flatten_outputs(_call(t64, f64))
         exact = len(ref) == len(got) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
                                              for a, b in zip(ref, got, strict=True))
+    returns, own_exact = _own_class(model, scheme, x, fresh, compressed)
+    exact = exact and own_exact
     macs0 = sum(c.macs for c in profile_costs(compressed))
     macs1 = sum(c.macs for c in profile_costs(thinned))
     p0 = sum(p.numel() for p in model.parameters())
     p1 = sum(p.numel() for p in thinned.parameters())
     frozen = record.frozen
     status = "WRONG" if not exact else "thinned" if p1 < p0 else "no reduction"
-    row.update(status=status, exact_on_fresh_input=exact, capture=record.capture, params=p0, params_thinned=p1,
+    row.update(status=status, exact_on_fresh_input=exact, capture=record.capture, returns=returns,
+               params=p0, params_thinned=p1,
                param_ratio=round(p0 / max(p1, 1), 2), macs=macs0, macs_thinned=macs1,
                mac_ratio=round(macs0 / max(macs1, 1), 2), frozen_groups=len(frozen),
                frozen_reasons=sorted({f.reason.split(" at node")[0][:100] for f in frozen})[:3],
                rule_failures=record.rule_failures, whole_reason=record.whole_reason)
     return row
+
+
+def _close(ref: list, got: list) -> bool:
+    import torch
+
+    return len(ref) == len(got) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                                        for a, b in zip(ref, got, strict=True))
+
+
+def _own_class(model: Any, scheme: Any, x: Any, fresh: Any, compressed: Any) -> tuple[str, bool]:
+    """What ``thin(..., output="auto")`` returns ("module", or "graph: why") and whether that model equals the
+    compressed one on the fresh input (in float32, or else in float64: rounding vanishes there)."""
+    import copy
+
+    import torch
+
+    import fxcondensa
+    from fxcondensa.capture.graph import flatten_outputs
+    from fxcondensa.capture.records import thin_record
+
+    try:
+        own = fxcondensa.thin(model, scheme, x, output="auto")
+    except Exception as exc:
+        return f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}", False
+    record = thin_record(own)
+    if record.returns != "module":
+        return f"graph: {record.reason[:200]}", True  # the graph itself is compared by run_one
+    with torch.no_grad():
+        if _close(flatten_outputs(_call(compressed.eval(), fresh)), flatten_outputs(_call(own.eval(), fresh))):
+            return "module", True
+        c64, o64 = copy.deepcopy(compressed).double(), copy.deepcopy(own).double()
+        f64 = ({k: (v.double() if v.is_floating_point() else v) for k, v in fresh.items()}
+               if isinstance(fresh, dict) else fresh.double())
+        return "module", _close(flatten_outputs(_call(c64, f64)), flatten_outputs(_call(o64, f64)))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -363,8 +400,10 @@ def main() -> None:
     ok = sum(r["status"] == "thinned" for r in rows)
     big = sum(r["status"] == "thinned" and r["param_ratio"] >= 1.5 for r in rows)
     wrong = sum(r["status"] == "WRONG" for r in rows)
+    own = sum(r.get("returns") == "module" for r in rows)
     print(f"\n{ok}/{len(rows)} models thinned at StructurePrune({args.density}), {big} with >= 1.5x fewer "
-          f"parameters, {wrong} wrong; JSON in {path}")
+          f"parameters, {wrong} wrong; {own}/{len(rows)} come back as their own class (thin(output='auto')); "
+          f"JSON in {path}")
 
 
 def markdown(data: dict) -> str:
@@ -372,9 +411,10 @@ def markdown(data: dict) -> str:
     for a model left whole, the one-line reason."""
     rows = sorted(data["rows"], key=lambda r: (r.get("family", ""), r["model"]))
     timm = any("family" in r for r in rows)
-    head = ("| family | model | input | capture | parameters | MACs | frozen groups: first reasons |\n"
-            "|---|---|---|---|---|---|---|") if timm else \
-        ("| model | inputs | capture | parameters | MACs | frozen groups: first reasons |\n|---|---|---|---|---|---|")
+    head = ("| family | model | input | capture | returns | parameters | MACs | frozen groups: first reasons |\n"
+            "|---|---|---|---|---|---|---|---|") if timm else \
+        ("| model | inputs | capture | returns | parameters | MACs | frozen groups: first reasons |\n"
+         "|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         name = r["model"] + (f" ({r['run']})" if r.get("run") else "")  # the run of a merged JSON
@@ -384,12 +424,13 @@ def markdown(data: dict) -> str:
             reasons = "; ".join(x.replace("|", "/") for x in r["frozen_reasons"][:2])
             whole = f" **Left whole:** {r['whole_reason']}" if r.get("whole_reason") else ""
             wrong = " **WRONG on the fresh input**" if r["status"] == "WRONG" else ""
-            lines.append(f"{lead}{size} | {r.get('capture', '')} | {_count(r['params'])} → "
+            returns = r.get("returns", "").replace("|", "/")[:120]
+            lines.append(f"{lead}{size} | {r.get('capture', '')} | {returns} | {_count(r['params'])} → "
                          f"{_count(r['params_thinned'])} ({r['param_ratio']}x) | {_count(r['macs'], 'G')} → "
                          f"{_count(r['macs_thinned'], 'G')} ({r['mac_ratio']}x) | {r['frozen_groups']}: "
                          f"{reasons}{whole}{wrong} |")
         else:
-            lines.append(f"{lead}{size} | | {r['status']} | | {r.get('reason', '').replace('|', '/')[:160]} |")
+            lines.append(f"{lead}{size} | | | {r['status']} | | {r.get('reason', '').replace('|', '/')[:160]} |")
     return "\n".join(lines)
 
 
@@ -403,7 +444,8 @@ def _line(r: dict) -> str:
     if r["status"] in ("thinned", "no reduction", "WRONG"):
         reasons = "; ".join(r["frozen_reasons"][:2])
         whole = f" WHOLE: {r['whole_reason']}" if r.get("whole_reason") else ""
-        return (f"| {r['model']} | {r.get('input', '')} | {r['params'] / 1e6:.2f}M -> {r['params_thinned'] / 1e6:.2f}M "
+        return (f"| {r['model']} | {r.get('input', '')} | {r.get('returns', '')[:80]} | "
+                f"{r['params'] / 1e6:.2f}M -> {r['params_thinned'] / 1e6:.2f}M "
                 f"({r['param_ratio']}x) | {r['macs'] / 1e9:.3f}G -> {r['macs_thinned'] / 1e9:.3f}G ({r['mac_ratio']}x) "
                 f"| {r['frozen_groups']}: {reasons}{whole} |" + (" WRONG" if r["status"] == "WRONG" else ""))
     return f"| {r['model']} | {r.get('input', '')} | {r['status']} | {r.get('reason', '')} | |"

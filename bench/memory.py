@@ -107,7 +107,7 @@ def repeated(rounds: int, folder: str) -> dict:
     for i in range(rounds):
         compressed = fxcondensa.compress(model, scheme, x)
         small = fxcondensa.thin(model, scheme, x)
-        fxcondensa.export.torchscript(small, os.path.join(folder, "m.pt"), x, overwrite=True)
+        fxcondensa.files.export.torchscript(small, os.path.join(folder, "m.pt"), x, overwrite=True)
         fxcondensa.save_thinned(small, os.path.join(folder, "m.thin"), overwrite=True)
         fxcondensa.load_thinned(os.path.join(folder, "m.thin"), model)
         del compressed, small

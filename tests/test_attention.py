@@ -219,11 +219,11 @@ def test_attention_option_is_validated():
 def test_thinned_attention_exports(tmp_path):
     torch.manual_seed(4)
     small = thin(Encoder(style="fused_sdpa").eval(), StructurePrune(0.5), X)
-    fxcondensa.export.torchscript(small, tmp_path / "a.pt", X)
-    fxcondensa.export.torch_export(small, tmp_path / "a.pt2", X)
+    fxcondensa.files.export.torchscript(small, tmp_path / "a.pt", X)
+    fxcondensa.files.export.torch_export(small, tmp_path / "a.pt2", X)
     mha = thin(_SelfMHA(True).eval(), StructurePrune(0.5), X)
-    fxcondensa.export.torchscript(mha, tmp_path / "m.pt", X)
-    fxcondensa.export.torch_export(mha, tmp_path / "m.pt2", X)
+    fxcondensa.files.export.torchscript(mha, tmp_path / "m.pt", X)
+    fxcondensa.files.export.torch_export(mha, tmp_path / "m.pt2", X)
 
 
 @settings(max_examples=15, deadline=None)

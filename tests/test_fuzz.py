@@ -158,7 +158,7 @@ def pipeline(model: nn.Module, scheme, shape: tuple[int, ...], folder: str) -> N
         same(loaded.eval()(fresh), ref, "load_thinned")
 
         # The exporter reloads the file and checks it against the thinned model, which equals ``ref``.
-        fxcondensa.export.torchscript(small, os.path.join(folder, "m.pt"), x)
+        fxcondensa.files.export.torchscript(small, os.path.join(folder, "m.pt"), x)
 
 
 @given(models(), schemes)

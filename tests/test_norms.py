@@ -188,12 +188,12 @@ def test_thinned_norms_export(tmp_path):
     model = _randomize_norms(PreNorm(norm="functional"))
     x = torch.randn(2, 5, 6)
     small = thin(model, StructurePrune(0.5), x)
-    fxcondensa.export.torchscript(small, tmp_path / "m.pt", x)
-    fxcondensa.export.torch_export(small, tmp_path / "m.pt2", x)
-    fxcondensa.export.onnx(small, tmp_path / "m.onnx", x)
+    fxcondensa.files.export.torchscript(small, tmp_path / "m.pt", x)
+    fxcondensa.files.export.torch_export(small, tmp_path / "m.pt2", x)
+    fxcondensa.files.export.onnx(small, tmp_path / "m.onnx", x)
     module_norms = thin(_randomize_norms(PreNorm(norm="rms")), StructurePrune(0.5), x)
-    fxcondensa.export.torch_export(module_norms, tmp_path / "r.pt2", x)
-    fxcondensa.export.onnx(module_norms, tmp_path / "r.onnx", x)
+    fxcondensa.files.export.torch_export(module_norms, tmp_path / "r.pt2", x)
+    fxcondensa.files.export.onnx(module_norms, tmp_path / "r.onnx", x)
 
 
 @settings(max_examples=15, deadline=None)

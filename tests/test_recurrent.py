@@ -117,4 +117,4 @@ def test_thinned_lstm_exports(tmp_path):
     torch.manual_seed(3)
     x = torch.randn(2, 5, 4)
     small = thin(Tagger("lstm").eval(), StructurePrune(0.5), x)
-    fxcondensa.export.torch_export(small, tmp_path / "l.pt2", x)
+    fxcondensa.files.export.torch_export(small, tmp_path / "l.pt2", x)

@@ -213,12 +213,18 @@ def _fx_trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
         graph = tracer.trace(work, concrete_args=concrete_args)
     except Exception as exc:  # any failure inside the user's forward: report where it happened
         module = tracer.failed_in or "<root>"
-        raise TraceError(
+        error = TraceError(
             f"torch.fx could not trace {type(model).__name__} (inside module '{module}', at "
             f"{_user_frame(exc.__traceback__)}): {type(exc).__name__}: {_first_line(exc)}. "
             "Make the module that holds this code a leaf (trace(..., leaf_modules=[ThatModule])), "
             "or fix the arguments that drive the control flow with concrete_args={...}."
-        ) from exc
+        )
+        # The failed trace's frames hold this copy of the model (each forward frame its module): kept by the
+        # error, the copy would live on beside torch.export's while that capture runs (a second dense copy of
+        # the weights, as large as the model). The message above already names the user's line.
+        exc.__traceback__ = None
+        del work, tracer
+        raise error from exc
     gm = RecordedGraphModule(work, graph, class_name=type(model).__name__)
     graph_record(gm).capture = "fx"
     return gm

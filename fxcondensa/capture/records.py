@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = [
     "node_record",
     "graph_record",
     "thin_record",
+    "set_thin_record",
     "RecordedGraphModule",
 ]
 
@@ -147,6 +149,11 @@ class ThinRecord:
     rule_failures: int = 0
     capture: str = "fx"
     notes: list[str] = field(default_factory=list)  # what the capture changed about the model
+    # What thin returned: "module" (the user's class, thinned) or "graph" (a GraphModule), and for a graph
+    # returned where the user's class was asked for ("auto"), why the user's class could not follow.
+    returns: str = "graph"
+    reason: str = ""
+    input_names: list[str] = field(default_factory=list)  # the inputs by name, to call the user's class
 
     @property
     def whole_reason(self) -> str | None:
@@ -183,10 +190,26 @@ def graph_record(gm: fx.GraphModule) -> GraphRecord:
 
 
 def thin_record(gm: Any) -> ThinRecord | None:
-    """The record ``thin`` left on ``gm``, or None when ``gm`` is not a thinned module."""
+    """The record ``thin`` left on ``gm`` (a thinned ``GraphModule``, or the user's own class returned by
+    ``thin``), or None when ``gm`` is not a thinned module."""
     meta = getattr(gm, "meta", None)
     rec = meta.get(META) if isinstance(meta, dict) else None
+    if rec is None and isinstance(gm, torch.nn.Module):
+        rec = _MODULE_RECORDS.get(gm)
     return rec if isinstance(rec, ThinRecord) else None
+
+
+# The records of thinned models of the user's own class: kept beside the model (a weak map) rather than set
+# on it, so that no attribute is added to an object of a class that is not ours.
+_MODULE_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def set_thin_record(model: torch.nn.Module, record: ThinRecord) -> None:
+    """Attach ``record`` to a thinned model of the user's own class (``thin_record`` reads it back)."""
+    if isinstance(model, fx.GraphModule):
+        model.meta[META] = record
+    else:
+        _MODULE_RECORDS[model] = record
 
 
 class RecordedGraphModule(fx.GraphModule):

@@ -16,12 +16,15 @@ from torch import nn
 
 from ..capture.exported import capture_notes, graph_inputs, split_inputs
 from ..capture.graph import trace
-from ..capture.records import graph_record
+from ..capture.records import graph_record, set_thin_record, thin_record
 from ..passes.analysis import analyze
-from ..passes.thin import thin_graph
+from ..passes.own import blocking_reason, check_own, graph_edits, install, own_model
+from ..passes.thin import _check, thin_graph
 from ..schemes import check_scheme
 
-__all__ = ["thin"]
+__all__ = ["thin", "OUTPUTS"]
+
+OUTPUTS = ("auto", "module", "graph")
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any) -> Any:
@@ -51,8 +54,10 @@ def thin(
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     capture: str = "auto",
-) -> fx.GraphModule:
-    """Return a smaller ``GraphModule`` with pruned channels physically removed.
+    output: str = "graph",
+    inplace: bool = False,
+) -> nn.Module:
+    """Return a smaller model with pruned channels physically removed: the user's own class, or a ``GraphModule``.
 
     With a ``scheme`` (e.g. ``StructurePrune(0.5)``) the model is compressed first; without one, the
     channels that are already zero across their whole group are removed (e.g. the output of L-C with a
@@ -65,16 +70,35 @@ def thin(
     ``example_inputs`` may be a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``);
     the thinned module takes the inputs the model takes.
 
-    What was removed, which channel groups were frozen and why, and the recipe are in
-    ``fxcondensa.capture.records.thin_record(thinned)`` (a ``ThinRecord``).
+    ``output`` says what comes back. ``"module"``: a copy of ``model``, of its own class, with its modules
+    resized (sliced weights, size attributes such as ``out_features`` or ``num_heads``, a Hugging Face
+    ``config``, width-preserving norms swapped in): its methods (``generate``, ``forward_features``,
+    ``save_pretrained``) and its own forward stay, and that forward is what the check runs. Where thinning
+    needs a graph rewrite that module attributes cannot express (a literal size in the model's code),
+    ``"module"`` raises ``ValueError`` naming the module and the literal. ``"graph"``: the thinned
+    ``GraphModule`` (what the capture recorded, at the example's shapes; the default for now). ``"auto"``: the
+    user's class where it can follow and passes the check, else the graph, with the reason in the record.
+    ``inplace=True`` (with ``"auto"`` or ``"module"``) makes ``model`` itself the thinned model when its
+    class comes back, instead of a copy: the input is then changed; when a graph comes back it is not.
+
+    What was removed, which channel groups were frozen and why, the recipe, and what came back (``returns``,
+    ``reason``) are in ``fxcondensa.capture.records.thin_record(thinned)`` (a ``ThinRecord``).
 
     Example:
         >>> import torch, fxcondensa
         >>> from fxcondensa.schemes import StructurePrune
-        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(1, 1, 28, 28))
-        >>> small.conv1.out_channels < 20 and small.ip1.out_features < 500
-        True
+        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(1, 1, 28, 28),
+        ...                         output="auto")
+        >>> small.conv1.out_channels < 20 and small.ip1.out_features < 500, type(small).__name__
+        (True, 'LeNet5')
     """
+    if output not in OUTPUTS:
+        raise ValueError(f"thin: output must be one of {OUTPUTS}, got {output!r}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"thin: inplace must be True or False, got {inplace!r}")
+    if inplace and output == "graph":
+        raise ValueError("thin: inplace=True thins the model object itself, which output='graph' (the default) does "
+                         "not return; pass output='auto' or 'module', or drop inplace")
     if scheme is not None:
         check_scheme(scheme)
     example = _example_inputs(model, example_inputs)
@@ -88,7 +112,48 @@ def thin(
             scheme.delta(compressed)
     # A scheme that prunes head_dim columns says so on the graph record; without a scheme the pass decides.
     columns = graph_record(compressed).head_dim_columns if scheme is not None else None
-    thinned = thin_graph(compressed, inputs, check=check, strict=strict, columns=columns)
+    own = output != "graph"
+    thinned = thin_graph(compressed, inputs, check=check and not own, strict=strict, columns=columns)
+    if own:
+        result = _own(model, compressed, thinned, inputs, check=check, output=output, inplace=inplace)
+        if result is not None:
+            return result
     for note in capture_notes(compressed):
         warnings.warn(f"thin: {type(model).__name__} was {note}", stacklevel=2)
     return thinned
+
+
+def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, inputs: tuple[Any, ...], *,
+         check: bool, output: str, inplace: bool) -> nn.Module | None:
+    """The user's class thinned, checked; None (the graph is returned, checked) with the reason recorded."""
+    record = thin_record(thinned)
+    if isinstance(model, fx.GraphModule):
+        reason = "the model is a GraphModule: its thinned graph is its own class"
+    else:
+        edits = graph_edits(model, compressed, thinned)
+        reason = blocking_reason(model, edits)
+        if reason is None:
+            result = own_model(model, compressed, thinned, edits)
+            reason = check_own(compressed, result, record.keep, inputs) if check else None
+            if reason is not None:
+                suspects = [f"node '{e.node}' in '{e.owner or type(model).__name__}': {e.before} -> {e.after}"
+                            for e in edits if not e.form][:3]
+                if suspects:
+                    reason += "; edits it may compute otherwise: " + "; ".join(suspects)
+    if reason is None:
+        record.returns, record.reason = "module", ""
+        record.input_names = [n.target.lstrip("*") for n in compressed.graph.nodes if n.op == "placeholder"]
+        if inplace:
+            install(model, result)
+            result = model
+        set_thin_record(result, record)
+        return result
+    if output == "module":
+        raise ValueError(f"thin(output='module'): {type(model).__name__} cannot come back as its own class: {reason}. "
+                         "Use output='auto' or 'graph' for the thinned GraphModule, or keep these channels "
+                         "(exclude the layers involved from the scheme)")
+    record.reason = reason
+    if check:
+        analysis = analyze(compressed)
+        _check(compressed, thinned, analysis, record.keep[:analysis.num_channels], inputs)
+    return None

@@ -27,7 +27,7 @@ only (``warnings.catch_warnings``), never globally. Prefer ``torch_export`` for 
 Example:
     >>> import torch, fxcondensa
     >>> model, x = fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28)
-    >>> path = fxcondensa.export.torch_export(model, "/tmp/lenet5_doc.pt2", x, overwrite=True)
+    >>> path = fxcondensa.files.export.torch_export(model, "/tmp/lenet5_doc.pt2", x, overwrite=True)
     >>> torch.export.load(path).module()(torch.randn(4, 1, 28, 28)).shape  # another batch size
     torch.Size([4, 10])
 """
@@ -301,7 +301,7 @@ def torchscript(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     Example:
         >>> import torch, fxcondensa
         >>> x = torch.randn(1, 1, 28, 28)
-        >>> fxcondensa.export.torchscript(fxcondensa.models.LeNet5(), "/tmp/lenet5.pt", x, overwrite=True)
+        >>> fxcondensa.files.export.torchscript(fxcondensa.models.LeNet5(), "/tmp/lenet5.pt", x, overwrite=True)
         PosixPath('/tmp/lenet5.pt')
     """
     def write(tmp: str, work: nn.Module, inputs: Inputs, spec: Spec | None) -> None:
@@ -331,7 +331,7 @@ def torch_export(model: nn.Module, path: str | os.PathLike[str], example_inputs:
     Example:
         >>> import torch, fxcondensa
         >>> x = torch.randn(1, 1, 28, 28)
-        >>> fxcondensa.export.torch_export(fxcondensa.models.LeNet5(), "/tmp/lenet5.pt2", x, overwrite=True)
+        >>> fxcondensa.files.export.torch_export(fxcondensa.models.LeNet5(), "/tmp/lenet5.pt2", x, overwrite=True)
         PosixPath('/tmp/lenet5.pt2')
     """
     def write(tmp: str, work: nn.Module, inputs: Inputs, spec: Spec | None) -> None:
@@ -353,7 +353,7 @@ def onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
     Example:
         >>> import torch, fxcondensa
         >>> x = torch.randn(1, 1, 28, 28)
-        >>> fxcondensa.export.onnx(fxcondensa.models.LeNet5(), "/tmp/lenet5.onnx", x, overwrite=True)  # doctest: +SKIP
+        >>> fxcondensa.files.export.onnx(fxcondensa.models.LeNet5(), "/tmp/lenet5.onnx", x, overwrite=True)  # doctest: +SKIP
         PosixPath('/tmp/lenet5.onnx')
     """
     try:  # imported here: onnxruntime takes a second to import, and only this exporter needs it
@@ -390,7 +390,7 @@ def export(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, 
     Example:
         >>> import torch, fxcondensa
         >>> x = torch.randn(1, 1, 28, 28)
-        >>> fxcondensa.export.export(fxcondensa.models.LeNet5(), "/tmp/lenet5b.pt2", x, overwrite=True)
+        >>> fxcondensa.files.export.export(fxcondensa.models.LeNet5(), "/tmp/lenet5b.pt2", x, overwrite=True)
         PosixPath('/tmp/lenet5b.pt2')
     """
     suffix = Path(path).suffix.lower()

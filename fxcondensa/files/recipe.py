@@ -43,9 +43,18 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture.graph import flatten_outputs
-from ..capture.records import META, FrozenGroup, GroupRecord, TargetRecord, ThinRecord, thin_record
+from ..capture.records import (
+    META,
+    FrozenGroup,
+    GroupRecord,
+    TargetRecord,
+    ThinRecord,
+    set_thin_record,
+    thin_record,
+)
 from ..errors import FileFormatError, TraceError
-from ..passes.thin import rethin
+from ..passes.own import graph_edits, own_model
+from ..passes.thin import rethin_pair
 from .fileio import load_plain, no_tf32, save_atomic
 from .serialize import architecture, decode_table, encode_tensor
 
@@ -82,8 +91,9 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
 
-def _signature(gm: fx.GraphModule) -> list[list[str]]:
-    return [[n.name, n.op] for n in gm.graph.nodes]
+def _signature(gm: nn.Module) -> list[list[str]]:
+    """The graph's nodes (a model of the user's own class has none: its class and tensors say what it is)."""
+    return [[n.name, n.op] for n in gm.graph.nodes] if isinstance(gm, fx.GraphModule) else []
 
 
 def _reference_inputs(specs: Sequence[dict[str, Any]], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -101,14 +111,15 @@ def _reference_inputs(specs: Sequence[dict[str, Any]], device: torch.device) -> 
     return tuple(out)
 
 
-def _run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[dict[str, Any]]:
+def _run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                   names: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The model's outputs (eval mode, no grad, no TF32) as shapes plus leading values on the CPU; training
-    flags restored."""
+    flags restored. A model of the user's own class takes its inputs by ``names``."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad(), no_tf32():
-            outs = flatten_outputs(model(*inputs))
+            outs = flatten_outputs(model(**dict(zip(names, inputs, strict=True))) if names else model(*inputs))
     finally:
         for m, mode in modes:
             m.training = mode
@@ -128,6 +139,8 @@ def _record_to_plain(rec: ThinRecord) -> dict[str, Any]:
                                                    "density": float(rec.target.density)},
         "rule_failures": int(rec.rule_failures),
         "capture": str(rec.capture),
+        "returns": str(rec.returns),
+        "input_names": [str(n) for n in rec.input_names],
     }
 
 
@@ -154,7 +167,8 @@ def _record_from_plain(d: dict[str, Any], keep: torch.Tensor, shapes: list[list[
         raise TypeError(f"rule_failures is a {type(rule_failures).__name__}, not an int")
     return ThinRecord(keep=keep, input_shapes=[list(s) for s in shapes], input_dtypes=list(dtypes),
                       groups=groups, frozen=frozen, target=target, rule_failures=rule_failures,
-                      capture=str(d.get("capture", "fx")))
+                      capture=str(d.get("capture", "fx")), returns=str(d.get("returns", "graph")),
+                      input_names=[str(n) for n in d.get("input_names", [])])
 
 
 def thinning_record(model: Any) -> ThinRecord | None:
@@ -219,7 +233,7 @@ def save_thinned(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
         "graph": _signature(model),
         "training": {name: bool(m.training) for name, m in model.named_modules()},
         "tensors": tensors,
-        "reference": _run_reference(model, _reference_inputs(specs, device)),
+        "reference": _run_reference(model, _reference_inputs(specs, device), _call_names(model, rec)),
         "reference_device": device.type,
         "record": _record_to_plain(rec),
     }
@@ -291,10 +305,14 @@ def reference_tolerance(dtype: torch.dtype, devices: set[str]) -> tuple[float, f
     return rtol, atol
 
 
-def _check_reference(path: str, gm: fx.GraphModule, specs: list[dict[str, Any]], reference: list[Any],
-                     saved_on: str, misfit: str) -> None:
+def _call_names(model: nn.Module, rec: ThinRecord) -> list[str]:
+    return [] if isinstance(model, fx.GraphModule) else list(rec.input_names)
+
+
+def _check_reference(path: str, gm: nn.Module, specs: list[dict[str, Any]], reference: list[Any],
+                     saved_on: str, misfit: str, names: Sequence[str] = ()) -> None:
     device = _device_of(gm)
-    got = _run_reference(gm, _reference_inputs(specs, device))
+    got = _run_reference(gm, _reference_inputs(specs, device), names)
     if len(got) != len(reference):
         raise _fail(path, f"{misfit}: the rebuilt model returns {len(got)} tensors, the saved one {len(reference)}")
     for i, (g, r) in enumerate(zip(got, reference, strict=True)):
@@ -315,8 +333,9 @@ def _check_reference(path: str, gm: fx.GraphModule, specs: list[dict[str, Any]],
 
 def load_thinned(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.Module], *,
                  leaf_modules: Sequence[type[nn.Module]] = (),
-                 concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
-    """Rebuild the thinned model saved in ``path`` from its dense architecture.
+                 concrete_args: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild the thinned model saved in ``path`` from its dense architecture: of the model's own class where
+    ``thin`` returned that (the module is resized as ``thin`` resized it), else the thinned ``GraphModule``.
 
     ``model_or_factory`` is the dense model the file was thinned from (any weights: they are replaced), or
     a callable returning it; it is not modified. The result lives on that model's device (a file saved from
@@ -335,13 +354,18 @@ def load_thinned(path: str | os.PathLike, model_or_factory: nn.Module | Callable
     tracing: dict[str, Any] = {"leaf_modules": tuple(leaf_modules)}
     if concrete_args is not None:
         tracing["concrete_args"] = concrete_args
+    record = payload["thin_record"]
+    own = record.returns == "module" and bool(record.input_names)
     try:
-        gm = rethin(arch, payload["keep"], inputs, **tracing)
+        dense, gm = rethin_pair(arch, payload["keep"], dict(zip(record.input_names, inputs, strict=True)) if own
+                                else inputs, **tracing)
     except TraceError:
         raise  # the architecture itself cannot be traced: not the file's fault
     except Exception as exc:  # a recipe of another model fails anywhere inside the slicing: name it
         first = (str(exc).splitlines() or [""])[0]
         raise _fail(path, f"{misfit}: {type(exc).__name__}: {first}") from exc
+    if own:  # the user's class, as thin returned it
+        return _load_own(path, arch, dense, gm, tensors, payload, misfit)
     signature = _signature(gm)
     if signature != payload["graph"]:
         where = next((i for i, (a, b) in enumerate(zip(signature, payload["graph"], strict=False)) if a != b),
@@ -356,3 +380,19 @@ def load_thinned(path: str | os.PathLike, model_or_factory: nn.Module | Callable
         m.training = bool(payload["training"].get(name, m.training))
     gm.meta[META] = payload["thin_record"]
     return gm
+
+
+def _load_own(path: str, arch: nn.Module, dense: fx.GraphModule, thinned: fx.GraphModule,
+              tensors: dict[str, torch.Tensor], payload: dict[str, Any], misfit: str) -> nn.Module:
+    record = payload["thin_record"]
+    try:
+        model = own_model(arch, dense, thinned, graph_edits(arch, dense, thinned))
+    except ValueError as exc:
+        raise _fail(path, f"{misfit}: {exc}") from exc
+    _load_values(path, model, tensors, misfit)
+    _check_reference(path, model, payload["inputs"], payload["reference"], payload.get("reference_device", "cpu"),
+                     misfit, record.input_names)
+    for name, m in model.named_modules():
+        m.training = bool(payload["training"].get(name, m.training))
+    set_thin_record(model, record)
+    return model

@@ -429,7 +429,7 @@ def deployment_latency(model: nn.Module, example_inputs: Any, *, backends: Seque
 
     ``eager``: the module as it is; ``channels_last``: weights and 4-d inputs in channels_last (the input
     conversion is timed); ``compile``: ``torch.compile`` (compiled before timing); ``onnxruntime``: exported
-    with ``fxcondensa.export.onnx`` (static shapes) and run by ONNX Runtime's CPU provider. CPU inputs only
+    with ``fxcondensa.files.export.onnx`` (static shapes) and run by ONNX Runtime's CPU provider. CPU inputs only
     for ``onnxruntime``. A backend that is not installed or fails on the model is skipped, with the reason
     in ``skipped``. ``model`` is not changed (each backend gets a copy).
 

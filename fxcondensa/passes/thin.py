@@ -26,7 +26,7 @@ from ..rules.attention import has_attention_products, head_channels, head_dim_ch
 from .analysis import analyze, balance_grouped, removable_channels
 from .slicing import _kept, apply_keep
 
-__all__ = ["thin_graph", "rethin", "apply_keep", "RTOL", "ATOL"]
+__all__ = ["thin_graph", "rethin", "rethin_pair", "apply_keep", "RTOL", "ATOL"]
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -224,6 +224,14 @@ def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
         >>> again.conv1.weight.shape == small.conv1.weight.shape
         True
     """
+    return rethin_pair(model, keep, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                       capture=capture)[1]
+
+
+def rethin_pair(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
+                leaf_modules: Sequence[type[nn.Module]] = (), concrete_args: dict[str, Any] | None = None,
+                capture: str = "auto") -> tuple[fx.GraphModule, fx.GraphModule]:
+    """``rethin``, also returning the dense capture it sliced (what ``passes/own.py`` compares with)."""
     split_inputs(example_inputs)
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
     inputs = graph_inputs(gm, example_inputs)
@@ -235,10 +243,10 @@ def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
                          f"{n} channels, got {got}")
     thinned = apply_keep(gm, analysis, balance_grouped(analysis, keep[:n]), inputs)
     if keep.numel() == n:
-        return thinned
+        return gm, thinned
     columns = analyze(thinned, head_dim=True)  # the rest: which head_dim columns stayed (see ``thin``)
     if keep.numel() != n + columns.num_channels:
         raise ValueError(f"the thinning recipe does not fit {type(model).__name__}: it needs a bool tensor of "
                          f"{n} channels, or {n + columns.num_channels} with head_dim columns, got "
                          f"{keep.dtype} {tuple(keep.shape)}")
-    return apply_keep(thinned, columns, balance_grouped(columns, keep[n:]), inputs)
+    return gm, apply_keep(thinned, columns, balance_grouped(columns, keep[n:]), inputs)

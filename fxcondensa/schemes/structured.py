@@ -94,9 +94,16 @@ class _ChannelPrune(Scheme, _LayerSelection):
     ``target_latency`` is refused with them (the latency model has no timings of head_dim widths): give
     ``target_flops``, or ``attention=None`` for a latency target.
 
+    ``uniform=True`` keeps the same share of every channel group (each layer's MLP channels, heads and
+    key/value groups), so that equal layers keep equal counts and a stock config describes the result
+    (``thin`` then returns a Hugging Face model whose ``save_pretrained`` loads with ``from_pretrained``).
+    A residual stream normalised by LayerNorm stays whole, with the heads (a stock LayerNorm over fewer
+    channels is another function, and those configs derive the head width from the hidden size); an
+    RMSNorm stream is cut (the norms fold the dense width into their weight and epsilon). It takes a density.
+
     Example:
         >>> StructurePrune(0.5, attention="head_dim")
-        StructurePrune(density=0.5, align=None, criteria='bn_or_l2norm', prune_bias=True, layers={}, exclude=[], target_flops=None, target_latency=None, normalize=True, attention='head_dim', calibration=None)
+        StructurePrune(density=0.5, align=None, criteria='bn_or_l2norm', prune_bias=True, layers={}, exclude=[], target_flops=None, target_latency=None, normalize=True, attention='head_dim', calibration=None, uniform=False)
         >>> StructurePrune(target_flops=0.5, attention="both").target_flops
         0.5
     """
@@ -107,7 +114,8 @@ class _ChannelPrune(Scheme, _LayerSelection):
                  prune_bias: bool = True, layers: Mapping[str, float] | None = None,
                  exclude: Sequence[str] | str | None = None, *, target_flops: float | None = None,
                  target_latency: float | None = None,
-                 normalize: bool = True, attention: str | None = None, calibration: Any = None):
+                 normalize: bool = True, attention: str | None = None, calibration: Any = None,
+                 uniform: bool = False):
         if sum(v is not None for v in (density, target_flops, target_latency)) != 1:
             raise ValueError(f"give exactly one of density (fraction of channels kept), target_flops (fraction "
                              f"of the dense MACs kept) and target_latency (fraction of the dense latency), got "
@@ -155,6 +163,12 @@ class _ChannelPrune(Scheme, _LayerSelection):
                              f"budget, which counts them) or a density instead, or attention=None to prune whole "
                              f"heads for a latency target")
         self.attention = attention
+        if not isinstance(uniform, bool):
+            raise TypeError(f"uniform must be True or False, got {uniform!r}")
+        if uniform and density is None:
+            raise ValueError("uniform=True keeps the same share of every group, which a density gives; got "
+                             f"target_flops={target_flops!r}, target_latency={target_latency!r}: pass a density")
+        self.uniform = uniform
         self._init_selection(layers, exclude)
 
 
@@ -200,6 +214,13 @@ class _ChannelPrune(Scheme, _LayerSelection):
             # A channel is pruned one way: a head_dim column that is no head here (multi-query attention's one
             # key/value head, an unsqueeze in this analysis) goes with the columns, not also as a channel.
             candidate &= ~(head_dim_channels(columns, into=analysis) & ~heads)
+        if self.uniform:
+            # Widths a stock config describes: a LayerNorm over fewer channels of the stream is another
+            # function (its width-preserving form is no stock module), and configs of LayerNorm models (GPT-2,
+            # BERT) derive the head width from the hidden size, so both stay whole there.
+            stream = _layer_norm_channels(gm, analysis)
+            if bool(stream.any()):
+                candidate &= ~stream & ~heads
         if self.attention in ("keep", "head_dim"):
             candidate &= ~heads
         elif bool(heads.any()) and self.criteria in ("l2norm", "bn_or_l2norm"):
@@ -214,6 +235,8 @@ class _ChannelPrune(Scheme, _LayerSelection):
                        if (n := int((heads & candidate)[g.channels].sum())) and g.id not in own} \
             if self.attention == "both" else {}
         candidate &= ~torch.isnan(score)
+        if self.uniform:  # every group keeps the same share: equal layers keep equal counts
+            own = {**{g.id: self.density for g in analysis.groups if bool(candidate[g.channels].any())}, **own}
         fixed = None if self.align == "auto" else self.align
         pick_columns = self._column_selector(gm, columns, excluded, stats) if columns is not None else None
         keep_columns = None
@@ -317,6 +340,21 @@ class _ChannelPrune(Scheme, _LayerSelection):
             param = params[s.path]
             mask = torch.empty_like(param, dtype=torch.bool).copy_(k.view(shape).expand(param.shape))
             annotate_param(gm, s.path, mask=mask, owners=owners)
+
+
+def _layer_norm_channels(gm: fx.GraphModule, analysis: ChannelAnalysis) -> torch.Tensor:
+    """Bool per channel: True where it enters a LayerNorm (module or functional) over the channel dim."""
+    out = torch.zeros(analysis.num_channels, dtype=torch.bool)
+    modules = dict(gm.named_modules())
+    functions = (nn.functional.layer_norm, torch.ops.aten.layer_norm.default, fxnn.layer_norm_width)
+    for node in gm.graph.nodes:
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if not (isinstance(m, (nn.LayerNorm, fxnn.WidthLayerNorm)) or (node.op == "call_function" and node.target in functions)):
+            continue
+        info = analysis.infos.get(node.args[0].name) if node.args and isinstance(node.args[0], fx.Node) else None
+        if isinstance(info, ChanInfo):
+            out[analysis.channel_of[info.atoms]] = True
+    return out
 
 
 def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool) -> torch.Tensor:

@@ -1,0 +1,311 @@
+"""The user's own model, thinned: the thinned graph's tensors and module changes carried into a copy of the
+model (or the model itself), so that its class, methods and forward stay.
+
+``own_model`` compares the compressed graph with the thinned one node by node. Every edit must have a
+module form (``rules/owners.py``): a literal size inside a module whose attributes follow its tensors, a
+norm swapped or folded, a size the user's forward computes from its tensors. A literal the pass rewrote
+anywhere else blocks: the user's forward would still compute with the dense size. The result is then
+checked against the compressed model by the thinning pass's own check (``passes/thin.py``), running the
+user's forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .. import nn as fxnn
+from ..capture.exported import capture_notes, capture_of
+from ..errors import ThinningCheckError
+from ..rules import owners
+from .analysis import analyze
+from .thin import _check
+
+__all__ = ["Edit", "graph_edits", "own_model", "check_own", "install"]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One node the thinning pass changed: where it sits (``owner``, the module path; "" for the model
+    itself), what it was and is, and whether the user's forward can follow (``blocking`` says why not)."""
+
+    node: str
+    owner: str
+    before: str
+    after: str
+    blocking: str = ""
+    form: bool = False  # a norm with a module form (swapped or folded), not a size
+
+
+def _owner(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1]
+    return path[0] if isinstance(path, tuple) else str(path)
+
+
+def _text(node: fx.Node) -> str:
+    target = getattr(node.target, "__name__", node.target)
+    return f"{target}{_args_text(node.args)}"
+
+
+def _args_text(args: Any) -> str:
+    return "(" + ", ".join(a.name if isinstance(a, fx.Node) else repr(a) for a in args) + ")"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, slice) and isinstance(b, slice):
+        return _same((a.start, a.stop, a.step), (b.start, b.stop, b.step))
+    return type(a) is type(b) and a == b
+
+
+def _literals(before: Any, after: Any) -> list[tuple[Any, Any]]:
+    """(dense, thinned) pairs of the literal sizes that changed; a computed size that became a literal
+    counts as (the node, literal)."""
+    if isinstance(before, (list, tuple)) and isinstance(after, (list, tuple)) and len(before) == len(after):
+        return [p for a, b in zip(before, after, strict=True) for p in _literals(a, b)]
+    if isinstance(before, slice) and isinstance(after, slice):
+        return _literals((before.start, before.stop, before.step), (after.start, after.stop, after.step))
+    return [] if _same(before, after) else [(before, after)]
+
+
+def _module_chain(model: nn.Module, path: str) -> list[nn.Module]:
+    """The module at ``path`` and its ancestors, innermost first."""
+    parts = path.split(".") if path else []
+    chain = [model]
+    for p in parts:
+        nxt = getattr(chain[-1], p, None)
+        if not isinstance(nxt, nn.Module):
+            break
+        chain.append(nxt)
+    return chain[::-1]
+
+
+def graph_edits(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule) -> list[Edit]:
+    """The nodes of ``thinned`` that differ from ``compressed`` (same names), each with its owner module in
+    ``model`` and, where the user's forward cannot follow, why."""
+    exported = capture_of(compressed) == "export"
+    dense = {n.name: n for n in compressed.graph.nodes}
+    edits = []
+    for node in thinned.graph.nodes:
+        old = dense.get(node.name)
+        if old is None or node.op in ("placeholder", "output", "get_attr"):
+            continue
+        owner = _owner(old)
+        if node.op == "call_module":
+            continue  # a swapped module (a width-preserving norm): carried over whole
+        if node.target is old.target and _same(node.args, old.args) and _same(node.kwargs, old.kwargs):
+            continue
+        edit = Edit(node.name, owner, _text(old), _text(node))
+        chain = _module_chain(model, owner)
+        if node.target in _FORMS:
+            blocking = "" if owners._width(chain[0]) is not None else "the norm has no weight to fold into"
+            if node.target is fxnn.mean_width and not blocking and not any(
+                    isinstance(getattr(chain[0], n, None), float) for n in ("variance_epsilon", "eps")):
+                blocking = "a mean over the channels outside a norm"
+            if node.target is fxnn.layer_norm_width and owners._layer_norm_dim(chain[0]) is None:
+                blocking = f"a layer_norm inside {type(chain[0]).__name__}, which is no LayerNorm"
+            edits.append(Edit(edit.node, owner, edit.before, edit.after, blocking, form=True))
+            continue
+        if node.target is not old.target and not _is_split(old, node):
+            edits.append(Edit(edit.node, owner, edit.before, edit.after,
+                              f"the op is replaced ({edit.before} becomes {edit.after})"))
+            continue
+        pairs = _literals([*old.args, *old.kwargs.values()], [*node.args, *node.kwargs.values()])
+        literal = [(a, b) for a, b in pairs if not isinstance(a, fx.Node)]
+        if literal and not exported and not any(owners.has_attributes(m) for m in chain):
+            a, b = literal[0]
+            edits.append(Edit(edit.node, owner, edit.before, edit.after,
+                              f"the literal size {a!r} in {edit.before} (thinned: {b!r})"))
+            continue
+        edits.append(edit)
+    return edits
+
+
+_FORMS = (fxnn.layer_norm_width, fxnn.rms_norm_width, fxnn.mean_width)
+
+
+def _is_split(old: fx.Node, new: fx.Node) -> bool:
+    """The pass writes a split by sizes as ``torch.split``, whatever form it had (``aten.split``, a method)."""
+    return new.target in (torch.split, "split") and "split" in str(getattr(old.target, "__name__", old.target))
+
+
+def blocking_reason(model: nn.Module, edits: list[Edit]) -> str | None:
+    """One line naming the first edit the user's forward cannot follow, or None."""
+    for e in edits:
+        if e.blocking:
+            where = f"module '{e.owner}' ({type(model.get_submodule(e.owner)).__name__})" if e.owner \
+                else f"{type(model).__name__}'s own forward"
+            return f"{where} needs a graph rewrite at node '{e.node}': {e.blocking}"
+    return None
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
+
+
+def own_model(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule,
+              edits: list[Edit]) -> nn.Module:
+    """A copy of ``model`` carrying ``thinned``'s tensors and module changes. Tensors are shared with
+    ``thinned``, not copied; tensors the graph does not hold (unused modules) are copied from ``model``."""
+    new = _tensors(thinned)
+    dense = _tensors(compressed)
+    memo: dict[int, Any] = {}
+    by_id: dict[int, list[str]] = {}
+    for name, t in _tensors(model).items():
+        by_id.setdefault(id(t), []).append(name)
+    changed: set[str] = set()
+    for names in by_id.values():
+        found = next((n for n in names if n in new), None)
+        if found is None:
+            continue
+        memo[id(_lookup(model, names[0]))] = new[found]
+        if found not in dense or new[found] is not dense[found]:
+            changed.update(n.rpartition(".")[0] for n in names)
+    result = copy.deepcopy(model, memo)
+    dense_modules = dict(compressed.named_modules())
+    for path, m in thinned.named_modules():
+        if not path or path not in dense_modules:
+            continue
+        if type(m) is not type(dense_modules[path]):  # swapped by the pass (a width-preserving norm, attention)
+            _set_module(result, path, m)
+            changed.add(path)
+        elif path in changed:
+            _copy_sizes(m, dense_modules[path], result.get_submodule(path))
+    nodes = {n.name: n for n in thinned.graph.nodes}
+    for e in edits:
+        if e.blocking:
+            continue
+        node = nodes[e.node]
+        if node.target in _CONVS and e.owner:  # a grouped conv of a torch.export capture: its group count
+            conv = result.get_submodule(e.owner)
+            if isinstance(conv, nn.modules.conv._ConvNd) and len(node.args) > 6 and isinstance(node.args[6], int):
+                conv.groups = node.args[6]
+        if node.target in _FORMS:
+            width = node.args[1] if node.target is not fxnn.mean_width else node.args[3]
+            owner = result.get_submodule(e.owner)
+            form = owners.module_form(owner, node.target, int(width))
+            if form is None:
+                raise ValueError(f"no module form for {e.after} in module '{e.owner}'")
+            if form is not owner:
+                _set_module(result, e.owner, form)
+            changed.add(e.owner)
+    _follow(result, changed)
+    return result
+
+
+_CONVS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)
+_SIZES = (int, float, bool, tuple)
+
+
+def _copy_sizes(thinned: nn.Module, dense: nn.Module, target: nn.Module) -> None:
+    """The size attributes the pass set on a module of a torch.fx capture (``groups`` of a depthwise conv,
+    ``out_channels``, ...): plain values that changed, copied to the user's module."""
+    for key, value in thinned.__dict__.items():
+        if isinstance(value, _SIZES) and key in dense.__dict__ and dense.__dict__[key] != value:
+            target.__dict__[key] = value
+
+
+def _lookup(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    owner, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, attr, module)
+
+
+def _follow(result: nn.Module, changed: set[str]) -> None:
+    """Size attributes of every module whose tensors changed, then of its ancestors (an attention reads its
+    projections' sizes), innermost first."""
+    touched = set()
+    for path in changed:
+        parts = path.split(".") if path else []
+        for k in range(len(parts), -1, -1):
+            touched.add(".".join(parts[:k]))
+    for path in sorted(touched, key=lambda p: -len(p.split(".")) if p else 0):
+        try:
+            m = result.get_submodule(path)
+        except AttributeError:
+            continue
+        owners.follow_tensors(m)
+    owners.update_config(result)
+
+
+def install(model: nn.Module, result: nn.Module) -> None:
+    """Move ``result``'s tensors, attributes and swapped modules into ``model`` (same structure), so that
+    the user's own object is the thinned model (``thin(..., inplace=True)``)."""
+    for path, new in list(result.named_modules()):
+        try:
+            old = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(old) is not type(new):
+            _set_module(model, path, new)
+            continue
+        for key, value in new.__dict__.items():
+            if key != "_modules":
+                old.__dict__[key] = value
+
+
+class _Flat:
+    """Calls a module with the placeholder values of a torch.export capture (the flat leaves of its
+    ``(args, kwargs)``) and returns its output."""
+
+    __name__ = "call_model"  # torch.fx names the node after its target
+
+    def __init__(self, spec: Any, kwargs: dict[str, Any]):
+        self.spec, self.kwargs = spec, kwargs
+
+    def __call__(self, module: nn.Module, *leaves: Any) -> Any:
+        args, kwargs = pytree.tree_unflatten(list(leaves), self.spec)
+        return module(*args, **kwargs, **self.kwargs)
+
+
+def _call_graph(compressed: fx.GraphModule, module: nn.Module) -> fx.GraphModule:
+    """A graph with ``compressed``'s placeholders that calls ``module``'s own forward on them: what the
+    thinning check runs in place of the thinned graph."""
+    graph = fx.Graph()
+    holders = [graph.placeholder(n.name, default_value=n.args[0]) if n.args else graph.placeholder(n.name)
+               for n in compressed.graph.nodes if n.op == "placeholder"]
+    root = nn.Module()
+    root.model = module
+    if isinstance(compressed.graph._codegen, fx.graph._PyTreeCodeGen):
+        # A capture with the cache off (its notes say so) is compared with the model called the same way.
+        extra = {"use_cache": False} if any("use_cache=False" in n for n in capture_notes(compressed)) else {}
+        model = graph.get_attr("model")
+        out = graph.call_function(_Flat(compressed._in_spec, extra), (model, *holders))
+    else:
+        out = graph.call_module("model", tuple(holders))
+    graph.output(out)
+    return fx.GraphModule(root, graph, class_name=type(module).__name__)
+
+
+def check_own(compressed: fx.GraphModule, module: nn.Module, keep: torch.Tensor,
+              inputs: tuple[Any, ...]) -> str | None:
+    """Run ``module``'s own forward against ``compressed`` with the thinning check (``passes/thin.py``):
+    None when they agree, else why not."""
+    analysis = analyze(compressed)
+    try:
+        _check(compressed, _call_graph(compressed, module), analysis, keep[:analysis.num_channels], inputs)
+    except ThinningCheckError as exc:
+        first = str(exc).split(", first at")[0].replace("the thinned model", "the model's own forward")
+        return first
+    except Exception as exc:  # the user's forward refuses the new sizes
+        return f"the model's own forward fails on the thinned modules: {type(exc).__name__}: " \
+               f"{(str(exc).splitlines() or [''])[0][:300]}"
+    return None

@@ -1,0 +1,236 @@
+"""What the user's own modules change when they follow thinning, so that ``thin`` can return the user's class.
+
+The thinning pass cuts tensors and edits a captured graph (``passes/slicing.py``). The user's model follows
+without that graph where every edit is local to one of its modules (``passes/own.py`` applies this table):
+
+- its tensors are cut: they are taken from the thinned graph by name;
+- its size attributes agree with them: each op registry entry's ``resize`` for torch's layers
+  (``out_features``, ``num_features``, ...), and ``ATTRIBUTES`` below for modules of timm, torchvision and
+  transformers whose forward reads sizes from attributes (``num_heads``, ``split_size``, ``attn_dim``): a
+  literal size inside such a module's traced forward is one of these attributes;
+- an op the pass rewrote has a module form (``module_form``): a LayerNorm that keeps dividing by its dense
+  width becomes a ``WidthLayerNorm`` (a swap), and an RMSNorm written out
+  (``w * x * rsqrt(mean(x^2) + eps)``, Hugging Face's Llama family) keeps its class: over ``C'`` of ``C``
+  channels, dividing by ``C`` is exactly the stock norm with weight ``w * sqrt(C / C')`` and epsilon
+  ``eps * C / C'``.
+
+Anything else is a size written into the graph that the user's forward would compute differently; the
+graph result is returned instead, with that edit as the reason. ``update_config`` makes a Hugging Face
+config describe the thinned model where every layer has the same sizes.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> m = nn.BatchNorm1d(8)
+    >>> m.weight, m.bias = nn.Parameter(m.weight[:5].detach()), nn.Parameter(m.bias[:5].detach())
+    >>> m.running_mean, m.running_var = m.running_mean[:5], m.running_var[:5]
+    >>> follow_tensors(m)
+    >>> m.num_features
+    5
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import nn as fxnn
+from . import registry
+
+__all__ = ["ATTRIBUTES", "follow_tensors", "has_attributes", "module_form", "update_config", "config_fields"]
+
+
+def _conv1d(m: nn.Module) -> None:  # transformers' Conv1D: weight (in, out), ``nf`` outputs
+    m.nf = int(m.weight.shape[1])
+
+
+def _gpt2_attention(m: nn.Module) -> None:
+    if not getattr(m, "is_cross_attention", False):
+        m.split_size = int(m.c_attn.weight.shape[1]) // 3  # q, k, v of equal width, split by this size
+        m.num_heads = m.split_size // m.head_dim
+
+
+def _bert_attention(m: nn.Module) -> None:
+    m.all_head_size = int(m.query.weight.shape[0])
+    m.num_attention_heads = m.all_head_size // m.attention_head_size
+
+
+def _timm_attention(m: nn.Module) -> None:
+    qkv = getattr(m, "qkv", None)
+    if isinstance(qkv, nn.Linear):  # fused q, k, v: 3 * heads * head_dim rows
+        m.num_heads = int(qkv.weight.shape[0]) // (3 * m.head_dim)
+        if hasattr(m, "attn_dim"):
+            m.attn_dim = m.num_heads * m.head_dim
+
+
+def _timm_window_attention(m: nn.Module) -> None:
+    m.num_heads = int(m.relative_position_bias_table.shape[-1])  # one bias column per head, cut with it
+
+
+def _torchvision_vit(m: nn.Module) -> None:
+    m.hidden_dim = int(m.conv_proj.weight.shape[0])  # _process_input reshapes patches to this width
+
+
+# Module class (a class, or its "module.QualName" where importing the library just to name it would cost)
+# -> a function that sets the attributes its forward reads sizes from, from its (thinned) tensors.
+ATTRIBUTES: dict[Any, Callable[[nn.Module], None]] = {
+    "transformers.pytorch_utils.Conv1D": _conv1d,
+    "transformers.models.gpt2.modeling_gpt2.GPT2Attention": _gpt2_attention,
+    "transformers.models.bert.modeling_bert.BertSelfAttention": _bert_attention,
+    "transformers.models.roberta.modeling_roberta.RobertaSelfAttention": _bert_attention,
+    "timm.layers.attention.Attention": _timm_attention,
+    "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
+    "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
+}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _attributes_entry(m: nn.Module) -> Callable[[nn.Module], None] | None:
+    for cls in type(m).__mro__:
+        entry = ATTRIBUTES.get(cls) or ATTRIBUTES.get(_qualname(cls))
+        if entry is not None:
+            return entry
+    return None
+
+
+def has_attributes(m: nn.Module) -> bool:
+    """Whether ``m``'s forward reads its sizes from attributes this table keeps up to date."""
+    return _attributes_entry(m) is not None
+
+
+def _width(m: nn.Module) -> int | None:
+    for name in ("weight", "running_mean"):
+        t = getattr(m, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0])
+    return None
+
+
+def follow_tensors(m: nn.Module) -> None:
+    """Make ``m``'s size attributes agree with its tensors: the registry entry's ``resize`` (a torch layer)
+    and the ``ATTRIBUTES`` entry (a library module that reads sizes from attributes)."""
+    rule = registry.rule_for_key(type(m))
+    if rule is not None and rule.resize is not None:
+        rule.resize(m, _width(m) if isinstance(m, _PER_CHANNEL) else None)
+    entry = _attributes_entry(m)
+    if entry is not None:
+        entry(m)
+
+
+_PER_CHANNEL = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
+# ------------------------------------------------------------------------------- module forms of rewrites
+
+_LAYER_NORMS = {nn.LayerNorm: -1, "timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1,
+                "torchvision.models.convnext.LayerNorm2d": 1}
+
+
+def _layer_norm_dim(m: nn.Module) -> int | None:
+    """The channel dim of a LayerNorm whose forward is ``F.layer_norm`` over its last dim (after a permute
+    to channels-last for timm's LayerNorm2d), or None for any other module."""
+    if type(m) is nn.LayerNorm:
+        return -1
+    if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1:
+        return None
+    return _LAYER_NORMS.get(_qualname(type(m)))
+
+
+def module_form(owner: nn.Module, op: Any, width: int) -> nn.Module | None:
+    """The module that expresses a rewrite of ``op`` inside ``owner`` over fewer channels of a dense
+    ``width``: a replacement module, ``owner`` itself changed in place (an RMSNorm's weight and epsilon
+    folded), or None when the rewrite has no module form. ``owner``'s tensors are already the thinned ones."""
+    kept = _width(owner)
+    if kept is None or kept >= width:
+        return None
+    if op is fxnn.layer_norm_width:
+        dim = _layer_norm_dim(owner)
+        if dim is None:
+            return None
+        new = fxnn.WidthLayerNorm(kept, width=width, eps=owner.eps, weight=owner.weight, bias=owner.bias, dim=dim)
+        return new.train(owner.training)
+    if op is fxnn.rms_norm_width and isinstance(owner, getattr(nn, "RMSNorm", ())):
+        eps = owner.eps if owner.eps is not None else float(torch.finfo(owner.weight.dtype).eps)
+        return fxnn.WidthRMSNorm(kept, width=width, eps=eps, weight=owner.weight).train(owner.training)
+    if op is fxnn.mean_width:  # an RMSNorm written out: fold the dense width into weight and epsilon
+        name = next((n for n in ("variance_epsilon", "eps") if isinstance(getattr(owner, n, None), float)), None)
+        weight = getattr(owner, "weight", None)
+        if name is None or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+            return None
+        ratio = width / kept
+        # A new tensor: the thinned graph (returned instead if the check fails) shares the old one.
+        owner.weight = nn.Parameter((weight.detach().double() * math.sqrt(ratio)).to(weight.dtype),
+                                    requires_grad=weight.requires_grad)
+        setattr(owner, name, getattr(owner, name) * ratio)
+        return owner
+    return None
+
+
+# ---------------------------------------------------------------------------------- Hugging Face configs
+
+def _llama_like(model: nn.Module) -> dict[str, list[Any]]:
+    layers = model.get_submodule("model.layers")
+    attn = [layer.self_attn for layer in layers]
+    head_dim = [a.head_dim for a in attn]
+    norm = model.get_submodule("model.norm")
+    return {
+        "hidden_size": [model.get_input_embeddings().weight.shape[1]],
+        "intermediate_size": [layer.mlp.up_proj.weight.shape[0] for layer in layers],
+        "num_attention_heads": [a.q_proj.weight.shape[0] // d for a, d in zip(attn, head_dim, strict=True)],
+        "num_key_value_heads": [a.k_proj.weight.shape[0] // d for a, d in zip(attn, head_dim, strict=True)],
+        "head_dim": head_dim,
+        "rms_norm_eps": [m.variance_epsilon for m in [norm, *(x for layer in layers for x in
+                                                             (layer.input_layernorm, layer.post_attention_layernorm))]],
+    }
+
+
+def _gpt2(model: nn.Module) -> dict[str, list[Any]]:
+    blocks = model.get_submodule("transformer.h")
+    return {
+        "n_embd": [model.get_input_embeddings().weight.shape[1]],
+        "n_inner": [b.mlp.c_fc.weight.shape[1] for b in blocks],
+        "n_head": [b.attn.num_heads for b in blocks],
+    }
+
+
+# config.model_type -> the config fields that describe sizes, read from the model (one value per layer)
+CONFIGS: dict[str, Callable[[nn.Module], dict[str, list[Any]]]] = {
+    "llama": _llama_like, "qwen2": _llama_like, "mistral": _llama_like, "gpt2": _gpt2,
+}
+
+
+def config_fields(model: nn.Module) -> dict[str, list[Any]] | None:
+    """The size fields of ``model.config`` as the model's modules have them now (one value per layer), or
+    None when the model has no config this table knows."""
+    config = getattr(model, "config", None)
+    read = CONFIGS.get(getattr(config, "model_type", None))
+    if read is None:
+        return None
+    try:
+        return read(model)
+    except (AttributeError, TypeError):  # a variant whose modules are laid out otherwise
+        return None
+
+
+def update_config(model: nn.Module) -> list[str]:
+    """Set the size fields of ``model.config`` (a Hugging Face config) from the thinned modules; returns
+    the fields whose layers differ (a stock config cannot describe them; they keep their dense values)."""
+    fields = config_fields(model)
+    if fields is None:
+        return []
+    config = model.config
+    differ = []
+    for name, values in fields.items():
+        values = [float(v) if isinstance(v, float) else int(v) for v in values]
+        if len(set(values)) != 1:
+            differ.append(name)
+        elif getattr(config, name, None) != values[0] or name == "head_dim":
+            setattr(config, name, values[0])  # head_dim stated: a derived one would divide the new sizes
+    return differ
