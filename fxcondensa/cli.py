@@ -42,8 +42,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__, schemes
+from .compression import int8 as int8_
 from .compression.apply import compress
-from .compression.apply import int8 as int8_
 from .compression.thinning import thin
 from .errors import ExampleInputError
 from .files import export as exporting

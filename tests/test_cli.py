@@ -391,7 +391,7 @@ def test_weights_give_the_same_report_as_the_python_api(capsys, tmp_path):
                          "StructurePrune(0.3)", "--thin", "--json", "--no-latency", "--quiet")
     assert code == 0, err
     x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    want = fxcondensa.measure.report(trained, fxcondensa.thin(trained, schemes.StructurePrune(0.3), x), x, latency=False)
+    want = fxcondensa.report(trained, fxcondensa.thin(trained, schemes.StructurePrune(0.3), x), x, latency=False)
     assert json.loads(out) == json.loads(want.to_json())
 
 

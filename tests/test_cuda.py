@@ -82,7 +82,7 @@ def test_save_and_load_thinned_across_devices(tmp_path, saved_on, loaded_on):
 def test_save_and_load_compressed_across_devices(tmp_path):
     w = fxcondensa.compress(LeNet5().to(CUDA), Prune(0.1))
     fxcondensa.save_compressed(w, tmp_path / "w.fxc")
-    assert fxcondensa.measure.footprint(w, "stored") == (tmp_path / "w.fxc").stat().st_size
+    assert fxcondensa.footprint(w, "stored") == (tmp_path / "w.fxc").stat().st_size
     back = fxcondensa.load_compressed(tmp_path / "w.fxc", LeNet5)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(w.state_dict().values(), back.state_dict().values(),
                                                          strict=True))

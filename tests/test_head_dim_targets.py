@@ -100,7 +100,7 @@ def test_report_shows_the_mac_target_and_what_it_reached():
     model, x = Encoder(c=32, heads=4, head_dim=8, style="fused_sdpa").eval(), torch.randn(2, 6, 5)
     small = thin(model, StructurePrune(target_flops=0.45, attention="both"), x)
     reached = _reached(model, small, x, 0.45)
-    rep = fxcondensa.measure.report(model, small, x, latency=False)
+    rep = fxcondensa.report(model, small, x, latency=False)
     assert rep.totals["flop_target"]["reached"] == pytest.approx(reached)
     assert f"MAC target: 0.450 of the dense MACs; the scheme's search reached {reached:.3f}" in str(rep)
 

@@ -57,7 +57,7 @@ def test_report_takes_keyword_inputs_of_an_export_captured_model():
     torch.manual_seed(0)
     model, x, _, _ = build_hf("bert")
     small = thin(model, SCHEME, x)
-    rep = fxcondensa.measure.report(model, small, x, latency=True, warmup=0, repeat=1)
+    rep = fxcondensa.report(model, small, x, latency=True, warmup=0, repeat=1)
     assert rep.totals["params_after"] == params(small) < rep.totals["params_before"] == params(model)
     assert rep.totals["macs_after"] < rep.totals["macs_before"]
     assert rep.totals["latency_after"]["batch_size"] == x["input_ids"].shape[0]

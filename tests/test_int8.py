@@ -141,7 +141,7 @@ def test_plain_modules_skip_linear_subclasses():
 def test_report_shows_storage_dtype_per_layer():
     small, x = lenet_thinned()
     q = quantize_int8(small, mode="dynamic")
-    rep = fxcondensa.measure.report(small, q, x, latency=False)
+    rep = fxcondensa.report(small, q, x, latency=False)
     rows = {r.layer: r for r in rep.rows}
     assert (rows["ip1"].storage_before, rows["ip1"].storage_after) == ("float32", "int8")
     assert (rows["conv1"].storage_before, rows["conv1"].storage_after) == ("float32", "float32")
@@ -156,9 +156,9 @@ def test_report_shows_storage_dtype_per_layer():
 
 def test_report_storage_column_only_when_something_is_not_float32():
     model, x = fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28)
-    assert "storage" not in str(fxcondensa.measure.report(model, fxcondensa.compress(model, Prune(0.5), x), x, latency=False))
+    assert "storage" not in str(fxcondensa.report(model, fxcondensa.compress(model, Prune(0.5), x), x, latency=False))
     half = fxcondensa.compress(model, Compose([Prune(0.5), Quantize(fxcondensa.float16)]), x)
-    rep = fxcondensa.measure.report(model, half, x, latency=False)
+    rep = fxcondensa.report(model, half, x, latency=False)
     assert "float32 -> float16" in str(rep)
     assert rep.totals["param_bytes_after"] * 2 == rep.totals["param_bytes_before"]
 

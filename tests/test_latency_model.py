@@ -560,7 +560,7 @@ def test_structure_prune_target_latency_is_recorded_and_thin_checks_it(tmp_path,
     assert rec.kind == "latency" and rec.target == 0.5 and abs(rec.reached - 0.5) <= 0.05
     dense = fxcondensa.trace(model, X)
     assert true_ms(small, 1.2) / true_ms(dense, 1.2) == pytest.approx(rec.reached)
-    r = fxcondensa.measure.report(model, small, X, latency=False)
+    r = fxcondensa.report(model, small, X, latency=False)
     assert r.totals["latency_target"]["reached"] == rec.reached
 
 

@@ -98,7 +98,7 @@ def test_records_survive_whole_module_pickling(tmp_path):
     compressed, x = _returned("compress", tmp_path)
     again = pickle.loads(pickle.dumps(compressed))
     assert annotations(again).keys() == annotations(compressed).keys()
-    assert fxcondensa.measure.footprint(again, "stored") == fxcondensa.measure.footprint(compressed, "stored")
+    assert fxcondensa.footprint(again, "stored") == fxcondensa.footprint(compressed, "stored")
     thinned, _ = _returned("thin resnet18", tmp_path)
     buf = io.BytesIO()
     torch.save(pickle.loads(pickle.dumps(thinned)), buf)  # twice: a reloaded module pickles its records too

@@ -291,11 +291,11 @@ def test_report_deployment_line():
     import fxcondensa
 
     model, x = LeNet5(), torch.randn(1, 1, 28, 28)
-    r = fxcondensa.measure.report(model, model, x, warmup=0, repeat=2, deployment=("eager", "onnxruntime"))
+    r = fxcondensa.report(model, model, x, warmup=0, repeat=2, deployment=("eager", "onnxruntime"))
     dep = r.totals["deployment"]
     assert "eager" in dep["latency_ms"] and ("onnxruntime" in dep["latency_ms"]) != ("onnxruntime" in dep["skipped"])
     assert any(n.startswith("deployment (batch 1, ") and "fastest: " in n for n in r.notes)
-    assert fxcondensa.measure.report(model, model, x, latency=False).totals["deployment"] is None
+    assert fxcondensa.report(model, model, x, latency=False).totals["deployment"] is None
 
 
 def test_report_shows_latency_target():
@@ -306,7 +306,7 @@ def test_report_shows_latency_target():
     x = torch.randn(1, 1, 28, 28)
     small = fxcondensa.thin(LeNet5(), StructurePrune(0.5), x)
     thin_record(small).target = TargetRecord("latency", 0.5, 0.48, 0.7)
-    r = fxcondensa.measure.report(LeNet5(), small, x, latency=False)
+    r = fxcondensa.report(LeNet5(), small, x, latency=False)
     assert r.totals["latency_target"] == {"target": 0.5, "reached": 0.48, "density": 0.7}
     assert r.totals["flop_target"] is None
     assert "latency target: 0.500 of the dense latency; measured when the scheme selected the channels: 0.480" in str(r)

@@ -167,7 +167,7 @@ def test_report_shows_the_mac_target_and_what_was_reached():
 
     model, x = fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28)
     small = fxcondensa.thin(model, StructurePrune(target_flops=0.4), x)
-    r = fxcondensa.measure.report(model, small, x, latency=False)
+    r = fxcondensa.report(model, small, x, latency=False)
     target = r.totals["flop_target"]
     assert target["target"] == 0.4 and target["reached"] <= 0.4
     assert abs(r.totals["macs_after"] / r.totals["macs_before"] - target["reached"]) < 0.02

@@ -55,7 +55,7 @@ def test_load_into_the_compressed_graph_module_itself(tmp_path):
     again = load_compressed(tmp_path / "w.fxc", w)
     assert again is not w
     _same_state(again, w)
-    assert fxcondensa.measure.footprint(again) == fxcondensa.measure.footprint(w)  # annotations travel with the copy
+    assert fxcondensa.footprint(again) == fxcondensa.footprint(w)  # annotations travel with the copy
 
 
 def test_buffers_round_trip(tmp_path):

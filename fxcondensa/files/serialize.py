@@ -182,7 +182,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
         >>> import fxcondensa
         >>> from fxcondensa.schemes import Prune
         >>> w = fxcondensa.compress(fxcondensa.models.LeNet5(), Prune(0.01))
-        >>> dense_bytes = fxcondensa.measure.footprint(fxcondensa.models.LeNet5())
+        >>> dense_bytes = fxcondensa.footprint(fxcondensa.models.LeNet5())
         >>> fxcondensa.save_compressed(w, "/tmp/w.fxc", overwrite=True) < dense_bytes / 20
         True
     """

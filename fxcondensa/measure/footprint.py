@@ -27,7 +27,7 @@ def footprint(model: nn.Module, accounting: str = "values") -> int:
 
     Example:
         >>> import fxcondensa
-        >>> fxcondensa.measure.footprint(fxcondensa.models.LeNet5())
+        >>> fxcondensa.footprint(fxcondensa.models.LeNet5())
         1724320
     """
     if accounting == "values":

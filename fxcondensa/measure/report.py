@@ -7,7 +7,7 @@ Example:
     >>> import torch, fxcondensa
     >>> from fxcondensa.schemes import Prune
     >>> model, x = fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28)
-    >>> r = fxcondensa.measure.report(model, fxcondensa.compress(model, Prune(0.1)), x, latency=False)
+    >>> r = fxcondensa.report(model, fxcondensa.compress(model, Prune(0.1)), x, latency=False)
     >>> r.rows[0].layer, r.rows[0].macs_before, round(r.totals["density"], 2)
     ('conv1', 288000, 0.1)
     >>> print(r)  # doctest: +SKIP
@@ -240,7 +240,7 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
         >>> import torch, fxcondensa
         >>> from fxcondensa.schemes import Prune
         >>> model = fxcondensa.models.LeNet5()
-        >>> r = fxcondensa.measure.report(model, fxcondensa.compress(model, Prune(0.5)), torch.randn(1, 1, 28, 28))
+        >>> r = fxcondensa.report(model, fxcondensa.compress(model, Prune(0.5)), torch.randn(1, 1, 28, 28))
         >>> r.totals["macs_before"]
         2322940
     """
