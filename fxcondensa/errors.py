@@ -9,6 +9,7 @@ __all__ = [
     "ThinningCheckError",
     "FileFormatError",
     "UnknownOpError",
+    "InputShapeError",
 ]
 
 
@@ -34,3 +35,7 @@ class FileFormatError(FxCondensaError, ValueError):
 
 class UnknownOpError(FxCondensaError, ValueError):
     """``strict=True``: the channel analysis met an op it has no rule for (or whose rule failed)."""
+
+
+class InputShapeError(FxCondensaError, ValueError):
+    """The inputs break a shape constraint of a model captured by torch.export (a fixed size, a range)."""
