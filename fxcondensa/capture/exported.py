@@ -105,6 +105,13 @@ def _disable_cache(model: nn.Module, kwargs: dict[str, Any]) -> list[str]:
     return ["captured with config.use_cache=False: the captured model returns no key-value cache"]
 
 
+def _safe(ask: Any) -> bool:
+    try:
+        return bool(ask())
+    except Exception:
+        return False
+
+
 def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """``dynamic_shapes`` for torch.export: dim 0 of every input is the batch; dim 1 of a 2-D integer or
     boolean input (token ids, masks) and of a 3-D float input (embeddings) is the sequence. ``Dim.AUTO``:
@@ -161,7 +168,10 @@ def export_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     """
     kwargs = dict(kwargs or {})
     work = copy.deepcopy(model).eval()
-    notes: list[str] = []
+    # A model that generates (a Hugging Face causal or seq2seq LM) returns its key-value cache: turn it off
+    # before the capture rather than after a failed one, which costs as much as a capture.
+    can_generate = getattr(work, "can_generate", None)
+    notes: list[str] = _disable_cache(work, kwargs) if callable(can_generate) and _safe(can_generate) else []
     try:
         ep = _export_dynamic(work, args, kwargs, notes)
     except Exception:

@@ -48,7 +48,7 @@ def _namespace() -> dict[str, Any]:
 
 def check_input_shapes(guards: Guards, *args: Any) -> None:
     """Raise ``InputShapeError`` at the first guard that ``args`` (a graph's placeholder values) fail."""
-    if not guards:
+    if not guards or torch.jit.is_tracing():  # a TorchScript trace records tensor ops, not Python checks
         return
     namespace = _namespace()
     for code, shown in guards:
