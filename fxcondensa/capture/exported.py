@@ -3,7 +3,7 @@
 Symbolic tracing runs ``forward`` on proxies, so Python that branches on shapes or dtypes, iterates over a
 proxy, or calls through ``*args/**kwargs`` wrappers stops it (Hugging Face models, some timm models).
 ``torch.export.export(model, args, kwargs, strict=False)`` runs the real Python on fake tensors instead and
-records the ATen ops that ran, specialised to the example inputs (their shapes and every branch taken).
+records the ATen ops that ran, with every branch the example inputs took.
 The result here is a plain ``fx.GraphModule`` whose nodes are ``get_attr`` (parameters, under their usual
 names) and ``call_function`` of ATen ops (``aten.conv2d``, ``aten.linear``, ``aten.layer_norm``, ...), the
 ops the registry's ATen keys cover.
@@ -15,11 +15,18 @@ What such a graph is, compared with a symbolically traced one:
   unflattens them with the specs kept in ``gm._in_spec`` / ``gm._out_spec``.
 - It is captured in eval mode and stays so: dropout is off and BatchNorm uses its running statistics
   whatever ``train()`` / ``eval()`` say afterwards (the ops are baked into the graph).
-- It holds only the shapes of the example inputs: other shapes need another capture.
-- Models that return a key-value cache (``config.use_cache``, GPT-2, Llama) fail the first capture (a cache
-  object is not a tensor structure the graph can return) and are captured again with the cache turned off
-  (``config.use_cache = False``, unless the caller passes ``use_cache`` explicitly). The captured model
-  returns everything else; ``capture_notes(gm)`` says so and ``thin`` warns.
+- It takes any batch size, and any sequence length for token inputs (2-D integer or boolean tensors) and
+  3-D float inputs: those dims are captured dynamic (``torch.export.Dim.AUTO``, with size-oblivious reasoning
+  so that an example batch of 1 stays dynamic). A dim the model's code ties to a size stays fixed; images
+  keep their height and width. What the inputs must satisfy (fixed dims, ranges, conditions the code
+  assumed, e.g. more than one token) is checked on every call and listed in the record's
+  ``input_constraints`` (``fxcondensa.capture.guards``). Where a dynamic capture fails, the example's shapes
+  are captured instead, and a note says why.
+- Models that return a key-value cache (``config.use_cache``, GPT-2, Llama) are captured with the cache turned
+  off (``config.use_cache = False``, unless the caller passes ``use_cache`` explicitly): a cache object is not
+  a tensor structure the graph can return. A model that can generate has it turned off before the capture;
+  another is captured again without it when the first capture fails. The captured model returns everything
+  else; ``capture_notes(gm)`` says so and ``thin`` warns.
 
 Example:
     >>> import torch
@@ -33,7 +40,7 @@ Example:
     ...         y = self.fc(x)
     ...         return {"y": y * scale if scale is not None else y}
     >>> gm = export_capture(Branchy(), (torch.randn(2, 4),), {"scale": torch.tensor(2.0)})
-    >>> capture_of(gm), sorted(gm(torch.randn(2, 4), scale=torch.tensor(2.0)))
+    >>> capture_of(gm), sorted(gm(torch.randn(5, 4), scale=torch.tensor(2.0)))  # any batch size
     ('export', ['y'])
 """
 
