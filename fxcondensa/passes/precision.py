@@ -24,8 +24,8 @@ time is widened, while the node that reads it runs.
 
 Example:
     >>> import torch, fxcondensa
-    >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5().to(torch.bfloat16), torch.randn(1, 1, 28, 28))
     >>> x = (torch.randn(1, 1, 28, 28, dtype=torch.bfloat16),)
+    >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5().to(torch.bfloat16), x)
     >>> compute_dtype(gm, x), tolerance(torch.bfloat16), run_in(gm, x, torch.float64).dtype
     (torch.bfloat16, (0.016, 1e-05), torch.float64)
 """
