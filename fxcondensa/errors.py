@@ -9,6 +9,7 @@ __all__ = [
     "ThinningCheckError",
     "FileFormatError",
     "UnknownOpError",
+    "InputShapeError",
     "RuleFailedError",
 ]
 
@@ -39,3 +40,7 @@ class UnknownOpError(FxCondensaError, ValueError):
 
 class RuleFailedError(FxCondensaError, RuntimeError):
     """``strict=True``: the op has a rule, and that rule raised on this call (a form it does not handle)."""
+
+
+class InputShapeError(FxCondensaError, ValueError):
+    """The inputs break a shape constraint of a model captured by torch.export (a fixed size, a range)."""

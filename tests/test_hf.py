@@ -3,6 +3,8 @@ ModelOutput results, and a default-config causal LM (``use_cache=True``, turned 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _models import bench_coverage, state_hash
@@ -72,8 +74,12 @@ def test_an_export_captured_model_exports_with_keyword_inputs(fmt, tmp_path):
     torch.manual_seed(0)
     model, x, _, _ = build_hf("bert")
     small = thin(model, SCHEME, x)
-    # The capture is specialised to the example shapes, so the file is too: it says so, and the exporter has
-    # reloaded it and compared its outputs with the model's before keeping it.
-    with pytest.warns(StaticShapeWarning, match="dynamic batch"):
+    # The exporter has reloaded the file and compared its outputs with the model's (at another batch size
+    # too, for a dynamic file). torch.export and ONNX files of keyword inputs keep the example shapes and say
+    # so; a TorchScript trace may bake the sizes the graph reads, and then says so too.
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         path = getattr(fxcondensa.files.export, fmt)(small, tmp_path / f"bert.{fmt}", x)
+    static = [w for w in seen if issubclass(w.category, StaticShapeWarning) and "dynamic batch" in str(w.message)]
+    assert static or fmt == "torchscript"
     assert path.exists() and path.stat().st_size > 0

@@ -3,7 +3,7 @@
 Symbolic tracing runs ``forward`` on proxies, so Python that branches on shapes or dtypes, iterates over a
 proxy, or calls through ``*args/**kwargs`` wrappers stops it (Hugging Face models, some timm models).
 ``torch.export.export(model, args, kwargs, strict=False)`` runs the real Python on fake tensors instead and
-records the ATen ops that ran, specialised to the example inputs (their shapes and every branch taken).
+records the ATen ops that ran, with every branch the example inputs took.
 The result here is a plain ``fx.GraphModule`` whose nodes are ``get_attr`` (parameters, under their usual
 names) and ``call_function`` of ATen ops (``aten.conv2d``, ``aten.linear``, ``aten.layer_norm``, ...), the
 ops the registry's ATen keys cover.
@@ -15,11 +15,18 @@ What such a graph is, compared with a symbolically traced one:
   unflattens them with the specs kept in ``gm._in_spec`` / ``gm._out_spec``.
 - It is captured in eval mode and stays so: dropout is off and BatchNorm uses its running statistics
   whatever ``train()`` / ``eval()`` say afterwards (the ops are baked into the graph).
-- It holds only the shapes of the example inputs: other shapes need another capture.
-- Models that return a key-value cache (``config.use_cache``, GPT-2, Llama) fail the first capture (a cache
-  object is not a tensor structure the graph can return) and are captured again with the cache turned off
-  (``config.use_cache = False``, unless the caller passes ``use_cache`` explicitly). The captured model
-  returns everything else; ``capture_notes(gm)`` says so and ``thin`` warns.
+- It takes any batch size, and any sequence length for token inputs (2-D integer or boolean tensors) and
+  3-D float inputs: those dims are captured dynamic (``torch.export.Dim.AUTO``, with size-oblivious reasoning
+  so that an example batch of 1 stays dynamic). A dim the model's code ties to a size stays fixed; images
+  keep their height and width. What the inputs must satisfy (fixed dims, ranges, conditions the code
+  assumed, e.g. more than one token) is checked on every call and listed in the record's
+  ``input_constraints`` (``fxcondensa.capture.guards``). Where a dynamic capture fails, the example's shapes
+  are captured instead, and a note says why.
+- Models that return a key-value cache (``config.use_cache``, GPT-2, Llama) are captured with the cache turned
+  off (``config.use_cache = False``, unless the caller passes ``use_cache`` explicitly): a cache object is not
+  a tensor structure the graph can return. A model that can generate has it turned off before the capture;
+  another is captured again without it when the first capture fails. The captured model returns everything
+  else; ``capture_notes(gm)`` says so and ``thin`` warns.
 
 Example:
     >>> import torch
@@ -33,13 +40,14 @@ Example:
     ...         y = self.fc(x)
     ...         return {"y": y * scale if scale is not None else y}
     >>> gm = export_capture(Branchy(), (torch.randn(2, 4),), {"scale": torch.tensor(2.0)})
-    >>> capture_of(gm), sorted(gm(torch.randn(2, 4), scale=torch.tensor(2.0)))
+    >>> capture_of(gm), sorted(gm(torch.randn(5, 4), scale=torch.tensor(2.0)))  # any batch size
     ('export', ['y'])
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import linecache
 import os
 import traceback
@@ -50,6 +58,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .guards import export_guards, insert_guard_node
 from .records import META, GraphRecord, RecordedGraphModule, ThinRecord, graph_record
 
 __all__ = ["split_inputs", "export_capture", "capture_of", "capture_notes", "graph_inputs",
@@ -103,40 +112,104 @@ def _disable_cache(model: nn.Module, kwargs: dict[str, Any]) -> list[str]:
     return ["captured with config.use_cache=False: the captured model returns no key-value cache"]
 
 
+def _safe(ask: Any) -> bool:
+    try:
+        return bool(ask())
+    except Exception:
+        return False
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """``dynamic_shapes`` for torch.export: dim 0 of every input is the batch; dim 1 of a 2-D integer or
+    boolean input (token ids, masks) and of a 3-D float input (embeddings) is the sequence. ``Dim.AUTO``:
+    torch.export keeps a dim fixed where the model's code ties it to a size. None where the inputs cannot
+    be bound to the forward's parameters by name."""
+    def one(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        dims = {0: torch.export.Dim.AUTO}
+        if (t.dim() == 2 and not t.is_floating_point() and not t.is_complex()) or (t.dim() == 3 and t.is_floating_point()):
+            dims[1] = torch.export.Dim.AUTO
+        return dims
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in inspect.signature(model.forward).parameters.values()
+           if p.name in bound):
+        return None  # torch.export names *args / **kwargs differently: leave the shapes static
+    return {k: pytree.tree_map(one, v) for k, v in bound.items()}
+
+
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any) -> Any:
+    # Size-oblivious reasoning: a batch of 1 in the example stays a batch of any size in the graph (torch.export
+    # otherwise fixes every dim whose example size is 0 or 1).
+    from torch.fx.experimental import _config
+
+    with torch.no_grad(), _config.patch(backed_size_oblivious=True):
+        return torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic)
+
+
+def _export_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], notes: list[str]) -> Any:
+    """torch.export with dynamic batch and sequence dims, or with the example's shapes where that fails
+    (then a note says why)."""
+    dynamic = _dynamic_shapes(model, args, kwargs)
+    if dynamic is not None:
+        try:
+            return _export(model, args, kwargs, dynamic)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        ep = _export(model, args, kwargs, None)
+        notes.append(f"captured with the example's shapes only (a capture with dynamic batch and sequence dims "
+                     f"failed: {reason})")
+        return ep
+    return _export(model, args, kwargs, None)
+
+
 def export_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
-    """Capture a copy of ``model`` with ``torch.export`` (non-strict, eval mode, specialised to the inputs)
-    as a plain ``fx.GraphModule`` that takes the model's inputs and returns its output structure.
+    """Capture a copy of ``model`` with ``torch.export`` (non-strict, eval mode, dynamic batch and sequence
+    dims) as a plain ``fx.GraphModule`` that takes the model's inputs and returns its output structure.
 
     Raises whatever ``torch.export`` raises; ``fxcondensa.trace`` turns that into a ``TraceError``.
     """
     kwargs = dict(kwargs or {})
     work = copy.deepcopy(model).eval()
-    notes: list[str] = []
+    # A model that generates (a Hugging Face causal or seq2seq LM) returns its key-value cache: turn it off
+    # before the capture rather than after a failed one, which costs as much as a capture.
+    can_generate = getattr(work, "can_generate", None)
+    notes: list[str] = _disable_cache(work, kwargs) if callable(can_generate) and _safe(can_generate) else []
     try:
-        with torch.no_grad():
-            ep = torch.export.export(work, tuple(args), kwargs, strict=False)
+        ep = _export_dynamic(work, args, kwargs, notes)
     except Exception:
         # A cache object in the output (GPT-2, Llama with use_cache=True) is no tensor structure: capture
         # again without the cache when the model has one to turn off; anything else fails as it did.
         notes = _disable_cache(work, kwargs)
         if not notes:
             raise
-        with torch.no_grad():
-            ep = torch.export.export(work, tuple(args), kwargs, strict=False)
+        ep = _export_dynamic(work, args, kwargs, notes)
     source = ep.module()
+    try:
+        guards, unread = export_guards(ep, source), None
+    except Exception as exc:  # torch's private guard helpers changed: run unguarded, and say so
+        guards, unread = (), f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
     # ep.module() is a special GraphModule subclass that refuses train()/eval() and cannot be pickled;
     # a plain GraphModule over the same graph and submodules does both.
     graph = copy.deepcopy(source.graph)
     for node in list(graph.nodes):
-        # The input guard module re-checks the example shapes on every call; the thinned graph is checked
-        # against the compressed one instead, and the channel analysis has nothing to learn from it.
+        # torch's input guard module cannot be pickled: the same guards are checked by ``check_input_shapes``.
         if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
             graph.erase_node(node)
     gm = RecordedGraphModule(source, graph, class_name=type(model).__name__)
     gm._in_spec = getattr(source, "_in_spec", None)
     gm._out_spec = getattr(source, "_out_spec", None)
+    insert_guard_node(gm, guards)
     record = graph_record(gm)
     record.capture, record.notes = "export", list(notes)
+    record.input_constraints = [shown for _, shown in guards]
+    if unread is not None:
+        record.input_constraints.append(f"unknown: torch.export's guards could not be read ({unread}); the "
+                                        "model checks no input shapes")
     return gm
 
 

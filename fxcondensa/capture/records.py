@@ -100,12 +100,14 @@ class TargetRecord:
 class GraphRecord:
     """What capture and schemes leave on a graph: how it was captured ("fx" or "export") and what the capture
     changed about the model (one line each, e.g. a key-value cache turned off), the budget a scheme
-    searched for, and whether a scheme prunes head_dim columns (thinning then runs its column stage)."""
+    searched for, whether a scheme prunes head_dim columns (thinning then runs its column stage), and what the
+    inputs' shapes must satisfy (a torch.export capture: ``fxcondensa.capture.guards``; none for torch.fx)."""
 
     capture: str = "fx"
     notes: list[str] = field(default_factory=list)
     target: TargetRecord | None = None
     head_dim_columns: bool = False
+    input_constraints: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,10 @@ class ThinRecord:
     with ``input_shapes`` / ``input_dtypes`` is the recipe that ``save_thinned`` writes and ``rethin``
     replays. ``rule_failures`` counts the nodes where an op rule raised and the analysis froze the channels
     flowing in instead (``thin(..., strict=True)`` raises there); ``capture`` says how the graph was made and
-    ``notes`` what that capture changed (e.g. a key-value cache turned off).
+    ``notes`` what that capture changed (e.g. a key-value cache turned off). ``input_constraints`` names
+    what the thinned model requires of its inputs' shapes, one condition per line (``"pixel_values.shape[2]
+    == 224"``: a dim that cannot vary; ``"input_ids.shape[1] > 1"``), checked on every call; empty for a
+    graph that takes any shape (torch.fx captures; see ``fxcondensa.capture.guards``).
     """
 
     keep: torch.Tensor = field(repr=False)
@@ -154,6 +159,7 @@ class ThinRecord:
     returns: str = "graph"
     reason: str = ""
     input_names: list[str] = field(default_factory=list)  # the inputs by name, to call the user's class
+    input_constraints: list[str] = field(default_factory=list)
 
     @property
     def whole_reason(self) -> str | None:

@@ -9,7 +9,6 @@ and recompiles. By construction the thinned model computes the same outputs as t
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from ..errors import ExampleInputError, ThinningCheckError
 from ..rules.api import ChanInfo, ChannelAnalysis
 from ..rules.attention import has_attention_products, head_channels, head_dim_channels
 from .analysis import analyze, balance_grouped, removable_channels
+from .precision import WidenedInterpreter, compute_dtype, run_in, tolerance, wider_dtypes
 from .slicing import _kept, apply_keep
 
 __all__ = ["thin_graph", "rethin", "rethin_pair", "apply_keep", "RTOL", "ATOL"]
@@ -31,13 +31,14 @@ __all__ = ["thin_graph", "rethin", "rethin_pair", "apply_keep", "RTOL", "ATOL"]
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def _outputs_close(a: Any, b: Any) -> bool:
+def _outputs_close(a: Any, b: Any, rtol: float = RTOL, atol: float = ATOL) -> bool:
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=RTOL, atol=ATOL)
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol)
     if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_outputs_close, a, b))
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(
+            _outputs_close(x, y, rtol, atol) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_outputs_close(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_outputs_close(a[k], b[k], rtol, atol) for k in a)
     return a == b
 
 
@@ -49,9 +50,11 @@ def _run(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
     return gm(*inputs)
 
 
-class _Recorder(fx.Interpreter):
+class _Recorder(WidenedInterpreter):
+    """Runs a graph in float64 (see ``precision.run_in``) and keeps every node's value."""
+
     def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+        super().__init__(gm, torch.float64)
         self.values: dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
@@ -80,15 +83,10 @@ def _first_divergence(compressed: fx.GraphModule, thinned: fx.GraphModule, analy
     return "the graph outputs"
 
 
-def _as_float64(obj: Any) -> Any:
-    """A float64 copy of a module, or float64 versions of the floating tensors in a tuple of inputs."""
-    if isinstance(obj, nn.Module):
-        return copy.deepcopy(obj).double()
-    return tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in obj)
-
-
 def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor,
            inputs: tuple[torch.Tensor, ...]) -> None:
+    """Compare the thinned graph with the compressed one on ``inputs``: in the model's own dtype with the
+    tolerance of that dtype, then, where that fails, again in wider dtypes (``precision``) with float32's."""
     modes = [(m, m.training) for m in [*compressed.modules(), *thinned.modules()]]
     compressed.eval()
     thinned.eval()
@@ -102,21 +100,27 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
                     f"the example inputs ({shapes}) do not run through {type(compressed).__name__}: "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and "
                     "device the model expects.") from exc
+            dtype = compute_dtype(compressed, inputs)
             # The thinned model runs through shape propagation: one real run both gives the outputs to
             # compare and records its shapes, which ``apply_keep(..., shapes=False)`` left to it.
-            if not _outputs_close(expected, propagate_shapes(thinned, inputs)):
-                # Removing zero channels changes the order of float32 sums; in a deep net with large
-                # activations that rounding alone can exceed the tolerance. The same comparison in float64
-                # tells rounding (it vanishes) from a wrong model (it does not).
-                compressed, thinned, inputs = _as_float64(compressed), _as_float64(thinned), _as_float64(inputs)
-                if _outputs_close(_run(compressed, inputs), _run(thinned, inputs)):
+            if _outputs_close(expected, propagate_shapes(thinned, inputs), *tolerance(dtype)):
+                return
+            del expected
+            # Removing zero channels changes the order of sums; in a deep net with large activations (or in
+            # bfloat16 at any width) that rounding alone can exceed the tolerance. The same comparison in a
+            # wider dtype tells rounding (it vanishes) from a wrong model (it does not).
+            for wider in wider_dtypes(dtype):
+                if _outputs_close(run_in(compressed, inputs, wider), run_in(thinned, inputs, wider)):
                     return
-                where = _first_divergence(compressed, thinned, analysis, keep, inputs)
-                raise ThinningCheckError(
-                    f"the thinned model differs from the compressed model beyond rtol={RTOL}, atol={ATOL} (in float32 "
-                    f"and in float64), first at "
-                    f"{where}. This is a bug in fxcondensa's channel analysis: please report it with the model; "
-                    "meanwhile make the module involved a leaf (thin(..., leaf_modules=[...])) to freeze it.")
+            where = _first_divergence(compressed, thinned, analysis, keep, inputs)
+            rtol, atol = tolerance(dtype)
+            tried = " and ".join(f"{str(d).removeprefix('torch.')}" for d in wider_dtypes(dtype))
+            raise ThinningCheckError(
+                f"the thinned model differs from the compressed model beyond rtol={rtol}, atol={atol} in "
+                f"{str(dtype).removeprefix('torch.')}"
+                + (f" and beyond rtol={RTOL}, atol={ATOL} in {tried}" if tried else "")
+                + f", first at {where}. This is a bug in fxcondensa's channel analysis: please report it with "
+                "the model; meanwhile make the module involved a leaf (thin(..., leaf_modules=[...])) to freeze it.")
     finally:
         for m, mode in modes:
             m.training = mode
@@ -188,6 +192,7 @@ def thin_graph(compressed: fx.GraphModule, inputs: tuple[Any, ...], *, check: bo
         rule_failures=len(analysis.rule_failures),
         capture=capture_of(compressed),
         notes=capture_notes(compressed),
+        input_constraints=list(graph_record(compressed).input_constraints),
     )
     return thinned
 

@@ -1,0 +1,128 @@
+"""Precision for the thinning check: which dtype a graph computes in, what tolerance fits it, and how to run
+the graph again in a wider float type without copying its weights.
+
+Removing zero channels changes the order of floating sums, so the thinned model equals the compressed one
+only up to rounding. How much rounding depends on the dtype the model computes in:
+
+==========  =======  =======  ===========================================================
+dtype       rtol     atol     why
+==========  =======  =======  ===========================================================
+float64     1e-4     1e-5     as float32 (the tolerance of every test and of the re-check)
+float32     1e-4     1e-5     the guarantee of ``thin``: unchanged
+float16     1e-3     1e-5     about 2 units in the last place (2**-10 each)
+bfloat16    1.6e-2   1e-5     about 2 units in the last place (2**-7 each)
+==========  =======  =======  ===========================================================
+
+(float16 and bfloat16 are the tolerances ``torch.testing.assert_close`` uses for one op in those dtypes.)
+Where the comparison in the model's dtype fails, the check runs both graphs again in float32 (for a float16
+or bfloat16 model) and then in float64, with the float32 tolerance: rounding vanishes there, a wrong model
+does not. That re-run is ``run_in``: an interpreter that widens every floating weight, input and constant
+as it is read, and every cast or tensor creation the graph states in a narrower float dtype (a graph
+captured by ``torch.export`` holds them as literals, with ``_assert_tensor_metadata`` nodes that insist on
+the captured dtype; those asserts are skipped). No widened copy of the model is ever made: one weight at a
+time is widened, while the node that reads it runs.
+
+Example:
+    >>> import torch, fxcondensa
+    >>> x = (torch.randn(1, 1, 28, 28, dtype=torch.bfloat16),)
+    >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5().to(torch.bfloat16), x)
+    >>> compute_dtype(gm, x), tolerance(torch.bfloat16), run_in(gm, x, torch.float64).dtype
+    (torch.bfloat16, (0.016, 1e-05), torch.float64)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.func import functional_call
+from torch.fx.node import map_aggregate
+
+__all__ = ["TOLERANCES", "tolerance", "compute_dtype", "wider_dtypes", "run_in", "WidenedInterpreter"]
+
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-4, 1e-5),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` for comparing a model that computes in ``dtype`` (float32's for other dtypes)."""
+    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+def compute_dtype(gm: nn.Module, inputs: tuple[Any, ...]) -> torch.dtype:
+    """The narrowest floating dtype among the floating parameters, buffers and inputs of ``gm`` (float32 when
+    there is none): the precision its arithmetic is rounded to."""
+    dtypes = {t.dtype for t in [*gm.parameters(), *gm.buffers(), *inputs]
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+
+
+def wider_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
+    """The dtypes the check re-runs in after ``dtype`` failed: float32 for a narrower model, then float64."""
+    return [d for d in (torch.float32, torch.float64) if torch.finfo(d).bits > torch.finfo(dtype).bits]
+
+
+# Ops where a dtype argument reinterprets bits (a view as another dtype) or asks about a dtype (finfo): widening
+# it would change what they mean, not their precision.
+_KEEP_DTYPE = {"view", "finfo", "iinfo"}
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    return str(name).split(".")[0]
+
+
+class WidenedInterpreter(fx.Interpreter):
+    """Run a graph in a wider float dtype without copying it: floating weights, inputs and constants are cast
+    to ``dtype`` as they are read, narrower float dtypes named in the graph's arguments (casts, tensor
+    creations) become ``dtype``, and dtype assertions of a torch.export capture are skipped."""
+
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype):
+        super().__init__(gm)
+        self.dtype = dtype
+
+    def _widen(self, value: Any) -> Any:
+        def one(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and _narrower(v.dtype, self.dtype):
+                return v.to(self.dtype)
+            if isinstance(v, torch.dtype) and v.is_floating_point and _narrower(v, self.dtype):
+                return self.dtype
+            return v
+        return map_aggregate(value, one)
+
+    def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self._widen(super().placeholder(target, args, kwargs))
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self._widen(super().get_attr(target, args, kwargs))
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        state = {k: self._widen(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
+        return functional_call(module, state, self._widen(args), self._widen(kwargs))
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("call_function", "call_method"):
+            name = _op_name(n)
+            if name == "_assert_tensor_metadata":
+                return None  # it asserts the captured dtype, which is now widened
+            if name not in _KEEP_DTYPE:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                return getattr(self, n.op)(n.target, self._widen(args), self._widen(kwargs))
+        return super().run_node(n)
+
+
+def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
+    return dtype != than and torch.finfo(dtype).bits <= torch.finfo(than).bits
+
+
+def run_in(gm: fx.GraphModule, inputs: tuple[Any, ...], dtype: torch.dtype) -> Any:
+    """``gm``'s outputs for its placeholder values ``inputs``, computed in ``dtype`` (see the module text)."""
+    return WidenedInterpreter(gm, dtype).run(*inputs)

@@ -1,0 +1,151 @@
+"""thin on bfloat16 and float16 language models: the check compares in the model's dtype with that dtype's
+tolerance, then in float32 and float64 (``fxcondensa.passes.precision``), also on torch.export graphs, whose
+``_assert_tensor_metadata`` nodes insist on the captured dtype. Widths of 256 make bf16 rounding exceed
+float32's tolerance, so the re-check runs (it used to crash there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import bench_coverage, state_hash
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxcondensa
+from fxcondensa.capture.exported import graph_inputs
+from fxcondensa.capture.graph import flatten_outputs
+from fxcondensa.capture.records import thin_record
+from fxcondensa.passes import precision
+from fxcondensa.passes import thin as thin_module
+from fxcondensa.schemes import StructurePrune
+
+RTOL, ATOL = 1e-4, 1e-5
+SCHEME = StructurePrune(0.5)
+
+
+def llama(dtype: torch.dtype, hidden: int = 256) -> nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    bench_coverage().randomize_constants(model)
+    return model.to(dtype)
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, -1] = 0
+    return {"input_ids": torch.randint(0, 128, (batch, length), generator=g), "attention_mask": mask}
+
+
+def in_float32(gm: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The graph's outputs computed in float32: the comparison that tells a wrong model from bf16 rounding."""
+    return flatten_outputs(dict(precision.run_in(gm, graph_inputs(gm, inputs), torch.float32)))
+
+
+@pytest.fixture(scope="module")
+def bf16_llama():
+    model = llama(torch.bfloat16)
+    x = tokens(1, 8)
+    before = state_hash(model)
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        thinned = fxcondensa.thin(model, SCHEME, x)
+    assert state_hash(model) == before, "the input model was modified"
+    return model, thinned, fxcondensa.compress(model, SCHEME, x)
+
+
+def test_a_bf16_llama_thins_and_checks(bf16_llama):
+    model, thinned, compressed = bf16_llama
+    assert sum(p.numel() for p in thinned.parameters()) < sum(p.numel() for p in model.parameters())
+    assert {p.dtype for p in thinned.parameters()} == {torch.bfloat16}  # the wider runs copied nothing
+    fresh = tokens(1, 8, seed=1)
+    for a, b in zip(in_float32(thinned, fresh), in_float32(compressed, fresh), strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("batch,length", [(2, 12), (3, 5)])
+def test_a_bf16_llama_runs_at_other_shapes(bf16_llama, batch, length):
+    _, thinned, compressed = bf16_llama
+    x = tokens(batch, length, seed=2)
+    with torch.no_grad():
+        assert thinned(**x)["logits"].shape == (batch, length, 128)
+    for a, b in zip(in_float32(thinned, x), in_float32(compressed, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_an_fp16_llama_thins_and_checks():
+    model = llama(torch.float16)
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        thinned = fxcondensa.thin(model, SCHEME, tokens(1, 8))
+    assert {p.dtype for p in thinned.parameters()} == {torch.float16}
+    assert sum(p.numel() for p in thinned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_a_wrong_bf16_model_fails_the_check_at_a_node(monkeypatch):
+    """A live channel removed: bf16 rounding cannot excuse it, the float32 and float64 runs of the export
+    graph (through its dtype asserts) disagree too, and the error names a node."""
+    real = thin_module.removable_channels
+
+    def too_many(gm, analysis):
+        removable = real(gm, analysis).clone()
+        removable[~removable & ~analysis.frozen_channels()] = True
+        return removable
+
+    monkeypatch.setattr(thin_module, "removable_channels", too_many)
+    with pytest.raises(fxcondensa.ThinningCheckError, match=r"bfloat16 and .* float32 and float64, first at node '"):
+        fxcondensa.thin(llama(torch.bfloat16, hidden=64), SCHEME, tokens(1, 8))
+
+
+def test_float32_keeps_its_tolerance_and_its_float64_recheck():
+    assert precision.tolerance(torch.float32) == (thin_module.RTOL, thin_module.ATOL) == (1e-4, 1e-5)
+    assert precision.wider_dtypes(torch.float32) == [torch.float64]
+    assert precision.wider_dtypes(torch.bfloat16) == [torch.float32, torch.float64]
+    assert precision.wider_dtypes(torch.float64) == []
+
+
+def test_the_model_dtype_is_the_narrowest_floating_one():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).to(torch.float16))
+    assert precision.compute_dtype(model, (torch.zeros(1, 2),)) == torch.float16
+    assert precision.compute_dtype(nn.Linear(2, 2).to(torch.bfloat16), (torch.zeros(1, 2),)) == torch.bfloat16
+    assert precision.compute_dtype(nn.Embedding(3, 2).double(), (torch.zeros(1, dtype=torch.long),)) == torch.float64
+
+
+class _Casts(nn.Module):
+    """Casts named as literals: to float16 on the way in, to float32 on the way out."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x.to(torch.float16).to(self.fc.weight.dtype))
+        return (h * torch.ones(3, dtype=torch.bfloat16)).to(torch.float32)
+
+
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+       capture=st.sampled_from(["fx", "export"]), seed=st.integers(0, 2**16))
+def test_run_in_float64_widens_weights_inputs_and_casts(dtype, capture, seed):
+    torch.manual_seed(seed)
+    model = _Casts().to(dtype)
+    x = torch.randn(2, 4, dtype=dtype)
+    gm = fxcondensa.trace(model, x, capture=capture)
+    got = precision.run_in(gm, graph_inputs(gm, x), torch.float64)
+    w, b = model.fc.weight.double(), model.fc.bias.double()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, x.double() @ w.T + b, rtol=1e-12, atol=1e-12)  # no cast rounded anything
+    assert {p.dtype for p in gm.parameters()} == {dtype}  # the graph itself was not widened
+
+
+def test_run_in_skips_the_dtype_asserts_of_an_export_graph():
+    gm = fxcondensa.trace(_Casts().to(torch.bfloat16), torch.randn(2, 4, dtype=torch.bfloat16), capture="export")
+    assert any("_assert_tensor_metadata" in str(n.target) for n in gm.graph.nodes)
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    assert precision.run_in(gm, (x,), torch.float64).dtype == torch.float64
+
+
+def test_the_record_of_a_bf16_thin_is_export(bf16_llama):
+    assert thin_record(bf16_llama[1]).capture == "export"
