@@ -43,6 +43,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture.graph import flatten_outputs
+from ..capture.modes import eval_mode
 from ..capture.records import META, FrozenGroup, GroupRecord, TargetRecord, ThinRecord, thin_record
 from ..errors import FileFormatError, TraceError
 from ..passes.thin import rethin
@@ -104,14 +105,8 @@ def _reference_inputs(specs: Sequence[dict[str, Any]], device: torch.device) -> 
 def _run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[dict[str, Any]]:
     """The model's outputs (eval mode, no grad, no TF32) as shapes plus leading values on the CPU; training
     flags restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), no_tf32():
-            outs = flatten_outputs(model(*inputs))
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), torch.no_grad(), no_tf32():
+        outs = flatten_outputs(model(*inputs))
     return [{"shape": [int(s) for s in t.shape], "head": t.detach().reshape(-1)[:_REF_VALUES].cpu().clone()}
             for t in outs]
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..capture.exported import capture_notes, capture_of, graph_inputs, split_inputs
 from ..capture.graph import propagate_shapes, trace
+from ..capture.modes import eval_mode
 from ..capture.records import META, FrozenGroup, GroupRecord, ThinRecord, graph_record
 from ..errors import ExampleInputError, ThinningCheckError
 from ..rules.api import ChanInfo, ChannelAnalysis
@@ -89,37 +90,30 @@ def _as_float64(obj: Any) -> Any:
 
 def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor,
            inputs: tuple[torch.Tensor, ...]) -> None:
-    modes = [(m, m.training) for m in [*compressed.modules(), *thinned.modules()]]
-    compressed.eval()
-    thinned.eval()
-    try:
-        with torch.no_grad():
-            try:
-                expected = _run(compressed, inputs)
-            except Exception as exc:  # shapes passed on fake tensors, but real arithmetic refuses the inputs
-                shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs if isinstance(t, torch.Tensor))
-                raise ExampleInputError(
-                    f"the example inputs ({shapes}) do not run through {type(compressed).__name__}: "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and "
-                    "device the model expects.") from exc
-            # The thinned model runs through shape propagation: one real run both gives the outputs to
-            # compare and records its shapes, which ``apply_keep(..., shapes=False)`` left to it.
-            if not _outputs_close(expected, propagate_shapes(thinned, inputs)):
-                # Removing zero channels changes the order of float32 sums; in a deep net with large
-                # activations that rounding alone can exceed the tolerance. The same comparison in float64
-                # tells rounding (it vanishes) from a wrong model (it does not).
-                compressed, thinned, inputs = _as_float64(compressed), _as_float64(thinned), _as_float64(inputs)
-                if _outputs_close(_run(compressed, inputs), _run(thinned, inputs)):
-                    return
-                where = _first_divergence(compressed, thinned, analysis, keep, inputs)
-                raise ThinningCheckError(
-                    f"the thinned model differs from the compressed model beyond rtol={RTOL}, atol={ATOL} (in float32 "
-                    f"and in float64), first at "
-                    f"{where}. This is a bug in fxcondensa's channel analysis: please report it with the model; "
-                    "meanwhile make the module involved a leaf (thin(..., leaf_modules=[...])) to freeze it.")
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(compressed, thinned), torch.no_grad():
+        try:
+            expected = _run(compressed, inputs)
+        except Exception as exc:  # shapes passed on fake tensors, but real arithmetic refuses the inputs
+            shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs if isinstance(t, torch.Tensor))
+            raise ExampleInputError(
+                f"the example inputs ({shapes}) do not run through {type(compressed).__name__}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and "
+                "device the model expects.") from exc
+        # The thinned model runs through shape propagation: one real run both gives the outputs to
+        # compare and records its shapes, which ``apply_keep(..., shapes=False)`` left to it.
+        if not _outputs_close(expected, propagate_shapes(thinned, inputs)):
+            # Removing zero channels changes the order of float32 sums; in a deep net with large
+            # activations that rounding alone can exceed the tolerance. The same comparison in float64
+            # tells rounding (it vanishes) from a wrong model (it does not).
+            compressed, thinned, inputs = _as_float64(compressed), _as_float64(thinned), _as_float64(inputs)
+            if _outputs_close(_run(compressed, inputs), _run(thinned, inputs)):
+                return
+            where = _first_divergence(compressed, thinned, analysis, keep, inputs)
+            raise ThinningCheckError(
+                f"the thinned model differs from the compressed model beyond rtol={RTOL}, atol={ATOL} (in float32 "
+                f"and in float64), first at "
+                f"{where}. This is a bug in fxcondensa's channel analysis: please report it with the model; "
+                "meanwhile make the module involved a leaf (thin(..., leaf_modules=[...])) to freeze it.")
 
 
 def thin_graph(compressed: fx.GraphModule, inputs: tuple[Any, ...], *, check: bool = True,

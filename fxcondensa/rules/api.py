@@ -40,6 +40,7 @@ from torch import nn
 from ..capture.records import FrozenGroup
 from ..errors import UnknownOpError
 from . import registry
+from .registry import node_shape  # the rules' one reader of a node's shape
 
 __all__ = [
     "ChanInfo",
@@ -59,12 +60,6 @@ __all__ = [
 def host(t: torch.Tensor) -> torch.Tensor:
     """A detached CPU copy of a small per-channel tensor (scores, zero flags, masks) read off the weights."""
     return t.detach().to("cpu")
-
-
-def node_shape(node: Any) -> tuple[int, ...] | None:
-    """The output shape recorded on a node by shape propagation (None for non-tensors and constants)."""
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

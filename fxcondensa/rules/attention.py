@@ -59,7 +59,7 @@ from .. import nn as fxnn
 from . import elementwise, shapes  # the rules this module's entries build on
 from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
 from .layers import zero_rows
-from .registry import CostCall, register_rule, rule_for, rule_for_key
+from .registry import CostCall, CostTerm, Scale, register_rule, rule_for, rule_for_key
 from .reshape_map import reshape_target
 
 aten = torch.ops.aten
@@ -72,20 +72,29 @@ def _matmul_cost(c: CostCall) -> int:
     return c.out_numel * (a[-1] if a else 0)
 
 
-def _addmm_cost(c: CostCall) -> int:
+def _addmm_cost(c: CostCall) -> tuple[CostTerm, ...]:
+    """``addmm(bias, x, weight)``: the bias comes first, the MACs sum over the second argument's channels."""
     a = c.in_shapes[1] if len(c.in_shapes) > 1 else None
-    return c.out_numel * (a[-1] if a else 0)
+    return (CostTerm(c.out_numel * (a[-1] if a else 0), (Scale(c.node), Scale(c.arg(1, "mat1")))),)
 
 
-def _sdpa_cost(c: CostCall) -> int:
-    q = c.in_shapes[0] if c.in_shapes else None
-    k = c.in_shapes[1] if len(c.in_shapes) > 1 else None
-    v = c.in_shapes[2] if len(c.in_shapes) > 2 and c.in_shapes[2] else q
+def _baddbmm_cost(c: CostCall) -> tuple[CostTerm, ...]:
+    a = c.in_shapes[1] if len(c.in_shapes) > 1 else None
+    return (CostTerm(c.out_numel * (a[-1] if a else 0), (Scale(c.node), Scale(c.arg(1, "batch1"), "last"))),)
+
+
+def _sdpa_cost(c: CostCall) -> tuple[CostTerm, ...]:
+    """``q @ k^T`` over q's head_dim (the query's heads and columns), then ``attn @ v`` producing v's head_dim
+    (the query's heads, the value's columns): head_dim pruning can leave v with another column count than
+    q and k."""
+    q_node, v_node = c.arg(0, "query"), c.arg(2, "value")
+    q, k, v = c.shape_of(q_node), c.shape_of(c.arg(1, "key")), c.shape_of(v_node)
+    v = v or q
     if not q or not k or len(q) < 2:
-        return 0
-    # q @ k^T over q's head_dim, then attn @ v producing v's head_dim (head_dim pruning can leave v with
-    # another column count than q and k)
-    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+        return ()
+    rows = math.prod(q[:-1]) * k[-2]
+    return (CostTerm(rows * q[-1], (Scale(q_node),)),
+            CostTerm(rows * v[-1], (Scale(q_node, "lead"), Scale(v_node, "last"))))
 
 
 def _fused_heads_zero(gm: fx.GraphModule, w_path: str, b_path: str | None, out_path: str, heads: int,
@@ -358,7 +367,7 @@ def addmm_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 register_rule(torch.addmm, aten.addmm, channels=addmm_rule, zeros="custom", cost=_addmm_cost, kind="linear",
               creates=True, name="addmm")
-register_rule(torch.baddbmm, torch.addbmm, channels="freeze", cost=_addmm_cost, kind="matmul", name="addmm (batched)")
+register_rule(torch.baddbmm, torch.addbmm, channels="freeze", cost=_baddbmm_cost, kind="matmul", name="addmm (batched)")
 
 
 # -------------------------------------------------------------------------- scaled_dot_product_attention
@@ -604,18 +613,26 @@ def _rewrite_mha(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
     setattr(gm.get_submodule(owner) if owner else gm, attr, new)
 
 
-def _mha_cost(c: CostCall) -> int:
+def _mha_cost(c: CostCall) -> tuple[CostTerm, ...]:
+    """``tokens * (3 * inner * e_in + inner * e_out + 2 * seq * inner)``: the in-projection, the
+    out-projection and the two attention products. The inner width (heads x head_dim, the in-projection's
+    rows) scales all three, the input channels the in-projection, the output channels the out-projection."""
     m = c.module
-    x = c.in_shapes[0] if c.in_shapes else None
+    x_node = c.node.args[0] if c.node.args else None
+    x = c.shape_of(x_node)
     if x is None or m is None:
-        return 0
+        return ()
     tokens = math.prod(x[:-1])
     seq = x[1] if getattr(m, "batch_first", False) else x[0]
     if isinstance(m, fxnn.ThinMultiheadAttention):
         inner, e_in, e_out = m.num_heads * m.head_dim, m.in_proj_weight.shape[1], m.out_weight.shape[0]
     else:
         inner, e_in, e_out = m.embed_dim, m.in_proj_weight.shape[1], m.out_proj.weight.shape[0]
-    return tokens * (3 * inner * e_in + inner * e_out + 2 * seq * inner)
+    rows = Scale(f"{c.node.target}.in_proj_weight", 0)
+    out = next((u for u in c.node.users if u.target is operator.getitem and u.args[1] == 0), None)
+    return (CostTerm(tokens * 3 * inner * e_in, (rows, Scale(x_node))),
+            CostTerm(tokens * inner * e_out, (rows, Scale(out))),
+            CostTerm(tokens * 2 * seq * inner, (rows,)))
 
 
 register_rule(nn.MultiheadAttention, channels=mha_module, zeros="custom", cost=_mha_cost, kind="matmul",

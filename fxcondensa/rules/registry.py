@@ -48,6 +48,8 @@ from torch import nn
 __all__ = [
     "OpRule",
     "CostCall",
+    "CostTerm",
+    "Scale",
     "register_rule",
     "unregister_rule",
     "rule_for",
@@ -55,9 +57,23 @@ __all__ = [
     "registered_ops",
     "generation",
     "ZEROS",
+    "node_shape",
 ]
 
 ZEROS = ("preserve", "fill", "custom")
+
+
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """The output shape shape propagation recorded on a node (None for non-tensors and constants).
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> gm = fxcondensa.trace(torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.randn(4, 3))
+        >>> [node_shape(n) for n in gm.graph.nodes]
+        [(4, 3), (4, 2), (4, 2)]
+    """
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(int(s) for s in meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 @dataclass(frozen=True)
@@ -77,8 +93,7 @@ class CostCall:
         return self.node.kwargs.get(name, default)
 
     def shape_of(self, value: Any) -> tuple[int, ...] | None:
-        meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
-        return tuple(int(s) for s in meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        return node_shape(value)
 
     @property
     def out_numel(self) -> int:
@@ -90,8 +105,37 @@ class CostCall:
         return math.prod(first) if first is not None else 0
 
 
+@dataclass(frozen=True)
+class Scale:
+    """A tensor dim a call's MACs are proportional to: when channels along it go, the MACs shrink with them.
+
+    ``value`` is a graph node (the call itself or one of its inputs) with ``dims`` ``"all"`` (each of its
+    tracked dims), ``"last"`` (its last dim only: the dim a matmul contracts) or ``"lead"`` (every tracked dim
+    but the last); or the qualified name of a parameter with ``dims`` the int dim of it (the rows of an
+    attention's fused in-projection: its heads and their columns).
+    """
+
+    value: Any
+    dims: str | int = "all"
+
+
+@dataclass(frozen=True)
+class CostTerm:
+    """Part of a call's MACs, a product over the ``scales`` dims (and over others that never lose channels).
+
+    A cost function that returns an int gets one term, scaled by its output's channels and, for the kinds
+    "conv", "conv_transpose" and "linear", its first input's channels ("matmul": that input's last dim);
+    one whose MACs are a sum of products over different dims (attention: the projections, ``q @ k^T`` and
+    ``attn @ v``) returns its terms, which is how ``StructurePrune(target_flops=...)`` counts a thinned
+    attention without building it.
+    """
+
+    macs: int
+    scales: tuple[Scale, ...]
+
+
 ChannelFn = Callable[[Any, fx.Node], None]
-CostFn = Callable[[CostCall], int]
+CostFn = Callable[[CostCall], "int | tuple[CostTerm, ...]"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +149,8 @@ class OpRule:
     - ``zeros``: for ``"elementwise"`` ops, ``"preserve"`` (a channel that is zero in stays zero out:
       ``f(0) == 0``), ``"fill"`` (it may become non-zero: sigmoid, exp, a norm), or ``fn(node) -> bool``
       deciding per call (clamp bounds). ``"custom"``: the channel function supplies its own zero rule.
-    - ``cost``: ``fn(CostCall) -> MACs``; ``kind`` labels the cost in reports ("conv", "linear", "matmul",
+    - ``cost``: ``fn(CostCall) -> MACs`` (an int, or ``CostTerm``s that say which dims each part scales with);
+      ``kind`` labels the cost in reports ("conv", "linear", "matmul",
       "norm", "pool", "elementwise", "shape", "other").
     - ``params``: for module entries, parameter or buffer name -> the dim that carries the channels.
     - ``resize``: for module entries, ``fn(module, in_channels)`` that makes size attributes

@@ -46,7 +46,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -59,12 +58,13 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture.records import TargetRecord
+from ..files.fileio import write_atomic
 from ..measure.latency import Latency, compare_latency_copies, measure_latency
 from ..measure.latency import node_times as _node_times  # build() takes a node_times argument
 from ..passes.analysis import balance_grouped
 from ..passes.costs import node_cost
 from ..passes.slicing import apply_keep
-from ..rules.api import ChannelAnalysis
+from ..rules.api import ChannelAnalysis, node_shape
 from .selection import select_channels
 
 __all__ = [
@@ -164,7 +164,7 @@ def cache_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
 class _Cache:
     """One JSON file per ``cache_key``: ``layers`` (spec -> {"cin,cout": ms}) and ``graphs`` (signature ->
-    {node: ms}). Written with a temporary file and ``os.replace``; a corrupt or foreign file is ignored."""
+    {node: ms}). Written atomically (``files.fileio.write_atomic``); a corrupt or foreign file is ignored."""
 
     def __init__(self, directory: Path | None, key: dict[str, Any]):
         self.key = key
@@ -188,19 +188,16 @@ class _Cache:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         disk = self._read()  # merge with what another process may have written meanwhile
         for part in ("layers", "graphs"):
             for k, v in self.data[part].items():
                 disk[part].setdefault(k, {}).update(v)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as fh:
                 json.dump(disk, fh)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+
+        write_atomic(self.path, write, make_dirs=True)
         self.data = disk
 
 
@@ -265,10 +262,10 @@ class LayerTable:
 def _layer_table(gm: fx.GraphModule, node: fx.Node, analysis: ChannelAnalysis, tied: set[str]) -> LayerTable | None:
     module = gm.get_submodule(node.target)
     x = node.args[0] if node.args else None
-    meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
-    if meta is None or not hasattr(meta, "shape"):
+    dims = node_shape(x)
+    if dims is None:
         return None
-    shape = [int(s) for s in meta.shape]
+    shape = list(dims)
     if isinstance(module, nn.Linear):
         spec = {"type": "Linear", "input": shape, "in": module.in_features, "out": module.out_features,
                 "bias": module.bias is not None}

@@ -16,21 +16,19 @@ Example:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
-from .. import nn as fxnn
 from ..capture.records import TargetRecord, graph_record
 from ..passes.analysis import analyze
 from ..passes.annotate import annotate_param, param_owners
-from ..passes.costs import profile_costs
-from ..rules.api import ChanInfo, ChannelAnalysis, host
+from ..passes.costs import node_cost_terms, profile_costs
+from ..rules.api import ChanInfo, ChannelAnalysis, host, node_shape
 from ..rules.attention import head_channels, head_dim_channels
+from ..rules.registry import Scale
 from .base import Scheme, _LayerSelection, _match, validate_density
 from .latency_model import (
     LatencyModel,
@@ -357,80 +355,37 @@ class _MacModel:
                 continue
             self.total += cost.macs
             node = nodes[cost.name]
-            module = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if isinstance(module, (nn.MultiheadAttention, fxnn.ThinMultiheadAttention)):
-                self.terms.extend(self._mha_terms(node, module, float(cost.macs)))
-            elif getattr(getattr(node.target, "overloadpacket", node.target), "__name__", "") \
-                    == "scaled_dot_product_attention":
-                self.terms.extend(self._sdpa_terms(node, float(cost.macs)))
-            else:
-                self.terms.append((float(cost.macs), self._axes(node, cost.kind)))
+            for term in node_cost_terms(gm, node)[1]:
+                axes = [axis for scale in term.scales for axis in self._axes(node, scale)]
+                self.terms.append((float(term.macs), [axis for axis in axes if axis]))
 
-    def _tracked(self, node: Any, *, last_only: bool = False) -> dict[int, _Axis]:
-        """The tracked dims of ``node``'s output, by dim, in every analysis (``last_only``: its last dim)."""
+    def _axes(self, node: fx.Node, scale: Scale) -> list[_Axis]:
+        """The tracked dims a cost term of ``node`` scales with, one axis per dim."""
+        if isinstance(scale.value, str):  # a parameter's dim: the channels of the slices along it
+            return [[(i, a.channel_of[s.atoms]) for i, a in enumerate(self.analyses) for s in a.slices
+                     if s.path == scale.value and s.dim == scale.dims]]
+        axes = self._tracked(scale.value, scale.dims)
+        if scale.value is not node:
+            # a grouped conv's input channels are its output channels (counted once)
+            axes = {d: [(i, ch) for i, ch in axis if node.name not in {g.node for g in self.analyses[i].grouped}]
+                    for d, axis in axes.items()}
+        return list(axes.values())
+
+    def _tracked(self, node: Any, dims: str | int) -> dict[int, _Axis]:
+        """The tracked dims of ``node``'s output, by dim, in every analysis: ``dims`` "all", "last" (its last
+        dim only) or "lead" (all but its last)."""
         axes: dict[int, _Axis] = {}
-        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-        ndim = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        shape = node_shape(node)
+        ndim = len(shape) if shape is not None else None
         for i, a in enumerate(self.analyses):
             info = a.infos.get(getattr(node, "name", None))
             if not isinstance(info, ChanInfo) or not info.atoms.numel():
                 continue
             dim = info.dim % ndim if ndim else info.dim
-            if not last_only or (ndim is not None and dim == ndim - 1):
+            last = ndim is not None and dim == ndim - 1
+            if dims == "all" or (dims == "last" and last) or (dims == "lead" and not last):
                 axes.setdefault(dim, []).append((i, a.channel_of[info.atoms]))
         return axes
-
-    def _axes(self, node: fx.Node, kind: str) -> list[_Axis]:
-        target = getattr(node.target, "overloadpacket", node.target)
-        name = getattr(target, "__name__", str(target))
-        axes = list(self._tracked(node).values())
-        # addmm / baddbmm take the bias first; their input is the second argument
-        arg = node.args[1] if ("addmm" in name or "addbmm" in name) and len(node.args) > 1 else \
-            node.args[0] if node.args else None
-        if kind in ("conv", "conv_transpose", "linear"):
-            # a grouped conv's input channels are its output channels (counted once)
-            axes += [[(i, ch) for i, ch in axis if node.name not in {g.node for g in self.analyses[i].grouped}]
-                     for axis in self._tracked(arg).values()]
-        elif kind == "matmul":
-            axes += list(self._tracked(arg, last_only=True).values())  # the contracted dim
-        return [axis for axis in axes if axis]
-
-    def _sdpa_terms(self, node: fx.Node, macs: float) -> list[tuple[float, list[_Axis]]]:
-        """``q @ k^T`` (the query's heads and columns) and ``attn @ v`` (the query's heads, the value's
-        columns), split as the cost rule counts them: in proportion to the two head_dims."""
-        q = node.args[0] if node.args else None
-        v = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
-        shapes = [getattr(a.meta.get("tensor_meta"), "shape", None) if isinstance(a, fx.Node) else None
-                  for a in (q, v)]
-        if shapes[0] is None:
-            return [(macs, [])]
-        dq = shapes[0][-1]
-        dv = shapes[1][-1] if shapes[1] is not None else dq
-        last = len(shapes[0]) - 1
-        q_axes = self._tracked(q)
-        qk = list(q_axes.values())
-        av = [axis for d, axis in q_axes.items() if d != last] + list(self._tracked(v, last_only=True).values())
-        return [(macs * dq / (dq + dv), [a for a in qk if a]), (macs * dv / (dq + dv), [a for a in av if a])]
-
-    def _mha_terms(self, node: fx.Node, m: nn.Module, macs: float) -> list[tuple[float, list[_Axis]]]:
-        """``tokens * (3 * inner * e_in + inner * e_out + 2 * seq * inner)`` (the MultiheadAttention cost
-        rule): the inner width (heads x head_dim, read off the in-projection's rows) scales all three, the
-        input channels the in-projection and the output channels the out-projection."""
-        x = node.args[0] if node.args else None
-        meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
-        if meta is None or not hasattr(meta, "shape") or len(meta.shape) < 2:
-            return [(macs, [])]
-        seq = meta.shape[1] if getattr(m, "batch_first", False) else meta.shape[0]
-        e_in = m.in_proj_weight.shape[1]
-        e_out = (m.out_weight if isinstance(m, fxnn.ThinMultiheadAttention) else m.out_proj.weight).shape[0]
-        w_in = f"{node.target}.in_proj_weight"
-        inner = [(i, a.channel_of[s.atoms]) for i, a in enumerate(self.analyses) for s in a.slices
-                 if s.path == w_in and s.dim == 0]
-        out = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), None)
-        ins, outs = list(self._tracked(x).values()), list(self._tracked(out).values())
-        parts = ((3 * e_in, ins), (e_out, outs), (2 * seq, []))
-        total = sum(p for p, _ in parts)
-        return [(macs * p / total, [axis for axis in [inner, *extra] if axis]) for p, extra in parts]
 
     def fraction(self, keeps: Sequence[torch.Tensor]) -> float:
         """Estimated thinned MACs over dense MACs; ``keeps``: one bool per channel id of each analysis."""
