@@ -16,29 +16,21 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..capture.records import TargetRecord, graph_record
+from ..capture.records import graph_record
 from ..passes.analysis import analyze
 from ..passes.annotate import annotate_param, param_owners
-from ..passes.costs import node_cost_terms, profile_costs
-from ..rules.api import ChanInfo, ChannelAnalysis, host, node_shape
+from ..rules.api import ChannelAnalysis, host
 from ..rules.attention import head_channels, head_dim_channels
-from ..rules.registry import Scale
 from .base import Scheme, _LayerSelection, _match, validate_density
-from .latency_model import (
-    LatencyModel,
-    auto_align,
-    placeholder_inputs,
-    select_for_latency,
-    validate_target_latency,
-)
+from .latency_model import validate_target_latency
 from .scores import channel_scores, check_criteria
-from .selection import HW_MULTIPLE, memory_cost, select_channels
+from .selection import Channels, Target, select, select_channels
 
 __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "select_channels", "ATTENTION_CHOICES"]
 
@@ -59,7 +51,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
 
     Without ``align``, the kept count of every group at least 64 channels wide (and not given a density of
     its own) goes to its nearest multiple of 8, the total kept count staying within 4 channels of the
-    density's (``passes.selection``): CPU and GPU kernels pad channel counts to such multiples, so 33
+    density's (``schemes.threshold``): CPU and GPU kernels pad channel counts to such multiples, so 33
     channels run like 40. Ties go to rounding down memory-bound groups (activation elements per MAC).
     ``align=N`` instead rounds every group up to a multiple of N; ``align="auto"`` starts from the rounded
     counts and rounds up to the multiple a measured latency model predicts fastest.
@@ -191,42 +183,18 @@ class _ChannelPrune(Scheme, _LayerSelection):
                        if (n := int((heads & candidate)[g.channels].sum())) and g.id not in own} \
             if self.attention == "both" else {}
         candidate &= ~torch.isnan(score)
-        fixed = None if self.align == "auto" else self.align
-        pick_columns = self._column_selector(gm, columns, excluded) if columns is not None else None
-        keep_columns = None
-        if self.target_latency is not None:
-            sel = select_for_latency(gm, analysis, score, candidate, own, self.target_latency,
-                                     placeholder_inputs(gm), align=self.align)
-            graph_record(gm).target = sel.target_record()  # the report shows target and measured fraction
-            keep = sel.keep
-        else:
-            # Without an explicit align, wide groups round to the nearest hardware multiple (total kept count
-            # unchanged to within half a multiple); "auto" starts from those counts and may round further up.
-            rounding = ({} if isinstance(self.align, int)
-                        else {"multiple": HW_MULTIPLE, "cost": memory_cost(gm, analysis)})
+        chosen = [Channels(analysis, score, candidate, own, sqrt_groups=head_groups, hardware_multiples=True)]
+        if columns is not None and (cols := self._columns(gm, columns, excluded)) is not None:
+            chosen.append(cols)
+        sel = select(gm, chosen, Target(self.density, self.target_flops, self.target_latency, self.align))
+        if sel.record is not None:
+            graph_record(gm).target = sel.record  # the report shows the target and the fraction reached
+        for c, keep in zip(chosen, sel.keeps, strict=True):
+            self._annotate_masks(gm, c.analysis, keep)
 
-            def pick(density: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-                """Kept channels of both analyses at one global density."""
-                own_d = {**{g: max(density ** 0.5, least) for g, least in head_groups.items()}, **own}
-                keep = select_channels(analysis, score, candidate, density, own_d, fixed, **rounding)
-                return keep, (pick_columns(density) if pick_columns is not None else None)
-
-            if self.target_flops is None:
-                keep, keep_columns = pick(self.density)
-            else:
-                keep, keep_columns = self._search_flops(gm, [analysis] + ([columns] if columns is not None else []),
-                                                        pick)
-            if self.align == "auto":
-                model = LatencyModel.build(gm, analysis, placeholder_inputs(gm))
-                keep, _ = auto_align(model, analysis, keep, score, candidate)
-        self._annotate_masks(gm, analysis, keep)
-        if columns is not None and keep_columns is not None:
-            self._annotate_masks(gm, columns, keep_columns)
-
-    def _column_selector(self, gm: fx.GraphModule, analysis: ChannelAnalysis,
-                         excluded: set[str]) -> Callable[[float], torch.Tensor] | None:
-        """Which head_dim columns stay at a global density, as a function of it (None when every head_dim is
-        frozen: the thinning record says why).
+    def _columns(self, gm: fx.GraphModule, analysis: ChannelAnalysis, excluded: set[str]) -> Channels | None:
+        """The head_dim columns as a selection sees them (None when every head_dim is frozen: the thinning
+        record says why).
 
         The columns are the channels of a second analysis of the same graph, in which column ``j`` of every
         head of an attention is one channel (``analyze(gm, head_dim=True)``; ``thin`` removes them in its
@@ -241,40 +209,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
         candidate &= ~torch.isnan(score)
         if not bool(candidate.any()):
             return None
-        fixed = None if self.align == "auto" else self.align
-        both = self.attention == "both"
-
-        def pick(density: float) -> torch.Tensor:
-            return select_channels(analysis, score, candidate, density ** 0.5 if both else density, {}, fixed)
-
-        return pick
-
-    def _search_flops(self, gm: fx.GraphModule, analyses: Sequence[ChannelAnalysis],
-                      pick: Callable[[float], tuple[torch.Tensor, torch.Tensor | None]],
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Largest global density whose thinned MACs stay within ``target_flops`` of the dense MACs.
-
-        ``pick(density)`` gives the kept channels of the channel analysis and of the head_dim analysis (None
-        without one) at a density; ``analyses`` are those analyses, in that order. The MAC fraction only grows
-        with the density, so a bisection over it finds the threshold; the reached fraction is recorded in
-        ``graph_record(gm).target`` for the report.
-        """
-        macs = _MacModel(gm, analyses)
-
-        def fraction(keeps: tuple[torch.Tensor, torch.Tensor | None]) -> float:
-            return macs.fraction([k for k in keeps if k is not None])
-
-        lo, hi = 0.0, 1.0
-        best = pick(1e-9)
-        for _ in range(24):
-            mid = (lo + hi) / 2
-            keeps = pick(mid)
-            if fraction(keeps) <= self.target_flops:
-                lo, best = mid, keeps
-            else:
-                hi = mid
-        graph_record(gm).target = TargetRecord("flops", self.target_flops, fraction(best), lo)
-        return best
+        return Channels(analysis, score, candidate, power=0.5 if self.attention == "both" else 1.0)
 
     def _annotate_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
         params = dict(gm.named_parameters())
@@ -312,98 +247,6 @@ def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool
         acc.index_add_(0, ch, r.pow(2))
         count.index_add_(0, ch, torch.ones(len(ch)))
     return torch.where(count > 0, (acc / count.clamp(min=1)).sqrt(), torch.full((n,), float("nan")))
-
-
-# One tensor dim a MAC term scales with: per analysis that tracks it, the channel id of each index along it.
-_Axis = list[tuple[int, torch.Tensor]]
-
-
-class _MacModel:
-    """MACs of a thinned model estimated from kept channels, without building it.
-
-    Each node's dense MACs (from ``profile_costs``) scale with the kept fraction of every tracked dim its
-    cost is a product over: its output channels; for a conv / linear the input channels it sums over; for a
-    matmul the contracted dim of its first operand where that dim is tracked (``q @ k^T`` over head_dim
-    columns); for ``scaled_dot_product_attention`` the query's heads and columns for ``q @ k^T`` and the
-    query's heads and the value's columns for ``attn @ v``; for a ``MultiheadAttention`` its heads and
-    columns, times the input channels for the in-projection and the output channels for the out-projection.
-
-    ``analyses`` are the channel analysis and, with head_dim pruning, the head_dim analysis of the same graph
-    (``fraction`` takes one keep vector per analysis). A dim both analyses track (the q/k/v projection's
-    rows: heads in one, columns in the other) keeps the indices both keep; dims tracked apart multiply.
-
-    Example:
-        >>> import torch, fxcondensa
-        >>> from fxcondensa.passes.analysis import analyze
-        >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28))
-        >>> a = analyze(gm)
-        >>> keep = torch.ones(a.num_channels, dtype=torch.bool)
-        >>> _MacModel(gm, [a]).fraction([keep])
-        1.0
-        >>> keep[a.groups[0].channels[:10]] = False  # half of conv1's filters: conv1, its ReLU and pool, conv2's input
-        >>> round(_MacModel(gm, [a]).fraction([keep]), 3)
-        0.589
-    """
-
-    def __init__(self, gm: fx.GraphModule, analyses: Sequence[ChannelAnalysis]):
-        self.analyses = list(analyses)
-        self.terms: list[tuple[float, list[_Axis]]] = []
-        nodes = {n.name: n for n in gm.graph.nodes}
-        self.total = 0.0
-        for cost in profile_costs(gm, count_nonzero=False):
-            if not cost.macs:
-                continue
-            self.total += cost.macs
-            node = nodes[cost.name]
-            for term in node_cost_terms(gm, node)[1]:
-                axes = [axis for scale in term.scales for axis in self._axes(node, scale)]
-                self.terms.append((float(term.macs), [axis for axis in axes if axis]))
-
-    def _axes(self, node: fx.Node, scale: Scale) -> list[_Axis]:
-        """The tracked dims a cost term of ``node`` scales with, one axis per dim."""
-        if isinstance(scale.value, str):  # a parameter's dim: the channels of the slices along it
-            return [[(i, a.channel_of[s.atoms]) for i, a in enumerate(self.analyses) for s in a.slices
-                     if s.path == scale.value and s.dim == scale.dims]]
-        axes = self._tracked(scale.value, scale.dims)
-        if scale.value is not node:
-            # a grouped conv's input channels are its output channels (counted once)
-            axes = {d: [(i, ch) for i, ch in axis if node.name not in {g.node for g in self.analyses[i].grouped}]
-                    for d, axis in axes.items()}
-        return list(axes.values())
-
-    def _tracked(self, node: Any, dims: str | int) -> dict[int, _Axis]:
-        """The tracked dims of ``node``'s output, by dim, in every analysis: ``dims`` "all", "last" (its last
-        dim only) or "lead" (all but its last)."""
-        axes: dict[int, _Axis] = {}
-        shape = node_shape(node)
-        ndim = len(shape) if shape is not None else None
-        for i, a in enumerate(self.analyses):
-            info = a.infos.get(getattr(node, "name", None))
-            if not isinstance(info, ChanInfo) or not info.atoms.numel():
-                continue
-            dim = info.dim % ndim if ndim else info.dim
-            last = ndim is not None and dim == ndim - 1
-            if dims == "all" or (dims == "last" and last) or (dims == "lead" and not last):
-                axes.setdefault(dim, []).append((i, a.channel_of[info.atoms]))
-        return axes
-
-    def fraction(self, keeps: Sequence[torch.Tensor]) -> float:
-        """Estimated thinned MACs over dense MACs; ``keeps``: one bool per channel id of each analysis."""
-        kept = 0.0
-        for macs, axes in self.terms:
-            f = macs
-            for axis in axes:
-                ks = [keeps[i][ch] for i, ch in axis]
-                if all(k.shape == ks[0].shape for k in ks):  # an index stays where every analysis keeps it
-                    both = ks[0]
-                    for k in ks[1:]:
-                        both = both & k
-                    f *= float(both.double().mean())
-                else:
-                    for k in ks:
-                        f *= float(k.double().mean())
-            kept += f
-        return kept / self.total if self.total else 1.0
 
 
 class NeuronPrune(_ChannelPrune):
