@@ -203,19 +203,13 @@ def _split_head_dim(ctx: RuleContext, node: fx.Node, x: fx.Node, i: ChanInfo, fi
         ctx.unite(grid[0].repeat(grid.shape[0] - 1), grid[1:].flatten())
     ctx.rewrite_sizes(node)
     columns = grid[0].clone()
-    head_dim_atoms(ctx.analysis).append(columns)
+    ctx.analysis.head_dim_atoms.append(columns)
     name = x.name
 
     def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
         return z[name].view(sizes).reshape(-1, d).all(0)
 
     ctx.output(node, ChanInfo(first + len(sizes) - 1, columns), rule)
-
-
-def head_dim_atoms(analysis: Any) -> list[torch.Tensor]:
-    """Per analysis with ``head_dim=True``: the atoms of the head_dim columns found (one vector per split
-    into heads or ``nn.MultiheadAttention``), read by ``head_dim_channels``."""
-    return analysis.__dict__.setdefault("_head_dim_atoms", [])
 
 
 def head_dim_channels(analysis: Any, into: Any = None) -> torch.Tensor:
@@ -239,7 +233,7 @@ def head_dim_channels(analysis: Any, into: Any = None) -> torch.Tensor:
     """
     target = analysis if into is None else into
     found = torch.zeros(target.num_channels, dtype=torch.bool)
-    for atoms in head_dim_atoms(analysis):
+    for atoms in analysis.head_dim_atoms:
         if atoms.numel():
             found[target.channel_of[atoms]] = True
     return found
@@ -532,7 +526,7 @@ def mha_module(ctx: RuleContext, node: fx.Node) -> None:
     # out-projection's channels (see ``getitem_rule``).
     ctx.output(node, ChanInfo(0, own), own_zero)
     ctx.exit(node)
-    tuple_outputs(ctx)[node.name] = {0: (ChanInfo(len(shape) - 1, out), out_zero)}
+    ctx.analysis.tuple_outputs[node.name] = {0: (ChanInfo(len(shape) - 1, out), out_zero)}
 
 
 def _mha_columns(ctx: RuleContext, node: fx.Node, paths: tuple[str, str | None, str], h: int,
@@ -545,7 +539,7 @@ def _mha_columns(ctx: RuleContext, node: fx.Node, paths: tuple[str, str | None, 
     in_w, in_b, wpath = paths
     target = str(node.target)
     cols = ctx.new_channels(d, f"{target} (head_dim)", "linear")
-    head_dim_atoms(ctx.analysis).append(cols)
+    ctx.analysis.head_dim_atoms.append(cols)
     ctx.slice_param(in_w, 0, cols.repeat(3 * h), "producer", node)
     if in_b is not None:
         ctx.slice_param(in_b, 0, cols.repeat(3 * h), "bias", node)
@@ -568,21 +562,14 @@ def _mha_columns(ctx: RuleContext, node: fx.Node, paths: tuple[str, str | None, 
     return cols, zero
 
 
-def tuple_outputs(ctx: RuleContext) -> dict[str, dict[int, Any]]:
-    """Per analysis: node of a module that returns a tuple and whose own channels are internal (the heads of
-    a MultiheadAttention, the hidden units of an LSTM) -> {index: (channels of that item, their zero rule)}.
-    ``getitem_rule`` reads it; an index not listed carries no channels."""
-    return ctx.analysis.__dict__.setdefault("_tuple_outputs", {})
-
-
 _ORIGINAL_GETITEM = shapes.getitem_rule
 
 
 def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
     """``attn(x, x, x)[0]`` of ``nn.MultiheadAttention``, ``lstm(x)[1]``: the channels listed in
-    ``tuple_outputs``; every other getitem is handed to the entry of ``rules/shapes.py``."""
+    ``ChannelAnalysis.tuple_outputs``; every other getitem is handed to the entry of ``rules/shapes.py``."""
     src, idx = node.args
-    found = tuple_outputs(ctx).get(src.name) if isinstance(src, fx.Node) else None
+    found = ctx.analysis.tuple_outputs.get(src.name) if isinstance(src, fx.Node) else None
     if found is None:
         return _ORIGINAL_GETITEM(ctx, node)
     if idx not in found:  # e.g. the attention weights: unused (checked by the module's rule)
@@ -770,7 +757,7 @@ def _swin_columns(ctx: RuleContext, node: fx.Node, wq: fx.Node, paths: dict[str,
     ``q @ k^T``; for Swin V2's cosine attention both, since q and k are normalised over head_dim (a zero
     column adds nothing to a norm; a live one would). The key bias does not count there: V2 zeroes it."""
     cols = ctx.new_channels(d, f"{paths['wq'].rsplit('.', 1)[0]} (head_dim)", "linear")
-    head_dim_atoms(ctx.analysis).append(cols)
+    ctx.analysis.head_dim_atoms.append(cols)
     rows = cols.repeat(num_heads)
     ctx.slice_param(paths["wq"], 0, rows.repeat(3), "producer", node)
     if paths["bq"] is not None:

@@ -391,34 +391,34 @@ def track_buffer_table(ctx: RuleContext, user: fx.Node, x: fx.Node, dim: int,
     seeds, later = found
     from ..capture.records import node_record  # the walker records each node's channels; revisited nodes too
 
-    state = _snapshot(ctx.analysis)
     touched = [n for n, _ in seeds] + later
     chans = {n.name: node_record(n).chan for n in touched}
-    frozen_before = len(ctx.analysis.frozen)
-    for n, k in seeds:
-        atoms = ctx.new_channels(node_shape(n)[k], n.target, "other")
-        ctx.slice_param(n.target, k, atoms, "norm", n)
-        path = n.target
-        ctx.output(n, ChanInfo(k, atoms), lambda z, gm, path=path, k=k: zero_rows(_attr(gm, path), k))
-        node_record(n).chan = ctx.analysis.infos.get(n.name)
-    # An op on the way that no rule knows keeps the buffer whole (the reason below) instead of raising in
-    # strict mode, where the operand alone would not have raised either.
-    strict, ctx.strict = ctx.strict, False
-    why = None
-    try:
-        for n in later:
-            ctx.visit(n)
+    with ctx.speculate() as attempt:
+        frozen_before = len(ctx.analysis.frozen)
+        for n, k in seeds:
+            atoms = ctx.new_channels(node_shape(n)[k], n.target, "other")
+            ctx.slice_param(n.target, k, atoms, "norm", n)
+            path = n.target
+            ctx.output(n, ChanInfo(k, atoms), lambda z, gm, path=path, k=k: zero_rows(_attr(gm, path), k))
             node_record(n).chan = ctx.analysis.infos.get(n.name)
-        i = ctx.info(x)
-    except Exception as exc:  # a rule that cannot follow the buffer: undone below
-        i, why = None, f"{type(exc).__name__}: {exc}"
-    finally:
-        ctx.strict = strict
-    if i is not None and i.dim == dim and i.atoms.numel() == width:
-        return i.atoms, None
-    reasons = [r for _, r in ctx.analysis.frozen[frozen_before:]]
-    why = why or (reasons[0] if reasons else f"they do not reach dim {dim} of '{x.name}' one by one")
-    _restore(ctx.analysis, state)
+        # An op on the way that no rule knows keeps the buffer whole (the reason below) instead of raising in
+        # strict mode, where the operand alone would not have raised either.
+        strict, ctx.strict = ctx.strict, False
+        why = None
+        try:
+            for n in later:
+                ctx.visit(n)
+                node_record(n).chan = ctx.analysis.infos.get(n.name)
+            i = ctx.info(x)
+        except Exception as exc:  # a rule that cannot follow the buffer: undone below
+            i, why = None, f"{type(exc).__name__}: {exc}"
+        finally:
+            ctx.strict = strict
+        if i is not None and i.dim == dim and i.atoms.numel() == width:
+            attempt.keep()
+            return i.atoms, None
+        reasons = [r for _, r in ctx.analysis.frozen[frozen_before:]]
+        why = why or (reasons[0] if reasons else f"they do not reach dim {dim} of '{x.name}' one by one")
     for n in touched:
         node_record(n).chan = chans[n.name]
     names = ", ".join(f"'{n.target}'" for n, _ in seeds)
@@ -465,11 +465,7 @@ def _table_sources(ctx: RuleContext, user: fx.Node, x: fx.Node,
     paths = {ctx.param_alias[n.target] for n, _ in seeds}
     names = [name for name, canonical in ctx.param_alias.items() if canonical in paths]
     seed_names = {n.name for n, _ in seeds}
-    nodes = ctx.__dict__.get("_graph_nodes")
-    if nodes is None or nodes[0] is not user.graph:
-        nodes = (user.graph, list(user.graph.nodes), {n: k for k, n in enumerate(user.graph.nodes)})
-        ctx.__dict__["_graph_nodes"] = nodes
-    _, order, index = nodes
+    order, index = ctx.graph_order(user.graph)
     for n in order:
         if n.op == "get_attr" and n.name not in seed_names and ctx.param_alias.get(n.target) in paths:
             return f"'{n.target}' is read again at node '{n.name}'"
@@ -493,26 +489,6 @@ def _table_sources(ctx: RuleContext, user: fx.Node, x: fx.Node,
                 # visited with those channels already: what it recorded then stands
                 return f"'{n.name}' combines it with channels tracked before"
     return seeds, later
-
-
-def _snapshot(analysis: Any) -> dict[str, Any]:
-    """What ``_restore`` needs to undo a speculative visit: the length of every list of the analysis (they
-    only grow), a copy of every dict, every other value."""
-    return {k: len(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
-            for k, v in vars(analysis).items()}
-
-
-def _restore(analysis: Any, state: dict[str, Any]) -> None:
-    for k, v in list(vars(analysis).items()):
-        if k not in state:  # made by a rule during the visit (``head_dim_atoms``)
-            delattr(analysis, k)
-        elif isinstance(v, list):
-            del v[state[k]:]
-        elif isinstance(v, dict):
-            v.clear()
-            v.update(state[k])
-        else:
-            setattr(analysis, k, state[k])
 
 
 _VIEWS = {"view", "reshape", torch.reshape, aten.view, aten.reshape, aten._unsafe_view}
