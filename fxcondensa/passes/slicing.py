@@ -158,8 +158,8 @@ def _rewrite_ops(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tens
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         rule = registry.rule_for(node, gm.get_submodule(node.target) if node.op == "call_module" else None)
-        if rule is not None and rule.rewrite is not None:
-            rule.rewrite(gm, node, view)
+        for rewrite in rule.rewrites() if rule is not None else ():
+            rewrite(gm, node, view)
 
 
 def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:

@@ -521,6 +521,9 @@ class RuleContext:
             return self.output(node, None, None)
         if rule is None:
             return self.unknown(node, _op_text(node, self.modules))
+        for refinement in rule.refinements:  # special cases other families know, before the op's own rule
+            if refinement.channels(self, node):
+                return None
         if rule.channels == "elementwise":
             return self._elementwise(node, rule)
         if rule.channels == "freeze":

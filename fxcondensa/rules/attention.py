@@ -39,9 +39,9 @@ and the shifted-window mask's literal head count is rewritten. torchvision's ``s
 one call with its own rule (heads, or head_dim columns; Swin V2 keeps its heads: its bias comes from an MLP
 and a per-head logit scale) and is replaced by ``fxcondensa.nn.window_attention`` with the dense scale.
 
-The reshape entry lives here, built on ``rules/shapes.py``'s ``view_rule``: every reshape that
-entry handles is handed to it unchanged; only the head split is new, and literal or computed sizes of the
-heads' merged width are rewritten to the kept count.
+The split into heads refines the reshape entry of ``rules/shapes.py`` (``refine_rule``): every other
+reshape goes on to that entry unchanged, which also rewrites literal or computed sizes of the heads' merged
+width to the kept count.
 """
 
 from __future__ import annotations
@@ -56,16 +56,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as fxnn
-from . import elementwise, shapes  # the rules this module's entries build on
+from . import elementwise, shapes  # noqa: F401  (registered first: the view entry refined here is shapes')
 from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
 from .layers import zero_rows
-from .registry import CostCall, CostTerm, Scale, register_rule, rule_for, rule_for_key
+from .registry import CostCall, CostTerm, Scale, refine_rule, register_rule, rule_for, rule_for_key
 from .reshape_map import reshape_target
 
 aten = torch.ops.aten
-
-_ORIGINAL_VIEW = shapes.view_rule  # every reshape that is not a split into heads
-
 
 def _matmul_cost(c: CostCall) -> int:
     a = c.in_shapes[0] if c.in_shapes else None
@@ -161,24 +158,29 @@ def _feeds_attention(ctx: RuleContext, node: fx.Node) -> bool:
     return False
 
 
-def view_rule(ctx: RuleContext, node: fx.Node) -> None:
+def heads_view(ctx: RuleContext, node: fx.Node) -> bool:
+    """A reshape that splits the channel dim into ``(..., heads, head_dim)``: one head is one channel (with
+    ``head_dim=True``, column ``j`` of every head is). Every other reshape goes on to the view entry of
+    ``rules/shapes.py`` (False)."""
     x = node.args[0]
     i, src, dst = ctx.info(x), node_shape(x), node_shape(node)
     if i is None or src is None or dst is None:
-        return _ORIGINAL_VIEW(ctx, node)
+        return False
     if ctx.analysis.head_dim and _single_head(src, dst, i.dim) and _feeds_attention(ctx, node):
         # Multi-query attention: its one key/value head's columns pair with every query head's, as a split
         # into two or more heads would make them (below); without this they stayed plain channels, and the
         # value columns the scheme zeroed stayed in the thinned model.
-        return _split_head_dim(ctx, node, x, i, i.dim, (1, src[i.dim]))
+        _split_head_dim(ctx, node, x, i, i.dim, (1, src[i.dim]))
+        return True
     if reshape_target(src, dst, i.dim, i.atoms) is not None:
-        return _ORIGINAL_VIEW(ctx, node)
+        return False
     found = _head_split(src, dst, i.dim)
     if found is None:
-        return _ORIGINAL_VIEW(ctx, node)
+        return False
     first, sizes = found
     if ctx.analysis.head_dim:
-        return _split_head_dim(ctx, node, x, i, first, sizes)
+        _split_head_dim(ctx, node, x, i, first, sizes)
+        return True
     heads_at = len(sizes) - 2  # (..., heads, head_dim): the second to last split dim counts heads
     grid = i.atoms.view(sizes).movedim(heads_at, 0).reshape(sizes[heads_at], -1)
     for col in range(1, grid.shape[1]):  # one head, all its slots, is one channel
@@ -190,6 +192,11 @@ def view_rule(ctx: RuleContext, node: fx.Node) -> None:
         return z[name].view(sizes).movedim(heads_at, 0).reshape(-1, per).all(1)
 
     ctx.output(node, ChanInfo(first + heads_at, grid[:, 0].clone()), rule)
+    return True
+
+
+refine_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=heads_view,
+            name="split into heads")
 
 
 def _split_head_dim(ctx: RuleContext, node: fx.Node, x: fx.Node, i: ChanInfo, first: int,
@@ -239,30 +246,6 @@ def head_dim_channels(analysis: Any, into: Any = None) -> torch.Tensor:
     return found
 
 
-def _rewrite_view(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
-    """A size of the tracked dim computed at run time (``B, N, C = x.shape`` then ``reshape(B, N, C)``) may
-    count another tensor's channels (the stream's, not the heads'): make it the kept count."""
-    kept, i = view.kept_count(node), view.info(node)
-    # Even when this tensor keeps every channel: the size may count a stream that lost some.
-    if kept is None or node.op not in ("call_method", "call_function"):
-        return
-    args = list(node.args)
-    if node.op == "call_method" and len(args) > 2 or (len(args) == 2 and not isinstance(args[1], (list, tuple))):
-        sizes, at = args[1:], None
-    elif len(args) == 2:
-        sizes, at = list(args[1]), 1
-    else:
-        return
-    if i.dim < len(sizes) and isinstance(sizes[i.dim], fx.Node):
-        sizes[i.dim] = kept
-        if at is None:
-            node.args = (args[0], *sizes)
-        else:
-            node.args = (args[0], type(args[1])(sizes))
-
-
-register_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=view_rule,
-              zeros="custom", cost="none", rewrite=_rewrite_view, name="view")
 
 
 # ------------------------------------------------------------------------------------------------ unbind
@@ -523,7 +506,7 @@ def mha_module(ctx: RuleContext, node: fx.Node) -> None:
 
     # The node's own channels are its heads or head_dim columns (the tuple it returns carries no tensor dim
     # of them): the node is their exit, so one goes only when it adds nothing. ``output[0]`` carries the
-    # out-projection's channels (see ``getitem_rule``).
+    # out-projection's channels (see ``shapes.getitem_rule``).
     ctx.output(node, ChanInfo(0, own), own_zero)
     ctx.exit(node)
     ctx.analysis.tuple_outputs[node.name] = {0: (ChanInfo(len(shape) - 1, out), out_zero)}
@@ -560,24 +543,6 @@ def _mha_columns(ctx: RuleContext, node: fx.Node, paths: tuple[str, str | None, 
         return (part(0) | part(1)) & (part(2) | out)
 
     return cols, zero
-
-
-_ORIGINAL_GETITEM = shapes.getitem_rule
-
-
-def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
-    """``attn(x, x, x)[0]`` of ``nn.MultiheadAttention``, ``lstm(x)[1]``: the channels listed in
-    ``ChannelAnalysis.tuple_outputs``; every other getitem is handed to the entry of ``rules/shapes.py``."""
-    src, idx = node.args
-    found = ctx.analysis.tuple_outputs.get(src.name) if isinstance(src, fx.Node) else None
-    if found is None:
-        return _ORIGINAL_GETITEM(ctx, node)
-    if idx not in found:  # e.g. the attention weights: unused (checked by the module's rule)
-        return ctx.output(node, None, None)
-    ctx.output(node, *found[idx])
-
-
-register_rule(operator.getitem, channels=getitem_rule, zeros="custom", cost="none", name="getitem")
 
 
 def _rewrite_mha(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
@@ -873,24 +838,3 @@ def register_optional_rules() -> None:
         fn = getattr(module, fname, None)
         if fn is not None and rule_for_key(fn) is None:
             register_rule(fn, zeros="custom", name=fname, **kwargs)
-
-
-# ------------------------------------------------------------------ window shifts and padding (Swin, timm)
-
-_ORIGINAL_PAD = elementwise.pad_rule
-
-
-def pad_rule(ctx: RuleContext, node: fx.Node) -> None:
-    """``F.pad`` whose pad amounts on the channel dim are zero (``F.pad(x, (0, 0, 0, r, 0, b))`` on a
-    channels-last tensor) keeps the channels; everything else goes to the entry of ``rules/elementwise.py``."""
-    x = node.args[0]
-    pad, shape, i = node_arg(node, 1, "pad"), node_shape(x), ctx.info(x)
-    mode, value = node_arg(node, 2, "mode", "constant"), node_arg(node, 3, "value", 0.0)
-    if i is not None and shape is not None and isinstance(pad, (list, tuple)) and mode == "constant":
-        k = len(shape) - 1 - i.dim  # pad[2k], pad[2k + 1] pad the channel dim
-        if 2 * k >= len(pad) or (pad[2 * k] == 0 and pad[2 * k + 1] == 0):
-            return ctx.passthrough(node, x, value in (0, 0.0, None))
-    return _ORIGINAL_PAD(ctx, node)
-
-
-register_rule(F.pad, aten.pad, channels=pad_rule, zeros="custom", cost="none", kind="shape", name="pad")

@@ -617,8 +617,7 @@ def _pad_spares(pad: Any, ndim: int, dim: int) -> bool:
     return len(pad) // 2 <= k or (pad[2 * k] == 0 and pad[2 * k + 1] == 0)
 
 
-# F.pad is registered in rules/attention.py (zero padding around a channels-last tensor); it hands the rest to
-# ``pad_rule``.
+register_rule(F.pad, aten.pad, channels=pad_rule, zeros="custom", cost="none", kind="shape", name="pad")
 
 
 def constant_pad_rule(ctx: RuleContext, node: fx.Node) -> None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,6 +51,9 @@ __all__ = [
     "CostTerm",
     "Scale",
     "register_rule",
+    "refine_rule",
+    "unrefine_rule",
+    "Refinement",
     "unregister_rule",
     "rule_for",
     "rule_for_key",
@@ -161,6 +164,7 @@ class OpRule:
       ``fxcondensa.passes.channels.KeptView``: the kept indices and original width of any node's channels.
     - ``creates``: the op makes new channels (convs, linears): the analysis visits it even when no
       tracked channel flows in.
+    - ``refinements``: special cases other families add to this op (``refine_rule``), consulted first.
     """
 
     name: str
@@ -172,6 +176,23 @@ class OpRule:
     resize: Callable[[nn.Module, int | None], None] | None = None
     rewrite: Callable[[fx.GraphModule, fx.Node, Any], None] | None = None
     creates: bool = False
+    refinements: tuple[Refinement, ...] = ()
+
+    def rewrites(self) -> list[Callable[[fx.GraphModule, fx.Node, Any], None]]:
+        """The entry's own rewrite, then its refinements' (what ``thin`` calls on a thinned node)."""
+        return [f for f in (self.rewrite, *(r.rewrite for r in self.refinements)) if f is not None]
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """A special case of an op that another family knows (a reshape that splits attention heads, a ``cat``
+    with a class-token parameter, a ``mean`` over the channels): ``channels(ctx, node)`` returns True when it
+    recorded the node, False to leave it to the next refinement and then to the entry's own rule.
+    ``rewrite`` (optional) is called by ``thin`` after the entry's own rewrite."""
+
+    name: str
+    channels: Callable[[Any, fx.Node], bool]
+    rewrite: Callable[[fx.GraphModule, fx.Node, Any], None] | None = None
 
 
 _MODULES: dict[type, OpRule] = {}
@@ -293,6 +314,51 @@ def register_rule(
         table[key] = rule
     _GENERATION[0] += 1
     return rule
+
+
+def refine_rule(*ops: Any, channels: Callable[[Any, fx.Node], bool], name: str,
+                rewrite: Callable[[fx.GraphModule, fx.Node, Any], None] | None = None) -> Refinement:
+    """Add a special case to the entries of ``ops`` (each must have one), consulted before the entry's own rule
+    and after the refinements added earlier: the op keeps one entry, in its family's module, and the family
+    that knows the special case states it in its own module.
+
+    Example:
+        >>> import operator
+        >>> def scaled_add(ctx, node):  # handles nothing: every add goes on to the add rule
+        ...     return False
+        >>> r = refine_rule(operator.add, channels=scaled_add, name="scaled add (example)")
+        >>> [x.name for x in rule_for_key(operator.add).refinements][-1]
+        'scaled add (example)'
+        >>> unrefine_rule(r, operator.add)
+    """
+    refinement = Refinement(name, channels, rewrite)
+    resolved = [_table(op) for op in ops]
+    for (table, key), op in zip(resolved, ops, strict=True):
+        if key not in table:
+            raise KeyError(f"{_key_name(op)} has no rule to refine ('{name}'): register its entry first, in its "
+                           "family's module")
+    refined: dict[int, OpRule] = {}  # one entry shared by several ops stays one entry
+    for table, key in resolved:
+        old = table[key]
+        new = refined.setdefault(id(old), replace(old, refinements=(*old.refinements, refinement)))
+        table[key] = new
+    _GENERATION[0] += 1
+    return refinement
+
+
+def unrefine_rule(refinement: Refinement, *ops: Any) -> None:
+    """Remove ``refinement`` (from ``refine_rule``) from the entries of ``ops``; an entry without it raises
+    KeyError naming the op."""
+    resolved = [_table(op) for op in ops]
+    for (table, key), op in zip(resolved, ops, strict=True):
+        if key not in table or refinement not in table[key].refinements:
+            raise KeyError(f"{_key_name(op)} has no refinement '{refinement.name}'")
+    done: dict[int, OpRule] = {}
+    for table, key in resolved:
+        old = table[key]
+        table[key] = done.setdefault(id(old), replace(old, refinements=tuple(
+            r for r in old.refinements if r is not refinement)))
+    _GENERATION[0] += 1
 
 
 def unregister_rule(*ops: Any) -> None:

@@ -16,7 +16,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .api import ChanInfo, RuleContext, node_arg, node_shape
+from .. import nn as fxnn
+from .api import ChanInfo, KeptView, RuleContext, node_arg, node_shape
 from .registry import register_rule
 from .reshape_map import reshape_index, reshape_target
 
@@ -64,8 +65,9 @@ def cat_rule(ctx: RuleContext, node: fx.Node) -> None:
     _cat(ctx, node, node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", 0))
 
 
-# cat is registered in rules/embedding.py, whose rule adds parameter parts (a class token) and hands the rest to
-# ``cat_rule``.
+# rules/embedding.py refines cat with parameter parts (a class token).
+register_rule(torch.cat, torch.concat, torch.concatenate, aten.cat, channels=cat_rule, zeros="custom",
+              cost="none", name="cat")
 
 
 def split_rule(ctx: RuleContext, node: fx.Node) -> None:
@@ -92,7 +94,14 @@ register_rule(torch.split, torch.chunk, "split", "chunk", aten.split, aten.chunk
 
 
 def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``parts[k]`` of a split, ``attn(x, x, x)[0]`` of a module that returns a tuple (the channels its rule
+    listed in ``ChannelAnalysis.tuple_outputs``: a MultiheadAttention's output, an LSTM's), or tensor indexing."""
     src, idx = node.args
+    found = ctx.analysis.tuple_outputs.get(src.name) if isinstance(src, fx.Node) else None
+    if found is not None:
+        if idx not in found:  # e.g. the attention weights: unused (checked by the module's rule)
+            return ctx.output(node, None, None)
+        return ctx.output(node, *found[idx])
     whole = ctx.analysis.infos.get(src.name)
     if isinstance(whole, list):
         part = whole[idx] if isinstance(idx, int) else None
@@ -139,6 +148,9 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
         return ctx.passthrough(node, src, True, dim=new_dim)
     _channel_slice(ctx, node, src, i, new_dim, _channel_range(part, i.atoms.numel()))
 
+
+
+register_rule(operator.getitem, channels=getitem_rule, zeros="custom", cost="none", name="getitem")
 
 def _gather_rule(ctx: RuleContext, node: fx.Node, src: fx.Node, i: ChanInfo, dim: int, index: Any) -> None:
     """``x[:, ..., index]`` with one untracked integer index tensor on ``dim``, every other dim whole (Swin's
@@ -367,8 +379,9 @@ def reduce_cost(c: Any) -> int:
     return c.in_numel
 
 
-# mean is registered in rules/norms.py (a mean over channels divides by the dense width); it uses this rule
-# for every other mean.
+# rules/norms.py refines mean over the channels (it divides by the dense width).
+register_rule(torch.mean, "mean", aten.mean, fxnn.mean_width, channels=reduce_rule, zeros="custom", cost=reduce_cost,
+              kind="elementwise", name="mean")
 register_rule(torch.sum, torch.amax, torch.amin, "sum", "amax", "amin", aten.sum,
               aten.amax, aten.amin, channels=reduce_rule, zeros="custom", cost=reduce_cost, kind="elementwise",
               name="reduction")
@@ -468,6 +481,28 @@ def flatten_rule(ctx: RuleContext, node: fx.Node) -> None:
     _reshape(ctx, node, False)
 
 
+def _rewrite_view(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
+    """A size of the tracked dim computed at run time (``B, N, C = x.shape`` then ``reshape(B, N, C)``) may
+    count another tensor's channels (the stream's, not the heads'): make it the kept count."""
+    kept, i = view.kept_count(node), view.info(node)
+    # Even when this tensor keeps every channel: the size may count a stream that lost some.
+    if kept is None or node.op not in ("call_method", "call_function"):
+        return
+    args = list(node.args)
+    if node.op == "call_method" and len(args) > 2 or (len(args) == 2 and not isinstance(args[1], (list, tuple))):
+        sizes, at = args[1:], None
+    elif len(args) == 2:
+        sizes, at = list(args[1]), 1
+    else:
+        return
+    if i.dim < len(sizes) and isinstance(sizes[i.dim], fx.Node):
+        sizes[i.dim] = kept
+        if at is None:
+            node.args = (args[0], *sizes)
+        else:
+            node.args = (args[0], type(args[1])(sizes))
+
+
 register_rule(torch.permute, "permute", aten.permute, channels=permute_rule, zeros="custom", cost="none",
               name="permute")
 register_rule(torch.transpose, torch.swapaxes, "transpose", "swapaxes", aten.transpose, channels=transpose_rule,
@@ -475,8 +510,9 @@ register_rule(torch.transpose, torch.swapaxes, "transpose", "swapaxes", aten.tra
 register_rule(torch.t, "t", aten.t, channels=t_rule, zeros="custom", cost="none", name="t")
 register_rule("expand", aten.expand, channels=expand_rule, zeros="custom", cost="none", name="expand")
 register_rule("expand_as", channels=expand_as_rule, zeros="custom", cost="none", name="expand_as")
-# view / reshape are registered in rules/attention.py, whose rule adds the split into heads and hands every
-# other reshape to ``view_rule``.
+# rules/attention.py refines view / reshape with the split into heads.
+register_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=view_rule,
+              zeros="custom", cost="none", rewrite=_rewrite_view, name="view")
 register_rule(torch.flatten, torch.squeeze, torch.unsqueeze, torch.movedim, "flatten", "squeeze", "unsqueeze",
               "movedim", "unflatten", "view_as", "reshape_as", nn.Flatten, nn.Unflatten, aten.flatten, aten.squeeze,
               aten.unsqueeze, aten.movedim, aten.unflatten, channels=flatten_rule, zeros="custom", cost="none",
