@@ -20,7 +20,7 @@ from ..capture.graph import propagate_shapes
 from ..capture.records import META
 from ..rules import registry
 from ..rules.api import ChanInfo, ChannelAnalysis, KeptView, node_shape
-from ..rules.shapes import channel_slice_rewrite
+from ..rules.indexing import channel_slice_rewrite
 
 __all__ = ["apply_keep"]
 

@@ -23,7 +23,7 @@ from ..capture.modes import eval_mode
 from ..capture.records import META, FrozenGroup, GroupRecord, ThinRecord, graph_record
 from ..errors import ExampleInputError, ThinningCheckError
 from ..rules.api import ChanInfo, ChannelAnalysis
-from ..rules.attention import has_attention_products, head_channels, head_dim_channels
+from ..rules.heads import has_attention_products, head_channels, head_dim_channels
 from .analysis import analyze, balance_grouped, removable_channels
 from .slicing import _kept, apply_keep
 

@@ -56,12 +56,19 @@ __all__ = [
     "host",
     "node_shape",
     "node_arg",
+    "tensor_at",
 ]
 
 
 def host(t: torch.Tensor) -> torch.Tensor:
     """A detached CPU copy of a small per-channel tensor (scores, zero flags, masks) read off the weights."""
     return t.detach().to("cpu")
+
+
+def tensor_at(gm: fx.GraphModule, path: str) -> Any:
+    """The parameter or buffer at ``path`` of ``gm`` (what a zero rule reads: rules get the module, never keep it)."""
+    owner, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

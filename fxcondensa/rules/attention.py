@@ -36,8 +36,9 @@ Swin: timm's window attention is traced op by op; its relative position bias tab
 index buffer (``table[index].view(N, N, -1).permute(2, 0, 1)``), is added to the logits, so the table's
 column follows its head (``rules/elementwise.py``'s ``track_parameter_chain``, ``rules/shapes.py``'s gather),
 and the shifted-window mask's literal head count is rewritten. torchvision's ``shifted_window_attention`` is
-one call with its own rule (heads, or head_dim columns; Swin V2 keeps its heads: its bias comes from an MLP
-and a per-head logit scale) and is replaced by ``fxcondensa.nn.window_attention`` with the dense scale.
+one call with its own rule, in ``rules/swin.py`` (heads, or head_dim columns; Swin V2 keeps its heads: its
+bias comes from an MLP and a per-head logit scale), and is replaced by ``fxcondensa.nn.window_attention``
+with the dense scale.
 
 The split into heads refines the reshape entry of ``rules/shapes.py`` (``refine_rule``): every other
 reshape goes on to that entry unchanged, which also rewrites literal or computed sizes of the heads' merged
@@ -58,8 +59,10 @@ from torch import nn
 from .. import nn as fxnn
 from . import elementwise, shapes  # noqa: F401  (registered first: the view entry refined here is shapes')
 from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
-from .layers import zero_rows
-from .registry import CostCall, CostTerm, Scale, refine_rule, register_rule, rule_for, rule_for_key
+from .api import tensor_at as _tensor
+from .heads import attention_product
+from .layers import fused_heads_zero, zero_rows
+from .registry import CostCall, CostTerm, Scale, refine_rule, register_rule, rule_for
 from .reshape_map import reshape_target
 
 aten = torch.ops.aten
@@ -92,22 +95,6 @@ def _sdpa_cost(c: CostCall) -> tuple[CostTerm, ...]:
     rows = math.prod(q[:-1]) * k[-2]
     return (CostTerm(rows * q[-1], (Scale(q_node),)),
             CostTerm(rows * v[-1], (Scale(q_node, "lead"), Scale(v_node, "last"))))
-
-
-def _fused_heads_zero(gm: fx.GraphModule, w_path: str, b_path: str | None, out_path: str, heads: int,
-                      head_dim: int) -> torch.Tensor:
-    """Bool per head of a fused (q, k, v) in-projection: True where the head adds nothing, its value rows
-    (and value biases) or its out-projection columns all zero."""
-    e = heads * head_dim
-    zero_v = zero_rows(_tensor(gm, w_path)[2 * e:].detach().reshape(heads, -1), 0)
-    if b_path is not None:
-        zero_v &= zero_rows(_tensor(gm, b_path)[2 * e:].detach().view(heads, head_dim), 0)
-    return zero_v | zero_rows(_tensor(gm, out_path).detach().t().reshape(heads, -1), 0)
-
-
-def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 # ----------------------------------------------------------------------------------- reshape into heads
@@ -147,7 +134,7 @@ def _feeds_attention(ctx: RuleContext, node: fx.Node) -> bool:
                 if user in seen:
                     continue
                 seen.add(user)
-                if _attention_product(user):
+                if attention_product(user):
                     return True
                 rule = rule_for(user, ctx.modules.get(user.target) if user.op == "call_module" else None)
                 if rule is None:
@@ -217,35 +204,6 @@ def _split_head_dim(ctx: RuleContext, node: fx.Node, x: fx.Node, i: ChanInfo, fi
         return z[name].view(sizes).reshape(-1, d).all(0)
 
     ctx.output(node, ChanInfo(first + len(sizes) - 1, columns), rule)
-
-
-def head_dim_channels(analysis: Any, into: Any = None) -> torch.Tensor:
-    """Bool per channel of an analysis made with ``head_dim=True``: True where the channel is a head_dim
-    column of some attention (shared by all its heads). With ``into`` (another analysis of the same graph; both
-    number atoms alike), per channel of ``into``: True where it holds atoms of such columns.
-
-    Example:
-        >>> import torch, fxcondensa
-        >>> from fxcondensa.passes.analysis import analyze
-        >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
-        >>> class Block(torch.nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.attn = mha
-        ...     def forward(self, x):
-        ...         return self.attn(x, x, x, need_weights=False)[0]
-        >>> gm = fxcondensa.trace(Block(), torch.randn(1, 3, 8))
-        >>> int(head_dim_channels(analyze(gm, head_dim=True)).sum())  # 8 / 2 heads: 4 columns
-        4
-    """
-    target = analysis if into is None else into
-    found = torch.zeros(target.num_channels, dtype=torch.bool)
-    for atoms in analysis.head_dim_atoms:
-        if atoms.numel():
-            found[target.channel_of[atoms]] = True
-    return found
-
-
 
 
 # ------------------------------------------------------------------------------------------------ unbind
@@ -488,7 +446,7 @@ def mha_module(ctx: RuleContext, node: fx.Node) -> None:
         ctx.slice_param(wpath, 1, rows, "consumer", node)
 
         def own_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-            return _fused_heads_zero(gm, in_w, in_b, wpath, h, d)
+            return fused_heads_zero(gm, in_w, in_b, wpath, h, d)
 
     out = ctx.new_channels(ctx.param(wpath).shape[0], target, "linear")  # after the heads: recipes keep ids
     if i is not None:
@@ -591,250 +549,3 @@ register_rule(nn.MultiheadAttention, channels=mha_module, zeros="custom", cost=_
               rewrite=_rewrite_mha, creates=True, name="multihead_attention")
 register_rule(fxnn.ThinMultiheadAttention, channels=mha_module, zeros="custom", cost=_mha_cost, kind="matmul",
               rewrite=_rewrite_mha, creates=True, name="multihead_attention (thinned)")
-
-
-# ------------------------------------------------------------------------------------- heads, for schemes
-
-_HEAD_OPS = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
-_MATMULS = (torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", "__matmul__", aten.matmul, aten.bmm)
-
-
-def _attention_product(node: fx.Node) -> bool:
-    """``scaled_dot_product_attention`` or a batched matmul (an ATen overload counts as its packet)."""
-    op = getattr(node.target, "overloadpacket", node.target)
-    return (node.op == "call_function" and op in _HEAD_OPS
-            or node.op in ("call_function", "call_method") and op in _MATMULS)
-
-
-def has_attention_products(gm: fx.GraphModule) -> bool:
-    """Whether the graph multiplies anything the way attention does (``scaled_dot_product_attention`` or a
-    batched matmul): where head_dim columns can be, even when no head was recognised (multi-query)."""
-    return any(_attention_product(node) for node in gm.graph.nodes)
-
-
-def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
-    """Bool per channel of ``analysis``: True where the channel is an attention head (or heads tied to it),
-    as recognised by the rules above: heads reaching ``scaled_dot_product_attention`` or a batched matmul,
-    and the heads of ``nn.MultiheadAttention`` modules and of Swin's window attention calls."""
-    heads = torch.zeros(analysis.num_channels, dtype=torch.bool)
-    modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        atoms = None
-        info = analysis.infos.get(node.name)
-        if _attention_product(node):
-            shape = node_shape(node)
-            if isinstance(info, ChanInfo) and shape is not None and info.dim < len(shape) - 2:
-                atoms = info.atoms
-        elif node.op == "call_module" and isinstance(modules.get(node.target), nn.MultiheadAttention):
-            path = f"{node.target}.in_proj_weight"
-            atoms = next((s.atoms for s in analysis.slices if s.path == path and s.dim == 0), None)
-        elif node.op == "call_function" and getattr(rule_for_key(node.target), "channels", None) is swin_attention_rule:
-            w = node_arg(node, 1, "qkv_weight")  # Swin's window attention: its qkv rows are its heads
-            path = w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
-            atoms = next((s.atoms for s in analysis.slices if s.path == path and s.dim == 0), None)
-        if atoms is not None and atoms.numel():
-            heads[analysis.channel_of[atoms]] = True
-    return heads
-
-
-# ------------------------------------------------------------------------------ torchvision's Swin functions
-
-def swin_attention_rule(ctx: RuleContext, node: fx.Node) -> None:
-    """torchvision's ``shifted_window_attention(input, qkv_weight, proj_weight, relative_position_bias,
-    window_size, num_heads, shift_size, ...)`` (a wrapped function: one node), and
-    ``fxcondensa.nn.window_attention`` that thinning puts in its place (keyword arguments, an explicit
-    ``head_dim``). Channels last: the input's channels are the qkv weight's columns (an exit), the
-    projection's rows are new channels. Heads are channels (q, k, v rows, out-projection columns, the
-    relative position bias table's column); the bias node carries them and is their exit: a head goes only
-    when its value rows or out-projection columns are zero. With ``head_dim=True`` head_dim columns are the
-    channels instead (``_swin_columns``). Thinning calls ``fxcondensa.nn.window_attention`` with the dense
-    softmax scale."""
-    x = node_arg(node, 0, "input")
-    wq, wp = node_arg(node, 1, "qkv_weight"), node_arg(node, 2, "proj_weight")
-    bias_node = node_arg(node, 3, "relative_position_bias")
-    num_heads = node_arg(node, 5, "num_heads")
-    bq, bp = node_arg(node, 9, "qkv_bias"), node_arg(node, 10, "proj_bias")
-    paths = {k: (v.target if isinstance(v, fx.Node) and v.op == "get_attr" else None)
-             for k, v in (("wq", wq), ("wp", wp), ("bq", bq), ("bp", bp))}
-    i, shape = ctx.info(x), node_shape(x)
-    table = _bias_table(ctx, bias_node)
-    if paths["wq"] is None or paths["wp"] is None or (bq is not None and paths["bq"] is None) or \
-            (bp is not None and paths["bp"] is None) or not isinstance(num_heads, int) or shape is None or \
-            (i is not None and i.dim != len(shape) - 1):
-        return ctx.unsupported(node, "shifted_window_attention with computed weights")
-    wq_t = ctx.param(paths["wq"])
-    d = wq_t.shape[0] // (3 * num_heads)
-    target = paths["wp"].rsplit(".", 1)[0]
-    if i is not None:
-        ctx.slice_param(paths["wq"], 1, i.atoms, "consumer", node)
-        ctx.exit(x)
-    else:
-        ctx.block(paths["wq"], 1, node)
-    logit = node_arg(node, 11, "logit_scale")
-    if ctx.analysis.head_dim:
-        _swin_columns(ctx, node, wq, paths, num_heads, d, cosine=logit is not None)
-    else:
-        _swin_heads(ctx, node, paths, bias_node, table, logit, num_heads, d)
-    out = ctx.new_channels(ctx.param(paths["wp"]).shape[0], target, "linear")  # after: recipes keep their ids
-    ctx.slice_param(paths["wp"], 0, out, "producer", node)
-    if paths["bp"] is not None:
-        ctx.slice_param(paths["bp"], 0, out, "bias", node)
-    wp_path, bp_path = paths["wp"], paths["bp"]
-
-    def out_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-        zero = zero_rows(_tensor(gm, wp_path), 0)
-        return zero & host(_tensor(gm, bp_path) == 0) if bp_path is not None else zero
-
-    ctx.output(node, ChanInfo(len(shape) - 1, out), out_zero)
-
-
-def _swin_heads(ctx: RuleContext, node: fx.Node, paths: dict[str, str | None], bias_node: Any, table: str | None,
-                logit: Any, num_heads: int, d: int) -> None:
-    """The heads of a Swin window attention as channels; frozen when the relative position bias is computed
-    (Swin V2's continuous position bias MLP) or a logit scale is given, neither sliced here."""
-    heads = ctx.new_channels(num_heads, f"{paths['wq'].rsplit('.', 1)[0]} (heads)", "linear")
-    rows = heads.repeat_interleave(d)
-    ctx.slice_param(paths["wq"], 0, rows.repeat(3), "producer", node)
-    if paths["bq"] is not None:
-        ctx.slice_param(paths["bq"], 0, rows.repeat(3), "bias", node)
-    ctx.slice_param(paths["wp"], 1, rows, "consumer", node)
-    if table is None or logit is not None:
-        return ctx.freeze(heads, f"shifted_window_attention '{node.name}' has a relative position bias or logit "
-                                 "scale that is not a parameter table")
-    ctx.slice_param(table, 1, heads, "consumer", node)
-    wq_path, wp_path, bq_path = paths["wq"], paths["wp"], paths["bq"]
-
-    def head_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-        return _fused_heads_zero(gm, wq_path, bq_path, wp_path, num_heads, d)
-
-    # The bias node (visited before this one, untracked so far) carries the heads on dim 1.
-    ctx.analysis.infos[bias_node.name] = ChanInfo(1, heads)
-    ctx.analysis.rules[bias_node.name] = head_zero
-    ctx.exit(bias_node)
-
-
-def _swin_columns(ctx: RuleContext, node: fx.Node, wq: fx.Node, paths: dict[str, str | None], num_heads: int,
-                  d: int, cosine: bool) -> None:
-    """The head_dim columns of a Swin window attention as channels: column ``j`` is row ``j`` of every head of
-    q, k and v (one fused reshape: one head_dim) and column ``j`` of every head of the projection. The heads,
-    the relative position bias and Swin V2's logit scale stay. Removing a column is exact when the head's
-    output has nothing there (v or the projection zero) and no logit changes: q or k zero there for
-    ``q @ k^T``; for Swin V2's cosine attention both, since q and k are normalised over head_dim (a zero
-    column adds nothing to a norm; a live one would). The key bias does not count there: V2 zeroes it."""
-    cols = ctx.new_channels(d, f"{paths['wq'].rsplit('.', 1)[0]} (head_dim)", "linear")
-    ctx.analysis.head_dim_atoms.append(cols)
-    rows = cols.repeat(num_heads)
-    ctx.slice_param(paths["wq"], 0, rows.repeat(3), "producer", node)
-    if paths["bq"] is not None:
-        ctx.slice_param(paths["bq"], 0, rows.repeat(3), "bias", node)
-    ctx.slice_param(paths["wp"], 1, rows, "consumer", node)
-    wq_path, bq_path, wp_path, e = paths["wq"], paths["bq"], paths["wp"], num_heads * d
-
-    def column_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-        w = _tensor(gm, wq_path).detach()
-        b = _tensor(gm, bq_path).detach() if bq_path is not None else None
-
-        def part(s: int, bias: bool = True) -> torch.Tensor:  # per column: zero in every head of q, k or v
-            found = zero_rows(w[s * e:(s + 1) * e].reshape(num_heads, d, -1).transpose(0, 1).reshape(d, -1), 0)
-            if b is not None and bias:
-                found &= zero_rows(b[s * e:(s + 1) * e].reshape(num_heads, d).t(), 0)
-            return found
-
-        logits_kept = part(0) & part(1, bias=False) if cosine else part(0) | part(1)
-        out = zero_rows(_tensor(gm, wp_path).detach().reshape(-1, num_heads, d).permute(2, 0, 1).reshape(d, -1), 0)
-        return (logits_kept & (part(2) | out)).repeat(3 * num_heads)
-
-    # No tensor of the graph carries the columns (they live inside the call); the qkv weight's rows do, so
-    # that node is their exit: a column goes only when it adds nothing (zero rule above, one per row).
-    ctx.analysis.infos[wq.name] = ChanInfo(0, rows.repeat(3))
-    ctx.analysis.rules[wq.name] = column_zero
-    ctx.exit(wq)
-
-
-def _bias_table(ctx: RuleContext, bias: Any) -> str | None:
-    """The parameter table behind ``_get_relative_position_bias(table, index, window_size)``, or None."""
-    import sys
-
-    module = sys.modules.get("torchvision.models.swin_transformer")
-    if not (isinstance(bias, fx.Node) and bias.op == "call_function" and module is not None
-            and bias.target is getattr(module, "_get_relative_position_bias", None)):
-        return None
-    table = bias.args[0]
-    if not (isinstance(table, fx.Node) and table.op == "get_attr") or ctx.param(table.target) is None \
-            or len(bias.users) != 1:
-        return None
-    return table.target
-
-
-def _rewrite_swin_attention(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
-    """Call ``fxcondensa.nn.window_attention`` with the kept head count and head_dim (one stage changes one
-    of them: heads, or head_dim columns with ``analyze(gm, head_dim=True)``) and the dense softmax scale."""
-    names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
-             "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
-    call = {k: (node.args[j] if j < len(node.args) else node.kwargs.get(k, _SWIN_DEFAULTS.get(k)))
-            for j, k in enumerate(names)}
-    heads, w = call["num_heads"], call["qkv_weight"]
-    dense_rows = next((s.atoms.numel() for s in view.analysis.slices
-                       if isinstance(w, fx.Node) and s.path == w.target and s.dim == 0), None)
-    if dense_rows is None:  # the rule kept the call whole (computed weights): it runs as it is
-        return
-    if node.target is fxnn.window_attention:
-        d, scale = node.kwargs["head_dim"], node.kwargs.get("scale")
-        if scale is None:  # head_dim is still the dense one
-            scale = fxnn.default_scale(d)
-    else:  # torchvision's: q * (C // num_heads) ** -0.5, C the dense input width (in the shape metadata)
-        d, scale = dense_rows // (3 * heads), fxnn.default_scale(node_shape(call["input"])[-1] // heads)
-    rows = _tensor(gm, w.target).shape[0]  # sliced: 3 * kept heads * kept head_dim
-    if view.analysis.head_dim:
-        d = rows // (3 * heads)
-    else:
-        heads = rows // (3 * d)
-    node.target = fxnn.window_attention
-    node.args, node.kwargs = (), {**call, "num_heads": heads, "head_dim": d, "scale": scale}
-
-
-_SWIN_DEFAULTS = {"attention_dropout": 0.0, "dropout": 0.0, "training": True}
-
-
-def patch_merging_pad_rule(ctx: RuleContext, node: fx.Node) -> None:
-    """torchvision's ``_patch_merging_pad(x)``: pads H and W, concatenates the four 2x2 phases on the
-    channels (last dim): the channels repeat four times."""
-    x = node.args[0]
-    i, shape = ctx.info(x), node_shape(x)
-    if i is None or shape is None or i.dim != len(shape) - 1:
-        return ctx.unsupported(node, "_patch_merging_pad of channels not on the last dim")
-    name = x.name
-    ctx.output(node, ChanInfo(i.dim, i.atoms.repeat(4)), lambda z, gm: z[name].repeat(4))
-
-
-def _swin_cost(c: CostCall) -> int:
-    x, wq = c.in_shapes[0] if c.in_shapes else None, c.shape_of(c.arg(1, "qkv_weight"))
-    wp = c.shape_of(c.arg(2, "proj_weight"))
-    ws = c.arg(4, "window_size")
-    if not x or not wq or not wp or not isinstance(ws, (list, tuple)):
-        return 0
-    tokens, n = math.prod(x[:-1]), ws[0] * ws[1]
-    return tokens * (wq[0] * wq[1] + wp[0] * wp[1] + 2 * n * wp[1])
-
-
-def register_optional_rules() -> None:
-    """The built-in optional rules (``rules/elementwise.py``), and torchvision's Swin functions once
-    torchvision's Swin module is loaded (a model that calls them has imported it)."""
-    import sys
-
-    elementwise.register_optional_rules()
-    if rule_for_key(fxnn.window_attention) is None:  # a thinned model thinned again (or its head_dim stage)
-        register_rule(fxnn.window_attention, channels=swin_attention_rule, zeros="custom", cost=_swin_cost,
-                      kind="matmul", rewrite=_rewrite_swin_attention, creates=True,
-                      name="window_attention (thinned)")
-    module = sys.modules.get("torchvision.models.swin_transformer")
-    if module is None:
-        return
-    for fname, kwargs in (
-        ("shifted_window_attention", dict(channels=swin_attention_rule, cost=_swin_cost, kind="matmul",
-                                          rewrite=_rewrite_swin_attention, creates=True)),
-        ("_patch_merging_pad", dict(channels=patch_merging_pad_rule, cost="none")),
-    ):
-        fn = getattr(module, fname, None)
-        if fn is not None and rule_for_key(fn) is None:
-            register_rule(fn, zeros="custom", name=fname, **kwargs)

@@ -21,15 +21,11 @@ from torch import nn
 
 from . import shapes  # noqa: F401  (registered first: the cat entry refined here is shapes')
 from .api import ChanInfo, RuleContext, node_arg, node_shape
+from .api import tensor_at as _tensor
 from .layers import zero_rows
 from .registry import CostCall, refine_rule, register_rule, rule_for_key
 
 aten = torch.ops.aten
-
-def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
-
 
 # ------------------------------------------------------------------------------------------- embedding
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import nn as fxnn
 from . import shapes  # noqa: F401  (registered first: the mean entry refined here is shapes')
-from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
+from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape, tensor_at
 from .layers import norm_cost
 from .registry import refine_rule, register_rule
 
@@ -36,8 +36,7 @@ _RMS_FUNCTIONS = (F.rms_norm,) if hasattr(F, "rms_norm") else ()
 def _tensor(gm: fx.GraphModule, path: str | None) -> torch.Tensor | None:
     if path is None:
         return None
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+    return tensor_at(gm, path)
 
 
 def _norm(ctx: RuleContext, node: fx.Node, x: Any, ndims: int, what: str, weight: str | None,

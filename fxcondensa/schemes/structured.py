@@ -26,7 +26,7 @@ from ..capture.records import graph_record
 from ..passes.analysis import analyze
 from ..passes.annotate import annotate_param, param_owners
 from ..rules.api import ChannelAnalysis, host
-from ..rules.attention import head_channels, head_dim_channels
+from ..rules.heads import head_channels, head_dim_channels
 from .base import Scheme, _LayerSelection, _match, validate_density
 from .latency_model import validate_target_latency
 from .scores import channel_scores, check_criteria
