@@ -37,9 +37,9 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None], *, 
     wrote). ``make_dirs`` creates a missing folder; otherwise a missing folder is a ``FileNotFoundError``.
 
     Example:
-        >>> import os, tempfile
+        >>> import os, pathlib, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
-        >>> write_atomic(path, lambda tmp: open(tmp, "w").write("hello") and None)
+        >>> write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text("hello"))
         5
     """
     path = os.fspath(path)

@@ -318,9 +318,10 @@ def register_rule(
 
 def refine_rule(*ops: Any, channels: Callable[[Any, fx.Node], bool], name: str,
                 rewrite: Callable[[fx.GraphModule, fx.Node, Any], None] | None = None) -> Refinement:
-    """Add a special case to the entries of ``ops`` (each must have one), consulted before the entry's own rule
-    and after the refinements added earlier: the op keeps one entry, in its family's module, and the family
-    that knows the special case states it in its own module.
+    """Add a special case to the entries of ``ops`` (each must have one; the whole entry is refined, for every
+    op it serves), consulted before the entry's own rule and after the refinements added earlier: the op
+    keeps one entry, in its family's module, and the family that knows the special case states it in its
+    own module.
 
     Example:
         >>> import operator
@@ -337,13 +338,18 @@ def refine_rule(*ops: Any, channels: Callable[[Any, fx.Node], bool], name: str,
         if key not in table:
             raise KeyError(f"{_key_name(op)} has no rule to refine ('{name}'): register its entry first, in its "
                            "family's module")
-    refined: dict[int, OpRule] = {}  # one entry shared by several ops stays one entry
-    for table, key in resolved:
-        old = table[key]
-        new = refined.setdefault(id(old), replace(old, refinements=(*old.refinements, refinement)))
-        table[key] = new
-    _GENERATION[0] += 1
+    for old in {id(table[key]): table[key] for table, key in resolved}.values():
+        _swap(old, replace(old, refinements=(*old.refinements, refinement)))
     return refinement
+
+
+def _swap(old: OpRule, new: OpRule) -> None:
+    """Every op of entry ``old`` gets ``new``: an entry shared by several ops stays one entry."""
+    for table in (_MODULES, _CALLABLES, _METHODS):
+        for key, rule in table.items():
+            if rule is old:
+                table[key] = new
+    _GENERATION[0] += 1
 
 
 def unrefine_rule(refinement: Refinement, *ops: Any) -> None:
@@ -353,12 +359,8 @@ def unrefine_rule(refinement: Refinement, *ops: Any) -> None:
     for (table, key), op in zip(resolved, ops, strict=True):
         if key not in table or refinement not in table[key].refinements:
             raise KeyError(f"{_key_name(op)} has no refinement '{refinement.name}'")
-    done: dict[int, OpRule] = {}
-    for table, key in resolved:
-        old = table[key]
-        table[key] = done.setdefault(id(old), replace(old, refinements=tuple(
-            r for r in old.refinements if r is not refinement)))
-    _GENERATION[0] += 1
+    for old in {id(table[key]): table[key] for table, key in resolved}.values():
+        _swap(old, replace(old, refinements=tuple(r for r in old.refinements if r is not refinement)))
 
 
 def unregister_rule(*ops: Any) -> None:
