@@ -47,6 +47,7 @@ from torch.export import Dim
 
 from ..capture.graph import as_input_tuple, flatten_outputs
 from ..errors import FxCondensaError
+from . import fileio
 from .fileio import no_tf32, write_atomic
 
 __all__ = ["torchscript", "torch_export", "onnx", "export", "ExportCheckError", "StaticShapeWarning", "FORMATS",
@@ -232,7 +233,7 @@ def _export(fmt: str, model: nn.Module, path: str | os.PathLike[str], example_in
 def _warn(message: str) -> None:
     """A ``StaticShapeWarning`` attributed to the caller's line, whichever exporter it went through."""
     level, frame = 2, sys._getframe(1)  # level 1 is this function, 2 its caller
-    while frame is not None and frame.f_code.co_filename == __file__:
+    while frame is not None and frame.f_code.co_filename in (__file__, fileio.__file__):  # ours, and the writer's
         level, frame = level + 1, frame.f_back
     warnings.warn(message, StaticShapeWarning, stacklevel=level)
 

@@ -78,7 +78,11 @@ def save_atomic(payload: Any, path: str | os.PathLike[str], *, overwrite: bool =
         >>> save_atomic({"a": 1}, path) > 0 and os.path.exists(path)
         True
     """
-    return write_atomic(path, lambda tmp: torch.save(payload, tmp), overwrite=overwrite, make_dirs=make_dirs)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
+    return write_atomic(path, write, overwrite=overwrite, make_dirs=make_dirs)
 
 
 def _umask() -> int:
