@@ -18,7 +18,7 @@ from fxcondensa import compress, thin
 from fxcondensa.capture.records import thin_record
 from fxcondensa.nn import ThinMultiheadAttention
 from fxcondensa.passes.analysis import analyze
-from fxcondensa.rules.attention import head_channels
+from fxcondensa.rules.heads import head_channels
 from fxcondensa.schemes import StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5

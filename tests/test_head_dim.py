@@ -24,7 +24,7 @@ from fxcondensa.capture.records import thin_record
 from fxcondensa.nn import ThinMultiheadAttention
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.thin import rethin
-from fxcondensa.rules.attention import head_dim_channels
+from fxcondensa.rules.heads import head_dim_channels
 from fxcondensa.schemes import StructurePrune
 
 STYLES = ["fused_sdpa", "fused_index", "separate", "gqa_sdpa", "gqa_repeat"]

@@ -173,7 +173,7 @@ def test_single_head_view_counts_only_where_attention_reads_it():
     """The one-head split of multi-query attention is recognised where a matmul or SDPA consumes it; the same
     view elsewhere stays an unsqueeze (its channels are no head_dim columns)."""
     from fxcondensa.passes.analysis import analyze
-    from fxcondensa.rules.attention import head_dim_channels
+    from fxcondensa.rules.heads import head_dim_channels
 
     x = torch.randn(2, 6, 5)
     gate = fxcondensa.trace(_UnsqueezeGate().eval(), x)

@@ -20,6 +20,7 @@ from torch import nn
 import fxcondensa
 import fxcondensa.measure.latency
 import fxcondensa.schemes.latency_model as lmod
+import fxcondensa.schemes.latency_select as lsel
 from fxcondensa.measure.latency import Latency
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.costs import profile_costs
@@ -28,11 +29,10 @@ from fxcondensa.schemes.latency_model import (
     CACHE_ENV,
     LatencyModel,
     LatencyWarning,
-    auto_align,
     cache_dir,
-    select_for_latency,
     validate_target_latency,
 )
+from fxcondensa.schemes.latency_select import auto_align, select_for_latency
 from fxcondensa.schemes.scores import channel_scores
 
 
@@ -386,7 +386,7 @@ def _bench():
 def test_bench_latency_target_row(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer())
-    monkeypatch.setattr(lmod, "_default_measure", lambda warmup, repeat: FakeMeasure())
+    monkeypatch.setattr(lsel, "_default_measure", lambda warmup, repeat: FakeMeasure())
     speedup = _bench()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LatencyWarning)
@@ -405,7 +405,7 @@ def test_bench_latency_target_row_over_copies(tmp_path, monkeypatch):
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer())
-    monkeypatch.setattr(lmod, "_default_measure", lambda warmup, repeat: FakeMeasure())
+    monkeypatch.setattr(lsel, "_default_measure", lambda warmup, repeat: FakeMeasure())
     speedup = _bench()
     thinned_ms = iter([6.0, 4.0, 5.8])
 
@@ -499,27 +499,27 @@ def test_next_target_moves_at_most_a_factor_of_1_5():
     """Regression: two noisy steps with a nearly flat slope extrapolated the aim from 0.39 to 0.001."""
     h = [{"internal_target": 0.5, "measured": 0.537, "noisy": True},
          {"internal_target": 0.393, "measured": 0.531, "noisy": True}]
-    assert lmod._next_target(h, 0.393, 0.5) == pytest.approx(0.393 / 1.5)
+    assert lsel._next_target(h, 0.393, 0.5) == pytest.approx(0.393 / 1.5)
 
 
 def test_next_target_interpolates_between_trusted_steps():
     h = [{"internal_target": 0.5, "measured": 0.7, "noisy": False},
          {"internal_target": 0.3, "measured": 0.5, "noisy": False}]
-    assert lmod._next_target(h, 0.3, 0.45) == pytest.approx(0.25)
+    assert lsel._next_target(h, 0.3, 0.45) == pytest.approx(0.25)
     # one trusted step: scale by target / measured
-    assert lmod._next_target(h[:1], 0.5, 0.49) == pytest.approx(0.35)
+    assert lsel._next_target(h[:1], 0.5, 0.49) == pytest.approx(0.35)
     # with two trusted steps a noisy one is left out of the interpolation
     three = [*h, {"internal_target": 0.35, "measured": 0.45, "noisy": True}]
-    assert lmod._next_target(three, 0.35, 0.45) == pytest.approx(0.25)
+    assert lsel._next_target(three, 0.35, 0.45) == pytest.approx(0.25)
 
 
 def test_next_target_uses_noisy_steps_when_fewer_than_two_are_trusted():
     h = [{"internal_target": 0.5, "measured": 0.8, "noisy": False},
          {"internal_target": 0.3, "measured": 0.2, "noisy": True}]
-    assert lmod._next_target(h, 0.3, 0.4) == pytest.approx(0.3 + 0.2 / 3)
+    assert lsel._next_target(h, 0.3, 0.4) == pytest.approx(0.3 + 0.2 / 3)
     # one noisy step after one trusted one and no slope (same internal target): scale from the trusted one
     flat = [h[0], {**h[1], "internal_target": 0.5}]
-    assert lmod._next_target(flat, 0.5, 0.7) == pytest.approx(0.5 * 0.7 / 0.8)
+    assert lsel._next_target(flat, 0.5, 0.7) == pytest.approx(0.5 * 0.7 / 0.8)
 
 
 def test_unwritable_cache_warns_and_still_builds(tmp_path):
@@ -553,7 +553,7 @@ def test_structure_prune_target_latency_is_recorded_and_thin_checks_it(tmp_path,
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(lmod, "_default_timer", lambda warmup, repeat: FakeTimer())
-    monkeypatch.setattr(lmod, "_default_measure", lambda warmup, repeat: FakeMeasure(power=1.2))
+    monkeypatch.setattr(lsel, "_default_measure", lambda warmup, repeat: FakeMeasure(power=1.2))
     model = Net()
     small = fxcondensa.thin(model, StructurePrune(target_latency=0.5), X)  # thin checks exactness
     rec = thin_record(small).target
@@ -603,8 +603,8 @@ def test_default_measure_times_fresh_copies_and_keeps_the_median_fraction(monkey
                 Latency(ms, ms, ms, ms, ms, repeat, warmup, 1, 1, "cpu")]
 
     monkeypatch.setattr(fxcondensa.measure.latency, "compare_latency", fake_compare)
-    a, b = lmod._default_measure(2, 7)(dense, thinned, (torch.zeros(1, 4),))
-    assert lmod.MEASURE_COPIES == 3 and len(calls) == 3
+    a, b = lsel._default_measure(2, 7)(dense, thinned, (torch.zeros(1, 4),))
+    assert lsel.MEASURE_COPIES == 3 and len(calls) == 3
     assert b.median_ms == 5.0 and a.median_ms == 10.0  # fractions 0.7, 0.4, 0.5: the median copy
     assert all(r == 3 and w == 2 for _, w, r in calls)  # ceil(7 / 3) runs per copy, each after its warm-up
     copies = [m for models, _, _ in calls for m in models]

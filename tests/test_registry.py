@@ -13,7 +13,7 @@ from fxcondensa import RuleFailedError, UnknownOpError, compress, register_rule,
 from fxcondensa.capture.records import thin_record
 from fxcondensa.passes.analysis import analyze
 from fxcondensa.passes.costs import profile_costs
-from fxcondensa.rules.registry import registered_ops, rule_for_key
+from fxcondensa.rules.registry import refine_rule, registered_ops, rule_for_key, unrefine_rule
 from fxcondensa.schemes import StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -248,3 +248,58 @@ def test_register_rule_errors_name_the_bad_value():
         register_rule()
     assert rule_for_key(ChannelScale) is None  # nothing was half-registered
 
+
+# -- refinements ----------------------------------------------------------------------------------------
+
+def test_a_refinement_is_consulted_before_the_entry_and_falls_back_to_it():
+    """A refinement that handles a call replaces the entry's rule for it; one that declines leaves the
+    analysis exactly as the entry alone makes it."""
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)), torch.randn(1, 3, 8, 8)
+    entry = rule_for_key(torch.flatten)
+    plain = analyze(fxcondensa.trace(model, x))
+    seen = []
+
+    def declines(ctx, node):
+        seen.append(node.name)
+        return False
+
+    def freezes(ctx, node):
+        ctx.freeze_inputs(node, "refined away (test)")
+        ctx.output(node, None, None)
+        return True
+
+    for fn in (declines, freezes):
+        refinement = refine_rule(torch.flatten, channels=fn, name=f"test {fn.__name__}")
+        try:
+            assert rule_for_key(torch.flatten).refinements[-1] is refinement
+            assert rule_for_key("squeeze") is rule_for_key(torch.flatten)  # the whole entry is refined
+            a = analyze(fxcondensa.trace(model, x))
+        finally:
+            unrefine_rule(refinement, torch.flatten)
+        if fn is declines:
+            assert seen and a.num_channels == plain.num_channels and [g.frozen for g in a.groups] == \
+                [g.frozen for g in plain.groups]
+        else:
+            assert any("refined away (test)" in r for g in a.groups for r in g.frozen)
+    assert rule_for_key(torch.flatten) == entry and rule_for_key("squeeze") is rule_for_key(torch.flatten)
+
+
+def test_ops_refined_by_other_families_keep_one_shared_entry():
+    view = rule_for_key("view")
+    assert view is rule_for_key(torch.reshape) is rule_for_key(torch.ops.aten.view.default)
+    assert [r.name for r in view.refinements] == ["split into heads"]
+    assert [r.name for r in rule_for_key(torch.cat).refinements] == ["cat with parameter parts"]
+    assert [r.name for r in rule_for_key(torch.mean).refinements] == ["mean over channels"]
+    assert len(rule_for_key(torch.mean).rewrites()) == 1
+
+
+def test_refine_rule_errors_name_the_op():
+    def never(ctx, node):
+        return False
+
+    with pytest.raises(KeyError, match=r"ChannelScale has no rule to refine \('test'\): register its entry first"):
+        refine_rule(ChannelScale, channels=never, name="test")
+    refinement = refine_rule(torch.flatten, channels=never, name="test")
+    unrefine_rule(refinement, torch.flatten)
+    with pytest.raises(KeyError, match=r"flatten has no refinement 'test'"):
+        unrefine_rule(refinement, torch.flatten)

@@ -20,7 +20,7 @@ from fxcondensa import thin, trace
 from fxcondensa.capture.records import thin_record
 from fxcondensa.nn import window_attention
 from fxcondensa.passes.analysis import analyze, removable_channels
-from fxcondensa.rules.attention import head_channels, head_dim_channels
+from fxcondensa.rules.heads import head_channels, head_dim_channels
 from fxcondensa.schemes import StructurePrune
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -26,6 +26,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import ExampleInputError, TraceError
 from .exported import export_capture, graph_inputs, split_inputs, user_frame
+from .modes import eval_mode
 from .records import RecordedGraphModule, graph_record
 
 __all__ = ["trace", "as_input_tuple", "flatten_outputs", "logits_of", "DEFAULT_LEAF_MODULES"]
@@ -420,10 +421,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, *, fake: bool = Fa
         inputs = graph_inputs(gm, example_inputs)
     except ValueError as exc:
         raise ExampleInputError(str(exc)) from exc
-    modes = {name: m.training for name, m in gm.named_modules()}
-    gm.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(gm), torch.no_grad():
             # Meta and fake tensors do not check that inputs and weights share a dtype and a device: let a
             # real run refuse a mismatch, with the real error.
             params = list(gm.parameters())
@@ -455,9 +454,6 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, *, fake: bool = Fa
             f"the example inputs ({shapes}) do not run through {gm.__class__.__name__}: "
             f"{str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and device the model expects."
         ) from exc
-    finally:
-        for name, m in gm.named_modules():
-            m.training = modes[name]
 
 
 def logits_of(out: Any, owner: str = "evaluate") -> torch.Tensor:

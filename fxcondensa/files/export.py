@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,7 +49,8 @@ from torch.export import Dim
 
 from ..capture.graph import as_input_tuple, flatten_outputs
 from ..errors import FxCondensaError
-from .fileio import no_tf32
+from . import fileio
+from .fileio import no_tf32, write_atomic
 
 __all__ = ["torchscript", "torch_export", "onnx", "export", "ExportCheckError", "StaticShapeWarning", "FORMATS",
            "RTOL", "ATOL", "CUDA_RTOL", "CUDA_ATOL"]
@@ -249,43 +249,20 @@ def _export(fmt: str, model: nn.Module, path: str | os.PathLike[str], example_in
                   f"size ({reason}); the file is fixed to the example inputs' shapes ({_sizes(inputs)}). Pass "
                   "dynamic=False to ask for static shapes and silence this warning")
 
-    return _write(target, overwrite, write_checked)
+    write_atomic(target, write_checked, overwrite=overwrite)
+    return target
 
 
 def _warn(message: str) -> None:
     """A ``StaticShapeWarning`` attributed to the caller's line, whichever exporter it went through."""
     level, frame = 2, sys._getframe(1)  # level 1 is this function, 2 its caller
-    while frame is not None and frame.f_code.co_filename == __file__:
+    while frame is not None and frame.f_code.co_filename in (__file__, fileio.__file__):  # ours, and the writer's
         level, frame = level + 1, frame.f_back
     warnings.warn(message, StaticShapeWarning, stacklevel=level)
 
 
 def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-
-
-def _write(target: Path, overwrite: bool, write_checked: Callable[[str], None]) -> Path:
-    """Write and check a temporary sibling, then rename it over ``target`` (atomic on one file system)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
-    os.close(fd)
-    try:
-        write_checked(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        if target.exists() and not overwrite:  # appeared while we worked: still not ours to replace
-            raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
-        os.replace(tmp, target)
-    except BaseException:
-        for leftover in (tmp, tmp + ".data"):  # ONNX may write external data beside the model
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-        raise
-    return target
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def _device(model: nn.Module, inputs: Inputs) -> torch.device:

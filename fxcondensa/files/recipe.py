@@ -43,6 +43,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture.graph import flatten_outputs
+from ..capture.modes import eval_mode
 from ..capture.records import (
     META,
     FrozenGroup,
@@ -115,14 +116,8 @@ def _run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                    names: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The model's outputs (eval mode, no grad, no TF32) as shapes plus leading values on the CPU; training
     flags restored. A model of the user's own class takes its inputs by ``names``."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), no_tf32():
-            outs = flatten_outputs(model(**dict(zip(names, inputs, strict=True))) if names else model(*inputs))
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), torch.no_grad(), no_tf32():
+        outs = flatten_outputs(model(**dict(zip(names, inputs, strict=True))) if names else model(*inputs))
     return [{"shape": [int(s) for s in t.shape], "head": t.detach().reshape(-1)[:_REF_VALUES].cpu().clone()}
             for t in outs]
 

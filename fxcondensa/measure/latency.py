@@ -28,6 +28,7 @@ from torch import nn
 
 from ..capture.exported import graph_inputs, split_inputs
 from ..capture.graph import as_input_tuple, trace
+from ..capture.modes import eval_mode
 
 __all__ = ["Latency", "measure_latency", "compare_latency", "compare_latency_copies", "NodeTimer", "NodeLatency", "node_latency",
            "Deployment", "deployment_latency", "BACKENDS"]
@@ -97,22 +98,6 @@ def _check_counts(warmup: int, repeat: int) -> None:
         raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
 
 
-class _EvalMode:
-    """Put a module in eval mode for a while and restore every submodule's training flag afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.modes = {name: m.training for name, m in self.model.named_modules()}
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, m in self.model.named_modules():
-            m.training = self.modes[name]
-
-
 def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 10, repeat: int = 50) -> Latency:
     """Time ``model(*example_inputs)`` in eval mode under ``no_grad``: ``warmup`` untimed runs, then ``repeat``.
 
@@ -151,8 +136,7 @@ def compare_latency(models: Sequence[nn.Module], example_inputs: Any, *, warmup:
     calls = [functools.partial(m, **kwargs) if kwargs else m for m in models]
     times: list[list[float]] = [[] for _ in models]
     with ExitStack() as stack:
-        for m in models:
-            stack.enter_context(_EvalMode(m))
+        stack.enter_context(eval_mode(*models))
         stack.enter_context(torch.no_grad())
         for call in calls:
             for _ in range(warmup):
@@ -302,7 +286,7 @@ class NodeLatency:
 def node_times(gm: fx.GraphModule, inputs: tuple, warmup: int, repeat: int) -> dict[str, float]:
     """Median milliseconds of every node of ``gm`` over ``repeat`` interpreted runs (eval mode, no_grad)."""
     timer = NodeTimer(gm)
-    with _EvalMode(gm), torch.no_grad():
+    with eval_mode(gm), torch.no_grad():
         for _ in range(warmup):
             timer.run(*inputs)
         timer.times.clear()

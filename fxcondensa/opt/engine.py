@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from ..capture.graph import as_input_tuple, trace
+from ..capture.modes import eval_mode
 from ..capture.records import META
 from ..compression.apply import density
 from ..passes.annotate import annotations
@@ -134,14 +135,10 @@ class _Run:
             # DDP must be told about parameters a forward leaves unused, and that costs a graph walk per
             # step: probe once (eval mode, no statistics updated) and ask for it only when needed.
             params = [p for p in self.w.parameters() if p.requires_grad]
-            was_training = self.w.training
-            self.w.eval()
-            try:
+            with eval_mode(self.w):
                 out = [t for t in tree_leaves(self.w(*self.inputs))
                        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
                 grads = torch.autograd.grad(sum(t.sum() for t in out), params, allow_unused=True) if out else []
-            finally:
-                self.w.train(was_training)
             unused = not out or any(g is None for g in grads)
             ids = [self.device.index] if self.device.type == "cuda" else None
             # broadcast_buffers=False: BatchNorm trains on each rank's batch statistics, and rank 0's running

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset, TensorDataset
 
 from ..capture.graph import logits_of
+from ..capture.modes import eval_mode
 
 __all__ = [
     "Batches",
@@ -261,12 +262,10 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Callable[..., torch.
     The model's training flag is restored afterwards. The loss is weighted by batch size, so it is the
     mean over samples for a criterion with ``reduction="mean"``.
     """
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=batches.device)
     correct = torch.zeros((), dtype=torch.int64, device=batches.device)
     n = predicted = 0
-    try:
+    with eval_mode(model):
         for x, y in batches.ordered():
             out = model(x)
             # Sums stay on the device: one synchronisation at the end, not one per batch.
@@ -274,8 +273,6 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Callable[..., torch.
             correct += (_predictions(out, y) == y).sum()
             n += len(y)
             predicted += y.numel()  # a token (or pixel) is one prediction
-    finally:
-        model.train(was_training)
     if n == 0:
         raise ValueError("evaluation data is empty")
     return float(loss_sum) / n, 100.0 * float(correct) / predicted
@@ -299,18 +296,15 @@ def recalibrate_bn(model: nn.Module, stream: Iterator[Batch], n_batches: int) ->
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns or n_batches <= 0:
         return
-    modes = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        for _, (x, _y) in zip(range(n_batches), stream, strict=False):
-            model(x)
-    finally:
-        for m, momentum in zip(bns, momenta, strict=True):
-            m.momentum = momentum
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model):
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        try:
+            for _, (x, _y) in zip(range(n_batches), stream, strict=False):
+                model(x)
+        finally:
+            for m, momentum in zip(bns, momenta, strict=True):
+                m.momentum = momentum

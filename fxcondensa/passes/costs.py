@@ -39,10 +39,10 @@ from torch import nn
 from .. import rules
 from ..capture.graph import trace
 from ..rules import registry
-from ..rules.registry import CostCall
+from ..rules.registry import CostCall, CostTerm, Scale, node_shape
 from .storage import count_nonzero as _count_nonzero
 
-__all__ = ["NodeCost", "profile_costs", "node_cost", "layer_name"]
+__all__ = ["NodeCost", "profile_costs", "node_cost", "node_cost_terms", "layer_name"]
 
 
 @dataclass(frozen=True)
@@ -71,19 +71,40 @@ class NodeCost:
         return d
 
 
-def _shape(arg: Any) -> tuple[int, ...] | None:
-    meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
-    return tuple(int(s) for s in meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def node_cost(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int]:
     """(kind, MACs) of one node, from its registry entry; ("other", 0) for an op without one."""
+    kind, terms = node_cost_terms(gm, node)
+    return kind, sum(t.macs for t in terms)
+
+
+def node_cost_terms(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple[CostTerm, ...]]:
+    """(kind, MAC terms) of one node: its registry entry's cost, each part with the dims it scales with.
+
+    An entry whose cost is one int scales with the node's output channels and, by its kind, with the
+    channels its first input contributes (see ``CostTerm``).
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> gm = fxcondensa.trace(torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.randn(4, 3))
+        >>> kind, terms = node_cost_terms(gm, list(gm.graph.nodes)[1])
+        >>> kind, [(t.macs, [(s.value.name, s.dims) for s in t.scales]) for t in terms]
+        ('linear', [(24, [('_0', 'all'), ('input_1', 'all')])])
+    """
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     rule = registry.rule_for(node, module)
     if rule is None or rule.cost is None:
-        return "other", 0
-    call = CostCall(node, module, tuple(_shape(a) for a in node.all_input_nodes), _shape(node))
-    return rule.kind, int(rule.cost(call))
+        return "other", ()
+    call = CostCall(node, module, tuple(node_shape(a) for a in node.all_input_nodes), node_shape(node))
+    cost = rule.cost(call)
+    if isinstance(cost, (tuple, list)):
+        return rule.kind, tuple(cost)
+    scales = [Scale(node)]
+    first = node.args[0] if node.args else None
+    if rule.kind in ("conv", "conv_transpose", "linear"):
+        scales.append(Scale(first))
+    elif rule.kind == "matmul":
+        scales.append(Scale(first, "last"))  # the contracted dim
+    return rule.kind, (CostTerm(int(cost), tuple(scales)),)
 
 
 def layer_name(node: fx.Node) -> str:
@@ -144,8 +165,8 @@ def profile_costs(model: nn.Module, example_inputs: Any = None, *,
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         inputs = [a for a in node.all_input_nodes]
-        ins = [_shape(a) for a in inputs]
-        out = _shape(node)
+        ins = [node_shape(a) for a in inputs]
+        out = node_shape(node)
         kind, macs = node_cost(gm, node)
         if node.op == "call_module":
             params = take(list(gm.get_submodule(node.target).parameters()))

@@ -19,8 +19,8 @@ from torch import nn
 from ..capture.graph import propagate_shapes
 from ..capture.records import META
 from ..rules import registry
-from ..rules.api import ChanInfo, ChannelAnalysis, KeptView
-from ..rules.shapes import channel_slice_rewrite
+from ..rules.api import ChanInfo, ChannelAnalysis, KeptView, node_shape
+from ..rules.indexing import channel_slice_rewrite
 
 __all__ = ["apply_keep"]
 
@@ -158,8 +158,8 @@ def _rewrite_ops(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tens
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         rule = registry.rule_for(node, gm.get_submodule(node.target) if node.op == "call_module" else None)
-        if rule is not None and rule.rewrite is not None:
-            rule.rewrite(gm, node, view)
+        for rewrite in rule.rewrites() if rule is not None else ():
+            rewrite(gm, node, view)
 
 
 def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
@@ -215,10 +215,10 @@ def _thinned_width(value: Any, analysis: ChannelAnalysis, keep: torch.Tensor) ->
     else:
         return False
     info = analysis.infos.get(t.name) if isinstance(t, fx.Node) else None
-    shape = t.meta.get("tensor_meta") if isinstance(t, fx.Node) else None
-    if not isinstance(info, ChanInfo) or not isinstance(k, int) or shape is None or not hasattr(shape, "shape"):
+    shape = node_shape(t)
+    if not isinstance(info, ChanInfo) or not isinstance(k, int) or shape is None:
         return False
-    return k % len(shape.shape) == info.dim and _kept_count(analysis, keep, info) < info.atoms.numel()
+    return k % len(shape) == info.dim and _kept_count(analysis, keep, info) < info.atoms.numel()
 
 
 def _keep_untracked_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
@@ -230,14 +230,14 @@ def _keep_untracked_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: t
             continue
         if isinstance(analysis.infos.get(node.name), ChanInfo):
             continue  # tracked: _rewrite_sizes gives it the kept count
-        out = node.meta.get("tensor_meta")
-        if out is None or not hasattr(out, "shape") or len(node.args) < 2:
+        out = node_shape(node)
+        if out is None or len(node.args) < 2:
             continue
         packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
         sizes = list(node.args[1] if packed else node.args[1:])
-        if len(sizes) != len(out.shape):
+        if len(sizes) != len(out):
             continue
-        new = [int(out.shape[k]) if _thinned_width(s, analysis, keep) else s for k, s in enumerate(sizes)]
+        new = [out[k] if _thinned_width(s, analysis, keep) else s for k, s in enumerate(sizes)]
         if new != sizes:
             node.args = (node.args[0], type(node.args[1])(new)) if packed else (node.args[0], *new)
 

@@ -18,10 +18,11 @@ from torch import nn
 
 from ..capture.exported import capture_notes, capture_of, graph_inputs, split_inputs
 from ..capture.graph import propagate_shapes, trace
+from ..capture.modes import eval_mode
 from ..capture.records import META, FrozenGroup, GroupRecord, ThinRecord, graph_record
 from ..errors import ExampleInputError, ThinningCheckError
 from ..rules.api import ChanInfo, ChannelAnalysis
-from ..rules.attention import has_attention_products, head_channels, head_dim_channels
+from ..rules.heads import has_attention_products, head_channels, head_dim_channels
 from .analysis import analyze, balance_grouped, removable_channels
 from .precision import WidenedInterpreter, compute_dtype, run_in, tolerance, wider_dtypes
 from .slicing import _kept, apply_keep
@@ -87,43 +88,36 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
            inputs: tuple[torch.Tensor, ...]) -> None:
     """Compare the thinned graph with the compressed one on ``inputs``: in the model's own dtype with the
     tolerance of that dtype, then, where that fails, again in wider dtypes (``precision``) with float32's."""
-    modes = [(m, m.training) for m in [*compressed.modules(), *thinned.modules()]]
-    compressed.eval()
-    thinned.eval()
-    try:
-        with torch.no_grad():
-            try:
-                expected = _run(compressed, inputs)
-            except Exception as exc:  # shapes passed on fake tensors, but real arithmetic refuses the inputs
-                shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs if isinstance(t, torch.Tensor))
-                raise ExampleInputError(
-                    f"the example inputs ({shapes}) do not run through {type(compressed).__name__}: "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and "
-                    "device the model expects.") from exc
-            dtype = compute_dtype(compressed, inputs)
-            # The thinned model runs through shape propagation: one real run both gives the outputs to
-            # compare and records its shapes, which ``apply_keep(..., shapes=False)`` left to it.
-            if _outputs_close(expected, propagate_shapes(thinned, inputs), *tolerance(dtype)):
+    with eval_mode(compressed, thinned), torch.no_grad():
+        try:
+            expected = _run(compressed, inputs)
+        except Exception as exc:  # shapes passed on fake tensors, but real arithmetic refuses the inputs
+            shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs if isinstance(t, torch.Tensor))
+            raise ExampleInputError(
+                f"the example inputs ({shapes}) do not run through {type(compressed).__name__}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and "
+                "device the model expects.") from exc
+        dtype = compute_dtype(compressed, inputs)
+        # The thinned model runs through shape propagation: one real run both gives the outputs to
+        # compare and records its shapes, which ``apply_keep(..., shapes=False)`` left to it.
+        if _outputs_close(expected, propagate_shapes(thinned, inputs), *tolerance(dtype)):
+            return
+        del expected
+        # Removing zero channels changes the order of sums; in a deep net with large activations (or in
+        # bfloat16 at any width) that rounding alone can exceed the tolerance. The same comparison in a
+        # wider dtype tells rounding (it vanishes) from a wrong model (it does not).
+        for wider in wider_dtypes(dtype):
+            if _outputs_close(run_in(compressed, inputs, wider), run_in(thinned, inputs, wider)):
                 return
-            del expected
-            # Removing zero channels changes the order of sums; in a deep net with large activations (or in
-            # bfloat16 at any width) that rounding alone can exceed the tolerance. The same comparison in a
-            # wider dtype tells rounding (it vanishes) from a wrong model (it does not).
-            for wider in wider_dtypes(dtype):
-                if _outputs_close(run_in(compressed, inputs, wider), run_in(thinned, inputs, wider)):
-                    return
-            where = _first_divergence(compressed, thinned, analysis, keep, inputs)
-            rtol, atol = tolerance(dtype)
-            tried = " and ".join(f"{str(d).removeprefix('torch.')}" for d in wider_dtypes(dtype))
-            raise ThinningCheckError(
-                f"the thinned model differs from the compressed model beyond rtol={rtol}, atol={atol} in "
-                f"{str(dtype).removeprefix('torch.')}"
-                + (f" and beyond rtol={RTOL}, atol={ATOL} in {tried}" if tried else "")
-                + f", first at {where}. This is a bug in fxcondensa's channel analysis: please report it with "
-                "the model; meanwhile make the module involved a leaf (thin(..., leaf_modules=[...])) to freeze it.")
-    finally:
-        for m, mode in modes:
-            m.training = mode
+        where = _first_divergence(compressed, thinned, analysis, keep, inputs)
+        rtol, atol = tolerance(dtype)
+        tried = " and ".join(f"{str(d).removeprefix('torch.')}" for d in wider_dtypes(dtype))
+        raise ThinningCheckError(
+            f"the thinned model differs from the compressed model beyond rtol={rtol}, atol={atol} in "
+            f"{str(dtype).removeprefix('torch.')}"
+            + (f" and beyond rtol={RTOL}, atol={ATOL} in {tried}" if tried else "")
+            + f", first at {where}. This is a bug in fxcondensa's channel analysis: please report it with "
+            "the model; meanwhile make the module involved a leaf (thin(..., leaf_modules=[...])) to freeze it.")
 
 
 def thin_graph(compressed: fx.GraphModule, inputs: tuple[Any, ...], *, check: bool = True,

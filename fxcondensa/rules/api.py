@@ -29,8 +29,9 @@ weights computes on their device and brings back only the small per-channel vect
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from torch import nn
 from ..capture.records import FrozenGroup
 from ..errors import UnknownOpError
 from . import registry
+from .registry import node_shape  # the rules' one reader of a node's shape
 
 __all__ = [
     "ChanInfo",
@@ -48,11 +50,13 @@ __all__ = [
     "Group",
     "ChannelAnalysis",
     "RuleContext",
+    "Speculation",
     "KeptView",
     "ZeroRule",
     "host",
     "node_shape",
     "node_arg",
+    "tensor_at",
 ]
 
 
@@ -61,10 +65,10 @@ def host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu")
 
 
-def node_shape(node: Any) -> tuple[int, ...] | None:
-    """The output shape recorded on a node by shape propagation (None for non-tensors and constants)."""
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+def tensor_at(gm: fx.GraphModule, path: str) -> Any:
+    """The parameter or buffer at ``path`` of ``gm`` (what a zero rule reads: rules get the module, never keep it)."""
+    owner, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -160,6 +164,13 @@ class ChannelAnalysis:
     # A reshape into (..., heads, head_dim) tracks head_dim columns (shared by every head) instead of whole
     # heads: ``analyze(gm, head_dim=True)``, the second stage of ``thin`` (see ``rules/attention.py``).
     head_dim: bool = False
+    # With ``head_dim``: the atoms of the head_dim columns found, one vector per split into heads or
+    # ``nn.MultiheadAttention`` (``head_dim_channels`` reads them).
+    head_dim_atoms: list[torch.Tensor] = field(default_factory=list)
+    # Node of a module that returns a tuple and whose own channels are internal (the heads of a
+    # MultiheadAttention, the hidden units of an LSTM) -> {index: (channels of that item, their zero rule)};
+    # the getitem rule reads it, and an index not listed carries no channels.
+    tuple_outputs: dict[str, dict[int, Any]] = field(default_factory=dict)
 
     # -- building -------------------------------------------------------------------------------------
     def new_atoms(self, n: int, name: str, kind: str) -> torch.Tensor:
@@ -196,6 +207,24 @@ class ChannelAnalysis:
                 self.unite(s.atoms, atoms)
                 return
         self.slices.append(TensorSlice(path, dim, atoms, role, node))
+
+    def state(self) -> dict[str, Any]:
+        """What ``rewind`` needs to undo what was recorded since: the length of every list (they only grow),
+        a copy of every dict, every other value."""
+        return {f.name: len(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    def rewind(self, state: dict[str, Any]) -> None:
+        """Back to ``state`` (from ``state()``): what was recorded since is gone."""
+        for name, before in state.items():
+            now = getattr(self, name)
+            if isinstance(now, list):
+                del now[before:]
+            elif isinstance(now, dict):
+                now.clear()
+                now.update(before)
+            else:
+                setattr(self, name, before)
 
     # -- reading results ---------------------------------------------------------------------------------
     def info(self, node: Any) -> ChanInfo | None:
@@ -326,6 +355,16 @@ class KeptView:
         return None if i is None else int(i.atoms.numel())
 
 
+class Speculation:
+    """What ``RuleContext.speculate`` yields: ``keep()`` keeps what the block recorded."""
+
+    def __init__(self) -> None:
+        self.kept = False
+
+    def keep(self) -> None:
+        self.kept = True
+
+
 class RuleContext:
     """What an op's channel rule sees: the graph, the analysis being built, and helpers to record results.
 
@@ -343,6 +382,7 @@ class RuleContext:
         self.analysis = ChannelAnalysis()
         self.modules = dict(gm.named_modules())
         self.param_alias = self._aliases()
+        self._order: tuple[fx.Graph, list[fx.Node], dict[fx.Node, int]] | None = None
 
     def _aliases(self) -> dict[str, str]:
         """Every name of a parameter/buffer -> its canonical (first) name, so tied weights slice once."""
@@ -369,6 +409,13 @@ class RuleContext:
         mod = self.modules.get(owner)
         t = getattr(mod, attr, None) if mod is not None else None
         return t if isinstance(t, torch.Tensor) else None
+
+    def graph_order(self, graph: fx.Graph) -> tuple[list[fx.Node], dict[fx.Node, int]]:
+        """The nodes of ``graph`` in order and the position of each (listed once per graph)."""
+        if self._order is None or self._order[0] is not graph:
+            nodes = list(graph.nodes)
+            self._order = (graph, nodes, {n: k for k, n in enumerate(nodes)})
+        return self._order[1], self._order[2]
 
     def tracked_inputs(self, node: fx.Node) -> list[fx.Node]:
         # A split's tuple (a list of infos) counts: the getitem nodes that read it carry its channels.
@@ -448,6 +495,26 @@ class RuleContext:
         self.freeze_inputs(node, f"{what} at node '{node.name}' cannot be thinned")
         self.output(node, None, None)
 
+    @contextmanager
+    def speculate(self) -> Iterator[Speculation]:
+        """Visits that may be undone: everything the analysis records inside the block is rewound on leaving
+        it, unless the block called ``keep()`` on what it was given (an exception rewinds too).
+
+        Example (a rule trying a reading of its inputs that may not hold)::
+
+            with ctx.speculate() as attempt:
+                ctx.visit(other)
+                if ctx.info(x) is not None:
+                    attempt.keep()
+        """
+        state = self.analysis.state()
+        attempt = Speculation()
+        try:
+            yield attempt
+        finally:
+            if not attempt.kept:
+                self.analysis.rewind(state)
+
     def visit(self, node: fx.Node) -> None:
         if node.op in ("placeholder", "get_attr"):
             return self.output(node, None, None)
@@ -461,6 +528,9 @@ class RuleContext:
             return self.output(node, None, None)
         if rule is None:
             return self.unknown(node, _op_text(node, self.modules))
+        for refinement in rule.refinements:  # special cases other families know, before the op's own rule
+            if refinement.channels(self, node):
+                return None
         if rule.channels == "elementwise":
             return self._elementwise(node, rule)
         if rule.channels == "freeze":

@@ -36,12 +36,13 @@ Swin: timm's window attention is traced op by op; its relative position bias tab
 index buffer (``table[index].view(N, N, -1).permute(2, 0, 1)``), is added to the logits, so the table's
 column follows its head (``rules/elementwise.py``'s ``track_parameter_chain``, ``rules/shapes.py``'s gather),
 and the shifted-window mask's literal head count is rewritten. torchvision's ``shifted_window_attention`` is
-one call with its own rule (heads, or head_dim columns; Swin V2 keeps its heads: its bias comes from an MLP
-and a per-head logit scale) and is replaced by ``fxcondensa.nn.window_attention`` with the dense scale.
+one call with its own rule, in ``rules/swin.py`` (heads, or head_dim columns; Swin V2 keeps its heads: its
+bias comes from an MLP and a per-head logit scale), and is replaced by ``fxcondensa.nn.window_attention``
+with the dense scale.
 
-The reshape entry lives here, built on ``rules/shapes.py``'s ``view_rule``: every reshape that
-entry handles is handed to it unchanged; only the head split is new, and literal or computed sizes of the
-heads' merged width are rewritten to the kept count.
+The split into heads refines the reshape entry of ``rules/shapes.py`` (``refine_rule``): every other
+reshape goes on to that entry unchanged, which also rewrites literal or computed sizes of the heads' merged
+width to the kept count.
 """
 
 from __future__ import annotations
@@ -56,52 +57,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as fxnn
-from . import elementwise, shapes  # the rules this module's entries build on
+from . import elementwise, shapes  # noqa: F401  (registered first: the view entry refined here is shapes')
 from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
-from .layers import computed_weight_matmul, matmul_creates, matmul_linear, zero_rows
-from .registry import CostCall, register_rule, rule_for, rule_for_key
+from .api import tensor_at as _tensor
+from .heads import attention_product
+from .layers import computed_weight_matmul, fused_heads_zero, matmul_creates, matmul_linear, zero_rows
+from .registry import CostCall, CostTerm, Scale, refine_rule, register_rule, rule_for
 from .reshape_map import reshape_target
 
 aten = torch.ops.aten
-
-_ORIGINAL_VIEW = shapes.view_rule  # every reshape that is not a split into heads
-
 
 def _matmul_cost(c: CostCall) -> int:
     a = c.in_shapes[0] if c.in_shapes else None
     return c.out_numel * (a[-1] if a else 0)
 
 
-def _addmm_cost(c: CostCall) -> int:
+def _addmm_cost(c: CostCall) -> tuple[CostTerm, ...]:
+    """``addmm(bias, x, weight)``: the bias comes first, the MACs sum over the second argument's channels."""
     a = c.in_shapes[1] if len(c.in_shapes) > 1 else None
-    return c.out_numel * (a[-1] if a else 0)
+    return (CostTerm(c.out_numel * (a[-1] if a else 0), (Scale(c.node), Scale(c.arg(1, "mat1")))),)
 
 
-def _sdpa_cost(c: CostCall) -> int:
-    q = c.in_shapes[0] if c.in_shapes else None
-    k = c.in_shapes[1] if len(c.in_shapes) > 1 else None
-    v = c.in_shapes[2] if len(c.in_shapes) > 2 and c.in_shapes[2] else q
+def _baddbmm_cost(c: CostCall) -> tuple[CostTerm, ...]:
+    a = c.in_shapes[1] if len(c.in_shapes) > 1 else None
+    return (CostTerm(c.out_numel * (a[-1] if a else 0), (Scale(c.node), Scale(c.arg(1, "batch1"), "last"))),)
+
+
+def _sdpa_cost(c: CostCall) -> tuple[CostTerm, ...]:
+    """``q @ k^T`` over q's head_dim (the query's heads and columns), then ``attn @ v`` producing v's head_dim
+    (the query's heads, the value's columns): head_dim pruning can leave v with another column count than
+    q and k."""
+    q_node, v_node = c.arg(0, "query"), c.arg(2, "value")
+    q, k, v = c.shape_of(q_node), c.shape_of(c.arg(1, "key")), c.shape_of(v_node)
+    v = v or q
     if not q or not k or len(q) < 2:
-        return 0
-    # q @ k^T over q's head_dim, then attn @ v producing v's head_dim (head_dim pruning can leave v with
-    # another column count than q and k)
-    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-def _fused_heads_zero(gm: fx.GraphModule, w_path: str, b_path: str | None, out_path: str, heads: int,
-                      head_dim: int) -> torch.Tensor:
-    """Bool per head of a fused (q, k, v) in-projection: True where the head adds nothing, its value rows
-    (and value biases) or its out-projection columns all zero."""
-    e = heads * head_dim
-    zero_v = zero_rows(_tensor(gm, w_path)[2 * e:].detach().reshape(heads, -1), 0)
-    if b_path is not None:
-        zero_v &= zero_rows(_tensor(gm, b_path)[2 * e:].detach().view(heads, head_dim), 0)
-    return zero_v | zero_rows(_tensor(gm, out_path).detach().t().reshape(heads, -1), 0)
-
-
-def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+        return ()
+    rows = math.prod(q[:-1]) * k[-2]
+    return (CostTerm(rows * q[-1], (Scale(q_node),)),
+            CostTerm(rows * v[-1], (Scale(q_node, "lead"), Scale(v_node, "last"))))
 
 
 # ----------------------------------------------------------------------------------- reshape into heads
@@ -141,7 +134,7 @@ def _feeds_attention(ctx: RuleContext, node: fx.Node) -> bool:
                 if user in seen:
                     continue
                 seen.add(user)
-                if _attention_product(user):
+                if attention_product(user):
                     return True
                 rule = rule_for(user, ctx.modules.get(user.target) if user.op == "call_module" else None)
                 if rule is None:
@@ -152,24 +145,29 @@ def _feeds_attention(ctx: RuleContext, node: fx.Node) -> bool:
     return False
 
 
-def view_rule(ctx: RuleContext, node: fx.Node) -> None:
+def heads_view(ctx: RuleContext, node: fx.Node) -> bool:
+    """A reshape that splits the channel dim into ``(..., heads, head_dim)``: one head is one channel (with
+    ``head_dim=True``, column ``j`` of every head is). Every other reshape goes on to the view entry of
+    ``rules/shapes.py`` (False)."""
     x = node.args[0]
     i, src, dst = ctx.info(x), node_shape(x), node_shape(node)
     if i is None or src is None or dst is None:
-        return _ORIGINAL_VIEW(ctx, node)
+        return False
     if ctx.analysis.head_dim and _single_head(src, dst, i.dim) and _feeds_attention(ctx, node):
         # Multi-query attention: its one key/value head's columns pair with every query head's, as a split
         # into two or more heads would make them (below); without this they stayed plain channels, and the
         # value columns the scheme zeroed stayed in the thinned model.
-        return _split_head_dim(ctx, node, x, i, i.dim, (1, src[i.dim]))
+        _split_head_dim(ctx, node, x, i, i.dim, (1, src[i.dim]))
+        return True
     if reshape_target(src, dst, i.dim, i.atoms) is not None:
-        return _ORIGINAL_VIEW(ctx, node)
+        return False
     found = _head_split(src, dst, i.dim)
     if found is None:
-        return _ORIGINAL_VIEW(ctx, node)
+        return False
     first, sizes = found
     if ctx.analysis.head_dim:
-        return _split_head_dim(ctx, node, x, i, first, sizes)
+        _split_head_dim(ctx, node, x, i, first, sizes)
+        return True
     heads_at = len(sizes) - 2  # (..., heads, head_dim): the second to last split dim counts heads
     grid = i.atoms.view(sizes).movedim(heads_at, 0).reshape(sizes[heads_at], -1)
     for col in range(1, grid.shape[1]):  # one head, all its slots, is one channel
@@ -181,6 +179,11 @@ def view_rule(ctx: RuleContext, node: fx.Node) -> None:
         return z[name].view(sizes).movedim(heads_at, 0).reshape(-1, per).all(1)
 
     ctx.output(node, ChanInfo(first + heads_at, grid[:, 0].clone()), rule)
+    return True
+
+
+refine_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=heads_view,
+            name="split into heads")
 
 
 def _split_head_dim(ctx: RuleContext, node: fx.Node, x: fx.Node, i: ChanInfo, first: int,
@@ -194,72 +197,13 @@ def _split_head_dim(ctx: RuleContext, node: fx.Node, x: fx.Node, i: ChanInfo, fi
         ctx.unite(grid[0].repeat(grid.shape[0] - 1), grid[1:].flatten())
     ctx.rewrite_sizes(node)
     columns = grid[0].clone()
-    head_dim_atoms(ctx.analysis).append(columns)
+    ctx.analysis.head_dim_atoms.append(columns)
     name = x.name
 
     def rule(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
         return z[name].view(sizes).reshape(-1, d).all(0)
 
     ctx.output(node, ChanInfo(first + len(sizes) - 1, columns), rule)
-
-
-def head_dim_atoms(analysis: Any) -> list[torch.Tensor]:
-    """Per analysis with ``head_dim=True``: the atoms of the head_dim columns found (one vector per split
-    into heads or ``nn.MultiheadAttention``), read by ``head_dim_channels``."""
-    return analysis.__dict__.setdefault("_head_dim_atoms", [])
-
-
-def head_dim_channels(analysis: Any, into: Any = None) -> torch.Tensor:
-    """Bool per channel of an analysis made with ``head_dim=True``: True where the channel is a head_dim
-    column of some attention (shared by all its heads). With ``into`` (another analysis of the same graph; both
-    number atoms alike), per channel of ``into``: True where it holds atoms of such columns.
-
-    Example:
-        >>> import torch, fxcondensa
-        >>> from fxcondensa.passes.analysis import analyze
-        >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
-        >>> class Block(torch.nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.attn = mha
-        ...     def forward(self, x):
-        ...         return self.attn(x, x, x, need_weights=False)[0]
-        >>> gm = fxcondensa.trace(Block(), torch.randn(1, 3, 8))
-        >>> int(head_dim_channels(analyze(gm, head_dim=True)).sum())  # 8 / 2 heads: 4 columns
-        4
-    """
-    target = analysis if into is None else into
-    found = torch.zeros(target.num_channels, dtype=torch.bool)
-    for atoms in head_dim_atoms(analysis):
-        if atoms.numel():
-            found[target.channel_of[atoms]] = True
-    return found
-
-
-def _rewrite_view(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
-    """A size of the tracked dim computed at run time (``B, N, C = x.shape`` then ``reshape(B, N, C)``) may
-    count another tensor's channels (the stream's, not the heads'): make it the kept count."""
-    kept, i = view.kept_count(node), view.info(node)
-    # Even when this tensor keeps every channel: the size may count a stream that lost some.
-    if kept is None or node.op not in ("call_method", "call_function"):
-        return
-    args = list(node.args)
-    if node.op == "call_method" and len(args) > 2 or (len(args) == 2 and not isinstance(args[1], (list, tuple))):
-        sizes, at = args[1:], None
-    elif len(args) == 2:
-        sizes, at = list(args[1]), 1
-    else:
-        return
-    if i.dim < len(sizes) and isinstance(sizes[i.dim], fx.Node):
-        sizes[i.dim] = kept
-        if at is None:
-            node.args = (args[0], *sizes)
-        else:
-            node.args = (args[0], type(args[1])(sizes))
-
-
-register_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=view_rule,
-              zeros="custom", cost="none", rewrite=_rewrite_view, name="view")
 
 
 # ------------------------------------------------------------------------------------------------ unbind
@@ -363,7 +307,7 @@ def addmm_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 register_rule(torch.addmm, aten.addmm, channels=addmm_rule, zeros="custom", cost=_addmm_cost, kind="linear",
               creates=True, name="addmm")
-register_rule(torch.baddbmm, torch.addbmm, channels="freeze", cost=_addmm_cost, kind="matmul", name="addmm (batched)")
+register_rule(torch.baddbmm, torch.addbmm, channels="freeze", cost=_baddbmm_cost, kind="matmul", name="addmm (batched)")
 
 
 # -------------------------------------------------------------------------- scaled_dot_product_attention
@@ -507,7 +451,7 @@ def mha_module(ctx: RuleContext, node: fx.Node) -> None:
         ctx.slice_param(wpath, 1, rows, "consumer", node)
 
         def own_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-            return _fused_heads_zero(gm, in_w, in_b, wpath, h, d)
+            return fused_heads_zero(gm, in_w, in_b, wpath, h, d)
 
     out = ctx.new_channels(ctx.param(wpath).shape[0], target, "linear")  # after the heads: recipes keep ids
     if i is not None:
@@ -525,10 +469,10 @@ def mha_module(ctx: RuleContext, node: fx.Node) -> None:
 
     # The node's own channels are its heads or head_dim columns (the tuple it returns carries no tensor dim
     # of them): the node is their exit, so one goes only when it adds nothing. ``output[0]`` carries the
-    # out-projection's channels (see ``getitem_rule``).
+    # out-projection's channels (see ``shapes.getitem_rule``).
     ctx.output(node, ChanInfo(0, own), own_zero)
     ctx.exit(node)
-    tuple_outputs(ctx)[node.name] = {0: (ChanInfo(len(shape) - 1, out), out_zero)}
+    ctx.analysis.tuple_outputs[node.name] = {0: (ChanInfo(len(shape) - 1, out), out_zero)}
 
 
 def _mha_columns(ctx: RuleContext, node: fx.Node, paths: tuple[str, str | None, str], h: int,
@@ -541,7 +485,7 @@ def _mha_columns(ctx: RuleContext, node: fx.Node, paths: tuple[str, str | None, 
     in_w, in_b, wpath = paths
     target = str(node.target)
     cols = ctx.new_channels(d, f"{target} (head_dim)", "linear")
-    head_dim_atoms(ctx.analysis).append(cols)
+    ctx.analysis.head_dim_atoms.append(cols)
     ctx.slice_param(in_w, 0, cols.repeat(3 * h), "producer", node)
     if in_b is not None:
         ctx.slice_param(in_b, 0, cols.repeat(3 * h), "bias", node)
@@ -564,31 +508,6 @@ def _mha_columns(ctx: RuleContext, node: fx.Node, paths: tuple[str, str | None, 
     return cols, zero
 
 
-def tuple_outputs(ctx: RuleContext) -> dict[str, dict[int, Any]]:
-    """Per analysis: node of a module that returns a tuple and whose own channels are internal (the heads of
-    a MultiheadAttention, the hidden units of an LSTM) -> {index: (channels of that item, their zero rule)}.
-    ``getitem_rule`` reads it; an index not listed carries no channels."""
-    return ctx.analysis.__dict__.setdefault("_tuple_outputs", {})
-
-
-_ORIGINAL_GETITEM = shapes.getitem_rule
-
-
-def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
-    """``attn(x, x, x)[0]`` of ``nn.MultiheadAttention``, ``lstm(x)[1]``: the channels listed in
-    ``tuple_outputs``; every other getitem is handed to the entry of ``rules/shapes.py``."""
-    src, idx = node.args
-    found = tuple_outputs(ctx).get(src.name) if isinstance(src, fx.Node) else None
-    if found is None:
-        return _ORIGINAL_GETITEM(ctx, node)
-    if idx not in found:  # e.g. the attention weights: unused (checked by the module's rule)
-        return ctx.output(node, None, None)
-    ctx.output(node, *found[idx])
-
-
-register_rule(operator.getitem, channels=getitem_rule, zeros="custom", cost="none", name="getitem")
-
-
 def _rewrite_mha(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
     m = gm.get_submodule(node.target)
     if isinstance(m, fxnn.ThinMultiheadAttention):  # already thin: head_dim columns may have gone (its scale stays)
@@ -609,289 +528,29 @@ def _rewrite_mha(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
     setattr(gm.get_submodule(owner) if owner else gm, attr, new)
 
 
-def _mha_cost(c: CostCall) -> int:
+def _mha_cost(c: CostCall) -> tuple[CostTerm, ...]:
+    """``tokens * (3 * inner * e_in + inner * e_out + 2 * seq * inner)``: the in-projection, the
+    out-projection and the two attention products. The inner width (heads x head_dim, the in-projection's
+    rows) scales all three, the input channels the in-projection, the output channels the out-projection."""
     m = c.module
-    x = c.in_shapes[0] if c.in_shapes else None
+    x_node = c.node.args[0] if c.node.args else None
+    x = c.shape_of(x_node)
     if x is None or m is None:
-        return 0
+        return ()
     tokens = math.prod(x[:-1])
     seq = x[1] if getattr(m, "batch_first", False) else x[0]
     if isinstance(m, fxnn.ThinMultiheadAttention):
         inner, e_in, e_out = m.num_heads * m.head_dim, m.in_proj_weight.shape[1], m.out_weight.shape[0]
     else:
         inner, e_in, e_out = m.embed_dim, m.in_proj_weight.shape[1], m.out_proj.weight.shape[0]
-    return tokens * (3 * inner * e_in + inner * e_out + 2 * seq * inner)
+    rows = Scale(f"{c.node.target}.in_proj_weight", 0)
+    out = next((u for u in c.node.users if u.target is operator.getitem and u.args[1] == 0), None)
+    return (CostTerm(tokens * 3 * inner * e_in, (rows, Scale(x_node))),
+            CostTerm(tokens * inner * e_out, (rows, Scale(out))),
+            CostTerm(tokens * 2 * seq * inner, (rows,)))
 
 
 register_rule(nn.MultiheadAttention, channels=mha_module, zeros="custom", cost=_mha_cost, kind="matmul",
               rewrite=_rewrite_mha, creates=True, name="multihead_attention")
 register_rule(fxnn.ThinMultiheadAttention, channels=mha_module, zeros="custom", cost=_mha_cost, kind="matmul",
               rewrite=_rewrite_mha, creates=True, name="multihead_attention (thinned)")
-
-
-# ------------------------------------------------------------------------------------- heads, for schemes
-
-_HEAD_OPS = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
-_MATMULS = (torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", "__matmul__", aten.matmul, aten.bmm)
-
-
-def _attention_product(node: fx.Node) -> bool:
-    """``scaled_dot_product_attention`` or a batched matmul (an ATen overload counts as its packet)."""
-    op = getattr(node.target, "overloadpacket", node.target)
-    return (node.op == "call_function" and op in _HEAD_OPS
-            or node.op in ("call_function", "call_method") and op in _MATMULS)
-
-
-def has_attention_products(gm: fx.GraphModule) -> bool:
-    """Whether the graph multiplies anything the way attention does (``scaled_dot_product_attention`` or a
-    batched matmul): where head_dim columns can be, even when no head was recognised (multi-query)."""
-    return any(_attention_product(node) for node in gm.graph.nodes)
-
-
-def head_channels(gm: fx.GraphModule, analysis: Any) -> torch.Tensor:
-    """Bool per channel of ``analysis``: True where the channel is an attention head (or heads tied to it),
-    as recognised by the rules above: heads reaching ``scaled_dot_product_attention`` or a batched matmul,
-    and the heads of ``nn.MultiheadAttention`` modules and of Swin's window attention calls."""
-    heads = torch.zeros(analysis.num_channels, dtype=torch.bool)
-    modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        atoms = None
-        info = analysis.infos.get(node.name)
-        if _attention_product(node):
-            shape = node_shape(node)
-            if isinstance(info, ChanInfo) and shape is not None and info.dim < len(shape) - 2:
-                atoms = info.atoms
-        elif node.op == "call_module" and isinstance(modules.get(node.target), nn.MultiheadAttention):
-            path = f"{node.target}.in_proj_weight"
-            atoms = next((s.atoms for s in analysis.slices if s.path == path and s.dim == 0), None)
-        elif node.op == "call_function" and getattr(rule_for_key(node.target), "channels", None) is swin_attention_rule:
-            w = node_arg(node, 1, "qkv_weight")  # Swin's window attention: its qkv rows are its heads
-            path = w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
-            atoms = next((s.atoms for s in analysis.slices if s.path == path and s.dim == 0), None)
-        if atoms is not None and atoms.numel():
-            heads[analysis.channel_of[atoms]] = True
-    return heads
-
-
-# ------------------------------------------------------------------------------ torchvision's Swin functions
-
-def swin_attention_rule(ctx: RuleContext, node: fx.Node) -> None:
-    """torchvision's ``shifted_window_attention(input, qkv_weight, proj_weight, relative_position_bias,
-    window_size, num_heads, shift_size, ...)`` (a wrapped function: one node), and
-    ``fxcondensa.nn.window_attention`` that thinning puts in its place (keyword arguments, an explicit
-    ``head_dim``). Channels last: the input's channels are the qkv weight's columns (an exit), the
-    projection's rows are new channels. Heads are channels (q, k, v rows, out-projection columns, the
-    relative position bias table's column); the bias node carries them and is their exit: a head goes only
-    when its value rows or out-projection columns are zero. With ``head_dim=True`` head_dim columns are the
-    channels instead (``_swin_columns``). Thinning calls ``fxcondensa.nn.window_attention`` with the dense
-    softmax scale."""
-    x = node_arg(node, 0, "input")
-    wq, wp = node_arg(node, 1, "qkv_weight"), node_arg(node, 2, "proj_weight")
-    bias_node = node_arg(node, 3, "relative_position_bias")
-    num_heads = node_arg(node, 5, "num_heads")
-    bq, bp = node_arg(node, 9, "qkv_bias"), node_arg(node, 10, "proj_bias")
-    paths = {k: (v.target if isinstance(v, fx.Node) and v.op == "get_attr" else None)
-             for k, v in (("wq", wq), ("wp", wp), ("bq", bq), ("bp", bp))}
-    i, shape = ctx.info(x), node_shape(x)
-    table = _bias_table(ctx, bias_node)
-    if paths["wq"] is None or paths["wp"] is None or (bq is not None and paths["bq"] is None) or \
-            (bp is not None and paths["bp"] is None) or not isinstance(num_heads, int) or shape is None or \
-            (i is not None and i.dim != len(shape) - 1):
-        return ctx.unsupported(node, "shifted_window_attention with computed weights")
-    wq_t = ctx.param(paths["wq"])
-    d = wq_t.shape[0] // (3 * num_heads)
-    target = paths["wp"].rsplit(".", 1)[0]
-    if i is not None:
-        ctx.slice_param(paths["wq"], 1, i.atoms, "consumer", node)
-        ctx.exit(x)
-    else:
-        ctx.block(paths["wq"], 1, node)
-    logit = node_arg(node, 11, "logit_scale")
-    if ctx.analysis.head_dim:
-        _swin_columns(ctx, node, wq, paths, num_heads, d, cosine=logit is not None)
-    else:
-        _swin_heads(ctx, node, paths, bias_node, table, logit, num_heads, d)
-    out = ctx.new_channels(ctx.param(paths["wp"]).shape[0], target, "linear")  # after: recipes keep their ids
-    ctx.slice_param(paths["wp"], 0, out, "producer", node)
-    if paths["bp"] is not None:
-        ctx.slice_param(paths["bp"], 0, out, "bias", node)
-    wp_path, bp_path = paths["wp"], paths["bp"]
-
-    def out_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-        zero = zero_rows(_tensor(gm, wp_path), 0)
-        return zero & host(_tensor(gm, bp_path) == 0) if bp_path is not None else zero
-
-    ctx.output(node, ChanInfo(len(shape) - 1, out), out_zero)
-
-
-def _swin_heads(ctx: RuleContext, node: fx.Node, paths: dict[str, str | None], bias_node: Any, table: str | None,
-                logit: Any, num_heads: int, d: int) -> None:
-    """The heads of a Swin window attention as channels; frozen when the relative position bias is computed
-    (Swin V2's continuous position bias MLP) or a logit scale is given, neither sliced here."""
-    heads = ctx.new_channels(num_heads, f"{paths['wq'].rsplit('.', 1)[0]} (heads)", "linear")
-    rows = heads.repeat_interleave(d)
-    ctx.slice_param(paths["wq"], 0, rows.repeat(3), "producer", node)
-    if paths["bq"] is not None:
-        ctx.slice_param(paths["bq"], 0, rows.repeat(3), "bias", node)
-    ctx.slice_param(paths["wp"], 1, rows, "consumer", node)
-    if table is None or logit is not None:
-        return ctx.freeze(heads, f"shifted_window_attention '{node.name}' has a relative position bias or logit "
-                                 "scale that is not a parameter table")
-    ctx.slice_param(table, 1, heads, "consumer", node)
-    wq_path, wp_path, bq_path = paths["wq"], paths["wp"], paths["bq"]
-
-    def head_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-        return _fused_heads_zero(gm, wq_path, bq_path, wp_path, num_heads, d)
-
-    # The bias node (visited before this one, untracked so far) carries the heads on dim 1.
-    ctx.analysis.infos[bias_node.name] = ChanInfo(1, heads)
-    ctx.analysis.rules[bias_node.name] = head_zero
-    ctx.exit(bias_node)
-
-
-def _swin_columns(ctx: RuleContext, node: fx.Node, wq: fx.Node, paths: dict[str, str | None], num_heads: int,
-                  d: int, cosine: bool) -> None:
-    """The head_dim columns of a Swin window attention as channels: column ``j`` is row ``j`` of every head of
-    q, k and v (one fused reshape: one head_dim) and column ``j`` of every head of the projection. The heads,
-    the relative position bias and Swin V2's logit scale stay. Removing a column is exact when the head's
-    output has nothing there (v or the projection zero) and no logit changes: q or k zero there for
-    ``q @ k^T``; for Swin V2's cosine attention both, since q and k are normalised over head_dim (a zero
-    column adds nothing to a norm; a live one would). The key bias does not count there: V2 zeroes it."""
-    cols = ctx.new_channels(d, f"{paths['wq'].rsplit('.', 1)[0]} (head_dim)", "linear")
-    head_dim_atoms(ctx.analysis).append(cols)
-    rows = cols.repeat(num_heads)
-    ctx.slice_param(paths["wq"], 0, rows.repeat(3), "producer", node)
-    if paths["bq"] is not None:
-        ctx.slice_param(paths["bq"], 0, rows.repeat(3), "bias", node)
-    ctx.slice_param(paths["wp"], 1, rows, "consumer", node)
-    wq_path, bq_path, wp_path, e = paths["wq"], paths["bq"], paths["wp"], num_heads * d
-
-    def column_zero(z: dict[str, Any], gm: fx.GraphModule) -> torch.Tensor:
-        w = _tensor(gm, wq_path).detach()
-        b = _tensor(gm, bq_path).detach() if bq_path is not None else None
-
-        def part(s: int, bias: bool = True) -> torch.Tensor:  # per column: zero in every head of q, k or v
-            found = zero_rows(w[s * e:(s + 1) * e].reshape(num_heads, d, -1).transpose(0, 1).reshape(d, -1), 0)
-            if b is not None and bias:
-                found &= zero_rows(b[s * e:(s + 1) * e].reshape(num_heads, d).t(), 0)
-            return found
-
-        logits_kept = part(0) & part(1, bias=False) if cosine else part(0) | part(1)
-        out = zero_rows(_tensor(gm, wp_path).detach().reshape(-1, num_heads, d).permute(2, 0, 1).reshape(d, -1), 0)
-        return (logits_kept & (part(2) | out)).repeat(3 * num_heads)
-
-    # No tensor of the graph carries the columns (they live inside the call); the qkv weight's rows do, so
-    # that node is their exit: a column goes only when it adds nothing (zero rule above, one per row).
-    ctx.analysis.infos[wq.name] = ChanInfo(0, rows.repeat(3))
-    ctx.analysis.rules[wq.name] = column_zero
-    ctx.exit(wq)
-
-
-def _bias_table(ctx: RuleContext, bias: Any) -> str | None:
-    """The parameter table behind ``_get_relative_position_bias(table, index, window_size)``, or None."""
-    import sys
-
-    module = sys.modules.get("torchvision.models.swin_transformer")
-    if not (isinstance(bias, fx.Node) and bias.op == "call_function" and module is not None
-            and bias.target is getattr(module, "_get_relative_position_bias", None)):
-        return None
-    table = bias.args[0]
-    if not (isinstance(table, fx.Node) and table.op == "get_attr") or ctx.param(table.target) is None \
-            or len(bias.users) != 1:
-        return None
-    return table.target
-
-
-def _rewrite_swin_attention(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
-    """Call ``fxcondensa.nn.window_attention`` with the kept head count and head_dim (one stage changes one
-    of them: heads, or head_dim columns with ``analyze(gm, head_dim=True)``) and the dense softmax scale."""
-    names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
-             "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
-    call = {k: (node.args[j] if j < len(node.args) else node.kwargs.get(k, _SWIN_DEFAULTS.get(k)))
-            for j, k in enumerate(names)}
-    heads, w = call["num_heads"], call["qkv_weight"]
-    dense_rows = next((s.atoms.numel() for s in view.analysis.slices
-                       if isinstance(w, fx.Node) and s.path == w.target and s.dim == 0), None)
-    if dense_rows is None:  # the rule kept the call whole (computed weights): it runs as it is
-        return
-    if node.target is fxnn.window_attention:
-        d, scale = node.kwargs["head_dim"], node.kwargs.get("scale")
-        if scale is None:  # head_dim is still the dense one
-            scale = fxnn.default_scale(d)
-    else:  # torchvision's: q * (C // num_heads) ** -0.5, C the dense input width (in the shape metadata)
-        d, scale = dense_rows // (3 * heads), fxnn.default_scale(node_shape(call["input"])[-1] // heads)
-    rows = _tensor(gm, w.target).shape[0]  # sliced: 3 * kept heads * kept head_dim
-    if view.analysis.head_dim:
-        d = rows // (3 * heads)
-    else:
-        heads = rows // (3 * d)
-    node.target = fxnn.window_attention
-    node.args, node.kwargs = (), {**call, "num_heads": heads, "head_dim": d, "scale": scale}
-
-
-_SWIN_DEFAULTS = {"attention_dropout": 0.0, "dropout": 0.0, "training": True}
-
-
-def patch_merging_pad_rule(ctx: RuleContext, node: fx.Node) -> None:
-    """torchvision's ``_patch_merging_pad(x)``: pads H and W, concatenates the four 2x2 phases on the
-    channels (last dim): the channels repeat four times."""
-    x = node.args[0]
-    i, shape = ctx.info(x), node_shape(x)
-    if i is None or shape is None or i.dim != len(shape) - 1:
-        return ctx.unsupported(node, "_patch_merging_pad of channels not on the last dim")
-    name = x.name
-    ctx.output(node, ChanInfo(i.dim, i.atoms.repeat(4)), lambda z, gm: z[name].repeat(4))
-
-
-def _swin_cost(c: CostCall) -> int:
-    x, wq = c.in_shapes[0] if c.in_shapes else None, c.shape_of(c.arg(1, "qkv_weight"))
-    wp = c.shape_of(c.arg(2, "proj_weight"))
-    ws = c.arg(4, "window_size")
-    if not x or not wq or not wp or not isinstance(ws, (list, tuple)):
-        return 0
-    tokens, n = math.prod(x[:-1]), ws[0] * ws[1]
-    return tokens * (wq[0] * wq[1] + wp[0] * wp[1] + 2 * n * wp[1])
-
-
-def register_optional_rules() -> None:
-    """The built-in optional rules (``rules/elementwise.py``), and torchvision's Swin functions once
-    torchvision's Swin module is loaded (a model that calls them has imported it)."""
-    import sys
-
-    elementwise.register_optional_rules()
-    if rule_for_key(fxnn.window_attention) is None:  # a thinned model thinned again (or its head_dim stage)
-        register_rule(fxnn.window_attention, channels=swin_attention_rule, zeros="custom", cost=_swin_cost,
-                      kind="matmul", rewrite=_rewrite_swin_attention, creates=True,
-                      name="window_attention (thinned)")
-    module = sys.modules.get("torchvision.models.swin_transformer")
-    if module is None:
-        return
-    for fname, kwargs in (
-        ("shifted_window_attention", dict(channels=swin_attention_rule, cost=_swin_cost, kind="matmul",
-                                          rewrite=_rewrite_swin_attention, creates=True)),
-        ("_patch_merging_pad", dict(channels=patch_merging_pad_rule, cost="none")),
-    ):
-        fn = getattr(module, fname, None)
-        if fn is not None and rule_for_key(fn) is None:
-            register_rule(fn, zeros="custom", name=fname, **kwargs)
-
-
-# ------------------------------------------------------------------ window shifts and padding (Swin, timm)
-
-_ORIGINAL_PAD = elementwise.pad_rule
-
-
-def pad_rule(ctx: RuleContext, node: fx.Node) -> None:
-    """``F.pad`` whose pad amounts on the channel dim are zero (``F.pad(x, (0, 0, 0, r, 0, b))`` on a
-    channels-last tensor) keeps the channels; everything else goes to the entry of ``rules/elementwise.py``."""
-    x = node.args[0]
-    pad, shape, i = node_arg(node, 1, "pad"), node_shape(x), ctx.info(x)
-    mode, value = node_arg(node, 2, "mode", "constant"), node_arg(node, 3, "value", 0.0)
-    if i is not None and shape is not None and isinstance(pad, (list, tuple)) and mode == "constant":
-        k = len(shape) - 1 - i.dim  # pad[2k], pad[2k + 1] pad the channel dim
-        if 2 * k >= len(pad) or (pad[2 * k] == 0 and pad[2 * k + 1] == 0):
-            return ctx.passthrough(node, x, value in (0, 0.0, None))
-    return _ORIGINAL_PAD(ctx, node)
-
-
-register_rule(F.pad, aten.pad, channels=pad_rule, zeros="custom", cost="none", kind="shape", name="pad")

@@ -6,8 +6,8 @@ An embedding table's columns are the channels it creates; an output head tied to
 along the tokens dim with a tracked stream carries the stream's channels: it is sliced with them (and
 zeroed with them by the structured schemes, like a bias).
 
-The ``cat`` entry lives here, built on ``rules/shapes.py``'s ``cat_rule``: it handles that case and
-hands every other call to the original.
+That case refines the ``cat`` entry of ``rules/shapes.py`` (``refine_rule``); every other call goes on to
+that entry.
 """
 
 from __future__ import annotations
@@ -19,20 +19,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import shapes  # the rule this module's cat entry builds on
+from . import shapes  # noqa: F401  (registered first: the cat entry refined here is shapes')
 from .api import ChanInfo, RuleContext, node_arg, node_shape
+from .api import tensor_at as _tensor
 from .layers import zero_rows
-from .registry import CostCall, register_rule, rule_for_key
+from .registry import CostCall, refine_rule, register_rule, rule_for_key
 
 aten = torch.ops.aten
-
-_ORIGINAL_CAT = shapes.cat_rule  # every cat without parameter parts
-
-
-def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
-
 
 # ------------------------------------------------------------------------------------------- embedding
 
@@ -117,21 +110,23 @@ def _parameter_source(ctx: RuleContext, value: Any, d: int, nd: int) -> tuple[st
     return node.target, d
 
 
-def cat_rule(ctx: RuleContext, node: fx.Node) -> None:
+def parameter_cat(ctx: RuleContext, node: fx.Node) -> bool:
+    """``cat`` of tracked tensors with parameters along another dim (a class token): the parameters carry
+    the tracked channels. Every other cat goes on to the cat entry of ``rules/shapes.py`` (False)."""
     tensors, dim = node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", 0)
     shape = node_shape(node)
     if shape is None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
-        return _ORIGINAL_CAT(ctx, node)
+        return False
     infos = [ctx.info(t) for t in tensors]
     tracked = [i for i in infos if i is not None]
     d_cat = dim % len(shape)
     if not tracked or any(i.dim == d_cat for i in tracked) or len({i.dim for i in tracked}) != 1 \
             or all(i is not None for i in infos):
-        return _ORIGINAL_CAT(ctx, node)
+        return False
     d = tracked[0].dim
     sources = [None if i is not None else _parameter_source(ctx, t, d, len(shape)) for t, i in zip(tensors, infos, strict=True)]
     if any(i is None and s is None for i, s in zip(infos, sources, strict=True)):
-        return _ORIGINAL_CAT(ctx, node)
+        return False
     atoms = tracked[0].atoms
     for i in tracked[1:]:
         ctx.unite(atoms, i.atoms)
@@ -148,12 +143,13 @@ def cat_rule(ctx: RuleContext, node: fx.Node) -> None:
         return torch.stack(flags).all(0)
 
     ctx.output(node, ChanInfo(d, atoms), rule)
+    return True
 
 
-register_rule(torch.cat, torch.concat, torch.concatenate, aten.cat, channels=cat_rule, zeros="custom",
-              cost="none", name="cat")
+refine_rule(torch.cat, torch.concat, torch.concatenate, aten.cat, channels=parameter_cat,
+            name="cat with parameter parts")
 
-__all__ = ["embedding_module", "cat_rule"]
+__all__ = ["embedding_module", "parameter_cat"]
 
 
 # ----------------------------------------------------------------------------- select (torch.export form)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import ChanInfo, RuleContext, ZeroRule, host, node_arg, node_shape
+from .api import tensor_at as _tensor
 from .registry import CostCall, register_rule
 
 aten = torch.ops.aten
@@ -31,9 +32,15 @@ def zero_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     return host(t.detach().movedim(dim, 0).reshape(t.shape[dim], -1).abs().amax(1) == 0)
 
 
-def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+def fused_heads_zero(gm: fx.GraphModule, w_path: str, b_path: str | None, out_path: str, heads: int,
+                     head_dim: int) -> torch.Tensor:
+    """Bool per head of a fused (q, k, v) in-projection: True where the head adds nothing, its value rows
+    (and value biases) or its out-projection columns all zero."""
+    e = heads * head_dim
+    zero_v = zero_rows(_tensor(gm, w_path)[2 * e:].detach().reshape(heads, -1), 0)
+    if b_path is not None:
+        zero_v &= zero_rows(_tensor(gm, b_path)[2 * e:].detach().view(heads, head_dim), 0)
+    return zero_v | zero_rows(_tensor(gm, out_path).detach().t().reshape(heads, -1), 0)
 
 
 def _attr_path(value: Any) -> str | None:

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as fxnn
-from . import shapes  # the rule this module's mean entry builds on
-from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape
+from . import shapes  # noqa: F401  (registered first: the mean entry refined here is shapes')
+from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape, tensor_at
 from .layers import norm_cost
-from .registry import register_rule
+from .registry import refine_rule, register_rule
 
 aten = torch.ops.aten
 
@@ -36,8 +36,7 @@ _RMS_FUNCTIONS = (F.rms_norm,) if hasattr(F, "rms_norm") else ()
 def _tensor(gm: fx.GraphModule, path: str | None) -> torch.Tensor | None:
     if path is None:
         return None
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+    return tensor_at(gm, path)
 
 
 def _norm(ctx: RuleContext, node: fx.Node, x: Any, ndims: int, what: str, weight: str | None,
@@ -179,13 +178,10 @@ register_rule(*_RMS_FUNCTIONS, fxnn.rms_norm_width, channels=rmsnorm_function, z
 
 # ------------------------------------------------------------------------------------ mean over channels
 
-_ORIGINAL_REDUCTION = shapes.reduce_rule  # a mean over other dims
-
-
-def mean_rule(ctx: RuleContext, node: fx.Node) -> None:
+def mean_rule(ctx: RuleContext, node: fx.Node) -> bool:
     """``x.mean(-1, keepdim=True)`` over the channel dim (Llama's RMSNorm written out): exact over the kept
     channels when they are divided by the dense width and the removed ones are zero at its input. Every
-    other reduction is handed to the ``reduction`` entry of ``rules/shapes.py``."""
+    other mean goes on to the ``mean`` entry of ``rules/shapes.py`` (False)."""
     x, dim = node.args[0], node_arg(node, 1, "dim")
     i, shape = ctx.info(x), node_shape(x)
     dims = dim if isinstance(dim, (list, tuple)) else [dim]
@@ -193,9 +189,10 @@ def mean_rule(ctx: RuleContext, node: fx.Node) -> None:
     dtype = None if node.target is fxnn.mean_width else node_arg(node, 3, "dtype")
     if i is None or shape is None or len(dims) != 1 or not isinstance(dims[0], int) \
             or dims[0] % len(shape) != i.dim or dtype is not None:
-        return _ORIGINAL_REDUCTION(ctx, node)
+        return False
     ctx.exit(x)
     ctx.output(node, None, None)
+    return True
 
 
 def _rewrite_mean(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
@@ -212,5 +209,5 @@ def _rewrite_mean(gm: fx.GraphModule, node: fx.Node, view: KeptView) -> None:
     node.args, node.kwargs = (x, dims[0], bool(node_arg(node, 2, "keepdim", False)), width), {}
 
 
-register_rule(torch.mean, "mean", aten.mean, fxnn.mean_width, channels=mean_rule, zeros="custom", cost=shapes.reduce_cost,
-              kind="elementwise", rewrite=_rewrite_mean, name="mean")
+refine_rule(torch.mean, "mean", aten.mean, fxnn.mean_width, channels=mean_rule, rewrite=_rewrite_mean,
+            name="mean over channels")

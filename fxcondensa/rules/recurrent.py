@@ -22,7 +22,6 @@ import torch.fx as fx
 from torch import nn
 
 from .api import ChanInfo, RuleContext, node_arg, node_shape
-from .attention import tuple_outputs
 from .layers import zero_rows
 from .registry import CostCall, register_rule
 
@@ -103,7 +102,7 @@ def rnn_module(ctx: RuleContext, node: fx.Node) -> None:
         final = ([state, state], lambda z, gm: [unit_zero(z, gm)] * 2)
     else:
         final = (state, unit_zero)
-    tuple_outputs(ctx)[node.name] = {0: out, 1: final}
+    ctx.analysis.tuple_outputs[node.name] = {0: out, 1: final}
 
 
 def _resize_rnn(m: nn.Module, cin: int | None) -> None:

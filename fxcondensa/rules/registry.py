@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -48,7 +48,12 @@ from torch import nn
 __all__ = [
     "OpRule",
     "CostCall",
+    "CostTerm",
+    "Scale",
     "register_rule",
+    "refine_rule",
+    "unrefine_rule",
+    "Refinement",
     "unregister_rule",
     "rule_for",
     "rule_for_key",
@@ -56,9 +61,23 @@ __all__ = [
     "registered_ops",
     "generation",
     "ZEROS",
+    "node_shape",
 ]
 
 ZEROS = ("preserve", "fill", "custom")
+
+
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """The output shape shape propagation recorded on a node (None for non-tensors and constants).
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> gm = fxcondensa.trace(torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.randn(4, 3))
+        >>> [node_shape(n) for n in gm.graph.nodes]
+        [(4, 3), (4, 2), (4, 2)]
+    """
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(int(s) for s in meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 @dataclass(frozen=True)
@@ -78,8 +97,7 @@ class CostCall:
         return self.node.kwargs.get(name, default)
 
     def shape_of(self, value: Any) -> tuple[int, ...] | None:
-        meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
-        return tuple(int(s) for s in meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        return node_shape(value)
 
     @property
     def out_numel(self) -> int:
@@ -91,8 +109,37 @@ class CostCall:
         return math.prod(first) if first is not None else 0
 
 
+@dataclass(frozen=True)
+class Scale:
+    """A tensor dim a call's MACs are proportional to: when channels along it go, the MACs shrink with them.
+
+    ``value`` is a graph node (the call itself or one of its inputs) with ``dims`` ``"all"`` (each of its
+    tracked dims), ``"last"`` (its last dim only: the dim a matmul contracts) or ``"lead"`` (every tracked dim
+    but the last); or the qualified name of a parameter with ``dims`` the int dim of it (the rows of an
+    attention's fused in-projection: its heads and their columns).
+    """
+
+    value: Any
+    dims: str | int = "all"
+
+
+@dataclass(frozen=True)
+class CostTerm:
+    """Part of a call's MACs, a product over the ``scales`` dims (and over others that never lose channels).
+
+    A cost function that returns an int gets one term, scaled by its output's channels and, for the kinds
+    "conv", "conv_transpose" and "linear", its first input's channels ("matmul": that input's last dim);
+    one whose MACs are a sum of products over different dims (attention: the projections, ``q @ k^T`` and
+    ``attn @ v``) returns its terms, which is how ``StructurePrune(target_flops=...)`` counts a thinned
+    attention without building it.
+    """
+
+    macs: int
+    scales: tuple[Scale, ...]
+
+
 ChannelFn = Callable[[Any, fx.Node], None]
-CostFn = Callable[[CostCall], int]
+CostFn = Callable[[CostCall], "int | tuple[CostTerm, ...]"]
 
 
 @dataclass(frozen=True)
@@ -106,7 +153,8 @@ class OpRule:
     - ``zeros``: for ``"elementwise"`` ops, ``"preserve"`` (a channel that is zero in stays zero out:
       ``f(0) == 0``), ``"fill"`` (it may become non-zero: sigmoid, exp, a norm), or ``fn(node) -> bool``
       deciding per call (clamp bounds). ``"custom"``: the channel function supplies its own zero rule.
-    - ``cost``: ``fn(CostCall) -> MACs``; ``kind`` labels the cost in reports ("conv", "linear", "matmul",
+    - ``cost``: ``fn(CostCall) -> MACs`` (an int, or ``CostTerm``s that say which dims each part scales with);
+      ``kind`` labels the cost in reports ("conv", "linear", "matmul",
       "norm", "pool", "elementwise", "shape", "other").
     - ``params``: for module entries, parameter or buffer name -> the dim that carries the channels.
     - ``resize``: for module entries, ``fn(module, in_channels)`` that makes size attributes
@@ -118,6 +166,7 @@ class OpRule:
     - ``creates``: the op makes new channels (convs, linears): the analysis visits it even when no
       tracked channel flows in; or ``fn(node) -> bool`` deciding per call (a matmul by a weight is a linear
       layer, one of two activations is not).
+    - ``refinements``: special cases other families add to this op (``refine_rule``), consulted first.
     """
 
     name: str
@@ -129,6 +178,23 @@ class OpRule:
     resize: Callable[[nn.Module, int | None], None] | None = None
     rewrite: Callable[[fx.GraphModule, fx.Node, Any], None] | None = None
     creates: bool | Callable[[fx.Node], bool] = False
+    refinements: tuple[Refinement, ...] = ()
+
+    def rewrites(self) -> list[Callable[[fx.GraphModule, fx.Node, Any], None]]:
+        """The entry's own rewrite, then its refinements' (what ``thin`` calls on a thinned node)."""
+        return [f for f in (self.rewrite, *(r.rewrite for r in self.refinements)) if f is not None]
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """A special case of an op that another family knows (a reshape that splits attention heads, a ``cat``
+    with a class-token parameter, a ``mean`` over the channels): ``channels(ctx, node)`` returns True when it
+    recorded the node, False to leave it to the next refinement and then to the entry's own rule.
+    ``rewrite`` (optional) is called by ``thin`` after the entry's own rewrite."""
+
+    name: str
+    channels: Callable[[Any, fx.Node], bool]
+    rewrite: Callable[[fx.GraphModule, fx.Node, Any], None] | None = None
 
 
 def creates(rule: OpRule | None, node: fx.Node) -> bool:
@@ -259,6 +325,53 @@ def register_rule(
         table[key] = rule
     _GENERATION[0] += 1
     return rule
+
+
+def refine_rule(*ops: Any, channels: Callable[[Any, fx.Node], bool], name: str,
+                rewrite: Callable[[fx.GraphModule, fx.Node, Any], None] | None = None) -> Refinement:
+    """Add a special case to the entries of ``ops`` (each must have one; the whole entry is refined, for every
+    op it serves), consulted before the entry's own rule and after the refinements added earlier: the op
+    keeps one entry, in its family's module, and the family that knows the special case states it in its
+    own module.
+
+    Example:
+        >>> import operator
+        >>> def scaled_add(ctx, node):  # handles nothing: every add goes on to the add rule
+        ...     return False
+        >>> r = refine_rule(operator.add, channels=scaled_add, name="scaled add (example)")
+        >>> [x.name for x in rule_for_key(operator.add).refinements][-1]
+        'scaled add (example)'
+        >>> unrefine_rule(r, operator.add)
+    """
+    refinement = Refinement(name, channels, rewrite)
+    resolved = [_table(op) for op in ops]
+    for (table, key), op in zip(resolved, ops, strict=True):
+        if key not in table:
+            raise KeyError(f"{_key_name(op)} has no rule to refine ('{name}'): register its entry first, in its "
+                           "family's module")
+    for old in {id(table[key]): table[key] for table, key in resolved}.values():
+        _swap(old, replace(old, refinements=(*old.refinements, refinement)))
+    return refinement
+
+
+def _swap(old: OpRule, new: OpRule) -> None:
+    """Every op of entry ``old`` gets ``new``: an entry shared by several ops stays one entry."""
+    for table in (_MODULES, _CALLABLES, _METHODS):
+        for key, rule in table.items():
+            if rule is old:
+                table[key] = new
+    _GENERATION[0] += 1
+
+
+def unrefine_rule(refinement: Refinement, *ops: Any) -> None:
+    """Remove ``refinement`` (from ``refine_rule``) from the entries of ``ops``; an entry without it raises
+    KeyError naming the op."""
+    resolved = [_table(op) for op in ops]
+    for (table, key), op in zip(resolved, ops, strict=True):
+        if key not in table or refinement not in table[key].refinements:
+            raise KeyError(f"{_key_name(op)} has no refinement '{refinement.name}'")
+    for old in {id(table[key]): table[key] for table, key in resolved}.values():
+        _swap(old, replace(old, refinements=tuple(r for r in old.refinements if r is not refinement)))
 
 
 def unregister_rule(*ops: Any) -> None:

@@ -1,158 +1,146 @@
-"""Channel selection: which channels a structured scheme keeps, given one score per channel.
+"""Channel selection: which channels a structured scheme keeps, for a density, a MAC target or a latency target.
 
-One global threshold over the candidates' scores keeps a density (Condensa's rule); groups may have
-densities of their own; every group keeps at least one channel, ``align`` rounds kept counts, and tied
-grouped convs keep equal counts per conv group. Shared by the structured schemes and the latency model.
+``select(gm, channels, target)`` is the one entry point. ``channels`` holds, per channel analysis of the
+graph (the channel analysis; with head_dim pruning also the head_dim analysis), one score per channel, which
+channels are candidates and the groups' own densities; ``target`` says what to reach:
 
-``multiple`` (the structured schemes pass ``HW_MULTIPLE`` when no ``align`` is given) rounds the threshold's
-kept count of every wide group to the *nearest* multiple, so that the total stays within half a multiple of
-the density's count: CPU kernels (oneDNN's 8-channel blocks on AVX2, 16 on AVX-512) and GPU tensor cores
-pad a channel count up to such a multiple, so 33 channels run like 40. Which groups round up and which
-down follows ``memory_cost`` (activation elements per MAC of each channel, from shapes only): channels of
-high-resolution, memory-bound layers cost more time than their MACs say, so those round down first.
+- ``Target(density=d)``: one global threshold keeps ``d`` of the candidates (``threshold.select_channels``);
+- ``Target(flops=f)``: the largest global density whose thinned MACs stay within ``f`` of the dense MACs,
+  by bisection over the density with ``MacModel``;
+- ``Target(latency=t)``: the latency model's strategy (``latency_select.select_for_latency``): channels
+  ranked by score per unit of measured latency, the thinned model timed until it lands on ``t``.
+
+``align`` rounds kept counts up to a multiple (an int), or to the multiple a measured latency model predicts
+fastest (``"auto"``); without it wide groups round to the nearest hardware multiple (``HW_MULTIPLE``).
+
+Example:
+    >>> import torch, fxcondensa
+    >>> from fxcondensa.passes.analysis import analyze
+    >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28))
+    >>> a = analyze(gm)
+    >>> scores = torch.rand(a.num_channels)
+    >>> chosen = select(gm, [Channels(a, scores, torch.ones(a.num_channels, dtype=torch.bool))], Target(flops=0.5))
+    >>> chosen.record.kind, chosen.record.reached <= 0.5
+    ('flops', True)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .. import functional as F
-from ..passes.analysis import balance_grouped, keep_one_per_slice
-from ..passes.costs import profile_costs
-from ..rules.api import ChanInfo, ChannelAnalysis
+from ..capture.records import TargetRecord
+from ..rules.api import ChannelAnalysis
+from .latency_model import LatencyModel, placeholder_inputs
+from .latency_select import auto_align, select_for_latency
+from .mac_model import MacModel
+from .threshold import HW_MULTIPLE, MULTIPLE_MIN_WIDTH, memory_cost, select_channels
 
-__all__ = ["select_channels", "memory_cost", "HW_MULTIPLE", "MULTIPLE_MIN_WIDTH"]
-
-# The multiple the default selection rounds wide groups to: oneDNN's channel block on AVX2 and the
-# smallest count fp16/bf16 tensor cores run unpadded.
-HW_MULTIPLE = 8
-# Groups narrower than this many multiples are left alone: there one multiple is too large a share of the
-# layer (rounding moves a count by up to multiple - 1 channels), and small models keep their exact counts.
-MULTIPLE_MIN_WIDTH = 8
+__all__ = ["select", "Target", "Channels", "Selection", "select_channels", "memory_cost", "HW_MULTIPLE",
+           "MULTIPLE_MIN_WIDTH"]
 
 
-def select_channels(analysis: ChannelAnalysis, score: torch.Tensor, candidate: torch.Tensor, density: float,
-                    own: Mapping[int, float], align: int | None, *, multiple: int | None = None,
-                    cost: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool per channel: True keeps. Non-candidates are always kept.
+@dataclass(frozen=True)
+class Target:
+    """What to reach: exactly one of ``density`` (fraction of candidate channels kept), ``flops`` (fraction of
+    the dense MACs) and ``latency`` (fraction of the dense latency, measured); ``align`` as the schemes take it
+    (None, a positive int, or "auto")."""
 
-    Global rule: one threshold over the candidates' scores keeps a ``density`` fraction (Condensa's rule).
-    ``own`` maps group ids to densities of their own. Every group keeps at least one channel (``align``
-    when given), ``align`` rounds each group's kept count up to a multiple of it, and tied grouped convs
-    keep equal counts per conv group. ``multiple`` (used only without ``align``) rounds the kept count of
-    each wide global group to a nearest multiple, keeping the total within half a multiple of the
-    threshold's; ``cost`` (``memory_cost``) says which groups round down first (see ``_round_to_multiples``).
+    density: float | None = None
+    flops: float | None = None
+    latency: float | None = None
+    align: int | str | None = None
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in (("density", self.density), ("flops", self.flops), ("latency", self.latency))
+                 if v is not None}
+        if len(given) != 1:
+            raise ValueError(f"a selection Target takes exactly one of density, flops and latency, got {given or 'none'}")
+
+
+@dataclass(frozen=True)
+class Channels:
+    """One analysis' channels as the selection sees them.
+
+    ``score`` and ``candidate`` hold one entry per channel id (non-candidates are always kept); ``own`` maps
+    group ids to densities of their own. ``power``: this analysis keeps ``density ** power`` (head_dim columns
+    with ``attention="both"``: 0.5, the heads keeping the other factor); ``sqrt_groups`` maps group ids to a
+    least fraction: each of those groups (the heads of one attention, with ``attention="both"``) keeps
+    ``max(sqrt(density), least)``. ``hardware_multiples``: without an int ``align``, wide groups round to the
+    nearest ``HW_MULTIPLE`` (``threshold.select_channels``' ``multiple``).
     """
-    keep = ~candidate.clone()
-    glob = candidate.clone()
-    for g in own:
-        glob[analysis.groups[g].channels] = False
-    if glob.any():
-        threshold = F.magnitude_threshold(score[glob], density)
-        keep |= glob & (score >= threshold)
-    for g, d in own.items():
-        ch = analysis.groups[g].channels
-        ch = ch[candidate[ch]]
-        if ch.numel():
-            k = F.keep_count(ch.numel(), d)
-            keep[ch[torch.topk(score[ch], k).indices]] = True
-    # A concatenated part (or a conv) that would keep no channel gets its best one back before the rounding
-    # to ``align``, not after: added afterwards it would leave the group one channel off a multiple.
-    keep = keep_one_per_slice(analysis, keep, score)
-    for group in analysis.groups:
-        ch = group.channels[candidate[group.channels]]
-        if not ch.numel():
-            continue
-        kept = int(keep[ch].sum()) + int((~candidate[group.channels]).sum())
-        total = group.channels.numel()
-        want = max(kept, 1)
-        if align:
-            want = min(total, max(align, -(-want // align) * align))
-        extra = want - kept
-        if extra > 0:
-            dropped = ch[~keep[ch]]
-            keep[dropped[torch.topk(score[dropped], min(extra, dropped.numel())).indices]] = True
-    if multiple and not align:
-        keep = _round_to_multiples(analysis, keep, score, candidate, own, multiple, cost)
-    return balance_grouped(analysis, keep, score)
+
+    analysis: ChannelAnalysis
+    score: torch.Tensor
+    candidate: torch.Tensor
+    own: Mapping[int, float] = field(default_factory=dict)
+    power: float = 1.0
+    sqrt_groups: Mapping[int, float] = field(default_factory=dict)
+    hardware_multiples: bool = False
 
 
-def _round_to_multiples(analysis: ChannelAnalysis, keep: torch.Tensor, score: torch.Tensor, candidate: torch.Tensor,
-                        own: Mapping[int, float], multiple: int, cost: torch.Tensor | None) -> torch.Tensor:
-    """Each eligible group's kept count ``k`` becomes ``floor(k)`` or ``floor(k) + multiple`` (multiples of
-    ``multiple``; ``floor(k) + multiple`` capped at the group's width), within one multiple of ``k``.
+@dataclass
+class Selection:
+    """The kept channels, one bool vector per ``Channels`` given, and for a MAC or latency target what was
+    reached (``graph_record(gm).target``, which the report shows)."""
 
-    Eligible: a global group (no density of its own: those keep the count asked for) whose channels are all
-    candidates, at least ``MULTIPLE_MIN_WIDTH`` multiples wide, keeping at least one multiple and a count
-    that is not one already, and not tied to a grouped conv with several channels per conv group (those
-    counts follow the conv groups). Every eligible group first rounds down (its lowest-scored kept channels
-    go); then groups round back up (their best-scored dropped channels return), those that lost the most
-    first, then lowest ``cost`` (activation elements per MAC: compute-bound layers before memory-bound
-    ones), while that brings the total closer to the threshold's count. So each count moves to its nearest
-    multiple unless the total needs otherwise, and the kept channels stay those the scores rank best.
-    Rounding down removes a padded block's whole time; rounding up adds MACs the padded kernel already ran.
+    keeps: list[torch.Tensor]
+    record: TargetRecord | None = None
+
+
+def select(gm: fx.GraphModule, channels: Sequence[Channels], target: Target) -> Selection:
+    """The channels to keep in each analysis of ``gm`` for ``target`` (see the module docstring)."""
+    if not channels:
+        raise ValueError("select needs the channels of at least one analysis, got none")
+    first = channels[0]
+    if target.latency is not None:
+        if len(channels) > 1:
+            raise ValueError(f"a latency target selects the channels of one analysis, got {len(channels)}: the "
+                             "latency model has no timings of head_dim widths; give a MAC target instead")
+        sel = select_for_latency(gm, first.analysis, first.score, first.candidate, first.own, target.latency,
+                                 placeholder_inputs(gm), align=target.align)
+        return Selection([sel.keep], sel.target_record())
+    fixed = target.align if isinstance(target.align, int) else None
+    rounding = [{"multiple": HW_MULTIPLE, "cost": memory_cost(gm, c.analysis)}
+                if c.hardware_multiples and fixed is None else {} for c in channels]
+
+    def pick(density: float) -> list[torch.Tensor]:
+        """Kept channels of every analysis at one global density."""
+        keeps = []
+        for c, extra in zip(channels, rounding, strict=True):
+            own = {**{g: max(density ** 0.5, least) for g, least in c.sqrt_groups.items()}, **c.own}
+            keeps.append(select_channels(c.analysis, c.score, c.candidate, density ** c.power, own, fixed, **extra))
+        return keeps
+
+    if target.flops is not None:
+        chosen = _search_flops(gm, [c.analysis for c in channels], pick, target.flops)
+    else:
+        chosen = Selection(pick(target.density))
+    if target.align == "auto":
+        # "auto" starts from the rounded counts and may round further up, where the device runs those faster
+        model = LatencyModel.build(gm, first.analysis, placeholder_inputs(gm))
+        chosen.keeps[0], _ = auto_align(model, first.analysis, chosen.keeps[0], first.score, first.candidate)
+    return chosen
+
+
+def _search_flops(gm: fx.GraphModule, analyses: Sequence[ChannelAnalysis],
+                  pick: Callable[[float], list[torch.Tensor]], flops: float) -> Selection:
+    """Largest global density whose thinned MACs stay within ``flops`` of the dense MACs.
+
+    ``pick(density)`` gives the kept channels of every analysis at a density. The MAC fraction only grows
+    with the density, so a bisection over it finds the threshold.
     """
-    tied = torch.zeros(analysis.num_channels, dtype=torch.bool)
-    for gc in analysis.grouped:
-        if gc.out_atoms.numel() > gc.groups:  # several channels per conv group
-            tied[analysis.channel_of[gc.out_atoms]] = True
-    keep = keep.clone()
-    rounded: list[tuple[int, float, int, torch.Tensor, int]] = []  # (-removed, cost, group id, channels, room)
-    deficit = 0
-    for group in analysis.groups:
-        ch = group.channels
-        total = ch.numel()
-        k = int(keep[ch].sum())
-        if (group.id in own or total < MULTIPLE_MIN_WIDTH * multiple or k < multiple or k % multiple == 0
-                or not bool(candidate[ch].all()) or bool(tied[ch].any())):
-            continue
-        down = k % multiple
-        kept = ch[keep[ch]]
-        keep[kept[torch.topk(score[kept], down, largest=False).indices]] = False
-        deficit += down
-        c = float(cost[ch].mean()) if cost is not None else 0.0
-        rounded.append((-down, c, group.id, ch, min(multiple, total - (k - down))))
-    added = 0
-    for *_, ch, room in sorted(rounded, key=lambda r: r[:3]):
-        if abs(deficit - added - room) >= abs(deficit - added):
-            continue  # rounding this group up would move the total away from the threshold's count
-        dropped = ch[~keep[ch]]
-        keep[dropped[torch.topk(score[dropped], room).indices]] = True
-        added += room
-    return keep
-
-
-def memory_cost(gm: fx.GraphModule, analysis: ChannelAnalysis) -> torch.Tensor:
-    """Per channel id: activation elements per MAC of the nodes that carry the channel (from shapes only).
-
-    Each node with channel-carrying output adds its output elements per channel; each conv / linear / matmul
-    adds its MACs per output channel to its output channels and per input channel to its input channels.
-    High-resolution layers (stems, depthwise convs, norms and activations on large maps) score high: their
-    time is memory traffic rather than MACs. Channels that no MAC touches get ``inf``.
-    """
-    n = analysis.num_channels
-    elems, macs = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    nodes = {node.name: node for node in gm.graph.nodes}
-    grouped = {gc.node for gc in analysis.grouped}
-    for c in profile_costs(gm, count_nonzero=False):  # shapes and MACs only: no pass over the weights
-        info = analysis.infos.get(c.name)
-        out = info.atoms if isinstance(info, ChanInfo) and info.atoms.numel() else None
-        if out is not None and c.output_shape:
-            numel = float(torch.Size(c.output_shape).numel())
-            elems.index_add_(0, analysis.channel_of[out], torch.full((out.numel(),), numel / out.numel(),
-                                                                   dtype=torch.float64))
-        if not c.macs:
-            continue
-        ins = None
-        node = nodes.get(c.name)
-        if c.kind in ("conv", "conv_transpose", "linear") and node is not None and node.name not in grouped and node.args:
-            x = analysis.infos.get(getattr(node.args[0], "name", None))
-            ins = x.atoms if isinstance(x, ChanInfo) and x.atoms.numel() else None
-        for atoms in (out, ins):
-            if atoms is not None:
-                macs.index_add_(0, analysis.channel_of[atoms], torch.full((atoms.numel(),), c.macs / atoms.numel(),
-                                                                        dtype=torch.float64))
-    return torch.where(macs > 0, elems / macs.clamp(min=1e-12), torch.full((n,), float("inf"), dtype=torch.float64))
+    macs = MacModel(gm, analyses)
+    lo, hi = 0.0, 1.0
+    best = pick(1e-9)
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        keeps = pick(mid)
+        if macs.fraction(keeps) <= flops:
+            lo, best = mid, keeps
+        else:
+            hi = mid
+    return Selection(best, TargetRecord("flops", flops, macs.fraction(best), lo))

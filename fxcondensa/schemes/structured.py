@@ -16,8 +16,7 @@ Example:
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,23 +24,16 @@ import torch.fx as fx
 from torch import nn
 
 from .. import nn as fxnn
-from ..capture.records import TargetRecord, graph_record
+from ..capture.records import graph_record
 from ..passes.analysis import analyze
 from ..passes.annotate import annotate_param, param_owners
-from ..passes.costs import profile_costs
 from ..rules.api import ChanInfo, ChannelAnalysis, host
-from ..rules.attention import head_channels, head_dim_channels
+from ..rules.heads import head_channels, head_dim_channels
 from .base import Scheme, _LayerSelection, _match, validate_density
 from .calibration import CALIBRATED_CRITERIA, Calibration, calibrated_scores, measure
-from .latency_model import (
-    LatencyModel,
-    auto_align,
-    placeholder_inputs,
-    select_for_latency,
-    validate_target_latency,
-)
+from .latency_model import validate_target_latency
 from .scores import channel_scores, check_criteria
-from .selection import HW_MULTIPLE, memory_cost, select_channels
+from .selection import Channels, Target, select, select_channels
 
 __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "select_channels", "ATTENTION_CHOICES"]
 
@@ -62,7 +54,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
 
     Without ``align``, the kept count of every group at least 64 channels wide (and not given a density of
     its own) goes to its nearest multiple of 8, the total kept count staying within 4 channels of the
-    density's (``schemes.selection``): CPU and GPU kernels pad channel counts to such multiples, so 33
+    density's (``schemes.threshold``): CPU and GPU kernels pad channel counts to such multiples, so 33
     channels run like 40. Ties go to rounding down memory-bound groups (activation elements per MAC).
     ``align=N`` instead rounds every group up to a multiple of N; ``align="auto"`` starts from the rounded
     counts and rounds up to the multiple a measured latency model predicts fastest.
@@ -237,42 +229,19 @@ class _ChannelPrune(Scheme, _LayerSelection):
         candidate &= ~torch.isnan(score)
         if self.uniform:  # every group keeps the same share: equal layers keep equal counts
             own = {**{g.id: self.density for g in analysis.groups if bool(candidate[g.channels].any())}, **own}
-        fixed = None if self.align == "auto" else self.align
-        pick_columns = self._column_selector(gm, columns, excluded, stats) if columns is not None else None
-        keep_columns = None
-        if self.target_latency is not None:
-            sel = select_for_latency(gm, analysis, score, candidate, own, self.target_latency,
-                                     placeholder_inputs(gm), align=self.align)
-            graph_record(gm).target = sel.target_record()  # the report shows target and measured fraction
-            keep = sel.keep
-        else:
-            # Without an explicit align, wide groups round to the nearest hardware multiple (total kept count
-            # unchanged to within half a multiple); "auto" starts from those counts and may round further up.
-            rounding = ({} if isinstance(self.align, int)
-                        else {"multiple": HW_MULTIPLE, "cost": memory_cost(gm, analysis)})
+        chosen = [Channels(analysis, score, candidate, own, sqrt_groups=head_groups, hardware_multiples=True)]
+        if columns is not None and (cols := self._columns(gm, columns, excluded, stats)) is not None:
+            chosen.append(cols)
+        sel = select(gm, chosen, Target(self.density, self.target_flops, self.target_latency, self.align))
+        if sel.record is not None:
+            graph_record(gm).target = sel.record  # the report shows the target and the fraction reached
+        for c, keep in zip(chosen, sel.keeps, strict=True):
+            self._annotate_masks(gm, c.analysis, keep)
 
-            def pick(density: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-                """Kept channels of both analyses at one global density."""
-                own_d = {**{g: max(density ** 0.5, least) for g, least in head_groups.items()}, **own}
-                keep = select_channels(analysis, score, candidate, density, own_d, fixed, **rounding)
-                return keep, (pick_columns(density) if pick_columns is not None else None)
-
-            if self.target_flops is None:
-                keep, keep_columns = pick(self.density)
-            else:
-                keep, keep_columns = self._search_flops(gm, [analysis] + ([columns] if columns is not None else []),
-                                                        pick)
-            if self.align == "auto":
-                model = LatencyModel.build(gm, analysis, placeholder_inputs(gm))
-                keep, _ = auto_align(model, analysis, keep, score, candidate)
-        self._annotate_masks(gm, analysis, keep)
-        if columns is not None and keep_columns is not None:
-            self._annotate_masks(gm, columns, keep_columns)
-
-    def _column_selector(self, gm: fx.GraphModule, analysis: ChannelAnalysis, excluded: set[str],
-                         stats: dict[str, torch.Tensor] | None = None) -> Callable[[float], torch.Tensor] | None:
-        """Which head_dim columns stay at a global density, as a function of it (None when every head_dim is
-        frozen: the thinning record says why).
+    def _columns(self, gm: fx.GraphModule, analysis: ChannelAnalysis, excluded: set[str],
+                 stats: dict[str, torch.Tensor] | None = None) -> Channels | None:
+        """The head_dim columns as a selection sees them (None when every head_dim is frozen: the thinning
+        record says why).
 
         The columns are the channels of a second analysis of the same graph, in which column ``j`` of every
         head of an attention is one channel (``analyze(gm, head_dim=True)``; ``thin`` removes them in its
@@ -289,40 +258,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
         candidate &= ~torch.isnan(score)
         if not bool(candidate.any()):
             return None
-        fixed = None if self.align == "auto" else self.align
-        both = self.attention == "both"
-
-        def pick(density: float) -> torch.Tensor:
-            return select_channels(analysis, score, candidate, density ** 0.5 if both else density, {}, fixed)
-
-        return pick
-
-    def _search_flops(self, gm: fx.GraphModule, analyses: Sequence[ChannelAnalysis],
-                      pick: Callable[[float], tuple[torch.Tensor, torch.Tensor | None]],
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Largest global density whose thinned MACs stay within ``target_flops`` of the dense MACs.
-
-        ``pick(density)`` gives the kept channels of the channel analysis and of the head_dim analysis (None
-        without one) at a density; ``analyses`` are those analyses, in that order. The MAC fraction only grows
-        with the density, so a bisection over it finds the threshold; the reached fraction is recorded in
-        ``graph_record(gm).target`` for the report.
-        """
-        macs = _MacModel(gm, analyses)
-
-        def fraction(keeps: tuple[torch.Tensor, torch.Tensor | None]) -> float:
-            return macs.fraction([k for k in keeps if k is not None])
-
-        lo, hi = 0.0, 1.0
-        best = pick(1e-9)
-        for _ in range(24):
-            mid = (lo + hi) / 2
-            keeps = pick(mid)
-            if fraction(keeps) <= self.target_flops:
-                lo, best = mid, keeps
-            else:
-                hi = mid
-        graph_record(gm).target = TargetRecord("flops", self.target_flops, fraction(best), lo)
-        return best
+        return Channels(analysis, score, candidate, power=0.5 if self.attention == "both" else 1.0)
 
     def _annotate_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor) -> None:
         params = dict(gm.named_parameters())
@@ -375,141 +311,6 @@ def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool
         acc.index_add_(0, ch, r.pow(2))
         count.index_add_(0, ch, torch.ones(len(ch)))
     return torch.where(count > 0, (acc / count.clamp(min=1)).sqrt(), torch.full((n,), float("nan")))
-
-
-# One tensor dim a MAC term scales with: per analysis that tracks it, the channel id of each index along it.
-_Axis = list[tuple[int, torch.Tensor]]
-
-
-class _MacModel:
-    """MACs of a thinned model estimated from kept channels, without building it.
-
-    Each node's dense MACs (from ``profile_costs``) scale with the kept fraction of every tracked dim its
-    cost is a product over: its output channels; for a conv / linear the input channels it sums over; for a
-    matmul the contracted dim of its first operand where that dim is tracked (``q @ k^T`` over head_dim
-    columns); for ``scaled_dot_product_attention`` the query's heads and columns for ``q @ k^T`` and the
-    query's heads and the value's columns for ``attn @ v``; for a ``MultiheadAttention`` its heads and
-    columns, times the input channels for the in-projection and the output channels for the out-projection.
-
-    ``analyses`` are the channel analysis and, with head_dim pruning, the head_dim analysis of the same graph
-    (``fraction`` takes one keep vector per analysis). A dim both analyses track (the q/k/v projection's
-    rows: heads in one, columns in the other) keeps the indices both keep; dims tracked apart multiply.
-
-    Example:
-        >>> import torch, fxcondensa
-        >>> from fxcondensa.passes.analysis import analyze
-        >>> gm = fxcondensa.trace(fxcondensa.models.LeNet5(), torch.randn(1, 1, 28, 28))
-        >>> a = analyze(gm)
-        >>> keep = torch.ones(a.num_channels, dtype=torch.bool)
-        >>> _MacModel(gm, [a]).fraction([keep])
-        1.0
-        >>> keep[a.groups[0].channels[:10]] = False  # half of conv1's filters: conv1, its ReLU and pool, conv2's input
-        >>> round(_MacModel(gm, [a]).fraction([keep]), 3)
-        0.589
-    """
-
-    def __init__(self, gm: fx.GraphModule, analyses: Sequence[ChannelAnalysis]):
-        self.analyses = list(analyses)
-        self.terms: list[tuple[float, list[_Axis]]] = []
-        nodes = {n.name: n for n in gm.graph.nodes}
-        self.total = 0.0
-        for cost in profile_costs(gm, count_nonzero=False):
-            if not cost.macs:
-                continue
-            self.total += cost.macs
-            node = nodes[cost.name]
-            module = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if isinstance(module, (nn.MultiheadAttention, fxnn.ThinMultiheadAttention)):
-                self.terms.extend(self._mha_terms(node, module, float(cost.macs)))
-            elif getattr(getattr(node.target, "overloadpacket", node.target), "__name__", "") \
-                    == "scaled_dot_product_attention":
-                self.terms.extend(self._sdpa_terms(node, float(cost.macs)))
-            else:
-                self.terms.append((float(cost.macs), self._axes(node, cost.kind)))
-
-    def _tracked(self, node: Any, *, last_only: bool = False) -> dict[int, _Axis]:
-        """The tracked dims of ``node``'s output, by dim, in every analysis (``last_only``: its last dim)."""
-        axes: dict[int, _Axis] = {}
-        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-        ndim = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-        for i, a in enumerate(self.analyses):
-            info = a.infos.get(getattr(node, "name", None))
-            if not isinstance(info, ChanInfo) or not info.atoms.numel():
-                continue
-            dim = info.dim % ndim if ndim else info.dim
-            if not last_only or (ndim is not None and dim == ndim - 1):
-                axes.setdefault(dim, []).append((i, a.channel_of[info.atoms]))
-        return axes
-
-    def _axes(self, node: fx.Node, kind: str) -> list[_Axis]:
-        target = getattr(node.target, "overloadpacket", node.target)
-        name = getattr(target, "__name__", str(target))
-        axes = list(self._tracked(node).values())
-        # addmm / baddbmm take the bias first; their input is the second argument
-        arg = node.args[1] if ("addmm" in name or "addbmm" in name) and len(node.args) > 1 else \
-            node.args[0] if node.args else None
-        if kind in ("conv", "conv_transpose", "linear"):
-            # a grouped conv's input channels are its output channels (counted once)
-            axes += [[(i, ch) for i, ch in axis if node.name not in {g.node for g in self.analyses[i].grouped}]
-                     for axis in self._tracked(arg).values()]
-        elif kind == "matmul":
-            axes += list(self._tracked(arg, last_only=True).values())  # the contracted dim
-        return [axis for axis in axes if axis]
-
-    def _sdpa_terms(self, node: fx.Node, macs: float) -> list[tuple[float, list[_Axis]]]:
-        """``q @ k^T`` (the query's heads and columns) and ``attn @ v`` (the query's heads, the value's
-        columns), split as the cost rule counts them: in proportion to the two head_dims."""
-        q = node.args[0] if node.args else None
-        v = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
-        shapes = [getattr(a.meta.get("tensor_meta"), "shape", None) if isinstance(a, fx.Node) else None
-                  for a in (q, v)]
-        if shapes[0] is None:
-            return [(macs, [])]
-        dq = shapes[0][-1]
-        dv = shapes[1][-1] if shapes[1] is not None else dq
-        last = len(shapes[0]) - 1
-        q_axes = self._tracked(q)
-        qk = list(q_axes.values())
-        av = [axis for d, axis in q_axes.items() if d != last] + list(self._tracked(v, last_only=True).values())
-        return [(macs * dq / (dq + dv), [a for a in qk if a]), (macs * dv / (dq + dv), [a for a in av if a])]
-
-    def _mha_terms(self, node: fx.Node, m: nn.Module, macs: float) -> list[tuple[float, list[_Axis]]]:
-        """``tokens * (3 * inner * e_in + inner * e_out + 2 * seq * inner)`` (the MultiheadAttention cost
-        rule): the inner width (heads x head_dim, read off the in-projection's rows) scales all three, the
-        input channels the in-projection and the output channels the out-projection."""
-        x = node.args[0] if node.args else None
-        meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
-        if meta is None or not hasattr(meta, "shape") or len(meta.shape) < 2:
-            return [(macs, [])]
-        seq = meta.shape[1] if getattr(m, "batch_first", False) else meta.shape[0]
-        e_in = m.in_proj_weight.shape[1]
-        e_out = (m.out_weight if isinstance(m, fxnn.ThinMultiheadAttention) else m.out_proj.weight).shape[0]
-        w_in = f"{node.target}.in_proj_weight"
-        inner = [(i, a.channel_of[s.atoms]) for i, a in enumerate(self.analyses) for s in a.slices
-                 if s.path == w_in and s.dim == 0]
-        out = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), None)
-        ins, outs = list(self._tracked(x).values()), list(self._tracked(out).values())
-        parts = ((3 * e_in, ins), (e_out, outs), (2 * seq, []))
-        total = sum(p for p, _ in parts)
-        return [(macs * p / total, [axis for axis in [inner, *extra] if axis]) for p, extra in parts]
-
-    def fraction(self, keeps: Sequence[torch.Tensor]) -> float:
-        """Estimated thinned MACs over dense MACs; ``keeps``: one bool per channel id of each analysis."""
-        kept = 0.0
-        for macs, axes in self.terms:
-            f = macs
-            for axis in axes:
-                ks = [keeps[i][ch] for i, ch in axis]
-                if all(k.shape == ks[0].shape for k in ks):  # an index stays where every analysis keeps it
-                    both = ks[0]
-                    for k in ks[1:]:
-                        both = both & k
-                    f *= float(both.double().mean())
-                else:
-                    for k in ks:
-                        f *= float(k.double().mean())
-            kept += f
-        return kept / self.total if self.total else 1.0
 
 
 class NeuronPrune(_ChannelPrune):
