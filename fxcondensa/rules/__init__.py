@@ -2,7 +2,7 @@
 
 Importing this package registers them; ``passes/analysis.py`` and ``passes/costs.py`` import it, so every
 pass sees the same table. A new rule goes into the module of its family (or a new one imported here):
-``layers`` (weights: conv, linear, per-channel norms, PReLU), ``norms`` (LayerNorm / RMSNorm over the
+``layers`` (weights: conv, linear), ``channel_norms`` (BatchNorm, InstanceNorm, GroupNorm, PReLU), ``norms`` (LayerNorm / RMSNorm over the
 channel dim), ``attention`` (matmul and attention; ``heads`` answers which channels are heads), ``swin``
 (torchvision's Swin functions), ``elementwise`` (activations, clamps, pools, binary ops, softmax, pad),
 ``operands`` (parameters and buffer tables as operands of binary ops), ``shapes`` (reshapes, cat, split,
@@ -12,6 +12,7 @@ another family's op refines that op's entry (``registry.refine_rule``).
 
 from . import (
     attention,
+    channel_norms,
     elementwise,
     embedding,
     heads,
@@ -24,7 +25,7 @@ from . import (
     swin,
 )
 
-__all__ = ["attention", "elementwise", "embedding", "heads", "indexing", "layers", "norms", "operands", "recurrent",
+__all__ = ["attention", "channel_norms", "elementwise", "embedding", "heads", "indexing", "layers", "norms", "operands", "recurrent",
            "shapes", "swin", "register_optional_rules"]
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from .. import nn as fxnn
 from . import shapes  # noqa: F401  (registered first: the mean entry refined here is shapes')
 from .api import ChanInfo, KeptView, RuleContext, host, node_arg, node_shape, tensor_at
-from .layers import norm_cost
+from .channel_norms import norm_cost
 from .registry import refine_rule, register_rule
 
 aten = torch.ops.aten
