@@ -17,7 +17,8 @@ the model is built); extra peak RSS is that peak minus the RSS after building th
 multiple of the model's bytes (parameters and buffers).
 
 ``--profile`` runs one ``thin`` of the first model under cProfile (in a fresh process) and splits its time
-into capture (torch.export), scheme (scores and masks), analysis, slicing and check.
+into capture (torch.export), scheme (scores and masks) and the thinning pass (channel analysis, slicing,
+check).
 
 Usage::
 
@@ -163,14 +164,19 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- profile
 
-PHASES = {  # (file suffix, function) whose cumulative time is the phase's
+# Top-level phases of one thin (file suffix, function): their cumulative times do not nest in one another.
+PHASES = {
     "capture (torch.export)": [("capture/graph.py", "trace")],
-    "scheme (scores, masks)": [("schemes/structured.py", "pi"), ("schemes/structured.py", "delta")],
-    "channel analysis": [("passes/analysis.py", "analyze"), ("passes/analysis.py", "removable_channels"),
-                         ("passes/analysis.py", "balance_grouped")],
-    "slicing": [("passes/slicing.py", "apply_keep")],
-    "check": [("passes/thin.py", "_check")],
+    "scheme (scores, masks; its own channel analysis)": [("schemes/base.py", "pi"), ("schemes/base.py", "delta")],
+    "thinning pass": [("passes/thin.py", "thin_graph")],
 }
+# Parts of the thinning pass; what is left of it is its channel analysis (two stages: channels, head_dim).
+PASS_PARTS = {"slicing": [("passes/slicing.py", "apply_keep")], "check": [("passes/thin.py", "_check")]}
+
+
+def _cumulative(stats: dict, functions: list[tuple[str, str]]) -> float:
+    return sum(v[3] for (path, _line, name), v in stats.items()
+               if any(path.endswith(suffix) and name == fn for suffix, fn in functions))
 
 
 def profile(spec: dict[str, Any]) -> dict[str, Any]:
@@ -189,14 +195,11 @@ def profile(spec: dict[str, Any]) -> dict[str, Any]:
         prof.runcall(fxcondensa.thin, model, StructurePrune(RATIO), inputs)
     total = time.perf_counter() - start
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
-    phases: dict[str, float] = {}
-    for phase, functions in PHASES.items():
-        seconds = 0.0
-        for (path, _line, name), (_cc, _nc, _tt, cumtime, _callers) in stats.items():
-            if any(path.endswith(suffix) and name == fn for suffix, fn in functions):
-                seconds += cumtime
-        phases[phase] = round(seconds, 2)
+    phases = {phase: round(_cumulative(stats, fns), 2) for phase, fns in PHASES.items()}
     phases["other"] = round(total - sum(phases.values()), 2)
+    parts = {part: round(_cumulative(stats, fns), 2) for part, fns in PASS_PARTS.items()}
+    parts["channel analysis and the rest"] = round(phases["thinning pass"] - sum(parts.values()), 2)
+    phases["thinning pass: " + ", ".join(f"{k} {v} s" for k, v in parts.items())] = phases["thinning pass"]
     top = sorted(stats.items(), key=lambda kv: -kv[1][3])
     hot = [f"{Path(p).name}:{n} {v[3]:.2f}s" for (p, _l, n), v in top if "fxcondensa" in p][:12]
     return {**spec, "seconds": round(total, 2), "phases": phases, "hot_fxcondensa_functions": hot}
@@ -260,6 +263,7 @@ def main() -> None:
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="also cProfile one thin of the last model (bf16)")
+    parser.add_argument("--profile-only", action="store_true", help="only the profile (no timed runs)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--out", default=str(HERE / "results" / "llm_scale.json"))
     args = parser.parse_args()
@@ -274,7 +278,7 @@ def main() -> None:
         contenders.remove("torch-pruning")
         skipped.append("torch-pruning: not installed (pip install torch-pruning, the bench extra)")
     rows: list[dict[str, Any]] = []
-    for name in args.models:
+    for name in [] if args.profile_only else args.models:
         for dtype in args.dtypes:
             for rep in range(args.repeats):
                 order = contenders if rep % 2 == 0 else contenders[::-1]  # alternate who goes first
@@ -285,7 +289,7 @@ def main() -> None:
                     rows.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
     profiled = None
-    if args.profile:
+    if args.profile or args.profile_only:
         profiled = run_fresh("--profile-worker", {"model": args.models[-1], "dtype": "bfloat16"}, args.timeout)
     import torch
 
