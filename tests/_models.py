@@ -16,7 +16,7 @@ from torch import nn
 
 from fxcondensa.models import LeNet5
 
-__all__ = ["LeNet5", "MLP", "ConvBN", "Tied", "state_hash", "lenet_input", "make_mlp", "make_convnet"]
+__all__ = ["Crash", "crashing_criterion", "LeNet5", "MLP", "ConvBN", "Tied", "state_hash", "lenet_input", "make_mlp", "make_convnet"]
 
 
 class MLP(nn.Module):
@@ -103,3 +103,21 @@ def bench_coverage() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class Crash(Exception):
+    """Raised by ``crashing_criterion``: a process killed in the middle of training, for resume tests."""
+
+
+def crashing_criterion(at: int):
+    """Cross-entropy that raises ``Crash`` on its ``at``-th call (counting every evaluation and SGD step)."""
+    calls = 0
+
+    def criterion(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            raise Crash
+        return nn.functional.cross_entropy(out, y)
+
+    return criterion

@@ -142,7 +142,7 @@ def test_thin_slices_cuda_weights_with_cpu_indices(mode):
 
 
 def test_thin_without_example_inputs_makes_them_where_the_model_lives(monkeypatch):
-    from fxcondensa.compression.apply import thinning as thin_pass
+    from fxcondensa.compression import thinning as thin_pass
 
     gm = fxcondensa.trace(fxcondensa.models.LeNet5(), torch.randn(2, 1, 28, 28))
     meta_model = gm.to("meta")  # a device other than the CPU that needs no GPU

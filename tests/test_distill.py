@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import Crash
+from _models import crashing_criterion as _crashing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_lc import run, tiny_model, tiny_problem
@@ -90,23 +92,6 @@ def test_distillation_keeps_whole_channels_of_a_structured_scheme():
     w = result.get_parameter("0.weight")
     rows = (w != 0).any(dim=1)
     assert rows.sum() == 32 and not w[~rows].any()
-
-
-class Crash(Exception):
-    pass
-
-
-def _crashing(at: int):
-    calls = 0
-
-    def criterion(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        if calls == at:
-            raise Crash
-        return nn.functional.cross_entropy(out, y)
-
-    return criterion
 
 
 def test_crashed_run_resumes_to_the_uninterrupted_result(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import Crash
+from _models import crashing_criterion as _crashing
 from test_lc import run, tiny_model, tiny_problem
 from torch import nn
 
@@ -57,23 +59,6 @@ def test_structured_scheme_keeps_whole_channels_and_batchnorm_is_recalibrated():
     x = tiny_problem()[0].tensors[0]
     h = result.get_submodule("0")(x)
     assert torch.allclose(bn.running_mean, h.mean(0), atol=0.05)  # statistics of the compressed layer
-
-
-class Crash(Exception):
-    pass
-
-
-def _crashing(at: int):
-    calls = 0
-
-    def criterion(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        if calls == at:
-            raise Crash
-        return nn.functional.cross_entropy(out, y)
-
-    return criterion
 
 
 @pytest.mark.parametrize("make", [lambda ckpt: FineTune(**SMALL, checkpoint=ckpt),

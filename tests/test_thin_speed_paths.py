@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 import fxcondensa
-from fxcondensa.capture.exported import graph as graph_module
+from fxcondensa.capture import graph as graph_module
 from fxcondensa.passes.analysis import analyze, keep_one_per_slice, removable_channels
 from fxcondensa.passes.costs import profile_costs
 from fxcondensa.passes.slicing import apply_keep
@@ -168,7 +168,7 @@ def test_tracing_needs_no_compiler_stack_and_keeps_torchs_stack_traces():
     script = textwrap.dedent("""
         import sys
         import torch, torchvision
-        from fxcondensa.capture.exported import graph
+        from fxcondensa.capture import graph
 
         model = torchvision.models.resnet18(weights=None)
         first = [(n.name, n.stack_trace) for n in graph._fx_trace(model, (), None).graph.nodes]

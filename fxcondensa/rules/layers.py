@@ -109,16 +109,29 @@ def conv_module(ctx: RuleContext, node: fx.Node) -> None:
           m.groups, m.in_channels, m.out_channels, node.target)
 
 
-def conv_function(ctx: RuleContext, node: fx.Node) -> None:
-    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` and ``aten.conv2d`` (same layout)."""
+def _functional_weights(ctx: RuleContext, node: fx.Node, what: str) -> tuple[str, str | None, nn.Parameter, int] | None:
+    """``(weight path, bias path, weight, groups)`` of a functional conv or transposed conv (weight at 1, bias at
+    2, groups at 6, as both take them) whose weight and bias are parameters; None once it has recorded why not
+    (a computed weight keeps its channels with that reason, a non-parameter weight is unsupported)."""
     w, b = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
     groups = node_arg(node, 6, "groups", 1)
     wpath, bpath = attr_path(w), attr_path(b)
     if wpath is None or (b is not None and bpath is None):
-        return _computed_weight(ctx, node, w, "conv")
+        _computed_weight(ctx, node, w, what)
+        return None
     wt = ctx.param(wpath)
     if not isinstance(wt, nn.Parameter) or not isinstance(groups, int):
-        return ctx.unsupported(node, "functional conv with a non-parameter weight or a computed group count")
+        ctx.unsupported(node, f"functional {what} with a non-parameter weight or a computed group count")
+        return None
+    return wpath, bpath, wt, groups
+
+
+def conv_function(ctx: RuleContext, node: fx.Node) -> None:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` and ``aten.conv2d`` (same layout)."""
+    found = _functional_weights(ctx, node, "conv")
+    if found is None:
+        return None
+    wpath, bpath, wt, groups = found
     # A grouped functional conv is tied like a module one; its weight's owner names it, and thinning
     # rewrites the group count in the call (``conv_function_rewrite``).
     owner = wpath.rsplit(".", 1)[0] if wpath.endswith(".weight") and "." in wpath else None
@@ -202,14 +215,10 @@ def conv_transpose_module(ctx: RuleContext, node: fx.Node) -> None:
 def conv_transpose_function(ctx: RuleContext, node: fx.Node) -> None:
     """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)`` and
     ``aten.conv_transpose2d`` (same layout) with parameter weights."""
-    w, b = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
-    groups = node_arg(node, 6, "groups", 1)
-    wpath, bpath = attr_path(w), attr_path(b)
-    if wpath is None or (b is not None and bpath is None):
-        return _computed_weight(ctx, node, w, "transposed conv")
-    wt = ctx.param(wpath)
-    if not isinstance(wt, nn.Parameter) or not isinstance(groups, int):
-        return ctx.unsupported(node, "functional transposed conv with a non-parameter weight or a computed group count")
+    found = _functional_weights(ctx, node, "transposed conv")
+    if found is None:
+        return None
+    wpath, bpath, wt, groups = found
     # A depthwise functional one is tied like a module one; thinning rewrites its group count in the call.
     owner = wpath.rsplit(".", 1)[0] if wpath.endswith(".weight") and "." in wpath else None
     _conv_t(ctx, node, node.args[0], wpath, bpath, groups, wt.shape[0], wt.shape[1] * groups, owner or node.name, owner)
