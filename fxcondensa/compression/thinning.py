@@ -61,10 +61,13 @@ def thin(
 
     With a ``scheme`` (e.g. ``StructurePrune(0.5)``) the model is compressed first; without one, the
     channels that are already zero across their whole group are removed (e.g. the output of L-C with a
-    structured scheme). The model is never modified. ``check=True`` compares the thinned model with the
-    compressed dense one on ``example_inputs`` (eval mode, rtol 1e-4, atol 1e-5) and raises
-    ``ThinningCheckError`` naming the first node that differs. ``strict=True`` raises ``UnknownOpError`` at
-    the first op the channel analysis has no rule for, instead of keeping its channels whole (see
+    structured scheme). The model is never modified (unless ``inplace=True``). ``check=True`` compares the
+    thinned model with the compressed dense one on ``example_inputs`` in eval mode: in the model's dtype with
+    that dtype's tolerance (float32 rtol 1e-4, atol 1e-5; bfloat16 and float16 looser, see
+    ``fxcondensa.passes.precision``), then, where rounding may explain a difference, again in float32 and
+    float64 at rtol 1e-4; it raises ``ThinningCheckError`` naming the first node that differs.
+    ``strict=True`` raises ``UnknownOpError`` at the first op the channel analysis has no rule for
+    (``RuleFailedError`` where an op's rule fails on a call), instead of keeping its channels whole (see
     ``fxcondensa.register_rule``). ``leaf_modules``, ``concrete_args`` and ``capture`` are passed to ``trace``:
     a model torch.fx cannot trace symbolically is captured with ``torch.export`` (``capture="auto"``), and
     ``example_inputs`` may be a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``);
