@@ -6,7 +6,8 @@ contender on one model:
 
 - ``thin``: ``fxcondensa.thin(model, StructurePrune(0.5), {"input_ids", "attention_mask"})`` (capture,
   compress, thin, check; the user's model is untouched);
-- ``thin-inplace``: the same with ``inplace=True``, where this version of ``thin`` has it (skipped otherwise);
+- ``thin-inplace``: the same with ``inplace=True, output="auto"`` (the model object itself thinned), where this
+  version of ``thin`` has it (skipped otherwise);
 - ``torch-pruning``: Torch-Pruning's in-place pruning of the same model at the same ratio (magnitude
   importance; MLP channels, whole heads and the hidden size, as its LLM example does), with the key-value
   cache off (with it on, its graph building did not finish); no check of the result.
@@ -146,7 +147,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             import fxcondensa
             from fxcondensa.schemes import StructurePrune
 
-            kwargs = {"inplace": True} if spec["contender"] == "thin-inplace" else {}
+            # In place, thin hands back the model object itself: the user's own class (output="auto").
+            kwargs = {"inplace": True, "output": "auto"} if spec["contender"] == "thin-inplace" else {}
             result = fxcondensa.thin(model, StructurePrune(RATIO), inputs, **kwargs)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
