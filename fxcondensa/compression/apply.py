@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture.graph import trace
+from ..passes.layers import weight_layers
 from ..schemes import LINEAR_CONV, check_scheme
 
 __all__ = ["compress", "density", "layer_densities"]
@@ -43,8 +44,12 @@ def compress(model: nn.Module, scheme: Any, example_inputs: Any = None, *,
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{n}.weight": m.weight for n, m in model.named_modules()
-            if isinstance(m, LINEAR_CONV) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    """The Linear / Conv weights by parameter name; a captured graph's as its ops use them (an export capture
+    keeps no ``nn.Linear`` modules, only their parameters)."""
+    layers = weight_layers(model) if isinstance(model, fx.GraphModule) else {}
+    layers.update((n, m) for n, m in model.named_modules()
+                  if n not in layers and isinstance(m, LINEAR_CONV) and isinstance(getattr(m, "weight", None), torch.Tensor))
+    return {f"{n}.weight": m.weight for n, m in layers.items()}
 
 
 def layer_densities(model: nn.Module) -> dict[str, float]:

@@ -26,6 +26,7 @@ from torch import nn
 from .. import functional as F
 from ..capture.graph import trace
 from ..passes.annotate import annotate_param, apply_annotations, param_owners
+from ..passes.layers import LAYER_KINDS, weight_layers
 
 __all__ = ["Scheme", "Prune", "Quantize", "BlockPrune", "Compose", "is_scheme", "check_scheme", "validate_density"]
 
@@ -100,20 +101,6 @@ class Scheme:
         return hash(repr(self))
 
 
-def _layers(gm: fx.GraphModule, types: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
-    """Called modules of the given types, by qualified name, in graph order.
-
-    Modules marked ``condensa_nocompress`` (Condensa's opt-out attribute) are skipped.
-    """
-    found: dict[str, nn.Module] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target not in found:
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, types) and not hasattr(mod, "condensa_nocompress"):
-                found[node.target] = mod
-    return found
-
-
 def _match(names: Iterable[str], pattern: str, what: str) -> list[str]:
     """Layer names matching a name or fnmatch pattern; a pattern that matches nothing is an error."""
     names = list(names)
@@ -163,7 +150,7 @@ class Prune(Scheme, _LayerSelection):
         self._init_selection(layers, exclude)
 
     def annotate(self, gm: fx.GraphModule) -> None:
-        candidates = _layers(gm, LINEAR_CONV)
+        candidates = weight_layers(gm, LAYER_KINDS)
         rest, own = self._split(candidates)
         owners = param_owners(gm)
         jobs = [(rest, self.density)] + [([n], d) for n, d in own.items()]
@@ -201,7 +188,7 @@ class Quantize(Scheme, _LayerSelection):
         self._init_selection(None, exclude)
 
     def annotate(self, gm: fx.GraphModule) -> None:
-        rest, _ = self._split(_layers(gm, LINEAR_CONV))
+        rest, _ = self._split(weight_layers(gm, LAYER_KINDS))
         owners = param_owners(gm)
         for n in rest:
             for attr, p in gm.get_submodule(n).named_parameters(recurse=False):
@@ -234,7 +221,7 @@ class BlockPrune(Scheme, _LayerSelection):
         self._init_selection(layers, exclude)
 
     def annotate(self, gm: fx.GraphModule) -> None:
-        candidates = _layers(gm, (nn.Linear,))
+        candidates = weight_layers(gm, ("linear",))
         rest, own = self._split(candidates)
         criteria = F.resolve_criteria(self.criteria)
         r, c = self.block_size
