@@ -101,6 +101,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
     """
 
     _producer_kinds: tuple[str, ...] = ()  # which producers' channels this scheme may prune
+    masks_only = True  # annotate records masks and nothing else (thin then keeps them aside: no copy)
 
     def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "bn_or_l2norm",
                  prune_bias: bool = True, layers: Mapping[str, float] | None = None,
@@ -272,9 +273,10 @@ class _ChannelPrune(Scheme, _LayerSelection):
                 continue
             shape = [1] * params[s.path].dim()
             shape[s.dim] = -1
-            # Masks live with their parameter, so that applying them never moves a weight off its device.
+            # Masks live with their parameter, so that applying them never moves a weight off its device; an
+            # expanded view of the keep vector costs no memory (a full bool mask is half a bfloat16 weight).
             param = params[s.path]
-            mask = torch.empty_like(param, dtype=torch.bool).copy_(k.view(shape).expand(param.shape))
+            mask = k.to(param.device).view(shape).expand(param.shape)
             annotate_param(gm, s.path, mask=mask, owners=owners)
 
 
