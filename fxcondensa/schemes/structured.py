@@ -32,7 +32,7 @@ from ..rules.heads import head_channels, head_dim_channels
 from .base import Scheme, _LayerSelection, _match, validate_density
 from .calibration import CALIBRATED_CRITERIA, Calibration, calibrated_scores, measure
 from .latency_model import validate_target_latency
-from .scores import channel_scores, check_criteria
+from .scores import channel_scores, check_criteria, row_scores
 from .selection import Channels, Target, select, select_channels
 
 __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "select_channels", "ATTENTION_CHOICES"]
@@ -305,8 +305,7 @@ def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool
     for s in analysis.slices:
         if s.role not in ("producer", "consumer") or s.path not in params:
             continue
-        w = params[s.path].detach().float()
-        r = host(w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1).pow(2).sum(1).sqrt())
+        r = host(row_scores(params[s.path], s.dim, lambda rows: rows.pow(2).sum(1).sqrt()))
         if normalize:
             r = r / r.mean().clamp(min=torch.finfo(torch.float32).tiny)
         ch = analysis.channel_of[s.atoms]
