@@ -26,6 +26,7 @@ Usage::
     python bench/llm_scale.py --quick                 # a small model, one repeat: a smoke test
     python bench/llm_scale.py                         # the 2- and 4-layer hidden-2048 models, bf16 and fp32
     python bench/llm_scale.py --profile               # also where the time of one thin goes
+    python bench/llm_scale.py --models 1B-llama3.2 --dtypes bfloat16   # Llama-3.2-1B's shape
 
 Writes ``bench/results/llm_scale.json`` (``--out``) and prints a table.
 """
@@ -54,6 +55,10 @@ MODELS: dict[str, dict[str, int]] = {
                 "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
     "4L-2048": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4,
                 "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
+    # Llama-3.2-1B's shape (its input embedding and output head are one tensor): 1.24B parameters.
+    "1B-llama3.2": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                    "tie_word_embeddings": True},
 }
 CONTENDERS = ("thin", "thin-inplace", "torch-pruning")
 RATIO = 0.5

@@ -6,7 +6,6 @@ The user's model is never touched: we trace a deep copy, and shape propagation r
 
 from __future__ import annotations
 
-import copy
 import glob
 import inspect
 import os
@@ -28,6 +27,7 @@ from ..errors import ExampleInputError, TraceError
 from .exported import export_capture, graph_inputs, split_inputs, user_frame
 from .modes import eval_mode
 from .records import RecordedGraphModule, graph_record
+from .sharing import copy_model
 
 __all__ = ["trace", "as_input_tuple", "flatten_outputs", "logits_of", "DEFAULT_LEAF_MODULES"]
 
@@ -175,7 +175,7 @@ def trace(
     if example_inputs is not None:
         split_inputs(example_inputs)  # a bad container fails here, before any tracing
     if isinstance(model, fx.GraphModule) and not leaf_modules and concrete_args is None:
-        gm = copy.deepcopy(model)  # already captured (by either frontend): keep its graph
+        gm = copy_model(model)  # already captured (by either frontend): keep its graph
     elif capture == "export":
         gm = _export(model, example_inputs, None)
     else:
@@ -208,7 +208,7 @@ CAPTURES = ("auto", "fx", "export")
 
 def _fx_trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
               concrete_args: dict[str, Any] | None) -> fx.GraphModule:
-    work = copy.deepcopy(model)
+    work = copy_model(model)
     tracer = _Tracer(tuple(DEFAULT_LEAF_MODULES) + tuple(leaf_modules))
     try:
         graph = tracer.trace(work, concrete_args=concrete_args)

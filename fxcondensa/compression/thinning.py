@@ -6,6 +6,7 @@ thinning pass's (``fxcondensa.passes.thin``), which knows nothing of schemes.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -17,8 +18,11 @@ from torch import nn
 from ..capture.exported import capture_notes, graph_inputs, split_inputs
 from ..capture.graph import trace
 from ..capture.records import graph_record, set_thin_record, thin_record
+from ..capture.sharing import shared_tensors
 from ..passes.analysis import analyze
+from ..passes.annotate import annotations
 from ..passes.own import blocking_reason, check_own, graph_edits, install, own_model
+from ..passes.reference import set_masks
 from ..passes.thin import _check, thin_graph
 from ..schemes import check_scheme
 
@@ -105,11 +109,19 @@ def thin(
     if scheme is not None:
         check_scheme(scheme)
     example = _example_inputs(model, example_inputs)
-    compressed = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
+    # A scheme that only records masks compresses nothing in place: the capture shares the model's tensors
+    # and the masks stay aside (passes/reference.py), so no second dense copy of the weights is made.
+    lean = getattr(scheme, "masks_only", False) is True
+    with shared_tensors() if lean else contextlib.nullcontext():
+        compressed = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
     inputs = graph_inputs(compressed, example)  # the placeholder values, in graph order
     if strict:  # fail before spending time on the scheme
         analyze(compressed, strict=True)
-    if scheme is not None:
+    if lean:
+        with torch.no_grad():
+            scheme.annotate(compressed)
+        set_masks(compressed, {k: a.mask for k, a in annotations(compressed).items() if a.mask is not None})
+    elif scheme is not None:
         with torch.no_grad():
             scheme.pi(compressed)
             scheme.delta(compressed)

@@ -15,6 +15,7 @@ from .. import rules
 from ..rules import registry
 from ..rules.api import ChannelAnalysis
 from .channels import ChannelWalker
+from .reference import masked_view
 
 __all__ = ["analyze", "zero_channels", "removable_channels", "keep_one_per_slice", "balance_grouped"]
 
@@ -76,7 +77,7 @@ def zero_channels(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, An
 
 def removable_channels(gm: fx.GraphModule, analysis: ChannelAnalysis) -> torch.Tensor:
     """Bool per channel (CPU): True where the channel is zero at every exit and its group is not frozen."""
-    zeros = zero_channels(gm, analysis)
+    zeros = zero_channels(masked_view(gm), analysis)  # the compressed values, where masks are kept aside
     live = torch.zeros(analysis.num_channels, dtype=torch.bool)
     for name in analysis.exits:
         info = analysis.infos[name]

@@ -37,8 +37,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.func import functional_call
 from torch.fx.node import map_aggregate
+
+from .reference import MaskedInterpreter
 
 __all__ = ["TOLERANCES", "tolerance", "compute_dtype", "wider_dtypes", "run_in", "WidenedInterpreter"]
 
@@ -79,14 +80,17 @@ def _op_name(node: fx.Node) -> str:
     return str(name).split(".")[0]
 
 
-class WidenedInterpreter(fx.Interpreter):
+class WidenedInterpreter(MaskedInterpreter):
     """Run a graph in a wider float dtype without copying it: floating weights, inputs and constants are cast
-    to ``dtype`` as they are read, narrower float dtypes named in the graph's arguments (casts, tensor
-    creations) become ``dtype``, and dtype assertions of a torch.export capture are skipped."""
+    to ``dtype`` as the node that reads them runs (a weight's widened copy lives while that node runs, never
+    the whole model's), narrower float dtypes named in the graph's arguments (casts, tensor creations)
+    become ``dtype``, and dtype assertions of a torch.export capture are skipped. Masks kept beside the
+    graph (``reference.py``) are applied first."""
 
     def __init__(self, gm: fx.GraphModule, dtype: torch.dtype):
         super().__init__(gm)
         self.dtype = dtype
+        self._raw = False
 
     def _widen(self, value: Any) -> Any:
         def one(v: Any) -> Any:
@@ -97,25 +101,24 @@ class WidenedInterpreter(fx.Interpreter):
             return v
         return map_aggregate(value, one)
 
+    def prepare(self, value: Any) -> Any:
+        value = super().prepare(value)
+        return value if self._raw else self._widen(value)
+
     def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
         return self._widen(super().placeholder(target, args, kwargs))
-
-    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        return self._widen(super().get_attr(target, args, kwargs))
-
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        module = self.fetch_attr(target)
-        state = {k: self._widen(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
-        return functional_call(module, state, self._widen(args), self._widen(kwargs))
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op in ("call_function", "call_method"):
             name = _op_name(n)
             if name == "_assert_tensor_metadata":
                 return None  # it asserts the captured dtype, which is now widened
-            if name not in _KEEP_DTYPE:
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                return getattr(self, n.op)(n.target, self._widen(args), self._widen(kwargs))
+            if name in _KEEP_DTYPE:  # masked, never widened: the dtype argument means what it says
+                self._raw = True
+                try:
+                    return super().run_node(n)
+                finally:
+                    self._raw = False
         return super().run_node(n)
 
 

@@ -21,6 +21,7 @@ from ..capture.records import META
 from ..rules import registry
 from ..rules.api import ChanInfo, ChannelAnalysis, KeptView, node_shape
 from ..rules.indexing import channel_slice_rewrite
+from .reference import mask_sliced
 
 __all__ = ["apply_keep"]
 
@@ -101,18 +102,35 @@ def _apply_slices(gm: fx.GraphModule, plan: list[SliceStep]) -> None:
         return tensors[path]
 
     for path, dim, idx in plan:
-        w = current(path)
-        if dim >= 0:
-            tensors[path] = w.index_select(dim, idx.to(w.device))
-            continue
-        rows, cols, per = idx
-        out = w.index_select(0, rows.to(w.device))
-        if w.shape[1] == per:  # depthwise-like: each filter's inputs are the kept ones of its group
-            index = cols.to(w.device).view(*cols.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
-            out = out.gather(1, index)
-        tensors[path] = out
+        tensors[path] = _cut(current(path), dim, idx)
     for path, value in tensors.items():
         _set_tensor(gm, aliases.get(path, [path]), value)
+
+
+def _cut(w: torch.Tensor, dim: int, idx: Any) -> torch.Tensor:
+    """One step of a slicing plan applied to ``w``."""
+    if dim >= 0:
+        return w.index_select(dim, idx.to(w.device))
+    rows, cols, per = idx
+    out = w.index_select(0, rows.to(w.device))
+    if w.shape[1] == per:  # depthwise-like: each filter's inputs are the kept ones of its group
+        index = cols.to(w.device).view(*cols.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
+        out = out.gather(1, index)
+    return out
+
+
+def _cutter(gm: fx.GraphModule, plan: list[SliceStep]) -> Any:
+    """``cut(name, t)``: ``t`` cut as the plan cuts the tensor ``gm`` holds under ``name`` (any alias)."""
+    canonical = {alias: path for path, names in _aliases(gm).items() for alias in names}
+    steps: dict[str, list[SliceStep]] = {}
+    for step in plan:
+        steps.setdefault(step[0], []).append(step)
+
+    def cut(name: str, t: torch.Tensor) -> torch.Tensor:
+        for _path, dim, idx in steps.get(canonical.get(name, name), []):
+            t = _cut(t, dim, idx)
+        return t
+    return cut
 
 
 def _copy_without_annotations(gm: fx.GraphModule) -> fx.GraphModule:
@@ -263,7 +281,10 @@ def apply_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor
     anyway and records the shapes there (``thin``'s check): shape propagation on meta tensors costs as
     much as a forward pass on a ResNet-50."""
     thinned = _copy_without_annotations(gm)
-    _slice_tensors(thinned, analysis, keep)
+    plan = _slice_plan(analysis, keep)
+    _apply_slices(thinned, plan)
+    # Masks kept beside the graph (``reference.py``): the cut tensors are masked now, and none is the user's.
+    mask_sliced(gm, thinned, _cutter(gm, plan))
     _update_modules(thinned, analysis, keep)
     _keep_untracked_sizes(thinned, analysis, keep)
     _rewrite_sizes(thinned, analysis, keep)

@@ -25,6 +25,7 @@ from ..rules.api import ChanInfo, ChannelAnalysis
 from ..rules.heads import has_attention_products, head_channels, head_dim_channels
 from .analysis import analyze, balance_grouped, removable_channels
 from .precision import WidenedInterpreter, compute_dtype, run_in, tolerance, wider_dtypes
+from .reference import MaskedInterpreter, masks_of
 from .slicing import _kept, apply_keep
 
 __all__ = ["thin_graph", "rethin", "rethin_pair", "apply_keep", "RTOL", "ATOL"]
@@ -46,6 +47,8 @@ def _outputs_close(a: Any, b: Any, rtol: float = RTOL, atol: float = ATOL) -> bo
 def _run(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
     """Call ``gm`` on its placeholder values. A graph captured by torch.export takes the model's own
     (possibly keyword, nested) inputs; the interpreter feeds its placeholders directly."""
+    if masks_of(gm):  # the compressed values are the tensors times masks kept aside: masked as read
+        return MaskedInterpreter(gm).run(*inputs)
     if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
         return fx.Interpreter(gm).run(*inputs)
     return gm(*inputs)

@@ -65,7 +65,12 @@ def _graph_module(module: nn.Module) -> fx.GraphModule:
 
 
 class Scheme:
-    """Base of the built-in schemes: subclasses implement ``annotate``; ``pi``/``delta`` come from it."""
+    """Base of the built-in schemes: subclasses implement ``annotate``; ``pi``/``delta`` come from it.
+
+    ``masks_only`` is True on schemes whose ``annotate`` records masks and nothing else (no storage dtype,
+    no weight written): ``thin`` then keeps the masks aside instead of zeroing a copy of the weights."""
+
+    masks_only = False
 
     def annotate(self, gm: fx.GraphModule) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -144,6 +149,8 @@ class Prune(Scheme, _LayerSelection):
         Prune(density=0.1, layers={'conv*': 0.5}, exclude=['ip2'])
     """
 
+    masks_only = True
+
     def __init__(self, density: float, layers: Mapping[str, float] | None = None,
                  exclude: Sequence[str] | str | None = None):
         self.density = validate_density(density)
@@ -211,6 +218,8 @@ class BlockPrune(Scheme, _LayerSelection):
         >>> BlockPrune(0.5, (2, 2))
         BlockPrune(density=0.5, block_size=(2, 2), criteria='l2norm', layers={}, exclude=[])
     """
+
+    masks_only = True
 
     def __init__(self, density: float, block_size: Any, criteria: Any = "l2norm",
                  layers: Mapping[str, float] | None = None, exclude: Sequence[str] | str | None = None):

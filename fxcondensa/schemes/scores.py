@@ -34,6 +34,31 @@ def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
+# Rows read per step when scoring a large tensor: its float32 copy is made a slab at a time, never whole.
+_ROW_STEP_ELEMENTS = 1 << 24
+
+
+def row_scores(w: torch.Tensor, dim: int, row_score: Any) -> torch.Tensor:
+    """``row_score`` of the rows of ``w`` along ``dim`` (row ``j``: everything at index ``j`` of ``dim``),
+    in float32. A large tensor is read in slabs of rows, so that a bfloat16 embedding does not need a float32
+    copy of itself (each row is reduced exactly as when the tensor is read whole).
+
+    Example:
+        >>> row_scores(torch.ones(2, 3, dtype=torch.bfloat16), 1, lambda r: r.sum(1))
+        tensor([2., 2., 2.])
+    """
+    w = w.detach()
+    count = w.shape[dim]
+    step = max(1, _ROW_STEP_ELEMENTS // max(1, w.numel() // max(1, count)))
+    parts = []
+    for start in range(0, count, step):
+        part = w.narrow(dim, start, min(step, count - start)).float()
+        # Contiguous rows: each row is summed in one order, whatever the slab.
+        parts.append(row_score(part.movedim(dim, 0).reshape(part.shape[dim], -1).contiguous()))
+        del part
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def check_criteria(criteria: Any) -> None:
     """Raise a clear error unless ``criteria`` is a channel criteria name or a callable(x, dims)."""
     if isinstance(criteria, str):
@@ -58,11 +83,9 @@ def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any 
     if criteria in _SLICE_CRITERIA:
         return _slice_scores(gm, analysis, criteria, normalize)
     n = analysis.num_channels
-    rows_of = []
-    for s in analysis.slices:
-        if s.role == "producer":  # a parameter, or a buffer a module computes its weight from (csatv2)
-            w = _tensor(gm, s.path).detach().float()
-            rows_of.append((analysis.channel_of[s.atoms], w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1)))
+    # Read one producer at a time, as it is scored: a float32 copy of every bfloat16 weight at once would be
+    # twice the model's bytes.
+    rows_of = ((analysis.channel_of[s.atoms], s.path, s.dim) for s in analysis.slices if s.role == "producer")
     # Rows are scored where the weights live (a GPU does the big reductions); the per-channel accumulation
     # runs on the CPU, where the channel ids are.
     check_criteria(criteria)
@@ -83,8 +106,8 @@ def channel_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, criteria: Any 
     reduce, init = {"max": ("amax", float("-inf")), "min": ("amin", float("inf"))}.get(criteria, ("sum", 0.0))
     acc = torch.full((n,), init)
     producers = torch.zeros(n)
-    for ch, rows in rows_of:
-        r = host(row_score(rows)).float()
+    for ch, path, dim in rows_of:  # a parameter, or a buffer a module computes its weight from (csatv2)
+        r = host(row_scores(_tensor(gm, path), dim, row_score)).float()
         if normalize:
             r = r / r.mean().clamp(min=torch.finfo(torch.float32).tiny)
         acc.scatter_reduce_(0, ch, r.pow(2) if criteria == "l2norm" else r, reduce=reduce)

@@ -32,7 +32,7 @@ from ..rules.heads import head_channels, head_dim_channels
 from .base import Scheme, _LayerSelection, _match, validate_density
 from .calibration import CALIBRATED_CRITERIA, Calibration, calibrated_scores, measure
 from .latency_model import validate_target_latency
-from .scores import channel_scores, check_criteria
+from .scores import channel_scores, check_criteria, row_scores
 from .selection import Channels, Target, select, select_channels
 
 __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "select_channels", "ATTENTION_CHOICES"]
@@ -101,6 +101,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
     """
 
     _producer_kinds: tuple[str, ...] = ()  # which producers' channels this scheme may prune
+    masks_only = True  # annotate records masks and nothing else (thin then keeps them aside: no copy)
 
     def __init__(self, density: float | None = None, align: int | None = None, criteria: Any = "bn_or_l2norm",
                  prune_bias: bool = True, layers: Mapping[str, float] | None = None,
@@ -272,9 +273,10 @@ class _ChannelPrune(Scheme, _LayerSelection):
                 continue
             shape = [1] * params[s.path].dim()
             shape[s.dim] = -1
-            # Masks live with their parameter, so that applying them never moves a weight off its device.
+            # Masks live with their parameter, so that applying them never moves a weight off its device; an
+            # expanded view of the keep vector costs no memory (a full bool mask is half a bfloat16 weight).
             param = params[s.path]
-            mask = torch.empty_like(param, dtype=torch.bool).copy_(k.view(shape).expand(param.shape))
+            mask = k.to(param.device).view(shape).expand(param.shape)
             annotate_param(gm, s.path, mask=mask, owners=owners)
 
 
@@ -303,8 +305,7 @@ def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool
     for s in analysis.slices:
         if s.role not in ("producer", "consumer") or s.path not in params:
             continue
-        w = params[s.path].detach().float()
-        r = host(w.movedim(s.dim, 0).reshape(w.shape[s.dim], -1).pow(2).sum(1).sqrt())
+        r = host(row_scores(params[s.path], s.dim, lambda rows: rows.pow(2).sum(1).sqrt()))
         if normalize:
             r = r / r.mean().clamp(min=torch.finfo(torch.float32).tiny)
         ch = analysis.channel_of[s.atoms]
