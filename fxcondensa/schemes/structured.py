@@ -276,7 +276,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
             # Masks live with their parameter, so that applying them never moves a weight off its device; an
             # expanded view of the keep vector costs no memory (a full bool mask is half a bfloat16 weight).
             param = params[s.path]
-            mask = k.to(param.device).view(shape).expand(param.shape)
+            mask = param.new_empty(k.shape, dtype=torch.bool).copy_(k).view(shape).expand(param.shape)
             annotate_param(gm, s.path, mask=mask, owners=owners)
 
 
