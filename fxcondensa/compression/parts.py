@@ -138,16 +138,15 @@ def _capturable(model: nn.Module, example_inputs: Any, kw: dict[str, Any]) -> li
 def thin_modules(model: nn.Module, scheme: Any, example_inputs: Any, modules: Sequence[str] | str, *,
                  check: bool = True, strict: bool = False, leaf_modules: Sequence[type[nn.Module]] = (),
                  concrete_args: dict[str, Any] | None = None, capture: str = "auto",
-                 inplace: bool = False) -> nn.Module:
-    """``model`` with each submodule of ``modules`` replaced by its thinned graph (see the module docstring)."""
+                 inplace: bool = False) -> nn.Module | None:
+    """``model`` with each submodule of ``modules`` replaced by its thinned graph (see the module docstring);
+    None where ``modules="auto"`` finds that the whole model captures (then ``thin`` thins it as usual)."""
     if example_inputs is None:
         raise ValueError("thin: modules=... needs example_inputs: each part is captured on the inputs it receives")
     kw = dict(leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
     names = _capturable(model, example_inputs, kw) if modules == "auto" else _check_names(model, modules)
-    if names == [""]:  # the whole model captures: the ordinary thin
-        from .thinning import thin
-
-        return thin(model, scheme, example_inputs, check=check, strict=strict, **kw)
+    if names == [""]:  # the whole model captures: the ordinary thin (the caller's)
+        return None
     calls = _record_calls(model, names, example_inputs)
     work = model if inplace else copy.deepcopy(model)
     reference = copy.deepcopy(model) if check else None

@@ -110,8 +110,10 @@ def thin(
     if scheme is not None:
         check_scheme(scheme)
     if modules is not None:  # parts of the model, each thinned on its own (compression/parts.py)
-        return thin_modules(model, scheme, example_inputs, modules, check=check, strict=strict,
-                            leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture, inplace=inplace)
+        parts = thin_modules(model, scheme, example_inputs, modules, check=check, strict=strict,
+                             leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture, inplace=inplace)
+        if parts is not None:
+            return parts
     example = _example_inputs(model, example_inputs)
     compressed = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
     inputs = graph_inputs(compressed, example)  # the placeholder values, in graph order
