@@ -25,7 +25,30 @@ import torch
 from torch import nn
 
 __all__ = ["WidthLayerNorm", "WidthRMSNorm", "ThinMultiheadAttention", "layer_norm_width", "rms_norm_width",
-           "mean_width", "window_attention"]
+           "mean_width", "window_attention", "grouped_mm_aligned"]
+
+
+def grouped_mm_aligned(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(x, weight, offs)`` for widths its kernel refuses (rows not a multiple of 16 bytes:
+    a thinned bfloat16 expert): both widths are padded with zero columns, which add exact zeros to every sum,
+    and the padded output columns are cut off again.
+
+    Example:
+        >>> import torch
+        >>> x, w = torch.randn(6, 5, dtype=torch.bfloat16), torch.randn(2, 5, 3, dtype=torch.bfloat16)
+        >>> offs = torch.tensor([4, 6], dtype=torch.int32)
+        >>> y = grouped_mm_aligned(x, w, offs)
+        >>> y.shape, torch.equal(y[:4], x[:4] @ w[0])
+        (torch.Size([6, 3]), True)
+    """
+    step = max(1, 16 // x.element_size())
+    k, n = weight.shape[-2], weight.shape[-1]
+    pk, pn = -k % step, -n % step
+    if pk == pn == 0:
+        return torch._grouped_mm(x, weight, offs)
+    x = torch.nn.functional.pad(x, (0, pk)).contiguous()
+    weight = torch.nn.functional.pad(weight, (0, pn, 0, pk)).contiguous()
+    return torch._grouped_mm(x, weight, offs)[:, :n]
 
 
 def layer_norm_width(x: torch.Tensor, width: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

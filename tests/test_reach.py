@@ -321,3 +321,42 @@ class LinearOfComputedWeight(nn.Module):
 def test_a_linear_of_a_computed_weight_is_frozen_with_its_reason(capture):
     small = thin(_randomized(LinearOfComputedWeight()), StructurePrune(0.5), torch.randn(3, 6), capture=capture)
     assert "uses a weight computed in forward" in (thin_record(small).whole_reason or "")
+
+
+# -- ATen parity: every op the fx path knows, its export form known too ----------------------------------
+
+# fx-level names whose torch.export capture records another op (or none), with the reason.
+EXPORT_FORMS = {
+    "concat": "an alias: export records aten.cat", "concatenate": "an alias: export records aten.cat",
+    "multiply": "an alias: export records aten.mul", "subtract": "an alias: export records aten.sub",
+    "true_divide": "an alias: export records aten.div", "swapaxes": "an alias: export records aten.transpose",
+    "hardtanh_": "functionalized: export records the out-of-place aten.hardtanh",
+    "dim": "a shape query: a Python int in an export graph, no op",
+    "numel": "a shape query: a symbolic int in an export graph, no op",
+    "size": "a shape query: aten.sym_size, which the shape-query entry covers",
+    "requires_grad_": "autograd state: no op in an inference graph",
+}
+
+
+def _fx_level_names() -> set[str]:
+    from fxcondensa.rules import registry
+
+    names = set(registry._METHODS)
+    for key in registry._CALLABLES:
+        if not isinstance(key, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            name = getattr(key, "__name__", None)
+            if name:
+                names.add(name.strip("_") if name.startswith("__") else name)
+    return names
+
+
+def test_every_fx_level_entry_has_its_aten_form_or_a_reason():
+    from fxcondensa.rules import register_optional_rules
+    from fxcondensa.rules.registry import rule_for_key
+
+    register_optional_rules()
+    missing = sorted(n for n in _fx_level_names() if hasattr(torch.ops.aten, n)
+                     and rule_for_key(getattr(torch.ops.aten, n)) is None and n not in EXPORT_FORMS)
+    assert not missing, f"fx-level entries without their ATen form: {missing}"
+    stale = sorted(n for n in EXPORT_FORMS if rule_for_key(getattr(torch.ops.aten, n)) is not None)
+    assert not stale, f"listed as exported in another form, but registered: {stale}"

@@ -66,8 +66,9 @@ __all__ = ["split_inputs", "export_capture", "capture_of", "capture_notes", "gra
            "call_with", "user_frame"]
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(__file__)
+# With a trailing separator: torchvision's files must not pass for torch's ("/torch" prefixes "/torchvision").
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -93,7 +94,8 @@ def user_frame(tb: Any) -> str:
     where = "unknown location"
     for frame in traceback.extract_tb(tb):
         path = os.path.abspath(frame.filename)
-        if not path.startswith((_TORCH_DIR, _OWN_DIR)) and "<eval_with_key>" not in path:
+        # "<string>", "<eval_with_key>.N": code torch generated, never a line the user can look up.
+        if not path.startswith((_TORCH_DIR, _OWN_DIR)) and not frame.filename.startswith("<"):
             code = frame.line or linecache.getline(frame.filename, frame.lineno or 0).strip()
             where = f'{frame.filename}:{frame.lineno}, in {frame.name}: "{code}"'
     return where

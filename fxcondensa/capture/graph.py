@@ -35,8 +35,6 @@ __all__ = ["trace", "as_input_tuple", "flatten_outputs", "logits_of", "DEFAULT_L
 # The channel analysis freezes the channels that flow through them.
 DEFAULT_LEAF_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(__file__)
 
 
 # The modules whose frames torch leaves out of a node's stack trace, as listed in
@@ -213,9 +211,10 @@ def _fx_trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
     try:
         graph = tracer.trace(work, concrete_args=concrete_args)
     except Exception as exc:  # any failure inside the user's forward: report where it happened
-        module = tracer.failed_in or "<root>"
+        module = tracer.failed_in
+        inside = f"module '{module}'" if module and module != "<root>" else f"{type(model).__name__}.forward"
         error = TraceError(
-            f"torch.fx could not trace {type(model).__name__} (inside module '{module}', at "
+            f"torch.fx could not trace {type(model).__name__} (inside {inside}, at "
             f"{_user_frame(exc.__traceback__)}): {type(exc).__name__}: {_first_line(exc)}. "
             "Make the module that holds this code a leaf (trace(..., leaf_modules=[ThatModule])), "
             "or fix the arguments that drive the control flow with concrete_args={...}."

@@ -25,6 +25,7 @@ from ..passes.own import blocking_reason, check_own, graph_edits, install, own_m
 from ..passes.reference import set_masks
 from ..passes.thin import _check, thin_graph
 from ..schemes import check_scheme
+from .parts import thin_modules
 
 __all__ = ["thin", "OUTPUTS"]
 
@@ -60,6 +61,7 @@ def thin(
     capture: str = "auto",
     output: str = "graph",
     inplace: bool = False,
+    modules: Sequence[str] | str | None = None,
 ) -> nn.Module:
     """Return a smaller model with pruned channels physically removed: the user's own class, or a ``GraphModule``.
 
@@ -85,6 +87,9 @@ def thin(
     ``"module"`` raises ``ValueError`` naming the module and the literal. ``"graph"``: the thinned
     ``GraphModule`` (what the capture recorded, at the example's shapes; the default for now). ``"auto"``: the
     user's class where it can follow and passes the check, else the graph, with the reason in the record.
+    ``modules`` (a list of submodule names, or ``"auto"``) thins only those parts of a model whose end cannot
+    be captured (a detector's post-processing): each is captured on the inputs it receives, thinned and put
+    back as a graph in a copy of the model, and the whole is checked (``fxcondensa.compression.parts``).
     ``inplace=True`` (with ``"auto"`` or ``"module"``) makes ``model`` itself the thinned model when its
     class comes back, instead of a copy: the input is then changed; when a graph comes back it is not.
 
@@ -103,11 +108,16 @@ def thin(
         raise ValueError(f"thin: output must be one of {OUTPUTS}, got {output!r}")
     if not isinstance(inplace, bool):
         raise TypeError(f"thin: inplace must be True or False, got {inplace!r}")
-    if inplace and output == "graph":
+    if inplace and output == "graph" and modules is None:
         raise ValueError("thin: inplace=True thins the model object itself, which output='graph' (the default) does "
                          "not return; pass output='auto' or 'module', or drop inplace")
     if scheme is not None:
         check_scheme(scheme)
+    if modules is not None:  # parts of the model, each thinned on its own (compression/parts.py)
+        parts = thin_modules(model, scheme, example_inputs, modules, check=check, strict=strict,
+                             leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture, inplace=inplace)
+        if parts is not None:
+            return parts
     example = _example_inputs(model, example_inputs)
     # A scheme that only records masks compresses nothing in place: the capture shares the model's tensors
     # and the masks stay aside (passes/reference.py), so no second dense copy of the weights is made.

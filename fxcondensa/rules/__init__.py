@@ -6,7 +6,7 @@ pass sees the same table. A new rule goes into the module of its family (or a ne
 channel dim), ``attention`` (matmul and attention; ``heads`` answers which channels are heads), ``swin``
 (torchvision's Swin functions), ``elementwise`` (activations, clamps, pools, binary ops, softmax, pad),
 ``operands`` (parameters and buffer tables as operands of binary ops), ``shapes`` (reshapes, cat, split,
-reductions, shape queries), ``indexing`` (getitem, slices, gathers). A family that knows a special case of
+reductions, shape queries), ``indexing`` (getitem, slices, gathers), ``experts`` (mixture-of-experts weights and grouped matmuls). A family that knows a special case of
 another family's op refines that op's entry (``registry.refine_rule``).
 """
 
@@ -15,6 +15,7 @@ from . import (
     channel_norms,
     elementwise,
     embedding,
+    experts,
     heads,
     indexing,
     layers,
@@ -25,7 +26,7 @@ from . import (
     swin,
 )
 
-__all__ = ["attention", "channel_norms", "elementwise", "embedding", "heads", "indexing", "layers", "norms", "operands", "recurrent",
+__all__ = ["attention", "channel_norms", "elementwise", "embedding", "experts", "heads", "indexing", "layers", "norms", "operands", "recurrent",
            "shapes", "swin", "register_optional_rules"]
 
 
@@ -34,3 +35,4 @@ def register_optional_rules() -> None:
     torchvision's Swin module is loaded (a model that calls them has imported it)."""
     elementwise.register_optional_rules()
     swin.register_swin_rules()
+    experts.register_transformers_rules()

@@ -307,7 +307,7 @@ def addmm_rule(ctx: RuleContext, node: fx.Node) -> None:
 
 register_rule(torch.addmm, aten.addmm, channels=addmm_rule, zeros="custom", cost=_addmm_cost, kind="linear",
               creates=True, name="addmm")
-register_rule(torch.baddbmm, torch.addbmm, channels="freeze", cost=_baddbmm_cost, kind="matmul", name="addmm (batched)")
+register_rule(torch.baddbmm, torch.addbmm, aten.baddbmm, aten.addbmm, channels="freeze", cost=_baddbmm_cost, kind="matmul", name="addmm (batched)")
 
 
 # -------------------------------------------------------------------------- scaled_dot_product_attention

@@ -53,6 +53,9 @@ register_rule(
     aten.alias, aten.detach, aten._to_copy, aten.to, aten.sin,
     aten.dropout_, aten.feature_dropout, aten.feature_dropout_, aten.alpha_dropout, aten.alpha_dropout_,
     aten.feature_alpha_dropout, aten.feature_alpha_dropout_,
+    aten.sinh, aten.asin, aten.atan, aten.sign, aten.square, aten.erf, aten.trunc, aten.expm1, aten.log1p,
+    aten.softshrink, aten.hardshrink, aten.celu, aten.celu_, aten.selu, aten.selu_, aten.elu_, aten.leaky_relu_,
+    aten.tanh_, aten.relu6,
     cost="elementwise", zeros="preserve", name="zero-preserving elementwise",
 )
 register_rule(
@@ -61,6 +64,7 @@ register_rule(
     torch.log, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.erfc,
     "sigmoid", "sigmoid_", "exp", "exp_", "log", "sqrt", "rsqrt", "reciprocal", "cos",
     aten.sigmoid, aten.hardsigmoid, aten.exp, aten.log, aten.sqrt, aten.rsqrt, aten.softplus, aten.cos,
+    aten.cosh, aten.reciprocal, aten.erfc, aten.sigmoid_, aten.exp_, aten.log_sigmoid,
     cost="elementwise", zeros="fill", name="elementwise (zero not preserved)",
 )
 
@@ -98,7 +102,7 @@ def _threshold_zeros(node: fx.Node) -> bool:
     return m.value == 0 or m.threshold < 0
 
 
-register_rule(torch.clamp, torch.clip, F.hardtanh, "clamp", "clamp_", "clip", "clip_", aten.clamp, aten.clip,
+register_rule(torch.clamp, torch.clip, F.hardtanh, "clamp", "clamp_", "clip", "clip_", aten.clamp, aten.clip, aten.clamp_, aten.clip_,
               aten.hardtanh, cost="elementwise", zeros=_clamp_zeros, name="clamp")
 def _pow_zeros(node: fx.Node) -> bool:
     exponent = node_arg(node, 1, "exponent")
@@ -107,7 +111,7 @@ def _pow_zeros(node: fx.Node) -> bool:
 
 register_rule(torch.pow, operator.pow, "pow", aten.pow, cost="elementwise", zeros=_pow_zeros, name="pow")
 # Elementwise ops with more operands or per-channel weights the analysis does not slice yet: channels kept.
-register_rule("masked_fill", "masked_fill_", F.prelu, channels="freeze", cost="elementwise",
+register_rule("masked_fill", "masked_fill_", F.prelu, aten.masked_fill, aten.masked_fill_, aten.prelu, channels="freeze", cost="elementwise",
               name="elementwise with extra operands")
 register_rule(nn.Hardtanh, cost="elementwise", zeros=_hardtanh_module_zeros, name="hardtanh")  # ReLU6 too
 register_rule(nn.Threshold, cost="elementwise", zeros=_threshold_zeros, name="threshold")
@@ -151,6 +155,7 @@ register_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, 
               F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
               F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.adaptive_avg_pool1d,
               aten.adaptive_avg_pool2d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool2d, aten.adaptive_avg_pool3d,
+              aten.adaptive_max_pool1d, aten.adaptive_max_pool3d,
               channels=pool, zeros="custom", cost=_adaptive_pool_cost, kind="pool", name="adaptive pool")
 register_rule(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate,
               aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten._upsample_bicubic2d_aa,
@@ -433,7 +438,7 @@ register_rule(operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torc
               torch.ne, "gt", "lt", "ge", "le", "eq", "ne", aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne,
               channels=compare_rule, zeros="custom", cost="elementwise", name="comparison")
 register_rule(torch.isinf, torch.isnan, torch.isfinite, torch.logical_not, "isinf", "isnan", "logical_not", aten.isinf,
-              aten.isnan, aten.logical_not, cost="elementwise", zeros="fill", name="elementwise test")
+              aten.isnan, aten.isfinite, aten.logical_not, cost="elementwise", zeros="fill", name="elementwise test")
 
 
 def type_as_rule(ctx: RuleContext, node: fx.Node) -> None:

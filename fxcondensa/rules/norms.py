@@ -30,7 +30,7 @@ from .registry import refine_rule, register_rule
 aten = torch.ops.aten
 
 _RMS_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-_RMS_FUNCTIONS = (F.rms_norm,) if hasattr(F, "rms_norm") else ()
+_RMS_FUNCTIONS = (F.rms_norm, aten.rms_norm) if hasattr(F, "rms_norm") else ()
 
 
 def _tensor(gm: fx.GraphModule, path: str | None) -> torch.Tensor | None:

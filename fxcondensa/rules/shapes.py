@@ -468,7 +468,7 @@ register_rule(getattr, "size", "dim", "numel", "nelement", "ndimension", channel
 # Ops that move or repeat channels in ways the analysis does not follow (a shuffle, a new stacked dim):
 # known and costed, their channels kept.
 register_rule(nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle,
-              torch.narrow, "narrow",
+              torch.narrow, "narrow", aten.pixel_shuffle, aten.pixel_unshuffle, aten.narrow,
               channels="freeze", cost="none", name="channel-moving op")
 
 
