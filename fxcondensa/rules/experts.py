@@ -11,11 +11,13 @@ every expert's weight, so a channel here is that column of all experts, scored o
 removed from all of them at once (one width is what the 3-D layout can hold). The rows of the input are
 tokens, never channels; its columns are the contracted channels, sliced on the weight's input dim.
 
-Example: the experts of a tiny Mixtral lose half their hidden columns
-    >>> import torch, fxcondensa
-    >>> from fxcondensa.rules.experts import expert_weight_operand
-    >>> expert_weight_operand.__name__
-    'expert_weight_operand'
+Example: a grouped matmul is looked up as a linear layer (so unstructured schemes and the cost model
+count it as one, and thinning slices every expert's weight):
+    >>> import torch
+    >>> from fxcondensa.rules.registry import rule_for_key
+    >>> rule = rule_for_key(torch.ops.aten._grouped_mm)
+    >>> rule.name, rule.kind
+    ('grouped_mm (experts)', 'linear')
 """
 
 from __future__ import annotations
