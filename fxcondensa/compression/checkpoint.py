@@ -163,6 +163,23 @@ def thin_pretrained(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[
     ids = _calibration(calibration, int(raw["vocab_size"]))
     cut_stream = sizes.hidden < dense.hidden
 
+    # the thinned config, which transformers' config class must accept
+    thin_raw = copy.deepcopy(raw)
+    thin_raw.update(hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
+                    num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads, head_dim=sizes.head_dim)
+    eps = float(raw.get("rms_norm_eps", 1e-6))
+    if cut_stream:
+        _, thin_raw["rms_norm_eps"] = fold_rms_norm(torch.ones(1), eps, dense.hidden, sizes.hidden)
+    try:
+        thin_config = type(config).from_dict({k: v for k, v in thin_raw.items() if k != "model_type"})
+    except Exception as exc:  # the config classes validate their sizes (LlamaConfig: hidden_size % heads)
+        cause = exc.__cause__ or exc
+        raise ValueError(
+            f"{src / 'config.json'} thinned to hidden_size={sizes.hidden}, intermediate_size={sizes.intermediate}, "
+            f"num_attention_heads={sizes.heads}, num_key_value_heads={sizes.kv_heads}: transformers' "
+            f"{type(config).__name__} refuses these sizes ({cause}); choose sizes it accepts (llama: hidden_size "
+            f"a multiple of num_attention_heads)") from exc
+
     # 1. scores: the stream's over the whole checkpoint (and each layer's on the way), when the stream is cut
     layer_scores: list[dict[str, torch.Tensor] | None] = [None] * n_layers
     stream_score = torch.zeros(dense.hidden, dtype=torch.float64)
@@ -188,18 +205,10 @@ def thin_pretrained(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[
                                   q_heads=torch.arange(dense.heads), kv_heads=torch.arange(dense.kv_heads),
                                   head_dim=dense.head_dim)
 
-    # 2. the thinned config and the checker
-    thin_raw = copy.deepcopy(raw)
-    thin_raw.update(hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
-                    num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads, head_dim=sizes.head_dim)
-    eps = float(raw.get("rms_norm_eps", 1e-6))
-    if cut_stream:
-        _, thin_raw["rms_norm_eps"] = fold_rms_norm(torch.ones(1), eps, dense.hidden, sizes.hidden)
     float_dtypes = {d for _, d in have.values() if d.is_floating_point}
     compute = torch.float64 if torch.float64 in float_dtypes else torch.float32
     checker = None
     if check:
-        thin_config = type(config).from_dict({k: v for k, v in thin_raw.items() if k != "model_type"})
         checker = LayerChecker(model, copy.deepcopy(config), thin_config, ids, stream, compute)
     del model
 
@@ -210,7 +219,7 @@ def thin_pretrained(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[
         checked, _ = fold_rms_norm(t, eps, dense.hidden, sizes.hidden, dtype=compute)
         return checked.to(t.dtype), checked
 
-    # 3. the units, in file order: the embedding, each layer, the final norm with lm_head
+    # 2. the units, in file order: the embedding, each layer, the final norm with lm_head
     keeps: list[layout.LayerKeep] = []
     units: list[list[str]] = [["model.embed_tokens.weight"]]
     units += [_layer_names(i, have) for i in range(n_layers)]
