@@ -261,3 +261,12 @@ def test_a_wrong_cut_is_caught_naming_the_layer_and_nothing_is_written(src, tmp_
     with pytest.raises(ThinningCheckError, match=r"thinned model\.layers\.0 differs from the masked dense"):
         fxcondensa.thin_pretrained(src, tmp_path / "dst", hidden_size=16, intermediate_size=32)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scoring_leaves_the_tensor_alone(dtype):
+    # float32 tensors were squared in place once (their float() is themselves): the cut then wrote squares
+    t = torch.randn(5, 7).to(dtype)
+    before = t.clone()
+    checkpoint_layout.channel_scores("w", t, ((0, "mlp"), (1, "stream")), head_dim=1)
+    assert torch.equal(t, before)

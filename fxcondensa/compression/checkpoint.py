@@ -236,7 +236,7 @@ def thin_pretrained(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[
             t = ckpt.read(name)
             small = layout.cut(name, t, everything)
             if checker is not None:
-                checker.embeddings(name, layout.mask(name, t, everything), small)
+                checker.embeddings(name, t, small)
             del t
             yield name, small
             return
@@ -249,8 +249,7 @@ def thin_pretrained(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[
             head = ckpt.read(head_name if head_name in have else "model.embed_tokens.weight")
             small_head = layout.cut(head_name, head, everything)
             if checker is not None:
-                checker.head(layout.mask(norm_name, norm, everything), checked,
-                             layout.mask(head_name, head, everything), small_head)
+                checker.head(layout.mask(norm_name, norm, everything), checked, head, small_head)
             del head
             if head_name in have:
                 yield head_name, small_head
@@ -270,9 +269,9 @@ def thin_pretrained(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[
             else:
                 written[name] = checked[name] = small
         if checker is not None:
-            checker.layer(f"model.layers.{i}", i,
-                          {n.removeprefix(prefix): layout.mask(n, t, keep) for n, t in dense_t.items()},
-                          {n.removeprefix(prefix): t for n, t in checked.items()})
+            masked = {n.removeprefix(prefix): layout.mask(n, dense_t.pop(n), keep, dtype=compute)
+                      for n in list(dense_t)}  # each dense tensor let go as soon as its masked copy exists
+            checker.layer(f"model.layers.{i}", i, masked, {n.removeprefix(prefix): t for n, t in checked.items()})
         del dense_t, checked
         yield from written.items()
 

@@ -75,8 +75,7 @@ class LayerChecker:
 
     def _compare(self, where: str, dense: torch.Tensor, thin: torch.Tensor, *, stream: bool = True) -> None:
         if stream:
-            gone = torch.ones(dense.shape[-1], dtype=torch.bool)
-            gone[self.stream] = False
+            gone = self._gone()
             leak = float(dense[..., gone].abs().max()) if bool(gone.any()) else 0.0
             if leak != 0.0:
                 raise ThinningCheckError(f"thin_pretrained: the masked dense {where} writes {leak:.3g} into a "
@@ -90,10 +89,18 @@ class LayerChecker:
                 "Please report it with the model's config.json")
         self.report.append((where, diff))
 
+    def _gone(self) -> torch.Tensor:
+        gone = torch.ones(self.width, dtype=torch.bool)
+        gone[self.stream] = False
+        return gone
+
     def embeddings(self, name: str, dense: torch.Tensor, thin: torch.Tensor) -> None:
-        """The thinned embedding's rows are the dense rows' kept columns; start the hidden states."""
-        self._compare(name, F.embedding(self.ids, dense.to(self.dtype)), F.embedding(self.ids, thin.to(self.dtype)))
-        self.hidden = F.embedding(self.ids, thin.to(self.dtype))
+        """The thinned embedding's rows against the dense rows (``dense`` unmasked: the rows the ids pick are
+        masked here); starts the hidden states."""
+        rows = F.embedding(self.ids, dense).to(self.dtype)
+        rows[..., self._gone()] = 0
+        self.hidden = F.embedding(self.ids, thin).to(self.dtype)
+        self._compare(name, rows, self.hidden)
 
     def layer(self, where: str, index: int, dense: Mapping[str, torch.Tensor], thin: Mapping[str, torch.Tensor]) -> None:
         """Decoder layer ``index``: ``dense`` its masked weights, ``thin`` the thinned ones (keys as in the layer)."""
@@ -108,7 +115,8 @@ class LayerChecker:
 
     def head(self, dense_norm: torch.Tensor, thin_norm: torch.Tensor, dense_head: torch.Tensor,
              thin_head: torch.Tensor) -> None:
-        """The final norm and ``lm_head`` (their logits compared a block of the vocabulary at a time)."""
+        """The final norm and ``lm_head`` (their logits compared a block of the vocabulary at a time;
+        ``dense_head`` unmasked: each block is masked as it is read)."""
         with torch.no_grad():
             nd = _build(self.norm_cls, {"weight": dense_norm.to(self.dtype)}, self.width,
                         eps=self.dense_config.rms_norm_eps)
@@ -119,7 +127,9 @@ class LayerChecker:
             worst = 0.0
             for start in range(0, dense_head.shape[0], _VOCAB_CHUNK):
                 rows = slice(start, start + _VOCAB_CHUNK)
-                ld = F.linear(hd, dense_head[rows].to(self.dtype))
+                block = dense_head[rows].to(self.dtype)
+                block[:, self._gone()] = 0
+                ld = F.linear(hd, block)
                 lt = F.linear(ht, thin_head[rows].to(self.dtype))
                 self._compare(f"lm_head (rows {start}-{start + ld.shape[-1] - 1})", ld, lt, stream=False)
                 worst = max(worst, self.report.pop()[1])

@@ -137,17 +137,33 @@ class LayerKeep:
         return self.stream if kind == "stream" else self.mlp
 
 
-def _per_channel(t: torch.Tensor, dim: int, kind: str, head_dim: int) -> torch.Tensor:
-    sq = t.float().square()
-    per = sq.sum(dim=[d for d in range(t.dim()) if d != dim]) if t.dim() > 1 else sq
-    if kind in ("q", "kv"):
-        per = per.reshape(-1, head_dim).sum(1)
-    return per.double() / per.double().mean().clamp_min(1e-300)
+_ROWS = 4096  # rows squared at a time: a float32 copy of a whole 128k x 4096 embedding would be 2 GB
 
 
 def channel_scores(name: str, t: torch.Tensor, dims: Dims, head_dim: int) -> dict[str, torch.Tensor]:
-    """The tensor's normalised score of each channel, per group kind it carries."""
-    return {kind: _per_channel(t, dim, kind, head_dim) for dim, kind in dims}
+    """The tensor's normalised score of each channel, per group kind it carries (one float32 pass over
+    ``t``, a block of rows at a time, for all its dims)."""
+    per = {dim: torch.zeros(t.shape[dim], dtype=torch.float64) for dim, _ in dims}
+    if t.dim() == 1:
+        per[0] = t.double().square()
+    else:
+        flat = t.reshape(t.shape[0], -1)
+        for start in range(0, flat.shape[0], _ROWS):
+            # a copy even for a float32 tensor: squared in place, it must not be the caller's
+            sq = flat[start:start + _ROWS].to(torch.float32, copy=True).square_().reshape(-1, *t.shape[1:])
+            for dim in per:
+                reduced = sq.sum(dim=[d for d in range(t.dim()) if d != dim]).double()
+                if dim == 0:
+                    per[0][start:start + sq.shape[0]] = reduced
+                else:
+                    per[dim] += reduced
+    out = {}
+    for dim, kind in dims:
+        score = per[dim]
+        if kind in ("q", "kv"):
+            score = score.reshape(-1, head_dim).sum(1)
+        out[kind] = score / score.mean().clamp_min(1e-300)
+    return out
 
 
 def top(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -178,10 +194,12 @@ def cut(name: str, t: torch.Tensor, keep: LayerKeep, dims: Dims | None = None) -
     return t.contiguous()
 
 
-def mask(name: str, t: torch.Tensor, keep: LayerKeep, dims: Dims | None = None) -> torch.Tensor:
-    """``t`` with every pruned channel zeroed along every dim that carries one (the compressed dense tensor)."""
+def mask(name: str, t: torch.Tensor, keep: LayerKeep, dims: Dims | None = None, *,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` with every pruned channel zeroed along every dim that carries one (the compressed dense tensor),
+    as a new tensor (of ``dtype``, by default ``t``'s)."""
     dims = _dims(name) if dims is None else dims
-    t = t.clone()
+    t = t.to(dtype or t.dtype, copy=True)
     for dim, kind in dims:
         gone = torch.ones(t.shape[dim], dtype=torch.bool)
         gone[keep.index(kind)] = False
