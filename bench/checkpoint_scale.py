@@ -169,6 +169,14 @@ def run_fresh(step: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]
     return row
 
 
+def _notes(r: dict[str, Any]) -> str:
+    if r["step"] == "thin":
+        return f"{r['units_checked']} units checked, max abs diff {r['max_abs_diff']:.2g}"
+    if r["step"] == "load":
+        return f"{r['class']} {r['params'] / 1e6:.0f}M params, logits {r['logits']}, finite {r['finite']}"
+    return f"{r['params'] / 1e6:.0f}M params"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["step", "time s (in process)", "process wall s", "peak RSS MiB", "on disk MiB", "notes"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
@@ -176,10 +184,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"{r['step']} | error: {r['error']}")
             continue
-        notes = {"thin": lambda: f"{r['units_checked']} units checked, max abs diff {r['max_abs_diff']:.2g}",
-                 "load": lambda: f"{r['class']} {r['params'] / 1e6:.0f}M params, logits {r['logits']}, "
-                                 f"finite {r['finite']}",
-                 "write": lambda: f"{r['params'] / 1e6:.0f}M params"}[r["step"]]()
+        notes = _notes(r)
         lines.append(" | ".join(str(v) for v in [r["step"], r["seconds"], r.get("process_wall_seconds", ""),
                                                  r["peak_mib"], r.get("disk_mib", ""), notes]))
     return "\n".join(lines)

@@ -132,7 +132,11 @@ def thin_pretrained(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[
         >>> small.config.hidden_size, small.model.layers[0].mlp.up_proj.out_features
         (24, 32)
     """
-    import transformers
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError("thin_pretrained builds the model from its config with transformers, which is not "
+                          "installed: pip install 'fxcondensa[hf]'") from exc
 
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
     ckpt = HFCheckpoint(src)
