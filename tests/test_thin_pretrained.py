@@ -149,6 +149,27 @@ def test_without_a_stream_cut_qwen2_with_biases(tmp_path, dtype):
     assert small.config.hidden_size == 48
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_with_every_bias(tmp_path, dtype):
+    # o_proj's and down_proj's biases live on the stream, gate/up's on the MLP units, q/k/v's on the heads
+    model = build("llama", dtype, attention_bias=True, mlp_bias=True)
+    src = save(model, tmp_path / "src")
+    result = fxcondensa.thin_pretrained(src, tmp_path / "dst", hidden_size=12, intermediate_size=48,
+                                        num_key_value_heads=2)
+    with torch.no_grad():  # the masked reference also zeroes the pruned channels' biases
+        gone = torch.ones(48, dtype=torch.bool)
+        gone[result.layers[0].stream] = False
+        for layer, keep in zip(model.model.layers, result.layers, strict=True):
+            layer.self_attn.o_proj.bias[gone] = 0
+            layer.mlp.down_proj.bias[gone] = 0
+            m_gone = torch.ones(96, dtype=torch.bool)
+            m_gone[keep.mlp] = False
+            layer.mlp.gate_proj.bias[m_gone] = 0
+            layer.mlp.up_proj.bias[m_gone] = 0
+    small = check_equal(model, tmp_path / "dst", result)
+    assert small.model.layers[0].self_attn.o_proj.bias.shape == (12,)
+
+
 def test_tied_embeddings_stay_tied_and_side_files_are_copied(tmp_path):
     model = build("llama", tie=True)
     src = save(model, tmp_path / "src")
