@@ -11,6 +11,7 @@ from . import functional, models, opt, schemes
 from .capture.graph import trace
 from .capture.records import thin_record
 from .compression.apply import compress, density, layer_densities
+from .compression.checkpoint import thin_pretrained
 from .compression.int8 import quantize_int8
 from .compression.thinning import thin
 from .errors import (
@@ -70,6 +71,7 @@ __all__ = [
     "save_thinned",
     "schemes",
     "thin",
+    "thin_pretrained",
     "thin_record",
     "trace",
     "unregister_rule",

@@ -41,7 +41,8 @@ from torch import nn
 from .. import nn as fxnn
 from . import registry
 
-__all__ = ["ATTRIBUTES", "follow_tensors", "has_attributes", "module_form", "update_config", "config_fields"]
+__all__ = ["ATTRIBUTES", "follow_tensors", "has_attributes", "module_form", "update_config", "config_fields",
+           "fold_rms_norm"]
 
 
 def _conv1d(m: nn.Module) -> None:  # transformers' Conv1D: weight (in, out), ``nf`` outputs
@@ -164,13 +165,29 @@ def module_form(owner: nn.Module, op: Any, width: int) -> nn.Module | None:
         weight = getattr(owner, "weight", None)
         if name is None or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
             return None
-        ratio = width / kept
         # A new tensor: the thinned graph (returned instead if the check fails) shares the old one.
-        owner.weight = nn.Parameter((weight.detach().double() * math.sqrt(ratio)).to(weight.dtype),
-                                    requires_grad=weight.requires_grad)
-        setattr(owner, name, getattr(owner, name) * ratio)
+        folded, eps = fold_rms_norm(weight.detach(), getattr(owner, name), width, kept)
+        owner.weight = nn.Parameter(folded, requires_grad=weight.requires_grad)
+        setattr(owner, name, eps)
         return owner
     return None
+
+
+def fold_rms_norm(weight: torch.Tensor, eps: float, width: int, kept: int, *,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
+    """The weight and epsilon of a stock RMSNorm over ``kept`` channels that equals one dividing by the dense
+    ``width`` (its other channels zero): ``weight * sqrt(width / kept)`` and ``eps * width / kept``.
+
+    ``weight`` holds the kept channels' weights; the product is formed in float64 and rounded once to
+    ``dtype`` (``weight``'s own by default).
+
+    Example:
+        >>> fold_rms_norm(torch.ones(2), 1e-6, 8, 2)
+        (tensor([2., 2.]), 4e-06)
+    """
+    ratio = width / kept
+    folded = (weight.double() * math.sqrt(ratio)).to(dtype or weight.dtype)
+    return folded, eps * ratio
 
 
 # ---------------------------------------------------------------------------------- Hugging Face configs
