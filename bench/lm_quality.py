@@ -28,6 +28,7 @@ Run: ``python bench/lm_quality.py`` (defaults: a 1.7M-parameter model, ~minutes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -51,8 +52,8 @@ from fxcondensa.opt import Distill, FineTune  # noqa: E402
 from fxcondensa.opt.training import TensorBatches  # noqa: E402
 from fxcondensa.schemes import StructurePrune  # noqa: E402
 
-DEFAULTS = dict(hidden=192, layers=4, intermediate=512, heads=6, kv_heads=2, seq=128, batch=16, train_steps=1500,
-                eval_windows=64, recover_steps=200, calibration_batches=8, corpus_mb=8.0)
+DEFAULTS = dict(hidden=128, layers=4, intermediate=384, heads=4, kv_heads=2, seq=64, batch=16, train_steps=1200,
+                eval_windows=128, recover_steps=100, calibration_batches=8, corpus_mb=8.0)
 QUICK = dict(hidden=96, layers=2, intermediate=256, heads=4, kv_heads=2, seq=64, batch=16, train_steps=400,
              eval_windows=32, recover_steps=60, calibration_batches=4, corpus_mb=3.0)
 
@@ -193,10 +194,34 @@ def ours(model: torch.nn.Module, criteria: str, target: int, x: torch.Tensor, ca
     return bisect(count, target, 0.05, 1.0, steps)
 
 
+@contextlib.contextmanager
+def _rotary_off() -> Any:
+    """Rotary embeddings as the identity while Torch-Pruning traces and prunes.
+
+    Its dependency search follows index mappings through ``rotate_half``'s slices and concatenation and does
+    not finish on transformers 5's Llama (one layer: no result after minutes). Heads are pruned whole and head
+    dims kept (``prune_head_dims=False``), so the rotary pairs columns that always stay or go together: the
+    groups and the magnitude scores Torch-Pruning computes are the same without it. The pruned model runs with
+    the real rotary embeddings.
+    """
+    import transformers.models.llama.modeling_llama as llama
+
+    real = llama.apply_rotary_pos_emb
+    llama.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
+    try:
+        yield
+    finally:
+        llama.apply_rotary_pos_emb = real
+
+
 def torch_pruning(model: torch.nn.Module, target: int, x: torch.Tensor, steps: int) -> tuple[float, torch.nn.Module]:
     import torch_pruning as tp
 
     def prune(ratio: float) -> tuple[int, torch.nn.Module]:
+        with _rotary_off():
+            return _tp_prune(ratio)
+
+    def _tp_prune(ratio: float) -> tuple[int, torch.nn.Module]:
         m = copy.deepcopy(model)
         heads = {}
         for name, mod in m.named_modules():
@@ -228,11 +253,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--temperature", type=float, default=1.0, help="Distill's temperature")
     p.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.5], help="fractions of parameters removed")
     p.add_argument("--criteria", nargs="+", default=["magnitude", "activation", "taylor"])
+    p.add_argument("--recover-criteria", nargs="+", default=["activation"],
+                   help="criteria whose pruned models are recovered (default: the calibration-aware default)")
+    p.add_argument("--seeds", type=int, default=3, help="recovery runs per optimizer (data order), averaged")
     p.add_argument("--no-recovery", action="store_true")
     p.add_argument("--no-torch-pruning", action="store_true")
     p.add_argument("--bisect-steps", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: leaves the other cores free)")
     p.add_argument("--cache-dir", default=os.environ.get("FXCONDENSA_CACHE", "~/.cache/fxcondensa/lm_quality"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "lm_quality.json"))
     a = p.parse_args(argv)
@@ -269,18 +297,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             density, small = ours(model, criteria, target, example, calibration, a.bisect_steps)
             add({"method": f"fxcondensa {criteria}", "removed": removed, "density": density,
                  "params": params(small), "ppl": perplexity(small, held, a.batch)})
-            if a.no_recovery:
+            if a.no_recovery or criteria not in a.recover_criteria:
                 continue
             scheme = scheme_for(criteria, density, calibration)
-            common = dict(evaluations=1, l_batch_size=a.batch, lr=a.recover_lr, device="cpu", progress=False,
-                          seed=a.seed, bn_batches=0)
-            for opt in (FineTune(a.recover_steps, **common),
-                        Distill(a.recover_steps, temperature=a.temperature, **common)):
-                t0 = time.perf_counter()
-                result, _ = opt.compress(model, scheme, data, None, None, lm_loss, example)
-                add({"method": f"fxcondensa {criteria} + {type(opt).__name__}", "removed": removed,
-                     "density": density, "params": params(small), "ppl": perplexity(result, held, a.batch),
-                     "tokens": a.recover_steps * a.batch * a.seq, "seconds": time.perf_counter() - t0})
+            for make in (FineTune, Distill):
+                ppls, seconds = [], 0.0
+                for seed in range(a.seed, a.seed + a.seeds):
+                    common = dict(evaluations=1, l_batch_size=a.batch, lr=a.recover_lr, device="cpu",
+                                  progress=False, seed=seed, bn_batches=0)
+                    opt = Distill(a.recover_steps, temperature=a.temperature, **common) if make is Distill \
+                        else FineTune(a.recover_steps, **common)
+                    t0 = time.perf_counter()
+                    result, _ = opt.compress(model, scheme, data, None, None, lm_loss, example)
+                    seconds += time.perf_counter() - t0
+                    ppls.append(perplexity(result, held, a.batch))
+                add({"method": f"fxcondensa {criteria} + {make.__name__}", "removed": removed, "density": density,
+                     "params": params(small), "ppl": sum(ppls) / len(ppls), "ppl_seeds": ppls,
+                     "tokens": a.recover_steps * a.batch * a.seq, "seconds": seconds / len(ppls)})
         if not a.no_torch_pruning:
             ratio, pruned = torch_pruning(model, target, example, a.bisect_steps)
             add({"method": "Torch-Pruning magnitude", "removed": removed, "ratio": ratio, "params": params(pruned),
