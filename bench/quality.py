@@ -3,7 +3,9 @@
 LeNet-5 (MEM = Prune(0.007) + float16, FLOP = StructurePrune(0.3)) at each ``--budgets`` (SGD iterations of
 batch 128): Direct, FineTune, Gradual, LC with the tutorial's schedule (its mu_init, mu_multiplier, lr,
 momentum, its 5:1 ratio of first to later L steps, 7 iterations) and LC with the defaults for everything
-but the budget. ResNet-20 (1x28x28, BatchNorm, residuals) at half its MACs, ``--resnet-budget`` iterations,
+but the budget (two splits of it: 7 steps at 5:1, and 4 steps), Distill, and the plain baseline: the
+scheme's one-shot projection then masked SGD (constant lr 0.02, momentum 0.9, zeros re-applied after each
+step), ``--lenet-seeds`` seeds each. ResNet-20 (1x28x28, BatchNorm, residuals) at half its MACs, ``--resnet-budget`` iterations,
 ``--seeds`` seeds: the same optimizers with StructurePrune(target_flops=0.5), thinned; and the channel
 choice alone: ``thin(model, StructurePrune(target_flops=0.5))`` vs Torch-Pruning's MagnitudePruner (global
 L2, its ratio bisected to the same MACs), both fine-tuned by one identical plain loop.
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Subset, TensorDataset
 
 import fxcondensa as condensa
 from fxcondensa.data import load_dataset
@@ -47,13 +49,21 @@ CE = nn.CrossEntropyLoss()
 BATCH = 128
 
 
-def subsets(root: str | None) -> tuple[Subset, Subset, Subset]:
+def subsets(root: str | None) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     """(train 8000, val 1000, test 2000), fixed by seed 0."""
     full = load_dataset("fashion-mnist", train=True, root=root)
     test = load_dataset("fashion-mnist", train=False, root=root)
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()
     tperm = torch.randperm(len(test), generator=torch.Generator().manual_seed(0)).tolist()
-    return Subset(full, perm[:8000]), Subset(full, perm[8000:9000]), Subset(test, tperm[:2000])
+    # Decoded once into tensors (the same values): item-by-item decoding of the images would take longer
+    # than the training itself.
+    return (_tensors(Subset(full, perm[:8000])), _tensors(Subset(full, perm[8000:9000])),
+            _tensors(Subset(test, tperm[:2000])))
+
+
+def _tensors(subset: Subset) -> TensorDataset:
+    xs, ys = zip(*(subset[i] for i in range(len(subset))), strict=True)
+    return TensorDataset(torch.stack(xs), torch.tensor(ys))
 
 
 def plain_train(model: nn.Module, train: Any, steps: int, lr: float, seed: int, *, weight_decay: float = 5e-4,
