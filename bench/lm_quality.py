@@ -198,7 +198,7 @@ def secant(count: Any, target: int, start: tuple[float, int], guess: float, step
         n1, result = count(x1)
         if best is None or abs(n1 - target) < abs(best[1][0] - target):
             best = (x1, (n1, result))
-        if n1 == target or n1 == n0:
+        if n1 in (target, n0):
             break
         x0, n0, x1 = x1, n1, min(hi, max(lo, x1 + (target - n1) * (x1 - x0) / (n1 - n0)))
     assert best is not None

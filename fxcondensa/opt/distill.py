@@ -149,9 +149,9 @@ class Distill(FineTune):
 
     def __init__(self, iterations: int = 1000, *, temperature: float = 1.0, task_weight: float = 0.0,
                  hidden: Sequence[str] | str = (), hidden_weight: float = 1.0, teacher_dtype: Any = None,
-                 dim: int = -1, shard_teacher: bool = False, evaluations: int = 4, l_batch_size: int = 128, lr: float = 0.02,
-                 momentum: float = 0.9, weight_decay: float = 0.0, val_batch_size: int = 256, device: Any = None,
-                 seed: int = 0, checkpoint: str | os.PathLike[str] | None = None, progress: bool | None = None,
+                 dim: int = -1, shard_teacher: bool = False, evaluations: int = 4, l_batch_size: int = 128,
+                 lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0, val_batch_size: int = 256,
+                 device: Any = None, seed: int = 0, checkpoint: str | os.PathLike[str] | None = None, progress: bool | None = None,
                  bn_batches: int = 20, autocast: str | None = None, tf32: bool = False):
         super().__init__(iterations, evaluations=evaluations, l_batch_size=l_batch_size, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, val_batch_size=val_batch_size, device=device, seed=seed,
