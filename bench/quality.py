@@ -3,7 +3,9 @@
 LeNet-5 (MEM = Prune(0.007) + float16, FLOP = StructurePrune(0.3)) at each ``--budgets`` (SGD iterations of
 batch 128): Direct, FineTune, Gradual, LC with the tutorial's schedule (its mu_init, mu_multiplier, lr,
 momentum, its 5:1 ratio of first to later L steps, 7 iterations) and LC with the defaults for everything
-but the budget. ResNet-20 (1x28x28, BatchNorm, residuals) at half its MACs, ``--resnet-budget`` iterations,
+but the budget (two splits of it: 7 steps at 5:1, and 4 steps), Distill, and the plain baseline: the
+scheme's one-shot projection then masked SGD (constant lr 0.02, momentum 0.9, zeros re-applied after each
+step), ``--lenet-seeds`` seeds each. ResNet-20 (1x28x28, BatchNorm, residuals) at half its MACs, ``--resnet-budget`` iterations,
 ``--seeds`` seeds: the same optimizers with StructurePrune(target_flops=0.5), thinned; and the channel
 choice alone: ``thin(model, StructurePrune(target_flops=0.5))`` vs Torch-Pruning's MagnitudePruner (global
 L2, its ratio bisected to the same MACs), both fine-tuned by one identical plain loop.
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Subset, TensorDataset
 
 import fxcondensa as condensa
 from fxcondensa.data import load_dataset
@@ -47,13 +49,21 @@ CE = nn.CrossEntropyLoss()
 BATCH = 128
 
 
-def subsets(root: str | None) -> tuple[Subset, Subset, Subset]:
+def subsets(root: str | None) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     """(train 8000, val 1000, test 2000), fixed by seed 0."""
     full = load_dataset("fashion-mnist", train=True, root=root)
     test = load_dataset("fashion-mnist", train=False, root=root)
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()
     tperm = torch.randperm(len(test), generator=torch.Generator().manual_seed(0)).tolist()
-    return Subset(full, perm[:8000]), Subset(full, perm[8000:9000]), Subset(test, tperm[:2000])
+    # Decoded once into tensors (the same values): item-by-item decoding of the images would take longer
+    # than the training itself.
+    return (_tensors(Subset(full, perm[:8000])), _tensors(Subset(full, perm[8000:9000])),
+            _tensors(Subset(test, tperm[:2000])))
+
+
+def _tensors(subset: Subset) -> TensorDataset:
+    xs, ys = zip(*(subset[i] for i in range(len(subset))), strict=True)
+    return TensorDataset(torch.stack(xs), torch.tensor(ys))
 
 
 def plain_train(model: nn.Module, train: Any, steps: int, lr: float, seed: int, *, weight_decay: float = 5e-4,
@@ -108,8 +118,34 @@ def optimizers(budget: int, seed: int, names: list[str]) -> dict[str, Any]:
                                                val_batch_size=1000, **every),
         "LC defaults": lambda: condensa.opt.LC(steps=7, sgd_iterations_first_l=first, sgd_iterations_per_l=per,
                                                **every),
+        # Another split of the same budget (the 150:60 x 3 one of the original LeNet comparison at 330).
+        "LC defaults 4 steps": lambda: condensa.opt.LC(steps=4, sgd_iterations_first_l=budget - 3 * (budget * 2 // 11),
+                                                       sgd_iterations_per_l=budget * 2 // 11, **every),
+        "Distill": lambda: condensa.opt.Distill(iterations=budget, **every),
     }
     return {k: made[k]() for k in names}
+
+
+def masked_sgd(model: nn.Module, scheme: Any, train: Any, budget: int, seed: int, x: torch.Tensor) -> nn.Module:
+    """The plain baseline: the scheme's one-shot magnitude projection, then SGD (constant lr 0.02, momentum
+    0.9) on the task loss with the zeros re-applied after every step, projected once more at the end."""
+    net = condensa.compress(model, scheme, x)
+    masks = {n: p != 0 for n, p in net.named_parameters() if bool((p == 0).any())}
+    torch.manual_seed(seed)
+    stream = as_batches(train, BATCH).shuffled(torch.Generator().manual_seed(seed))
+    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
+    net.train()
+    for _ in range(budget):
+        xb, yb = next(stream)
+        loss = CE(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if n in masks:
+                    p.mul_(masks[n])
+    return condensa.compress(net.eval(), scheme, x)  # the zeros kept; MEM's float16 rounding applied
 
 
 def tp_count(model: nn.Module, x: torch.Tensor) -> int:
@@ -178,15 +214,25 @@ def lenet_part(rows: Rows, data: tuple, args: argparse.Namespace) -> None:
     model = baseline("lenet5", LeNet5, data[0], 10, 0.05, cosine=False)  # 620 SGD steps
     schemes = {"MEM": Compose([Prune(0.007), Quantize(condensa.float16)]),
                "FLOP": StructurePrune(0.3, **criteria_kw(args))}
+    x = as_batches(data[0], 2).first(2)
+    test_b = as_batches(data[2], 500)
     for budget in args.budgets:
         for sname, scheme in schemes.items():
             if sname not in args.schemes:
                 continue
-            for name, opt in optimizers(budget, 0, args.optimizers).items():
-                if name == "Direct" and budget != args.budgets[0]:
-                    continue
-                compress_row(rows, name, opt, scheme, model, data, model="lenet5", scheme=sname,
-                             iterations=budget if name != "Direct" else 0)
+            for seed in range(args.lenet_seeds):
+                if "masked SGD" in args.optimizers:
+                    start = time.perf_counter()
+                    w = masked_sgd(model, scheme, data[0], budget, seed, x)
+                    rows.add(model="lenet5", scheme=sname, iterations=budget, seed=seed,
+                             optimizer="masked SGD (baseline)", test_accuracy=evaluate(w, test_b, CE)[1],
+                             seconds=time.perf_counter() - start)
+                names = [n for n in args.optimizers if n != "masked SGD"]
+                for name, opt in optimizers(budget, seed, names).items():
+                    if name == "Direct" and (budget != args.budgets[0] or seed):
+                        continue
+                    compress_row(rows, name, opt, scheme, model, data, model="lenet5", scheme=sname, seed=seed,
+                                 iterations=budget if name != "Direct" else 0)
 
 
 def resnet_part(rows: Rows, data: tuple, args: argparse.Namespace) -> None:
@@ -287,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", nargs="+", default=["lenet5", "resnet20"], choices=["lenet5", "resnet20"])
     p.add_argument("--budgets", nargs="+", type=int, default=[330, 2200], help="LeNet-5 SGD iterations")
     p.add_argument("--schemes", nargs="+", default=["MEM", "FLOP"], choices=["MEM", "FLOP"])
-    p.add_argument("--optimizers", nargs="+", default=["Direct", "FineTune", "Gradual", "LC tutorial", "LC defaults"],
-                   choices=["Direct", "FineTune", "Gradual", "LC tutorial", "LC defaults"])
+    choices = ["Direct", "FineTune", "Gradual", "LC tutorial", "LC defaults", "LC defaults 4 steps", "Distill",
+               "masked SGD"]
+    p.add_argument("--optimizers", nargs="+", default=choices, choices=choices)
+    p.add_argument("--lenet-seeds", type=int, default=3, help="seeds of each LeNet-5 row")
     p.add_argument("--resnet-budget", type=int, default=120, help="ResNet-20 fine-tune SGD iterations")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=None, help="only this ResNet seed (what --jobs gives each job)")

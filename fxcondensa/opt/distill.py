@@ -33,7 +33,7 @@ from . import distributed as dist_lc
 from .base import check_float
 from .finetune import FineTune
 
-__all__ = ["Distill", "kd_loss"]
+__all__ = ["Distill", "kd_loss", "shard"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,6 +84,29 @@ def _tap(gm: fx.GraphModule, names: Sequence[str], owner: str) -> tuple[fx.Graph
         raise ValueError(str(exc).replace(f"{owner}: ", f"{owner}: hidden=", 1)) from None
 
 
+def shard(module: nn.Module) -> bool:
+    """Shard ``module``'s parameters across the live process group with FSDP2, in place: every submodule that
+    owns parameters directly gets its own unit (gathered only while it runs), the root keeps the rest (a
+    graph's own attributes). Returns False (nothing done) without a process group of several ranks.
+
+    Example:
+        >>> import torch
+        >>> shard(torch.nn.Linear(2, 2))  # one process: nothing to shard across
+        False
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import fully_shard
+
+    leaves = [m for name, m in module.named_modules() if name and any(True for _ in m.parameters(recurse=False))]
+    for m in reversed(leaves):  # innermost first: a unit manages the parameters no inner unit took
+        fully_shard(m)
+    fully_shard(module)
+    return True
+
+
 class Distill(FineTune):
     """Direct compression followed by masked distillation from the dense model, first-class like ``FineTune``.
 
@@ -100,6 +123,11 @@ class Distill(FineTune):
             captured in that precision (half its memory; its logits are read in float32).
         dim: the class dimension of the logits (-1: a classifier's ``(batch, classes)`` and a causal LM's
             ``(batch, tokens, vocab)``).
+        shard_teacher: under torchrun with several ranks, shard the teacher's parameters across the ranks with
+            FSDP2 (``torch.distributed.fsdp.fully_shard``, each layer that owns parameters, then the rest): each
+            rank keeps ``1/world_size`` of the teacher and gathers one layer at a time during its forward, whose
+            outputs are those of the whole teacher. No effect in one process. (The student is not sharded: it
+            trains under DistributedDataParallel, as FineTune's.)
         l_batch_size, lr, momentum, weight_decay, val_batch_size, device, seed, checkpoint, progress,
         bn_batches, autocast, tf32: as for :class:`fxcondensa.opt.FineTune`.
 
@@ -116,13 +144,14 @@ class Distill(FineTune):
         (3, 0.1, 6)
     """
 
-    _HYPER = (*FineTune._HYPER, "temperature", "task_weight", "hidden", "hidden_weight", "teacher_dtype", "dim")
+    _HYPER = (*FineTune._HYPER, "temperature", "task_weight", "hidden", "hidden_weight", "teacher_dtype", "dim",
+              "shard_teacher")
 
     def __init__(self, iterations: int = 1000, *, temperature: float = 1.0, task_weight: float = 0.0,
                  hidden: Sequence[str] | str = (), hidden_weight: float = 1.0, teacher_dtype: Any = None,
-                 dim: int = -1, evaluations: int = 4, l_batch_size: int = 128, lr: float = 0.02,
-                 momentum: float = 0.9, weight_decay: float = 0.0, val_batch_size: int = 256, device: Any = None,
-                 seed: int = 0, checkpoint: str | os.PathLike[str] | None = None, progress: bool | None = None,
+                 dim: int = -1, shard_teacher: bool = False, evaluations: int = 4, l_batch_size: int = 128,
+                 lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0, val_batch_size: int = 256,
+                 device: Any = None, seed: int = 0, checkpoint: str | os.PathLike[str] | None = None, progress: bool | None = None,
                  bn_batches: int = 20, autocast: str | None = None, tf32: bool = False):
         super().__init__(iterations, evaluations=evaluations, l_batch_size=l_batch_size, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, val_batch_size=val_batch_size, device=device, seed=seed,
@@ -146,6 +175,10 @@ class Distill(FineTune):
             raise TypeError(f"Distill: dim must be an int, the class dimension of the logits (-1 for a classifier's "
                             f"(batch, classes) or an LM's (batch, tokens, vocab)), got {dim!r}")
         self.dim = dim
+        if not isinstance(shard_teacher, bool):
+            raise TypeError(f"Distill: shard_teacher must be True or False, got {shard_teacher!r}")
+        self.shard_teacher = shard_teacher
+        self._sharded = False
         self._teacher: nn.Module | None = None
         self._taps: dict[int, tuple[nn.Module, _Recorder]] = {}
 
@@ -159,7 +192,7 @@ class Distill(FineTune):
         try:
             return super().compress(model, scheme, train, val, test, criterion, example_inputs)
         finally:
-            self._teacher, self._taps = None, {}
+            self._teacher, self._taps, self._sharded = None, {}, False
 
     def _build_teacher(self, model: nn.Module, example_inputs: Any) -> nn.Module:
         dtype = _DTYPES.get(self.teacher_dtype or "")
@@ -186,6 +219,9 @@ class Distill(FineTune):
         assert self._teacher is not None, "Distill.l_loss runs inside Distill.compress"
         device = self.resolved_device
         dtype = _DTYPES.get(self.teacher_dtype or "")
+        if self.shard_teacher and not self._sharded:
+            # Here, not when the teacher is built: the process group exists only inside the run.
+            self._sharded = shard(self._teacher)
         with torch.no_grad():
             tx = x.to(dtype) if dtype is not None and x.is_floating_point() else x
             t_out = self._teacher(tx)
