@@ -14,9 +14,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..capture.exported import capture_notes, graph_inputs, split_inputs
+from ..capture.exported import capture_notes, capture_of, graph_inputs, split_inputs
 from ..capture.graph import trace
-from ..capture.records import graph_record, set_thin_record, thin_record
+from ..capture.records import compressed_graph, graph_record, set_thin_record, thin_record
 from ..passes.analysis import analyze
 from ..passes.own import blocking_reason, check_own, graph_edits, install, own_model
 from ..passes.thin import _check, thin_graph
@@ -32,8 +32,11 @@ def _example_inputs(model: nn.Module, example_inputs: Any) -> Any:
     if example_inputs is not None:
         split_inputs(example_inputs)  # a bad container fails here, with the message saying what to pass
         return example_inputs
-    if isinstance(model, fx.GraphModule):
-        metas = [n.meta.get("tensor_meta") for n in model.graph.nodes if n.op == "placeholder"]
+    # A compressed model of the user's class keeps its graph beside it; a torch.fx capture's placeholders are
+    # the model's own positional inputs (a torch.export capture's are flat leaves: no use here).
+    graph = compressed_graph(model)
+    if graph is not None and (graph is model or capture_of(graph) == "fx"):
+        metas = [n.meta.get("tensor_meta") for n in graph.graph.nodes if n.op == "placeholder"]
         if metas and all(m is not None and hasattr(m, "shape") for m in metas):
             # Made where the model lives: a CUDA model gets CUDA inputs.
             device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
@@ -54,7 +57,7 @@ def thin(
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     capture: str = "auto",
-    output: str = "graph",
+    output: str = "auto",
     inplace: bool = False,
 ) -> nn.Module:
     """Return a smaller model with pruned channels physically removed: the user's own class, or a ``GraphModule``.
@@ -100,7 +103,7 @@ def thin(
     if not isinstance(inplace, bool):
         raise TypeError(f"thin: inplace must be True or False, got {inplace!r}")
     if inplace and output == "graph":
-        raise ValueError("thin: inplace=True thins the model object itself, which output='graph' (the default) does "
+        raise ValueError("thin: inplace=True thins the model object itself, which output='graph' does "
                          "not return; pass output='auto' or 'module', or drop inplace")
     if scheme is not None:
         check_scheme(scheme)

@@ -32,9 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
+from ..capture.records import compressed_graph
 from ..errors import FileFormatError
 from ..passes.annotate import annotations
 from .fileio import load_plain, save_atomic
@@ -70,8 +70,9 @@ def storage_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
         torch.float16
     """
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    if isinstance(model, fx.GraphModule):
-        dtypes.update({n: a.dtype for n, a in annotations(model).items() if a.dtype is not None})
+    gm = compressed_graph(model)  # the model itself, or the annotated graph beside a compressed own-class model
+    if gm is not None:
+        dtypes.update({n: a.dtype for n, a in annotations(gm).items() if a.dtype is not None})
     return dtypes
 
 
