@@ -200,9 +200,25 @@ def _gpt2(model: nn.Module) -> dict[str, list[Any]]:
     }
 
 
+def _bert(model: nn.Module) -> dict[str, list[Any]]:
+    base = getattr(model, "bert", None) or getattr(model, "roberta", None) or model  # a task head's encoder
+    layers = base.get_submodule("encoder.layer")
+    hidden = int(model.get_input_embeddings().weight.shape[1])
+    attn = [layer.attention.self for layer in layers]
+    return {
+        "hidden_size": [hidden],
+        "intermediate_size": [layer.intermediate.dense.weight.shape[0] for layer in layers],
+        # A stock config derives the head width as hidden_size // heads: a count it would divide otherwise is
+        # one it cannot state (None).
+        "num_attention_heads": [a.num_attention_heads if a.attention_head_size * a.num_attention_heads == hidden
+                                else None for a in attn],
+    }
+
+
 # config.model_type -> the config fields that describe sizes, read from the model (one value per layer)
 CONFIGS: dict[str, Callable[[nn.Module], dict[str, list[Any]]]] = {
-    "llama": _llama_like, "qwen2": _llama_like, "mistral": _llama_like, "gpt2": _gpt2,
+    "llama": _llama_like, "qwen2": _llama_like, "mistral": _llama_like, "gpt2": _gpt2, "bert": _bert,
+    "roberta": _bert,
 }
 
 
@@ -228,6 +244,9 @@ def update_config(model: nn.Module) -> list[str]:
     config = model.config
     differ = []
     for name, values in fields.items():
+        if any(v is None for v in values):  # a layer whose size the stock config cannot state
+            differ.append(name)
+            continue
         values = [float(v) if isinstance(v, float) else int(v) for v in values]
         if len(set(values)) != 1:
             differ.append(name)
