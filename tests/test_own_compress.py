@@ -71,6 +71,9 @@ def test_compressed_gpt2_is_its_class_and_generates(dtype):
     zeros = {k: float((v == 0).float().mean()) for k, v in small.state_dict().items() if k.endswith("c_fc.weight")}
     assert zeros and all(z > 0.2 for z in zeros.values())  # the scheme's zeros, in place
     assert all(torch.equal(v, small.state_dict()[k]) for k, v in graph.state_dict().items())
+    assert not small.training  # the model's eval mode, module by module (no dropout where it had none)
+    with torch.no_grad():
+        assert torch.equal(small(**x).logits, dict(graph(**x))["logits"])
     assert next(small.parameters()).dtype == dtype
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

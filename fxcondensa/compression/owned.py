@@ -69,8 +69,7 @@ def own_compressed(model: nn.Module, gm: fx.GraphModule, *, output: str, where: 
         if name in new:
             memo[id(t)] = new[name]
     result = copy.deepcopy(model, memo)
-    _follow_device(result, new)
-    result.train(gm.training)
+    _follow_device(result, new)  # train/eval flags: the model's own, copied module by module
     record.returns, record.reason = "module", ""
     set_compressed_graph(result, gm)
     return result
