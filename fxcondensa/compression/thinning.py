@@ -64,7 +64,8 @@ def thin(
 
     With a ``scheme`` (e.g. ``StructurePrune(0.5)``) the model is compressed first; without one, the
     channels that are already zero across their whole group are removed (e.g. the output of L-C with a
-    structured scheme). The model is never modified (unless ``inplace=True``). ``check=True`` compares the
+    structured scheme; ``compress``'s result, of the user's class, thins by its zeros with ``example_inputs``
+    taken from the graph kept beside it). The model is never modified (unless ``inplace=True``). ``check=True`` compares the
     thinned model with the compressed dense one on ``example_inputs`` in eval mode: in the model's dtype with
     that dtype's tolerance (float32 rtol 1e-4, atol 1e-5; bfloat16 and float16 looser, see
     ``fxcondensa.passes.precision``), then, where rounding may explain a difference, again in float32 and
@@ -76,14 +77,15 @@ def thin(
     ``example_inputs`` may be a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``);
     the thinned module takes the inputs the model takes.
 
-    ``output`` says what comes back. ``"module"``: a copy of ``model``, of its own class, with its modules
-    resized (sliced weights, size attributes such as ``out_features`` or ``num_heads``, a Hugging Face
+    ``output`` says what comes back. ``"auto"`` (the default): the user's class where it can follow and
+    passes the check, else the graph, with the reason in the record. ``"module"``: a copy of ``model``, of
+    its own class, with its modules resized (sliced weights, size attributes such as ``out_features`` or ``num_heads``, a Hugging Face
     ``config``, width-preserving norms swapped in): its methods (``generate``, ``forward_features``,
     ``save_pretrained``) and its own forward stay, and that forward is what the check runs. Where thinning
     needs a graph rewrite that module attributes cannot express (a literal size in the model's code),
     ``"module"`` raises ``ValueError`` naming the module and the literal. ``"graph"``: the thinned
-    ``GraphModule`` (what the capture recorded, at the example's shapes; the default for now). ``"auto"``: the
-    user's class where it can follow and passes the check, else the graph, with the reason in the record.
+    ``GraphModule`` (what the capture recorded; a torch.export capture takes other batch sizes and lengths,
+    what it could not generalise is in the record's ``input_constraints``).
     ``inplace=True`` (with ``"auto"`` or ``"module"``) makes ``model`` itself the thinned model when its
     class comes back, instead of a copy: the input is then changed; when a graph comes back it is not.
 
@@ -93,8 +95,7 @@ def thin(
     Example:
         >>> import torch, fxcondensa
         >>> from fxcondensa.schemes import StructurePrune
-        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(1, 1, 28, 28),
-        ...                         output="auto")
+        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(1, 1, 28, 28))
         >>> small.conv1.out_channels < 20 and small.ip1.out_features < 500, type(small).__name__
         (True, 'LeNet5')
     """
