@@ -326,6 +326,8 @@ def check_own(compressed: fx.GraphModule, module: nn.Module, keep: torch.Tensor,
         first = str(exc).split(", first at")[0].replace("the thinned model", "the model's own forward")
         return first
     except Exception as exc:  # the user's forward refuses the new sizes
+        while exc.__cause__ is not None:  # the error the forward raised, not the check's wrappers around it
+            exc = exc.__cause__
         return f"the model's own forward fails on the thinned modules: {type(exc).__name__}: " \
                f"{(str(exc).splitlines() or [''])[0][:300]}"
     return None
