@@ -83,6 +83,11 @@ def _timm_attention(m: nn.Module, shapes: Shapes = ()) -> None:
         m.attn_dim = m.num_heads * m.head_dim
 
 
+def _hiera_attention(m: nn.Module, shapes: Shapes = ()) -> None:
+    m.heads = int(m.qkv.weight.shape[0]) // (3 * m.head_dim)  # fused q, k, v: 3 * heads * head_dim rows
+    m.dim_out = m.heads * m.head_dim  # the output reshape's width
+
+
 def _timm_window_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     m.num_heads = int(m.relative_position_bias_table.shape[-1])  # one bias column per head, cut with it
 
@@ -101,6 +106,7 @@ ATTRIBUTES: dict[Any, Callable[[nn.Module, Shapes], None]] = {
     "transformers.models.roberta.modeling_roberta.RobertaSelfAttention": _bert_attention,
     "timm.layers.attention.Attention": _timm_attention,
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
+    "timm.models.hiera.MaskUnitAttention": _hiera_attention,
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
 }
 
