@@ -47,7 +47,7 @@ def thinned(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lenet_file(tmp_path_factory):
-    small = fxcondensa.thin(_build("lenet5"), StructurePrune(0.3), torch.randn(2, 1, 28, 28))
+    small = fxcondensa.thin(_build("lenet5"), StructurePrune(0.3), torch.randn(2, 1, 28, 28), output="graph")
     path = tmp_path_factory.mktemp("lenet") / "lenet5.thin"
     fxcondensa.save_thinned(small, path)
     return small, path
