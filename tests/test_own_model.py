@@ -82,7 +82,7 @@ def test_a_literal_size_blocks_the_own_class_named_in_the_error_and_the_record()
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     (dict(output="modul"), ValueError, "output must be one of"),
     (dict(output="graph", inplace=True), ValueError, "inplace=True thins the model object itself"),
-    (dict(inplace=True), ValueError, "inplace=True thins the model object itself"),
+    (dict(inplace=True, output="graph"), ValueError, "inplace=True thins the model object itself"),
     (dict(inplace=1), TypeError, "inplace must be True or False"),
 ])
 def test_bad_output_options_say_what_to_pass(kwargs, error, match):
