@@ -144,7 +144,7 @@ def _file_bytes(model: nn.Module, x: Any, folder: str, name: str) -> int:
 def variants(dense: nn.Module, x: Any, density: float, mode: str) -> dict[str, nn.Module]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        thinned = fxcondensa.thin(dense, StructurePrune(density), x)
+        thinned = fxcondensa.thin(dense, StructurePrune(density), x, output="graph")
     return {"dense fp32": dense, "thinned fp32": thinned, "dense int8": quantize_int8(dense, mode=mode),
             "thinned int8": quantize_int8(thinned, mode=mode)}
 

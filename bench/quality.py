@@ -247,7 +247,7 @@ def resnet_part(rows: Rows, data: tuple, args: argparse.Namespace) -> None:
     budget = args.resnet_budget
     for seed in (range(args.seeds) if args.seed is None else [args.seed]):
         # The channel choice alone: ours thinned vs Torch-Pruning's, one identical plain fine-tune.
-        ours = condensa.thin(model, scheme, x)
+        ours = condensa.thin(model, scheme, x, output="graph")
         ours_macs = tp_count(ours, x)
         before = evaluate(ours, test_b, CE)[1]
         tuned = plain_train(copy.deepcopy(ours), train, budget, 0.01, seed, weight_decay=0.0)
@@ -266,7 +266,7 @@ def resnet_part(rows: Rows, data: tuple, args: argparse.Namespace) -> None:
                 continue
             w = compress_row(rows, name, opt, scheme, model, data, model="resnet20", scheme="target_flops=0.5",
                              seed=seed, iterations=budget if name != "Direct" else 0)
-            small = condensa.thin(w.eval(), example_inputs=x)
+            small = condensa.thin(w.eval(), example_inputs=x, output="graph")
             lat = condensa.measure_latency(small, as_batches(test, BATCH).first(BATCH), warmup=1, repeat=3) \
                 if seed == 0 else None
             m = tp_count(small, x)

@@ -224,12 +224,13 @@ def thinned_variants(model: nn.Module, density: float, align: int | str | None, 
     variants: list[tuple[nn.Module, str | None, float, list[int]]] = []
     if align != "auto":
         t0 = time.perf_counter()
-        thinned = fxcondensa.thin(model, StructurePrune(density, align=align), x1, check=True)
+        thinned = fxcondensa.thin(model, StructurePrune(density, align=align), x1, check=True, output="graph")
         return [(thinned, None, time.perf_counter() - t0, list(batches))]
     for b in batches:
         t0 = time.perf_counter()
         xb = _input(shapes[b], b, torch.device("cpu"), False)
-        thinned = fxcondensa.thin(model, StructurePrune(density, align="auto"), xb, check=True)
+        thinned = fxcondensa.thin(model, StructurePrune(density, align="auto"), xb, check=True,
+                                   output="graph")
         variants.append((thinned, f"latency model at {'x'.join(map(str, xb.shape))}", time.perf_counter() - t0, [b]))
     return variants
 
@@ -259,7 +260,7 @@ def latency_target_row(name: str, target: float, *, batch: int = 16, size: int =
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    thinned = fxcondensa.thin(model, StructurePrune(target_latency=target), x)
+    thinned = fxcondensa.thin(model, StructurePrune(target_latency=target), x, output="graph")
     rec = thin_record(thinned)
     record: dict[str, Any] = {}
     if rec is not None and rec.target is not None:

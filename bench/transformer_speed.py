@@ -134,7 +134,8 @@ def run(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict
                            "density": args.density, "align": args.align, "attention": args.attention,
                            "load_before": os.getloadavg()}
     t = time.perf_counter()
-    small = fxcondensa.thin(model, StructurePrune(args.density, align=args.align, attention=args.attention), inputs)
+    small = fxcondensa.thin(model, StructurePrune(args.density, align=args.align, attention=args.attention), inputs,
+                            output="graph")
     row["thin_s"] = time.perf_counter() - t
     row.update(dense_params=n_params(model), thinned_params=n_params(small),
                dense_macs=macs(model, inputs), thinned_macs=macs(small, inputs))

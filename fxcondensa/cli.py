@@ -278,10 +278,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         leaf_modules = tuple(args.leaf_module)
         if thinning:
             with progress.step(f"thinning with {type(args.scheme).__name__ if args.scheme else 'the zeros in the model'}"):
-                result = thin(model, args.scheme, x, check=not args.no_check, leaf_modules=leaf_modules)
+                # The command writes files and a report: the graph is what they are made from.
+                result = thin(model, args.scheme, x, check=not args.no_check, leaf_modules=leaf_modules,
+                              output="graph")
         else:
             with progress.step(f"compressing with {type(args.scheme).__name__}"):
-                result = compress(model, args.scheme, x, leaf_modules=leaf_modules)
+                result = compress(model, args.scheme, x, leaf_modules=leaf_modules, output="graph")
         floating = result
         if args.int8:
             with progress.step(f"quantizing Linear layers to int8 ({args.int8})"):

@@ -104,11 +104,11 @@ class Encoder(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-def _exact(model: nn.Module, x: torch.Tensor, scheme=None) -> nn.Module:
+def _exact(model: nn.Module, x: torch.Tensor, scheme=None, output: str = "auto") -> nn.Module:
     scheme = scheme or StructurePrune(0.5)
     model = model.eval()
     compressed = compress(model, scheme, x)
-    small = thin(model, scheme, x)
+    small = thin(model, scheme, x, output=output)
     inputs = x if isinstance(x, tuple) else (x,)
     with torch.no_grad():
         torch.testing.assert_close(small(*inputs), compressed(*inputs), rtol=RTOL, atol=ATOL)

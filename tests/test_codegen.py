@@ -78,7 +78,7 @@ def test_each_container_looked_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_thinned_model_hoists_and_matches_fx_code() -> None:
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
-    small = fxcondensa.thin(torchvision.models.mobilenet_v2().eval(), StructurePrune(0.5), x)
+    small = fxcondensa.thin(torchvision.models.mobilenet_v2().eval(), StructurePrune(0.5), x, output="graph")
     assert f"{LOCAL_PREFIX}0" in small.code
     with torch.no_grad():
         assert torch.equal(small(x), plain(small)(x))

@@ -54,7 +54,7 @@ def test_state_dict_keys_equal_and_load_into_original_architecture():
 
 
 def test_result_is_a_graph_module_with_annotations():
-    w = compress(_lenet(), Compose([Prune(0.1), Quantize(torch.bfloat16)]))
+    w = compress(_lenet(), Compose([Prune(0.1), Quantize(torch.bfloat16)]), output="graph")
     anns = annotations(w)
     assert set(anns) >= {"conv1.weight", "ip1.weight", "ip1.bias"}
     assert anns["ip1.weight"].mask is not None and anns["ip1.weight"].dtype == torch.bfloat16

@@ -53,7 +53,7 @@ def test_minibatch_loss_equals_kl_plus_task_plus_hidden_reference():
     kd = Distill(iterations=2, evaluations=1, temperature=2.5, task_weight=0.3, hidden=["1"], hidden_weight=0.7,
                  device="cpu")
     kd._teacher = kd._build_teacher(model, x[:2])
-    student = condensa.compress(model, Prune(0.2))  # a compressed copy, as the L step sees it
+    student = condensa.compress(model, Prune(0.2), output="graph")  # the compressed graph, as the L step sees it
     got = kd.l_loss(student, x, y, nn.CrossEntropyLoss())
     seen: dict[str, torch.Tensor] = {}
     hooks = [m.get_submodule("1").register_forward_hook(lambda _m, _i, o, k=k: seen.__setitem__(k, o))

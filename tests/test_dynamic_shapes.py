@@ -36,7 +36,8 @@ def thinned_lm(request):
     model, x, _, _ = bench_coverage().build_hf(request.param)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the key-value cache turned off for the capture
-        return fxcondensa.thin(model, SCHEME, x), fxcondensa.compress(model, SCHEME, x)
+        # The graph: what is tested here is how the capture generalises (the user's class takes any shape).
+        return fxcondensa.thin(model, SCHEME, x, output="graph"), fxcondensa.compress(model, SCHEME, x)
 
 
 def test_a_thinned_lm_equals_the_compressed_one_at_other_batch_sizes_and_lengths(thinned_lm):
@@ -75,7 +76,7 @@ class _Rows(nn.Module):
 
 def test_a_dim_that_cannot_vary_is_named_and_refused():
     torch.manual_seed(0)
-    small = fxcondensa.thin(_Rows(), SCHEME, torch.randn(1, 6))
+    small = fxcondensa.thin(_Rows(), SCHEME, torch.randn(1, 6), output="graph")
     assert thin_record(small).capture == "export"
     assert thin_record(small).input_constraints == ["x.shape[1] == 6"]
     assert small(torch.randn(5, 6)).shape == (5, 3)  # captured on one row, runs on five

@@ -31,7 +31,7 @@ def test_tiny_hf_model_thins_exactly_on_a_fresh_input(name):
     model, x, fresh, _ = build_hf(name)
     before = state_hash(model)
     with pytest.warns(UserWarning, match="use_cache=False") if name == "gpt2-lm" else _nothing():
-        thinned = thin(model, SCHEME, x)
+        thinned = thin(model, SCHEME, x, output="graph")  # the capture's graph (the own class: test_own_model)
     assert state_hash(model) == before, "the input model was modified"
     assert thin_record(thinned).capture == "export"
     assert params(thinned) < params(model)

@@ -93,12 +93,12 @@ def test_inplace_and_exclude():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_hf_graph_linear_calls_are_quantized(dtype):
-    """thin returns a captured graph for Hugging Face models: linear calls on parameters, no modules."""
+    """A captured Hugging Face graph (thin's output="graph"): linear calls on parameters, no modules."""
     torch.manual_seed(0)
     model, x, fresh, _ = build_hf("llama")
     model = model.to(dtype)
     with pytest.warns(UserWarning, match="use_cache=False"):
-        small = fxcondensa.thin(model, StructurePrune(0.5), x)
+        small = fxcondensa.thin(model, StructurePrune(0.5), x, output="graph")
     names, left = int8_candidates(small)
     linear_calls = [n for n in small.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
     assert len(names) == len(linear_calls) > 10 and not left

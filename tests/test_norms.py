@@ -89,10 +89,10 @@ class ChannelsFirst(nn.Module):
         return self.pw(x)
 
 
-def _exact(model: nn.Module, x: torch.Tensor, scheme=None) -> nn.Module:
+def _exact(model: nn.Module, x: torch.Tensor, scheme=None, output: str = "auto") -> nn.Module:
     scheme = scheme or StructurePrune(0.5)
     compressed = compress(model, scheme, x)
-    small = thin(model, scheme, x)
+    small = thin(model, scheme, x, output=output)
     with torch.no_grad():
         torch.testing.assert_close(small(x), compressed(x), rtol=RTOL, atol=ATOL)
     return small
@@ -102,7 +102,7 @@ def _exact(model: nn.Module, x: torch.Tensor, scheme=None) -> nn.Module:
 def test_residual_stream_under_norms_is_thinned_exactly(norm):
     torch.manual_seed(0)
     model = _randomize_norms(PreNorm(norm=norm))
-    small = _exact(model, torch.randn(2, 5, 6))
+    small = _exact(model, torch.randn(2, 5, 6), output="graph")  # the rewrites, read in the graph's code
     assert small.embed.out_features < 12  # the stream lost channels
     assert small.gamma.numel() == small.embed.out_features and small.pos.shape[-1] == small.embed.out_features
     frozen = [g for g in thin_record(small).groups if g.frozen]
@@ -235,7 +235,7 @@ class LlamaStream(nn.Module):
 
 def test_llama_style_rms_norm_is_thinned_exactly():
     torch.manual_seed(5)
-    small = _exact(LlamaStream().eval(), torch.randn(2, 3, 4))
+    small = _exact(LlamaStream().eval(), torch.randn(2, 3, 4), output="graph")  # the rewrite, in the graph
     assert small.embed.out_features < 10 and "mean_width" in small.code
     assert small.norm1.weight.numel() == small.embed.out_features
 
@@ -247,11 +247,11 @@ def test_thinned_llama_style_norm_thins_again_and_costs_what_its_mean_costs():
 
     torch.manual_seed(6)
     x = torch.randn(2, 3, 4)
-    once = _exact(LlamaStream(c=16).eval(), x)
+    once = _exact(LlamaStream(c=16).eval(), x, output="graph")
     width = once.embed.out_features
     means = [c for c in profile_costs(once, x) if "mean" in c.name]
     assert means and all(c.macs == 2 * 3 * width for c in means)  # the mean reads every kept channel
-    twice = _exact(once, x)
+    twice = _exact(once, x, output="graph")
     assert twice.embed.out_features < width and "mean_width" in twice.code
 
 

@@ -82,7 +82,7 @@ def test_a_literal_size_blocks_the_own_class_named_in_the_error_and_the_record()
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     (dict(output="modul"), ValueError, "output must be one of"),
     (dict(output="graph", inplace=True), ValueError, "inplace=True thins the model object itself"),
-    (dict(inplace=True), ValueError, "inplace=True thins the model object itself"),
+    (dict(inplace=True, output="graph"), ValueError, "inplace=True thins the model object itself"),
     (dict(inplace=1), TypeError, "inplace must be True or False"),
 ])
 def test_bad_output_options_say_what_to_pass(kwargs, error, match):
@@ -201,6 +201,7 @@ VISION = {
     "timm_convnext_tiny": (lambda: _timm("convnext_tiny", depths=(1, 1, 1, 1)), 32),
     "timm_swin_tiny": (lambda: _timm("swin_tiny_patch4_window7_224", img_size=32, window_size=4, depths=(1, 1, 1, 1)),
                        32),
+    "timm_hiera_tiny": (lambda: _timm("hiera_tiny_224", img_size=(64, 64), stages=(1, 1, 1, 1)), 64),
     "tv_resnet50": (lambda: _tv("resnet50"), 32),
     "tv_vit_b_16": (lambda: _tv("vit_b_16", image_size=32), 32),
     "tv_mobilenet_v3": (lambda: _tv("mobilenet_v3_small"), 32),

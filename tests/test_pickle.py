@@ -31,15 +31,15 @@ def _returned(kind: str, tmp_path) -> tuple[torch.fx.GraphModule, torch.Tensor]:
     if kind == "trace":
         return fxcondensa.trace(model, X), X
     if kind == "compress":
-        return fxcondensa.compress(model, Compose([Prune(0.1), Quantize(fxcondensa.float16)]), X), X
+        return fxcondensa.compress(model, Compose([Prune(0.1), Quantize(fxcondensa.float16)]), X, output="graph"), X
     if kind == "thin":
-        return fxcondensa.thin(model, StructurePrune(0.5), X), X
+        return fxcondensa.thin(model, StructurePrune(0.5), X, output="graph"), X
     if kind == "load_thinned":
-        fxcondensa.save_thinned(fxcondensa.thin(model, StructurePrune(0.5), X), tmp_path / "m.thin")
+        fxcondensa.save_thinned(fxcondensa.thin(model, StructurePrune(0.5), X, output="graph"), tmp_path / "m.thin")
         return fxcondensa.load_thinned(tmp_path / "m.thin", LeNet5), X
     if kind == "thin resnet18":  # residual adds, BatchNorm buffers, rewritten sizes
         x = torch.randn(1, 3, 32, 32)
-        return fxcondensa.thin(torchvision.models.resnet18().eval(), StructurePrune(0.5), x), x
+        return fxcondensa.thin(torchvision.models.resnet18().eval(), StructurePrune(0.5), x, output="graph"), x
     if kind == "trace with leaf_modules":
         return fxcondensa.trace(model, X, leaf_modules=[nn.Linear]), X
     raise AssertionError(kind)
@@ -118,7 +118,7 @@ def test_an_export_captured_thinned_model_round_trips_whole():
 
     torch.manual_seed(0)
     model, x, fresh, _ = bench_coverage().build_hf("bert")
-    thinned = fxcondensa.thin(model, StructurePrune(0.5), x)
+    thinned = fxcondensa.thin(model, StructurePrune(0.5), x, output="graph")
     assert thin_record(thinned).capture == "export"
     buf = io.BytesIO()
     torch.save(thinned, buf)

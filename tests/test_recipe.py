@@ -39,7 +39,7 @@ def thinned(request, tmp_path_factory):
     name = request.param
     model = _build(name)
     before = state_hash(model)
-    small = fxcondensa.thin(model, StructurePrune(CASES[name][2]), torch.randn(CASES[name][1]))
+    small = fxcondensa.thin(model, StructurePrune(CASES[name][2]), torch.randn(CASES[name][1]), output="graph")
     path = tmp_path_factory.mktemp(name) / f"{name}.thin"
     fxcondensa.save_thinned(small, path)
     return name, model, before, small, path
@@ -47,7 +47,7 @@ def thinned(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lenet_file(tmp_path_factory):
-    small = fxcondensa.thin(_build("lenet5"), StructurePrune(0.3), torch.randn(2, 1, 28, 28))
+    small = fxcondensa.thin(_build("lenet5"), StructurePrune(0.3), torch.randn(2, 1, 28, 28), output="graph")
     path = tmp_path_factory.mktemp("lenet") / "lenet5.thin"
     fxcondensa.save_thinned(small, path)
     return small, path
@@ -235,7 +235,7 @@ def _as_version_1(p) -> None:
 def test_a_file_of_format_version_1_still_loads(tmp_path):
     """Files written before this change (format 1) load, with the same record; this one had a FLOP target."""
     model = _build("lenet5")
-    small = fxcondensa.thin(model, StructurePrune(target_flops=0.5), torch.randn(2, 1, 28, 28))
+    small = fxcondensa.thin(model, StructurePrune(target_flops=0.5), torch.randn(2, 1, 28, 28), output="graph")
     path = tmp_path / "new.thin"
     fxcondensa.save_thinned(small, path)
     old = _tampered((small, path), tmp_path, _as_version_1)

@@ -33,8 +33,8 @@ def _resnet18() -> tuple[nn.Module, torch.Tensor]:
 
 def test_checked_thinning_records_the_same_shapes_as_unchecked():
     model, x = _resnet18()
-    checked = fxcondensa.thin(model, StructurePrune(0.5), x)  # shapes from the check's real run
-    unchecked = fxcondensa.thin(model, StructurePrune(0.5), x, check=False)  # shapes from meta tensors
+    checked = fxcondensa.thin(model, StructurePrune(0.5), x, output="graph")  # shapes from the check's real run
+    unchecked = fxcondensa.thin(model, StructurePrune(0.5), x, check=False, output="graph")  # shapes from meta tensors
     shapes = _shapes(checked)
     assert shapes == _shapes(unchecked)
     assert shapes["fc"].shape == (1, 1000) and shapes["layer4_1_conv2"].shape[1] < 512

@@ -48,6 +48,8 @@ __all__ = [
     "graph_record",
     "thin_record",
     "set_thin_record",
+    "compressed_graph",
+    "set_compressed_graph",
     "RecordedGraphModule",
 ]
 
@@ -108,6 +110,10 @@ class GraphRecord:
     target: TargetRecord | None = None
     head_dim_columns: bool = False
     input_constraints: list[str] = field(default_factory=list)
+    # What ``compress`` returned: "module" (a copy of the user's class sharing this graph's tensors) or
+    # "graph" (this graph), and for a graph returned where the user's class was asked for, why.
+    returns: str = "graph"
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,33 @@ def set_thin_record(model: torch.nn.Module, record: ThinRecord) -> None:
         model.meta[META] = record
     else:
         _MODULE_RECORDS[model] = record
+
+
+# The compressed graph behind a compressed model of the user's own class (``compress`` with output "auto" or
+# "module"): its node records hold the masks and storage dtypes, its tensors are the model's. Kept beside
+# the model (a weak map), like the thin records.
+_COMPRESSED_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compressed_graph(model: Any) -> fx.GraphModule | None:
+    """The annotated graph of a compressed model: ``model`` itself when it is a ``GraphModule``, the graph
+    ``compress`` kept beside a compressed model of the user's own class, else None.
+
+    Example:
+        >>> import torch, fxcondensa
+        >>> from fxcondensa.schemes import Prune
+        >>> small = fxcondensa.compress(fxcondensa.models.LeNet5(), Prune(0.1))
+        >>> isinstance(small, fxcondensa.models.LeNet5), isinstance(compressed_graph(small), torch.fx.GraphModule)
+        (True, True)
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    return _COMPRESSED_GRAPHS.get(model) if isinstance(model, torch.nn.Module) else None
+
+
+def set_compressed_graph(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+    """Keep ``gm`` (the annotated graph whose tensors ``model`` shares) beside ``model``."""
+    _COMPRESSED_GRAPHS[model] = gm
 
 
 class RecordedGraphModule(fx.GraphModule):

@@ -6,41 +6,48 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from ..capture.graph import trace
 from ..passes.layers import weight_layers
 from ..schemes import LINEAR_CONV, check_scheme
+from .owned import check_output, own_compressed
 
 __all__ = ["compress", "density", "layer_densities"]
 
 
 def compress(model: nn.Module, scheme: Any, example_inputs: Any = None, *,
-             leaf_modules: Sequence[type[nn.Module]] = (), concrete_args: dict[str, Any] | None = None
-             ) -> fx.GraphModule:
+             leaf_modules: Sequence[type[nn.Module]] = (), concrete_args: dict[str, Any] | None = None,
+             output: str = "auto") -> nn.Module:
     """Return a compressed copy of ``model``: same shapes, zeros where pruned, values rounded to storage dtypes.
 
-    The result is a ``GraphModule`` whose state-dict keys equal the model's, so
-    ``original.load_state_dict(compressed.state_dict())`` works. Annotations (masks, dtypes) stay in its
-    node metadata for ``footprint``, ``save_compressed`` and ``thin``. ``example_inputs`` are needed by
-    structured schemes (shapes drive the channel analysis); unstructured ones work without.
-    ``leaf_modules`` and ``concrete_args`` are the tracing options of ``fxcondensa.trace``.
+    ``output`` says what comes back. ``"auto"`` (the default) and ``"module"``: a copy of ``model`` of its
+    own class (its methods, such as ``generate`` or ``forward_features``, stay), whose tensors are the
+    compressed ones; the annotated graph (masks, storage dtypes) is kept beside it
+    (``fxcondensa.capture.records.compressed_graph``) for ``footprint``, ``save_compressed`` and ``thin``.
+    ``"graph"``: that annotated ``GraphModule`` itself. Where the class cannot hold the captured tensors
+    (a graph tensor with no place in the model), ``"auto"`` returns the graph, with the reason in
+    ``graph_record(graph).reason``, and ``"module"`` raises ``ValueError``. Either way the state-dict keys
+    equal the model's, so ``original.load_state_dict(compressed.state_dict())`` works. ``example_inputs``
+    are needed by structured schemes (shapes drive the channel analysis); unstructured ones work without.
+    ``leaf_modules`` and ``concrete_args`` are the tracing options of ``fxcondensa.trace``. The model is
+    never modified.
 
     Example:
         >>> import torch, fxcondensa
         >>> from fxcondensa.schemes import Prune
         >>> model = fxcondensa.models.LeNet5()
         >>> w = fxcondensa.compress(model, Prune(0.1))
-        >>> round(fxcondensa.density(w), 2), round(fxcondensa.density(model), 2)
-        (0.1, 1.0)
+        >>> type(w).__name__, round(fxcondensa.density(w), 2), round(fxcondensa.density(model), 2)
+        ('LeNet5', 0.1, 1.0)
     """
+    check_output("compress", output)
     check_scheme(scheme)
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     with torch.no_grad():
         scheme.pi(gm)
         scheme.delta(gm)
-    return gm
+    return own_compressed(model, gm, output=output)
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:

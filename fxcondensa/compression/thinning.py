@@ -15,9 +15,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..capture.exported import capture_notes, graph_inputs, split_inputs
+from ..capture.exported import capture_notes, capture_of, graph_inputs, split_inputs
 from ..capture.graph import trace
-from ..capture.records import graph_record, set_thin_record, thin_record
+from ..capture.records import compressed_graph, graph_record, set_thin_record, thin_record
 from ..capture.sharing import shared_tensors
 from ..passes.analysis import analyze
 from ..passes.annotate import annotations
@@ -37,8 +37,11 @@ def _example_inputs(model: nn.Module, example_inputs: Any) -> Any:
     if example_inputs is not None:
         split_inputs(example_inputs)  # a bad container fails here, with the message saying what to pass
         return example_inputs
-    if isinstance(model, fx.GraphModule):
-        metas = [n.meta.get("tensor_meta") for n in model.graph.nodes if n.op == "placeholder"]
+    # A compressed model of the user's class keeps its graph beside it; a torch.fx capture's placeholders are
+    # the model's own positional inputs (a torch.export capture's are flat leaves: no use here).
+    graph = compressed_graph(model)
+    if graph is not None and (graph is model or capture_of(graph) == "fx"):
+        metas = [n.meta.get("tensor_meta") for n in graph.graph.nodes if n.op == "placeholder"]
         if metas and all(m is not None and hasattr(m, "shape") for m in metas):
             # Made where the model lives: a CUDA model gets CUDA inputs.
             device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
@@ -59,7 +62,7 @@ def thin(
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     capture: str = "auto",
-    output: str = "graph",
+    output: str = "auto",
     inplace: bool = False,
     modules: Sequence[str] | str | None = None,
 ) -> nn.Module:
@@ -67,7 +70,8 @@ def thin(
 
     With a ``scheme`` (e.g. ``StructurePrune(0.5)``) the model is compressed first; without one, the
     channels that are already zero across their whole group are removed (e.g. the output of L-C with a
-    structured scheme). The model is never modified (unless ``inplace=True``). ``check=True`` compares the
+    structured scheme; ``compress``'s result, of the user's class, thins by its zeros with ``example_inputs``
+    taken from the graph kept beside it). The model is never modified (unless ``inplace=True``). ``check=True`` compares the
     thinned model with the compressed dense one on ``example_inputs`` in eval mode: in the model's dtype with
     that dtype's tolerance (float32 rtol 1e-4, atol 1e-5; bfloat16 and float16 looser, see
     ``fxcondensa.passes.precision``), then, where rounding may explain a difference, again in float32 and
@@ -79,14 +83,15 @@ def thin(
     ``example_inputs`` may be a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``);
     the thinned module takes the inputs the model takes.
 
-    ``output`` says what comes back. ``"module"``: a copy of ``model``, of its own class, with its modules
-    resized (sliced weights, size attributes such as ``out_features`` or ``num_heads``, a Hugging Face
-    ``config``, width-preserving norms swapped in): its methods (``generate``, ``forward_features``,
+    ``output`` says what comes back. ``"auto"`` (the default): the user's class where it can follow and
+    passes the check, else the graph, with the reason in the record. ``"module"``: a copy of ``model``, of
+    its own class, with its modules resized (sliced weights, size attributes such as ``out_features`` or
+    ``num_heads``, a Hugging Face ``config``, width-preserving norms swapped in): its methods (``generate``, ``forward_features``,
     ``save_pretrained``) and its own forward stay, and that forward is what the check runs. Where thinning
     needs a graph rewrite that module attributes cannot express (a literal size in the model's code),
     ``"module"`` raises ``ValueError`` naming the module and the literal. ``"graph"``: the thinned
-    ``GraphModule`` (what the capture recorded, at the example's shapes; the default for now). ``"auto"``: the
-    user's class where it can follow and passes the check, else the graph, with the reason in the record.
+    ``GraphModule`` (what the capture recorded; a torch.export capture takes other batch sizes and lengths,
+    what it could not generalise is in the record's ``input_constraints``).
     ``modules`` (a list of submodule names, or ``"auto"``) thins only those parts of a model whose end cannot
     be captured (a detector's post-processing): each is captured on the inputs it receives, thinned and put
     back as a graph in a copy of the model, and the whole is checked (``fxcondensa.compression.parts``).
@@ -99,8 +104,7 @@ def thin(
     Example:
         >>> import torch, fxcondensa
         >>> from fxcondensa.schemes import StructurePrune
-        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(1, 1, 28, 28),
-        ...                         output="auto")
+        >>> small = fxcondensa.thin(fxcondensa.models.LeNet5(), StructurePrune(0.3), torch.randn(1, 1, 28, 28))
         >>> small.conv1.out_channels < 20 and small.ip1.out_features < 500, type(small).__name__
         (True, 'LeNet5')
     """
@@ -109,7 +113,7 @@ def thin(
     if not isinstance(inplace, bool):
         raise TypeError(f"thin: inplace must be True or False, got {inplace!r}")
     if inplace and output == "graph" and modules is None:
-        raise ValueError("thin: inplace=True thins the model object itself, which output='graph' (the default) does "
+        raise ValueError("thin: inplace=True thins the model object itself, which output='graph' does "
                          "not return; pass output='auto' or 'module', or drop inplace")
     if scheme is not None:
         check_scheme(scheme)

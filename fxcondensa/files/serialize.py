@@ -32,9 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
+from ..capture.records import compressed_graph, set_compressed_graph
 from ..errors import FileFormatError
 from ..passes.annotate import annotations
 from .fileio import load_plain, save_atomic
@@ -70,8 +70,9 @@ def storage_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
         torch.float16
     """
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    if isinstance(model, fx.GraphModule):
-        dtypes.update({n: a.dtype for n, a in annotations(model).items() if a.dtype is not None})
+    gm = compressed_graph(model)  # the model itself, or the annotated graph beside a compressed own-class model
+    if gm is not None:
+        dtypes.update({n: a.dtype for n, a in annotations(gm).items() if a.dtype is not None})
     return dtypes
 
 
@@ -276,7 +277,14 @@ def load_compressed(path: str | os.PathLike, model_or_factory: nn.Module | Calla
     tensors = decode_table(path, payload["tensors"])
     model = architecture(model_or_factory)
     _match(path, payload, tensors, model)
-    loaded = copy.deepcopy(model)
+    graph = compressed_graph(model)
+    if graph is not None and graph is not model:
+        # A compressed model of the user's class: copied with the annotated graph beside it, in one deepcopy
+        # so that the two copies share their tensors as the originals do.
+        loaded, loaded_graph = copy.deepcopy((model, graph))
+        set_compressed_graph(loaded, loaded_graph)
+    else:
+        loaded = copy.deepcopy(model)
     with torch.no_grad():
         loaded.load_state_dict(tensors, strict=True)  # copy_ converts each value to the model's dtype and device
     return loaded

@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
-import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
 from ..capture.exported import split_inputs
 from ..capture.graph import trace
-from ..capture.records import META
+from ..capture.records import META, compressed_graph
 from ..files.recipe import thinning_record
 from ..passes.annotate import annotations
 from ..passes.costs import NodeCost, profile_costs
@@ -249,7 +248,8 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
     tracing = {"leaf_modules": leaf_modules, "concrete_args": concrete_args}
     gm_a, gm_b = trace(original, inputs, **tracing), trace(other, inputs, **tracing)
     costs_a, costs_b = profile_costs(gm_a), profile_costs(gm_b)
-    storage_a, storage_b = layer_storage(gm_a), layer_storage(gm_b)
+    dtypes_a, dtypes_b = _annotated(original), _annotated(other)
+    storage_a, storage_b = layer_storage(gm_a, dtypes=dtypes_a), layer_storage(gm_b, dtypes=dtypes_b)
     lat_a: NodeLatency | None = None
     lat_b: NodeLatency | None = None
     if latency:
@@ -279,7 +279,7 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
         "nonzero_params_before": nz_a, "nonzero_params_after": nz_b, "density": nz_b / nz_a if nz_a else 1.0,
         "macs_before": m_a, "macs_after": m_b, "macs_ratio": _safe_div(m_a, m_b),
         # bytes of the parameters in their storage dtypes (int8 values plus their scales once quantized)
-        "param_bytes_before": _param_bytes(gm_a), "param_bytes_after": _param_bytes(gm_b),
+        "param_bytes_before": _param_bytes(gm_a, dtypes_a), "param_bytes_after": _param_bytes(gm_b, dtypes_b),
         "latency_before": lat_a.whole.to_dict() if lat_a else None,
         "latency_after": lat_b.whole.to_dict() if lat_b else None,
         "layer_latency_sum_before_ms": lat_a.sum_ms if lat_a else None,
@@ -307,9 +307,14 @@ def report(original: nn.Module, other: nn.Module, example_inputs: Any, *, latenc
                   whole_reason=rec.whole_reason if rec is not None else None)
 
 
-def _param_bytes(gm: nn.Module) -> int:
-    annotated = {n: a.dtype for n, a in annotations(gm).items() if a.dtype is not None} \
-        if isinstance(gm, fx.GraphModule) else {}
+def _annotated(model: nn.Module) -> dict[str, torch.dtype]:
+    """Storage dtypes a scheme annotated, by parameter name: on the graph itself, or on the annotated graph a
+    compressed model of the user's own class keeps beside it (a fresh capture of it has no annotations)."""
+    graph = compressed_graph(model)
+    return {n: a.dtype for n, a in annotations(graph).items() if a.dtype is not None} if graph is not None else {}
+
+
+def _param_bytes(gm: nn.Module, annotated: dict[str, torch.dtype]) -> int:
     return sum(p.numel() * annotated[n].itemsize if n in annotated else stored_bytes(p)
                for n, p in gm.named_parameters())
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from ..compression.apply import density, layer_densities
+from ..compression.owned import check_output, own_compressed
 from ..measure.footprint import footprint
 from ..schemes import check_scheme
 from . import distributed as dist_lc
@@ -139,6 +139,10 @@ class Compressor:
         trainset, testset, valset: datasets or DataLoaders of ``(inputs, targets)``; ``testset`` and
             ``valset`` may be None. MNIST-sized datasets are held as tensors on the optimizer's device.
         criterion: the loss, e.g. ``torch.nn.CrossEntropyLoss()``.
+        output: what ``run()`` returns, as for ``fxcondensa.compress``: ``"auto"`` (the default) a copy of
+            the model's own class holding the compressed tensors (its methods stay; the annotated graph is
+            kept beside it), ``"graph"`` the compressed ``GraphModule``, ``"module"`` the own class or a
+            ValueError saying why not.
 
     After ``run()``, ``statistics`` (a :class:`Statistics`, readable as a dict) holds: ``optimizer`` and ``optimizer_config``, ``scheme`` (its repr),
     ``{val,test}_{loss,accuracy}_{before,after}`` (accuracy in percent), ``density`` and
@@ -148,7 +152,7 @@ class Compressor:
     """
 
     def __init__(self, opt: Any, scheme: Any, model: nn.Module, trainset: Any, testset: Any = None,
-                 valset: Any = None, criterion: Any = None):
+                 valset: Any = None, criterion: Any = None, *, output: str = "auto"):
         if not callable(getattr(opt, "compress", None)):
             raise TypeError(f"opt must be an optimizer such as fxcondensa.opt.Direct() or fxcondensa.opt.LC(...), "
                             f"got {type(opt).__name__} {opt!r}")
@@ -161,6 +165,7 @@ class Compressor:
             criterion = nn.CrossEntropyLoss()
         if not callable(criterion):
             raise TypeError(f"criterion must be a loss callable(outputs, targets), got {type(criterion).__name__}")
+        self.output = check_output("Compressor", output)
         self.opt, self.scheme, self.model, self.criterion = opt, scheme, model, criterion
         self.trainset, self.testset, self.valset = trainset, testset, valset
         self._statistics: Statistics | None = None
@@ -175,8 +180,9 @@ class Compressor:
         device = getattr(self.opt, "resolved_device", None)
         return torch.device(device) if device is not None else _model_device(self.model)
 
-    def run(self) -> fx.GraphModule:
-        """Compress and return the compressed model (a ``GraphModule``, dense shapes, on the optimizer's device).
+    def run(self) -> nn.Module:
+        """Compress and return the compressed model (dense shapes, on the optimizer's device): a copy of the
+        model's own class, or the ``GraphModule`` (``output="graph"``, or where the class cannot hold it).
 
         Under ``torchrun`` every rank calls ``run()`` with the same arguments; rank 0 alone evaluates and
         logs, and every rank returns the same model and statistics (see ``fxcondensa.opt.LC``).
@@ -185,7 +191,7 @@ class Compressor:
         with dist_lc.process_group(device) as group, dist_lc.quiet_followers(group):
             return self._run(device, group)
 
-    def _run(self, device: torch.device, group: dist_lc.Group | None) -> fx.GraphModule:
+    def _run(self, device: torch.device, group: dist_lc.Group | None) -> nn.Module:
         start = time.perf_counter()
         self._group = group
         train_bs = int(getattr(self.opt, "l_batch_size", DEFAULT_BATCH_SIZE))
@@ -230,7 +236,7 @@ class Compressor:
             if f"{key}_accuracy_after" in stats:
                 logger.info("[fxcondensa] %s accuracy: %.2f%% before, %.2f%% after", key.upper(),
                             stats[f"{key}_accuracy_before"], stats[f"{key}_accuracy_after"])
-        return result
+        return own_compressed(self.model, result, output=self.output, where="Compressor")
 
     def _baseline(self, device: torch.device, val: Batches | None, test: Batches | None) -> dict[str, float]:
         group = self._group

@@ -41,7 +41,7 @@ class Direct:
                  test: Batches | None, criterion: Any, example_inputs: Any) -> tuple[fx.GraphModule, dict[str, Any]]:
         """Return ``(compressed copy of model, statistics)``; the data is not used."""
         start = time.perf_counter()
-        result = compress(model, scheme, example_inputs)
+        result = compress(model, scheme, example_inputs, output="graph")  # the Compressor returns the own class
         elapsed = time.perf_counter() - start
         logger.info("[fxcondensa] Direct: %r applied once, no training (%.2f s)", scheme, elapsed)
         return result, {"elapsed_optimizer": elapsed}

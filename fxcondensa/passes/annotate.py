@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch import nn
 
-from ..capture.records import META, ParamAnnotation, node_record
+from ..capture.records import META, ParamAnnotation, compressed_graph, node_record
 from ..functional import round_trip
 
 __all__ = ["META", "ParamAnnotation", "param_owners", "annotations", "annotate_param", "apply_annotations"]
@@ -35,10 +36,12 @@ def param_owners(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, str]]:
     return owners
 
 
-def annotations(gm: fx.GraphModule) -> dict[str, ParamAnnotation]:
-    """Every annotated parameter of ``gm`` by qualified name, in graph order."""
+def annotations(gm: nn.Module) -> dict[str, ParamAnnotation]:
+    """Every annotated parameter of ``gm`` by qualified name, in graph order (``gm`` a compressed graph, or a
+    compressed model of the user's class: the graph kept beside it; empty for any other module)."""
     found: dict[str, ParamAnnotation] = {}
-    for node in gm.graph.nodes:
+    graph = compressed_graph(gm)
+    for node in (graph.graph.nodes if graph is not None else ()):
         rec = node_record(node, create=False)
         for attr, ann in (rec.params.items() if rec is not None else ()):
             name = f"{node.target}.{attr}" if attr else node.target

@@ -203,8 +203,27 @@ def own_model(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphMod
             if form is not owner:
                 _set_module(result, e.owner, form)
             changed.add(e.owner)
-    _follow(result, changed)
+    _follow(result, changed, _shapes(edits, nodes, {n.name: n for n in compressed.graph.nodes}))
     return result
+
+
+def _shapes(edits: list[Edit], nodes: dict[str, fx.Node], dense: dict[str, fx.Node]
+            ) -> dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]]:
+    """Module path -> the (dense, thinned) sizes of the reshapes and views the pass rewrote inside it."""
+    out: dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]] = {}
+    for e in edits:
+        if e.blocking or e.form:
+            continue
+        old, new = dense[e.node], nodes[e.node]
+        if "reshape" in str(getattr(new.target, "__name__", new.target)) or \
+                "view" in str(getattr(new.target, "__name__", new.target)):
+            out.setdefault(e.owner, []).append((_sizes(old.args[1:]), _sizes(new.args[1:])))
+    return out
+
+
+def _sizes(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A reshape's sizes, whether given as one tuple or as separate arguments."""
+    return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else tuple(args)
 
 
 _CONVS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)
@@ -229,7 +248,8 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(owner) if owner else root, attr, module)
 
 
-def _follow(result: nn.Module, changed: set[str]) -> None:
+def _follow(result: nn.Module, changed: set[str],
+            shapes: dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]]) -> None:
     """Size attributes of every module whose tensors changed, then of its ancestors (an attention reads its
     projections' sizes), innermost first."""
     touched = set()
@@ -242,7 +262,7 @@ def _follow(result: nn.Module, changed: set[str]) -> None:
             m = result.get_submodule(path)
         except AttributeError:
             continue
-        owners.follow_tensors(m)
+        owners.follow_tensors(m, shapes.get(path, ()))
     owners.update_config(result)
 
 
@@ -306,6 +326,8 @@ def check_own(compressed: fx.GraphModule, module: nn.Module, keep: torch.Tensor,
         first = str(exc).split(", first at")[0].replace("the thinned model", "the model's own forward")
         return first
     except Exception as exc:  # the user's forward refuses the new sizes
+        while exc.__cause__ is not None:  # the error the forward raised, not the check's wrappers around it
+            exc = exc.__cause__
         return f"the model's own forward fails on the thinned modules: {type(exc).__name__}: " \
                f"{(str(exc).splitlines() or [''])[0][:300]}"
     return None

@@ -97,10 +97,11 @@ def _node_params(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, torch.Ten
     return found
 
 
-def layer_storage(gm: fx.GraphModule) -> dict[str, str]:
+def layer_storage(gm: fx.GraphModule, *, dtypes: dict[str, torch.dtype] | None = None) -> dict[str, str]:
     """Node name -> the storage dtype of the largest parameter it uses (its weight), e.g. ``"int8"``; nodes
     without parameters are left out. The weight stands for the layer: a float bias beside an int8 weight is
-    a rounding error of the layer's bytes.
+    a rounding error of the layer's bytes. ``dtypes`` (parameter name -> storage dtype) adds to the
+    graph's own annotations, e.g. those of the graph a compressed model of the user's class keeps beside it.
 
     Example:
         >>> import fxcondensa
@@ -109,6 +110,7 @@ def layer_storage(gm: fx.GraphModule) -> dict[str, str]:
         'float32'
     """
     annotated = {n: a.dtype for n, a in annotations(gm).items() if a.dtype is not None}
+    annotated.update(dtypes or {})
     out: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):

@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,46 +45,69 @@ __all__ = ["ATTRIBUTES", "follow_tensors", "has_attributes", "module_form", "upd
            "fold_rms_norm"]
 
 
-def _conv1d(m: nn.Module) -> None:  # transformers' Conv1D: weight (in, out), ``nf`` outputs
+# (dense, thinned) literal sizes of the reshapes the pass rewrote inside a module: ``(3, 3, 64)`` -> ``(3, 3, 32)``
+Shapes = Sequence[tuple[tuple[Any, ...], tuple[Any, ...]]]
+
+
+def _conv1d(m: nn.Module, shapes: Shapes = ()) -> None:  # transformers' Conv1D: weight (in, out), ``nf`` outputs
     m.nf = int(m.weight.shape[1])
 
 
-def _gpt2_attention(m: nn.Module) -> None:
+def _gpt2_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     if not getattr(m, "is_cross_attention", False):
         m.split_size = int(m.c_attn.weight.shape[1]) // 3  # q, k, v of equal width, split by this size
         m.num_heads = m.split_size // m.head_dim
 
 
-def _bert_attention(m: nn.Module) -> None:
+def _bert_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     m.all_head_size = int(m.query.weight.shape[0])
     m.num_attention_heads = m.all_head_size // m.attention_head_size
 
 
-def _timm_attention(m: nn.Module) -> None:
+def _timm_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     qkv = getattr(m, "qkv", None)
-    if isinstance(qkv, nn.Linear):  # fused q, k, v: 3 * heads * head_dim rows
+    if not isinstance(qkv, nn.Linear):
+        return
+    # The rows are 3 * heads * head_dim: which of the two shrank, the rewritten (..., 3, heads, head_dim)
+    # reshape says; without one only heads went.
+    found = next(((int(a[-2]), int(a[-1])) for d, a in shapes if len(d) == len(a) >= 3
+                  and tuple(d[-3:]) == (3, m.num_heads, m.head_dim) and all(isinstance(v, int) for v in a[-2:])),
+                 None)
+    if found is not None and found[1] != m.head_dim:
+        m.num_heads, m.head_dim = found
+        # The compressed model scales scores by the dense head width: the unfused path multiplies by
+        # ``scale`` (kept), where the fused kernel would take the new width's.
+        m.fused_attn = False
+    else:
         m.num_heads = int(qkv.weight.shape[0]) // (3 * m.head_dim)
-        if hasattr(m, "attn_dim"):
-            m.attn_dim = m.num_heads * m.head_dim
+    if hasattr(m, "attn_dim"):
+        m.attn_dim = m.num_heads * m.head_dim
 
 
-def _timm_window_attention(m: nn.Module) -> None:
+def _hiera_attention(m: nn.Module, shapes: Shapes = ()) -> None:
+    m.heads = int(m.qkv.weight.shape[0]) // (3 * m.head_dim)  # fused q, k, v: 3 * heads * head_dim rows
+    m.dim_out = m.heads * m.head_dim  # the output reshape's width
+
+
+def _timm_window_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     m.num_heads = int(m.relative_position_bias_table.shape[-1])  # one bias column per head, cut with it
 
 
-def _torchvision_vit(m: nn.Module) -> None:
+def _torchvision_vit(m: nn.Module, shapes: Shapes = ()) -> None:
     m.hidden_dim = int(m.conv_proj.weight.shape[0])  # _process_input reshapes patches to this width
 
 
 # Module class (a class, or its "module.QualName" where importing the library just to name it would cost)
-# -> a function that sets the attributes its forward reads sizes from, from its (thinned) tensors.
-ATTRIBUTES: dict[Any, Callable[[nn.Module], None]] = {
+# -> a function that sets the attributes its forward reads sizes from, from its (thinned) tensors and the
+# reshapes the pass rewrote inside it.
+ATTRIBUTES: dict[Any, Callable[[nn.Module, Shapes], None]] = {
     "transformers.pytorch_utils.Conv1D": _conv1d,
     "transformers.models.gpt2.modeling_gpt2.GPT2Attention": _gpt2_attention,
     "transformers.models.bert.modeling_bert.BertSelfAttention": _bert_attention,
     "transformers.models.roberta.modeling_roberta.RobertaSelfAttention": _bert_attention,
     "timm.layers.attention.Attention": _timm_attention,
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
+    "timm.models.hiera.MaskUnitAttention": _hiera_attention,
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
 }
 
@@ -93,7 +116,7 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _attributes_entry(m: nn.Module) -> Callable[[nn.Module], None] | None:
+def _attributes_entry(m: nn.Module) -> Callable[[nn.Module, Shapes], None] | None:
     for cls in type(m).__mro__:
         entry = ATTRIBUTES.get(cls) or ATTRIBUTES.get(_qualname(cls))
         if entry is not None:
@@ -114,15 +137,16 @@ def _width(m: nn.Module) -> int | None:
     return None
 
 
-def follow_tensors(m: nn.Module) -> None:
+def follow_tensors(m: nn.Module, shapes: Shapes = ()) -> None:
     """Make ``m``'s size attributes agree with its tensors: the registry entry's ``resize`` (a torch layer)
-    and the ``ATTRIBUTES`` entry (a library module that reads sizes from attributes)."""
+    and the ``ATTRIBUTES`` entry (a library module that reads sizes from attributes), which may read
+    ``shapes``, the (dense, thinned) literal sizes of the reshapes the pass rewrote inside ``m``."""
     rule = registry.rule_for_key(type(m))
     if rule is not None and rule.resize is not None:
         rule.resize(m, _width(m) if isinstance(m, _PER_CHANNEL) else None)
     entry = _attributes_entry(m)
     if entry is not None:
-        entry(m)
+        entry(m, shapes)
 
 
 _PER_CHANNEL = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
@@ -217,9 +241,25 @@ def _gpt2(model: nn.Module) -> dict[str, list[Any]]:
     }
 
 
+def _bert(model: nn.Module) -> dict[str, list[Any]]:
+    base = getattr(model, "bert", None) or getattr(model, "roberta", None) or model  # a task head's encoder
+    layers = base.get_submodule("encoder.layer")
+    hidden = int(model.get_input_embeddings().weight.shape[1])
+    attn = [layer.attention.self for layer in layers]
+    return {
+        "hidden_size": [hidden],
+        "intermediate_size": [layer.intermediate.dense.weight.shape[0] for layer in layers],
+        # A stock config derives the head width as hidden_size // heads: a count it would divide otherwise is
+        # one it cannot state (None).
+        "num_attention_heads": [a.num_attention_heads if a.attention_head_size * a.num_attention_heads == hidden
+                                else None for a in attn],
+    }
+
+
 # config.model_type -> the config fields that describe sizes, read from the model (one value per layer)
 CONFIGS: dict[str, Callable[[nn.Module], dict[str, list[Any]]]] = {
-    "llama": _llama_like, "qwen2": _llama_like, "mistral": _llama_like, "gpt2": _gpt2,
+    "llama": _llama_like, "qwen2": _llama_like, "mistral": _llama_like, "gpt2": _gpt2, "bert": _bert,
+    "roberta": _bert,
 }
 
 
@@ -245,6 +285,9 @@ def update_config(model: nn.Module) -> list[str]:
     config = model.config
     differ = []
     for name, values in fields.items():
+        if any(v is None for v in values):  # a layer whose size the stock config cannot state
+            differ.append(name)
+            continue
         values = [float(v) if isinstance(v, float) else int(v) for v in values]
         if len(set(values)) != 1:
             differ.append(name)

@@ -214,6 +214,13 @@ class _ChannelPrune(Scheme, _LayerSelection):
             stream = _layer_norm_channels(gm, analysis)
             if bool(stream.any()):
                 candidate &= ~stream & ~heads
+            # A group outside the repeated layers (BERT's pooler) has no size field of its own in a stock config,
+            # which sizes it from one it shares (hidden_size): it stays whole where the model has layers.
+            inside = [_in_layers(g.producers) for g in analysis.groups]
+            if any(inside):
+                for g, layered in zip(analysis.groups, inside, strict=True):
+                    if not layered:
+                        candidate[g.channels] = False
         if self.attention in ("keep", "head_dim"):
             candidate &= ~heads
         elif bool(heads.any()) and self.criteria in ("l2norm", "bn_or_l2norm"):
@@ -278,6 +285,11 @@ class _ChannelPrune(Scheme, _LayerSelection):
             param = params[s.path]
             mask = param.new_empty(k.shape, dtype=torch.bool).copy_(k).view(shape).expand(param.shape)
             annotate_param(gm, s.path, mask=mask, owners=owners)
+
+
+def _in_layers(producers: Sequence[str]) -> bool:
+    """Whether a group has a producer inside a numbered layer (``encoder.layer.0.intermediate.dense``)."""
+    return any(part.isdigit() for p in producers for part in p.split("."))
 
 
 def _layer_norm_channels(gm: fx.GraphModule, analysis: ChannelAnalysis) -> torch.Tensor:
