@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import pickle
+
+import pytest
 
 import torch
 import torch.nn.functional as F
-from hypothesis import given, note
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -88,7 +91,7 @@ class Attention(nn.Module):
         t = self.norm(x.flatten(2).transpose(1, 2))  # (batch, positions, channels)
         if self.kind == "mha":
             u = self.pre(t)
-            a = self.mha(u, u, u, need_weights=False)[0]
+            a = self.mha(u, u, u)[0]
         else:
             b, n, _ = t.shape
             hd = self.width // self.heads
@@ -168,7 +171,7 @@ class Block(nn.Module):
         if k == "gate":
             return self.a(x) * torch.sigmoid(self.b(x))
         if k == "se":
-            s = x.mean(tuple(range(2, x.dim())), keepdim=True)
+            s = x.mean(tuple(range(2, 2 + self.dim)), keepdim=True)
             return x * torch.sigmoid(self.s2(F.relu(self.s1(s))))
         if k == "glu":
             a, b = self.conv(x).chunk(2, dim=1)
@@ -206,9 +209,9 @@ class Net(nn.Module):
     class head's Linear is shared by both (``tied_head``) or each has its own."""
 
     def __init__(self, dim: int, stem: int, blocks: list[tuple[str, int, str, int]], outputs: str,
-                 tied_head: bool, hidden: int):
+                 tied_head: bool, hidden: int, *, export: bool = False):
         super().__init__()
-        self.outputs, self.tied_head = outputs, tied_head
+        self.outputs, self.tied_head, self.dim, self.export = outputs, tied_head, dim, export
         self.stem = conv_cls(dim)(3, stem, 3, padding=1)
         c, size, layers = stem, SIZES[dim], []
         for kind, width, norm, variant in blocks:
@@ -223,13 +226,16 @@ class Net(nn.Module):
 
     def forward(self, x):
         x = self.blocks(F.relu(self.stem(x)))
-        pooled = x.mean(tuple(range(2, x.dim())))
+        # ``export``: the positions counted at run time, which torch.fx cannot trace (range of a Proxy), so that
+        # ``thin`` captures the model with torch.export instead
+        positions = tuple(range(2, x.dim() if self.export else 2 + self.dim))
+        pooled = x.mean(positions)
         logits = self.fc2(F.relu(self.fc1(pooled)))
         if self.outputs == "tensor":
             return logits
         # the second head: the max over positions through the (maybe shared) Linear, plus a 1x1 conv map
-        peak = self.other(x.amax(tuple(range(2, x.dim()))))
-        second = self.map(x) * peak.mean(1).reshape([-1] + [1] * (x.dim() - 1))
+        peak = self.other(x.amax(positions))
+        second = self.map(x) * peak.mean(1).reshape([-1] + [1] * (len(positions) + 1))
         return (logits, second) if self.outputs == "tuple" else {"logits": logits, "map": second}
 
 
@@ -255,10 +261,11 @@ def architectures(draw):
                                      st.integers(0, 11)), min_size=1, max_size=4))
     outputs = draw(st.sampled_from(["tensor", "tuple", "dict"]))
     tied_head, hidden, seed = draw(st.booleans()), draw(st.integers(2, 6)), draw(st.integers(0, 2**16))
+    export = draw(st.sampled_from([False, False, True]))
     note(f"Net(dim={dim}, stem={stem}, blocks={blocks}, outputs={outputs!r}, tied_head={tied_head}, "
-         f"hidden={hidden}), seed={seed}")
+         f"hidden={hidden}, export={export}), seed={seed}")
     torch.manual_seed(seed)
-    model = randomize(Net(dim, stem, blocks, outputs, tied_head, hidden), seed)
+    model = randomize(Net(dim, stem, blocks, outputs, tied_head, hidden, export=export), seed)
     return model, (1, 3) + (SIZES[dim],) * dim
 
 
@@ -293,12 +300,24 @@ def has_attention(model: nn.Module) -> bool:
     return any(isinstance(m, Attention) for m in model.modules())
 
 
+def has_mha(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+
+# A few examples in CI (each captures, compresses and thins a model three times: about 2-5 s on a loaded
+# 2-core machine); ``make fuzz`` (HYPOTHESIS_PROFILE=long) runs the long profile's count.
+EXAMPLES = settings().max_examples if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 6
+
+
+@settings(max_examples=EXAMPLES)
 @given(architectures(), st.floats(0.05, 1.0), st.sampled_from([None, "keep", "heads", "head_dim", "both"]),
        st.integers(0, 999))
 def test_random_architectures_thin_exact_or_frozen_with_a_reason_and_pickle(drawn, density, attention, seed):
     model, shape = drawn
-    if attention == "heads" and not has_attention(model):
-        attention = None  # "heads" refuses a model without attention, by design (a test of its own covers it)
+    if attention in ("heads", "head_dim", "both") and not has_attention(model):
+        attention = None  # these refuse a model without attention heads, by design (tests of their own cover it)
+    # a known gap, not a crash of this property: see the xfail test below
+    assume(not (attention in ("head_dim", "both") and model.export and has_mha(model)))
     scheme = StructurePrune(density, attention=attention)
     note(f"scheme={scheme!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -347,3 +366,15 @@ def test_movedim_moves_the_channel_dim_instead_of_freezing_it():
     record = thin_record(small)
     assert not any("mixes the channel dim" in f.reason for f in record.frozen), record.frozen
     assert next(g for g in record.groups if "b" in g.producers).kept < 4
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "known gap: under torch.export capture, nn.MultiheadAttention is decomposed and its packed in-projection "
+    "reshape (unflatten to (3, embed)) is read as mixing the channel dim, so attention='head_dim'/'both' "
+    "find no heads and raise ValueError (torch.fx keeps the module whole and thins its heads)"))
+def test_head_dim_on_multihead_attention_captured_by_export():
+    torch.manual_seed(0)
+    model = randomize(Net(2, 4, [("attention", 4, "none", 0)], "tensor", False, 4, export=True), 0)
+    x = torch.randn(1, 3, SIZES[2], SIZES[2])
+    small = fxcondensa.thin(model, StructurePrune(0.5, attention="head_dim"), x)
+    same(run(small, x), run(fxcondensa.compress(model, StructurePrune(0.5, attention="head_dim"), x), x), "thin")
