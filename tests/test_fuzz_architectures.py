@@ -24,7 +24,6 @@ import os
 import pickle
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, note, settings
