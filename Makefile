@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check fxcondensa tests examples bench
 
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py tests/test_thin_properties.py
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py tests/test_thin_properties.py tests/test_fuzz_architectures.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

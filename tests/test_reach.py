@@ -330,6 +330,7 @@ EXPORT_FORMS = {
     "concat": "an alias: export records aten.cat", "concatenate": "an alias: export records aten.cat",
     "multiply": "an alias: export records aten.mul", "subtract": "an alias: export records aten.sub",
     "true_divide": "an alias: export records aten.div", "swapaxes": "an alias: export records aten.transpose",
+    "moveaxis": "an alias: export records aten.movedim (or aten.permute)",
     "hardtanh_": "functionalized: export records the out-of-place aten.hardtanh",
     "dim": "a shape query: a Python int in an export graph, no op",
     "numel": "a shape query: a symbolic int in an export graph, no op",

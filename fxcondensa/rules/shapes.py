@@ -234,6 +234,15 @@ def permute_rule(ctx: RuleContext, node: fx.Node) -> None:
     ctx.passthrough(node, x, True, dim=perm.index(i.dim))
 
 
+def movedim_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``x.movedim(source, destination)`` permutes dims (ints or sequences of them), never mixes them: the
+    channel dim moves to where a tensor with distinct sizes per dim shows its size."""
+    x, i, src, _ = _moved(ctx, node)
+    probe = torch.empty(tuple(range(2, len(src) + 2)), device="meta")
+    moved = probe.movedim(node_arg(node, 1, "source"), node_arg(node, 2, "destination"))
+    ctx.passthrough(node, x, True, dim=list(moved.shape).index(i.dim + 2))
+
+
 def transpose_rule(ctx: RuleContext, node: fx.Node) -> None:
     x, i, src, _ = _moved(ctx, node)
     a, b = node_arg(node, 1, "dim0") % len(src), node_arg(node, 2, "dim1") % len(src)
@@ -315,15 +324,17 @@ register_rule(torch.permute, "permute", aten.permute, channels=permute_rule, zer
               name="permute")
 register_rule(torch.transpose, torch.swapaxes, "transpose", "swapaxes", aten.transpose, channels=transpose_rule,
               zeros="custom", cost="none", name="transpose")
+register_rule(torch.movedim, torch.moveaxis, "movedim", "moveaxis", aten.movedim, channels=movedim_rule,
+              zeros="custom", cost="none", name="movedim")
 register_rule(torch.t, "t", aten.t, channels=t_rule, zeros="custom", cost="none", name="t")
 register_rule("expand", aten.expand, channels=expand_rule, zeros="custom", cost="none", name="expand")
 register_rule("expand_as", aten.expand_as, channels=expand_as_rule, zeros="custom", cost="none", name="expand_as")
 # rules/attention.py refines view / reshape with the split into heads.
 register_rule(torch.reshape, "view", "reshape", aten.view, aten.reshape, aten._unsafe_view, channels=view_rule,
               zeros="custom", cost="none", rewrite=_rewrite_view, name="view")
-register_rule(torch.flatten, torch.squeeze, torch.unsqueeze, torch.movedim, "flatten", "squeeze", "unsqueeze",
-              "movedim", "unflatten", "view_as", "reshape_as", nn.Flatten, nn.Unflatten, aten.flatten, aten.squeeze,
-              aten.unsqueeze, aten.movedim, aten.unflatten, aten.view_as, aten.reshape_as, channels=flatten_rule, zeros="custom", cost="none",
+register_rule(torch.flatten, torch.squeeze, torch.unsqueeze, "flatten", "squeeze", "unsqueeze",
+              "unflatten", "view_as", "reshape_as", nn.Flatten, nn.Unflatten, aten.flatten, aten.squeeze,
+              aten.unsqueeze, aten.unflatten, aten.view_as, aten.reshape_as, channels=flatten_rule, zeros="custom", cost="none",
               name="flatten")
 
 
