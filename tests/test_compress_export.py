@@ -27,12 +27,13 @@ def _llama(dtype: torch.dtype) -> tuple[nn.Module, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prune_reaches_export_captured_layers(dtype):
     model, x = _llama(dtype)
-    gm = compress(model, Prune(0.5), x)
+    gm = compress(model, Prune(0.5), x, output="graph")
     assert not any(isinstance(m, nn.Linear) for m in gm.modules())  # the layers are ATen calls here
     densities = layer_densities(gm)
     assert {n.rsplit(".", 2)[-2] for n in densities} == {*PROJECTIONS, "lm_head"}
     assert density(gm) == pytest.approx(0.5, abs=0.01)
     assert density(model) == 1.0  # the user's model is left alone
+    assert density(compress(model, Prune(0.5), x)) == pytest.approx(0.5, abs=0.01)  # the user's class back
     with torch.no_grad():
         out = gm(**x)
     logits = out.logits if hasattr(out, "logits") else out[0]
@@ -41,7 +42,7 @@ def test_prune_reaches_export_captured_layers(dtype):
 
 def test_quantize_and_block_prune_reach_export_captured_layers():
     model, x = _llama(torch.float32)
-    q = compress(model, Quantize(torch.bfloat16), x)
+    q = compress(model, Quantize(torch.bfloat16), x, output="graph")
     dtypes = {name: a.dtype for name, a in annotations(q).items()}
     assert dtypes["model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
     assert len(dtypes) == len(weight_layers(q))  # one storage dtype per layer weight (Llama's have no biases)

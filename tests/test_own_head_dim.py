@@ -49,6 +49,6 @@ def test_head_dim_the_class_cannot_express_is_refused_with_the_reason():
     model, x, _, _ = _bench.build_hf("gpt2-lm")
     before = state_hash(model)
     with pytest.raises(ValueError, match=r"thin\(output='module'\): GPT2LMHeadModel cannot come back as its own "
-                                         r"class: the model's own forward fails on the thinned modules"):
+                                         r"class: the model's own forward (fails on the thinned modules|differs from the compressed model)"):
         fxcondensa.thin(model, StructurePrune(0.5, attention="head_dim"), x, output="module")
     assert state_hash(model) == before

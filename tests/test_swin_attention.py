@@ -64,7 +64,7 @@ def _torchvision_swin(v2: bool = False) -> nn.Module:
 
 def _exact(model: nn.Module, scheme_args: dict, capture: str = "fx") -> nn.Module:
     """Thin ``model`` and check it against the compressed dense model of the same capture on a fresh input."""
-    small = thin(model, StructurePrune(0.5, **scheme_args), X, capture=capture)
+    small = thin(model, StructurePrune(0.5, **scheme_args), X, capture=capture, output="graph")  # read as a graph
     compressed = trace(model, X, capture=capture)
     scheme = StructurePrune(0.5, **scheme_args)
     with torch.no_grad():

@@ -16,7 +16,7 @@ The masks of the structured schemes are expanded views of one keep vector per te
 
 Example:
     >>> import torch, fxcondensa
-    >>> gm = fxcondensa.trace(torch.nn.Linear(3, 2), torch.randn(1, 3))
+    >>> gm = fxcondensa.trace(torch.nn.Linear(3, 2, bias=False), torch.randn(1, 3))
     >>> set_masks(gm, {"weight": torch.tensor([[True], [False]]).expand(2, 3)})
     >>> MaskedInterpreter(gm).run(torch.ones(1, 3))[0, 1].item(), bool(gm.weight[1].abs().sum() > 0)
     (0.0, True)

@@ -358,7 +358,7 @@ class StructurePrune(_ChannelPrune):
         >>> from fxcondensa.capture.records import thin_record
         >>> vit = torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128)
         >>> x = torch.randn(1, 3, 32, 32)
-        >>> small = fxcondensa.thin(vit.eval(), StructurePrune(target_flops=0.5, attention="head_dim"), x)
+        >>> small = fxcondensa.thin(vit.eval(), StructurePrune(target_flops=0.5, attention="head_dim"), x, output="graph")
         >>> macs = lambda m: sum(c.macs for c in profile_costs(m, x))
         >>> record = thin_record(small).target
         >>> record.target, record.reached <= 0.5, abs(macs(small) / macs(vit) - record.reached) < 1e-6
