@@ -2,15 +2,18 @@
 heads are captured and thinned, the post-processing stays torchvision's code, and thin checks the whole
 model's detections against the model with the same parts compressed.
 
-    python bench/detection.py [names...]
+    python bench/detection.py [names...]        # table on stdout, JSON in bench/results/detection.json
 
 Random weights (fan-in scaled, so that scores are not all tied), eval mode, one small image.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torchvision
@@ -47,13 +50,23 @@ def params(m: torch.nn.Module) -> int:
 
 
 def main() -> None:
+    rows = []
     for name in sys.argv[1:] or list(MODELS):
         model, images = build(name)
         t = time.perf_counter()
         small = thin(model, StructurePrune(0.5), (images,), modules=MODELS[name][1])
         seconds = time.perf_counter() - t
+        rows.append({"model": name, "parts": MODELS[name][1], "params": params(model), "params_thinned": params(small),
+                     "ratio": params(model) / params(small), "thin_s": seconds, "load": os.getloadavg()[0]})
         print(f"{name}: {params(model) / 1e6:.2f}M -> {params(small) / 1e6:.2f}M parameters "
               f"({params(model) / params(small):.2f}x), detections checked, thin {seconds:.0f} s", flush=True)
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "detection.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"torch": torch.__version__, "torchvision": torchvision.__version__, "rows": rows},
+                              indent=1))
+    tmp.replace(out)  # atomic: a reader never sees half a file
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
