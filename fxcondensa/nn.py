@@ -25,7 +25,24 @@ import torch
 from torch import nn
 
 __all__ = ["WidthLayerNorm", "WidthRMSNorm", "ThinMultiheadAttention", "layer_norm_width", "rms_norm_width",
-           "mean_width", "window_attention", "grouped_mm_aligned"]
+           "mean_width", "window_attention", "grouped_mm_aligned", "mask_experts"]
+
+
+def mask_experts(logits: torch.Tensor, removed: tuple[int, ...]) -> torch.Tensor:
+    """Router ``logits`` (experts on the last dim) with the ``removed`` experts' logits at ``-inf``.
+
+    What a compressed mixture-of-experts layer computes in place of its router's output: an expert at
+    ``-inf`` gets zero probability after a softmax and is never among the top-k, so the layer equals one
+    whose router rows and expert weights of ``removed`` are gone (a zero logit would still be routed to).
+
+    Example:
+        >>> import torch
+        >>> p = torch.softmax(mask_experts(torch.tensor([[1.0, 2.0, 3.0]]), (2,)), -1)
+        >>> p[0, 2].item(), torch.allclose(p[0, :2], torch.softmax(torch.tensor([1.0, 2.0]), -1))
+        (0.0, True)
+    """
+    index = torch.tensor(removed, dtype=torch.long, device=logits.device)
+    return logits.index_fill(-1, index, float("-inf"))
 
 
 def grouped_mm_aligned(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -166,11 +166,13 @@ class ThinRecord:
     reason: str = ""
     input_names: list[str] = field(default_factory=list)  # the inputs by name, to call the user's class
     input_constraints: list[str] = field(default_factory=list)
+    # Whole experts removed (``ExpertPrune``): router weight path -> the experts kept, in their dense numbering.
+    experts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def whole_reason(self) -> str | None:
         """One line saying why nothing was removed, or None when some channel went."""
-        if not self.groups or any(g.kept < g.channels for g in self.groups):
+        if self.experts or not self.groups or any(g.kept < g.channels for g in self.groups):
             return None
         reasons = list(dict.fromkeys(f.reason for f in self.frozen))
         if not reasons:

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import nn as fxnn
 from ..capture.records import graph_record, set_compressed_graph
 
 __all__ = ["OUTPUTS", "check_output", "own_compressed", "own_blocker"]
@@ -39,6 +40,13 @@ def own_blocker(model: nn.Module, gm: fx.GraphModule) -> str | None:
     """Why ``model``'s class cannot hold ``gm``'s tensors (one line), or None when it can."""
     if isinstance(model, fx.GraphModule):
         return "the model is a GraphModule: the compressed graph is its own class"
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is fxnn.mask_experts:
+            # Removed experts are at -inf after the router, which the class's own forward does not compute
+            # (a zero router row would still be routed to); thin removes them, and its result is the class.
+            return (f"experts {list(node.args[1])} of the router at node '{node.args[0].name}' are removed: "
+                    f"their router logits are -inf in the compressed graph, which {type(model).__name__}'s "
+                    "forward does not compute")
     mine = _tensors(model)
     for name, t in _tensors(gm).items():
         if name not in mine:

@@ -191,6 +191,11 @@ def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
             continue
         if isinstance(info, list):  # split / chunk: sizes of the parts along the channel dim
             sizes = [_kept_count(analysis, keep, part) for part in info]
+            if all(s == p.atoms.numel() for s, p in zip(sizes, info, strict=True)) or (
+                    _is_chunk(node) and len(set(sizes)) == 1 and node_arg_int(node, 1, "chunks") == len(sizes)):
+                # Nothing went, or a chunk into equal parts that stay equal: the op as written is still
+                # exact, and the user's own forward (which calls it) can follow.
+                continue
             x = node.args[0]
             dim = info[0].dim
             if node.op == "call_method":
@@ -215,6 +220,17 @@ def _rewrite_sizes(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Te
 
 
 _RESHAPES = {"view", "reshape", torch.reshape}
+
+
+def _is_chunk(node: fx.Node) -> bool:
+    target = getattr(node.target, "overloadpacket", node.target)
+    return target in (torch.chunk, torch.ops.aten.chunk, "chunk")
+
+
+def node_arg_int(node: fx.Node, pos: int, name: str) -> int | None:
+    """An int argument given by position or keyword, else None."""
+    value = node.args[pos] if len(node.args) > pos else node.kwargs.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _thinned_width(value: Any, analysis: ChannelAnalysis, keep: torch.Tensor) -> bool:

@@ -24,6 +24,7 @@ from ..errors import ExampleInputError, ThinningCheckError
 from ..rules.api import ChanInfo, ChannelAnalysis
 from ..rules.heads import has_attention_products, head_channels, head_dim_channels
 from .analysis import analyze, balance_grouped, removable_channels
+from .experts import thin_experts
 from .precision import WidenedInterpreter, compute_dtype, run_in, tolerance, wider_dtypes
 from .reference import MaskedInterpreter, masks_of
 from .slicing import _kept, apply_keep
@@ -158,6 +159,8 @@ def thin_graph(compressed: fx.GraphModule, inputs: tuple[Any, ...], *, check: bo
     column_analysis = None
     if head_dim_stage:
         thinned, column_analysis, column_keep = _thin_head_dim(thinned, inputs)
+    # Whole experts a scheme put at -inf go last: their router rows and expert slices are no channels.
+    experts = thin_experts(thinned, inputs)
     if check:
         _check(compressed, thinned, analysis, keep, inputs)
     groups = [GroupRecord(g.name, tuple(g.producers), int(g.channels.numel()), int(keep[g.channels].sum()),
@@ -190,6 +193,7 @@ def thin_graph(compressed: fx.GraphModule, inputs: tuple[Any, ...], *, check: bo
         capture=capture_of(compressed),
         notes=capture_notes(compressed),
         input_constraints=list(graph_record(compressed).input_constraints),
+        experts=experts,
     )
     return thinned
 

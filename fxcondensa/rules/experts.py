@@ -139,3 +139,8 @@ def register_transformers_rules() -> None:
     if op is not None and rule_for_key(op) is None:
         register_rule(op, channels=grouped_mm_rule, zeros="custom", cost=_grouped_mm_cost, kind="linear",
                       creates=True, name="grouped_mm_fallback (transformers experts)")
+
+
+# The removed experts' logits at -inf (``ExpertPrune``): the expert stage of ``thin`` removes router rows,
+# never the channel stage, which would leave the mask pointing at experts that moved.
+register_rule(fxnn.mask_experts, channels="freeze", zeros="fill", cost="elementwise", name="mask_experts (removed experts)")

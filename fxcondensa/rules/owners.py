@@ -147,6 +147,33 @@ def follow_tensors(m: nn.Module, shapes: Shapes = ()) -> None:
     entry = _attributes_entry(m)
     if entry is not None:
         entry(m, shapes)
+    if isinstance(getattr(m, "num_experts", None), int):
+        _experts(m)
+
+
+def _set_int(m: nn.Module, name: str, value: int) -> None:
+    if isinstance(getattr(m, name, None), int) and not isinstance(getattr(m, name), bool):
+        setattr(m, name, int(value))
+
+
+def _experts(m: nn.Module) -> None:
+    """A mixture-of-experts module of transformers' layout, whose forward reads its sizes from attributes:
+    experts stored ``(experts, out, in)`` (``gate_up_proj``, ``down_proj``; ``(experts, in, out)`` where
+    ``is_transposed``), or a router whose ``weight`` is ``(experts, hidden)``."""
+    down, up = getattr(m, "down_proj", None), getattr(m, "gate_up_proj", getattr(m, "up_proj", None))
+    three = [t for t in (up, down) if isinstance(t, torch.Tensor) and t.dim() == 3]
+    if three:
+        _set_int(m, "num_experts", three[0].shape[0])
+        if isinstance(down, torch.Tensor) and down.dim() == 3:
+            hidden, inner = (down.shape[2], down.shape[1]) if getattr(m, "is_transposed", False) is True \
+                else (down.shape[1], down.shape[2])
+            _set_int(m, "hidden_dim", hidden)
+            _set_int(m, "intermediate_dim", inner)
+        return
+    weight = getattr(m, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        _set_int(m, "num_experts", weight.shape[0])
+        _set_int(m, "hidden_dim", weight.shape[1])
 
 
 _PER_CHANNEL = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
@@ -232,6 +259,36 @@ def _llama_like(model: nn.Module) -> dict[str, list[Any]]:
     }
 
 
+def _attention_fields(model: nn.Module) -> dict[str, list[Any]]:
+    layers = model.get_submodule("model.layers")
+    attn = [layer.self_attn for layer in layers]
+    head_dim = [a.head_dim for a in attn]
+    norm = model.get_submodule("model.norm")
+    return {
+        "hidden_size": [model.get_input_embeddings().weight.shape[1]],
+        "num_attention_heads": [a.q_proj.weight.shape[0] // d for a, d in zip(attn, head_dim, strict=True)],
+        "num_key_value_heads": [a.k_proj.weight.shape[0] // d for a, d in zip(attn, head_dim, strict=True)],
+        "head_dim": head_dim,
+        "rms_norm_eps": [m.variance_epsilon for m in [norm, *(x for layer in layers for x in
+                                                             (layer.input_layernorm, layer.post_attention_layernorm))]],
+    }
+
+
+def _mixtral(model: nn.Module) -> dict[str, list[Any]]:
+    experts = [layer.mlp.experts for layer in model.get_submodule("model.layers")]
+    return {**_attention_fields(model),
+            "intermediate_size": [e.down_proj.shape[2] for e in experts],
+            "num_local_experts": [e.down_proj.shape[0] for e in experts]}
+
+
+def _qwen2_moe(model: nn.Module) -> dict[str, list[Any]]:
+    mlps = [layer.mlp for layer in model.get_submodule("model.layers")]
+    return {**_attention_fields(model),
+            "moe_intermediate_size": [m.experts.down_proj.shape[2] for m in mlps],
+            "shared_expert_intermediate_size": [m.shared_expert.up_proj.weight.shape[0] for m in mlps],
+            "num_experts": [m.experts.down_proj.shape[0] for m in mlps]}
+
+
 def _gpt2(model: nn.Module) -> dict[str, list[Any]]:
     blocks = model.get_submodule("transformer.h")
     return {
@@ -259,7 +316,7 @@ def _bert(model: nn.Module) -> dict[str, list[Any]]:
 # config.model_type -> the config fields that describe sizes, read from the model (one value per layer)
 CONFIGS: dict[str, Callable[[nn.Module], dict[str, list[Any]]]] = {
     "llama": _llama_like, "qwen2": _llama_like, "mistral": _llama_like, "gpt2": _gpt2, "bert": _bert,
-    "roberta": _bert,
+    "roberta": _bert, "mixtral": _mixtral, "qwen2_moe": _qwen2_moe,
 }
 
 

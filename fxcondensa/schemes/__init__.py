@@ -27,6 +27,7 @@ from .base import (
     is_scheme,
     validate_density,
 )
+from .experts import ExpertPrune
 from .scores import channel_scores
 from .selection import select_channels
 from .structured import FilterPrune, NeuronPrune, StructurePrune
@@ -40,6 +41,7 @@ __all__ = [
     "NeuronPrune",
     "FilterPrune",
     "StructurePrune",
+    "ExpertPrune",
     "is_scheme",
     "check_scheme",
     "validate_density",
