@@ -109,6 +109,20 @@ def _grouped_mm_cost(c: CostCall) -> int:
     return c.out_numel * (a[-1] if a else 0)
 
 
+def _aligned(gm: fx.GraphModule, w: Any) -> bool:
+    """Whether the (thinned) expert weight ``w`` reads has both matrix widths at multiples of 16 bytes."""
+    src = w if isinstance(w, fx.Node) and w.op == "get_attr" else _swaps_last_two(w) if isinstance(w, fx.Node) else None
+    path = attr_path(src) if src is not None else None
+    try:
+        t = gm.get_parameter(path) if path is not None else None
+    except AttributeError:
+        return False
+    if t is None or t.dim() != 3:
+        return False
+    step = max(1, 16 // t.element_size())
+    return t.shape[-1] % step == 0 and t.shape[-2] % step == 0
+
+
 def _rewrite_aligned(gm: fx.GraphModule, node: fx.Node, view: Any) -> None:
     """The grouped-matmul kernel takes rows of a multiple of 16 bytes only: a thinned expert weight calls the
     padding form (``fxcondensa.nn.grouped_mm_aligned``), which is exact and costs nothing when aligned."""
@@ -120,6 +134,8 @@ def _rewrite_aligned(gm: fx.GraphModule, node: fx.Node, view: Any) -> None:
     rest = {k: v for k, v in node.kwargs.items() if k not in ("input", "mat_a", "mat2", "mat_b", "offs")}
     if offs is None or len(node.args) > 3 or any(v is not None for v in rest.values()):
         return  # a bias or an output dtype: left to the kernel
+    if _aligned(gm, w):
+        return  # the kernel takes these widths: the op stays as written (and the user's forward can follow)
     node.target, node.args, node.kwargs = fxnn.grouped_mm_aligned, (x, w, offs), {}
 
 
