@@ -160,3 +160,31 @@ def test_a_model_without_removable_experts_is_refused():
         compress(_randomized(ListMoE()), ExpertPrune(0.5), torch.randn(12, 8), output="graph")
     with pytest.raises(ValueError, match="no mixture-of-experts layer"):
         compress(nn.Sequential(nn.Linear(4, 4)), ExpertPrune(0.5), torch.randn(2, 4))
+
+
+class IndexedMoE(nn.Module):
+    """Experts as one (experts, d, d) weight indexed by the routed ids (a batched matmul per token and slot),
+    with a biased router."""
+
+    def __init__(self, d: int = 8, experts: int = 6):
+        super().__init__()
+        self.router, self.w = nn.Linear(d, experts), nn.Parameter(torch.randn(experts, d, d))
+        self.d = d
+
+    def forward(self, x):
+        p, ids = torch.topk(torch.softmax(self.router(x), -1), 2, dim=-1)
+        picked = self.w[ids.reshape(-1)]
+        y = torch.bmm(x[:, None].expand(-1, 2, -1).reshape(-1, 1, self.d), picked).reshape(-1, 2, self.d)
+        return (y * p[..., None]).sum(1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_experts_indexed_by_id_are_removed_exactly(capture):
+    model, x = _randomized(IndexedMoE()), torch.randn(16, 8)
+    small = thin(model, ExpertPrune(0.5), x, capture=capture)
+    assert type(small) is IndexedMoE and small.w.shape[0] == 3
+    assert small.router.weight.shape[0] == small.router.bias.shape[0] == small.router.out_features == 3
+    compressed = compress(model, ExpertPrune(0.5), x)
+    fresh = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(small(fresh), compressed(fresh), **TOL[torch.float32])

@@ -13,12 +13,17 @@ routed to. The thinned layer then drops the expert's router row and its slice of
 the expert ids it computes are the kept experts renumbered in order, which sorts, counts and indexes its
 tokens as the compressed layer does (a removed expert has no tokens there).
 
-Example:
+Example (a router ranked by a top-k whose ids index per-expert weights):
     >>> import torch, fxcondensa
-    >>> from fxcondensa.schemes import ExpertPrune
-    >>> from tests_moe_example import TinyMoE  # doctest: +SKIP
-    >>> [r.weight for r in routers(fxcondensa.trace(TinyMoE(), torch.randn(4, 8)))]  # doctest: +SKIP
-    ['router.weight']
+    >>> class MoE(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.router, self.w = torch.nn.Linear(8, 4), torch.nn.Parameter(torch.randn(4, 8, 8))
+    ...     def forward(self, x):
+    ...         p, ids = torch.topk(torch.softmax(self.router(x), -1), 1, dim=-1)
+    ...         return torch.bmm(x[:, None], self.w[ids[:, 0]])[:, 0] * p
+    >>> [(r.weight, r.num_experts, r.top_k, r.experts) for r in routers(fxcondensa.trace(MoE(), torch.randn(3, 8)))]
+    [('router.weight', 4, 1, ['w'])]
 """
 
 from __future__ import annotations
