@@ -12,7 +12,7 @@ from _models import state_hash
 from test_moe import TOL, ListMoE, _hf_moe, _randomized, _tokens, params
 from torch import nn
 
-from fxcondensa import compress, thin, trace
+from fxcondensa import compress, load_thinned, save_thinned, thin, trace
 from fxcondensa import nn as fxnn
 from fxcondensa.capture.graph import flatten_outputs
 from fxcondensa.capture.records import graph_record, thin_record
@@ -188,3 +188,14 @@ def test_experts_indexed_by_id_are_removed_exactly(capture):
     fresh = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(small(fresh), compressed(fresh), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_recipe_replays_the_removed_experts(tmp_path, capture):
+    model, x = _randomized(IndexedMoE()), torch.randn(16, 8)
+    small = thin(model, Compose([ExpertPrune(0.5), StructurePrune(0.5)]), x, capture=capture)
+    save_thinned(small, tmp_path / "moe.fxc")
+    again = load_thinned(tmp_path / "moe.fxc", IndexedMoE())
+    assert thin_record(again).experts == thin_record(small).experts
+    assert again.w.shape == small.w.shape and again.router.weight.shape == small.router.weight.shape
+    torch.testing.assert_close(again(x), small(x))

@@ -136,6 +136,7 @@ def _record_to_plain(rec: ThinRecord) -> dict[str, Any]:
         "capture": str(rec.capture),
         "returns": str(rec.returns),
         "input_names": [str(n) for n in rec.input_names],
+        "experts": {str(k): [int(e) for e in v] for k, v in rec.experts.items()},
     }
 
 
@@ -163,7 +164,8 @@ def _record_from_plain(d: dict[str, Any], keep: torch.Tensor, shapes: list[list[
     return ThinRecord(keep=keep, input_shapes=[list(s) for s in shapes], input_dtypes=list(dtypes),
                       groups=groups, frozen=frozen, target=target, rule_failures=rule_failures,
                       capture=str(d.get("capture", "fx")), returns=str(d.get("returns", "graph")),
-                      input_names=[str(n) for n in d.get("input_names", [])])
+                      input_names=[str(n) for n in d.get("input_names", [])],
+                      experts={str(k): [int(e) for e in v] for k, v in d.get("experts", {}).items()})
 
 
 def thinning_record(model: Any) -> ThinRecord | None:
@@ -353,7 +355,7 @@ def load_thinned(path: str | os.PathLike, model_or_factory: nn.Module | Callable
     own = record.returns == "module" and bool(record.input_names)
     try:
         dense, gm = rethin_pair(arch, payload["keep"], dict(zip(record.input_names, inputs, strict=True)) if own
-                                else inputs, **tracing)
+                                else inputs, experts=record.experts, **tracing)
     except TraceError:
         raise  # the architecture itself cannot be traced: not the file's fault
     except Exception as exc:  # a recipe of another model fails anywhere inside the slicing: name it

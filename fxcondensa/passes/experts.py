@@ -40,7 +40,7 @@ from torch import nn
 from .. import nn as fxnn
 from ..capture.graph import propagate_shapes
 
-__all__ = ["Router", "routers", "thin_experts"]
+__all__ = ["Router", "routers", "mask_router", "thin_experts", "remove_experts"]
 
 aten = torch.ops.aten
 
@@ -263,3 +263,34 @@ def thin_experts(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None) -> d
         if inputs is not None and any("tensor_meta" in n.meta for n in gm.graph.nodes):
             propagate_shapes(gm, inputs, fake=True)
     return kept_by
+
+
+def mask_router(gm: fx.GraphModule, r: Router, removed: tuple[int, ...]) -> None:
+    """Put the ``removed`` experts' router logits at -inf: a ``mask_experts`` node right after the router
+    (or the one already there, updated). The caller recompiles ``gm``."""
+    if r.mask is not None:
+        r.mask.args = (r.mask.args[0], removed)
+        return
+    with gm.graph.inserting_after(r.logits):
+        node = gm.graph.call_function(fxnn.mask_experts, (r.logits, removed))
+    r.logits.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    for key in ("tensor_meta", "val", "nn_module_stack"):
+        if key in r.logits.meta:
+            node.meta[key] = r.logits.meta[key]
+    r.mask = node
+
+
+def remove_experts(gm: fx.GraphModule, kept: dict[str, list[int]], inputs: tuple[Any, ...] | None = None) -> None:
+    """Remove, in place, all but the ``kept`` experts of each router named (weight path -> kept experts in
+    the dense numbering, as ``thin_record(thinned).experts`` holds them): how a recipe is replayed."""
+    found = {r.weight: r for r in routers(gm)}
+    missing = sorted(set(kept) - set(found))
+    if missing:
+        raise ValueError(f"the recipe removes experts of routers {missing}, which this model does not have "
+                         f"(its routers: {sorted(found) or 'none'})")
+    for path, experts in kept.items():
+        r = found[path]
+        mask_router(gm, r, tuple(e for e in range(r.num_experts) if e not in set(experts)))
+    gm.graph.lint()
+    gm.recompile()
+    thin_experts(gm, inputs)

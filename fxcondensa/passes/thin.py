@@ -24,7 +24,7 @@ from ..errors import ExampleInputError, ThinningCheckError
 from ..rules.api import ChanInfo, ChannelAnalysis
 from ..rules.heads import has_attention_products, head_channels, head_dim_channels
 from .analysis import analyze, balance_grouped, removable_channels
-from .experts import thin_experts
+from .experts import remove_experts, thin_experts
 from .precision import WidenedInterpreter, compute_dtype, run_in, tolerance, wider_dtypes
 from .reference import MaskedInterpreter, masks_of
 from .slicing import _kept, apply_keep
@@ -236,8 +236,10 @@ def rethin(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
 
 def rethin_pair(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
                 leaf_modules: Sequence[type[nn.Module]] = (), concrete_args: dict[str, Any] | None = None,
-                capture: str = "auto") -> tuple[fx.GraphModule, fx.GraphModule]:
-    """``rethin``, also returning the dense capture it sliced (what ``passes/own.py`` compares with)."""
+                capture: str = "auto", experts: dict[str, list[int]] | None = None
+                ) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """``rethin``, also returning the dense capture it sliced (what ``passes/own.py`` compares with).
+    ``experts`` (``thin_record(thinned).experts``) replays a removal of whole experts."""
     split_inputs(example_inputs)
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
     inputs = graph_inputs(gm, example_inputs)
@@ -249,10 +251,15 @@ def rethin_pair(model: nn.Module, keep: torch.Tensor, example_inputs: Any, *,
                          f"{n} channels, got {got}")
     thinned = apply_keep(gm, analysis, balance_grouped(analysis, keep[:n]), inputs)
     if keep.numel() == n:
+        if experts:
+            remove_experts(thinned, experts, inputs)
         return gm, thinned
     columns = analyze(thinned, head_dim=True)  # the rest: which head_dim columns stayed (see ``thin``)
     if keep.numel() != n + columns.num_channels:
         raise ValueError(f"the thinning recipe does not fit {type(model).__name__}: it needs a bool tensor of "
                          f"{n} channels, or {n + columns.num_channels} with head_dim columns, got "
                          f"{keep.dtype} {tuple(keep.shape)}")
-    return gm, apply_keep(thinned, columns, balance_grouped(columns, keep[n:]), inputs)
+    thinned = apply_keep(thinned, columns, balance_grouped(columns, keep[n:]), inputs)
+    if experts:
+        remove_experts(thinned, experts, inputs)
+    return gm, thinned

@@ -11,16 +11,16 @@ channel schemes: ``Compose([ExpertPrune(0.5), StructurePrune(0.5)])`` removes ex
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .. import nn as fxnn
 from ..capture.tap import tap
 from ..passes.annotate import annotate_param, param_owners
-from ..passes.experts import Router, routers
+from ..passes.experts import Router, mask_router, routers
 from .base import Scheme, validate_density
 from .calibration import Calibration
 
@@ -116,8 +116,6 @@ class ExpertPrune(Scheme):
         return sums
 
     def annotate(self, gm: fx.GraphModule) -> None:
-        import fnmatch
-
         found = [r for r in routers(gm)
                  if not any(fnmatch.fnmatchcase(r.weight, p) or r.weight == p for p in self.exclude)]
         usable = [r for r in found if not r.blocked]
@@ -145,21 +143,7 @@ class ExpertPrune(Scheme):
                 if path in owners:
                     shape = (r.num_experts,) + (1,) * (t.dim() - 1)
                     annotate_param(gm, path, mask=keep.to(t.device).view(shape).expand(t.shape), owners=owners)
-            _mask_logits(gm, r, removed)
+            mask_router(gm, r, removed)
         gm.graph.lint()
         gm.recompile()
 
-
-def _mask_logits(gm: fx.GraphModule, r: Router, removed: tuple[int, ...]) -> None:
-    """Put the removed experts' router logits at -inf: a ``mask_experts`` node right after the router."""
-    if r.mask is not None:
-        r.mask.args = (r.mask.args[0], removed)
-        return
-    with gm.graph.inserting_after(r.logits):
-        node = gm.graph.call_function(fxnn.mask_experts, (r.logits, removed))
-    r.logits.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
-    if "tensor_meta" in r.logits.meta:
-        node.meta["tensor_meta"] = r.logits.meta["tensor_meta"]
-    if "val" in r.logits.meta:
-        node.meta["val"] = r.logits.meta["val"]
-    node.meta["nn_module_stack"] = dict(r.logits.meta.get("nn_module_stack", {}))
