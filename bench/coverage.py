@@ -200,6 +200,14 @@ HF_MODELS: dict[str, tuple[str, str, str, dict]] = {
     "mistral-gqa": ("MistralConfig", "MistralForCausalLM", "text",
                     {**_TEXT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "num_key_value_heads": 2}),
+    "mixtral-moe": ("MixtralConfig", "MixtralForCausalLM", "text",
+                    {**_TEXT, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 4, "num_local_experts": 4,
+                     "num_experts_per_tok": 2}),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "text",
+                  {**_TEXT, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 48,
+                   "shared_expert_intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2}),
 }
 
 

@@ -242,6 +242,8 @@ def thin_experts(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None) -> d
     experts' slices of every expert tensor, the literal expert counts; the mask nodes go. Returns the kept
     experts by router weight path. ``inputs`` given, shapes are propagated again where ``gm`` had them."""
     kept_by: dict[str, list[int]] = {}
+    if not any(n.op == "call_function" and n.target is fxnn.mask_experts for n in gm.graph.nodes):
+        return kept_by  # no scheme removed experts: nothing to look for
     for r in routers(gm):
         if r.mask is None:
             continue
