@@ -878,3 +878,29 @@ def test_channel_count_used_as_a_number_freezes():
     gm = fxcondensa.trace(ChannelCount(), torch.randn(2, 3, 4, 4))
     g = group_of(analyze(gm), "conv1")
     assert g.frozen
+
+
+class _GLU(nn.Module):
+    """``a, b = linear(x).chunk(2, -1)``; ``silu(a) * b`` pairs channel j of each half, so both halves keep as
+    many channels and the chunk into two equal parts stays exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(8, 32), nn.Linear(16, 4)
+
+    def forward(self, x):
+        a, b = self.lin(x).chunk(2, -1)
+        return self.out(F.silu(a) * b)
+
+
+def test_a_chunk_into_equal_parts_that_stay_equal_is_kept():
+    from fxcondensa import thin
+    from fxcondensa.capture.records import thin_record
+    from fxcondensa.schemes import StructurePrune
+
+    model, x = _GLU().eval(), torch.randn(3, 8)
+    graph = thin(model, StructurePrune(0.5), x, output="graph")
+    assert graph.lin.weight.shape[0] < 32
+    assert any(n.target == "chunk" or "chunk" in str(n.target) for n in graph.graph.nodes), graph.code
+    small = thin(model, StructurePrune(0.5), x)
+    assert type(small) is _GLU and thin_record(small).returns == "module", thin_record(small).reason
