@@ -199,3 +199,13 @@ def test_recipe_replays_the_removed_experts(tmp_path, capture):
     assert thin_record(again).experts == thin_record(small).experts
     assert again.w.shape == small.w.shape and again.router.weight.shape == small.router.weight.shape
     torch.testing.assert_close(again(x), small(x))
+
+
+def test_channels_first_then_experts():
+    model, x = _randomized(IndexedMoE()), torch.randn(16, 8)
+    scheme = Compose([StructurePrune(0.5), ExpertPrune(experts=3)])
+    small, compressed = thin(model, scheme, x), compress(model, scheme, x)
+    assert small.w.shape[0] == 3
+    fresh = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(small(fresh), compressed(fresh), **TOL[torch.float32])
