@@ -25,6 +25,7 @@ from ..capture.exported import capture_notes, capture_of
 from ..errors import ThinningCheckError
 from ..rules import owners
 from .analysis import analyze
+from .precision import WidensCalls
 from .thin import _check
 
 __all__ = ["Edit", "graph_edits", "own_model", "check_own", "install"]
@@ -282,16 +283,19 @@ def install(model: nn.Module, result: nn.Module) -> None:
                 old.__dict__[key] = value
 
 
-class _Flat:
-    """Calls a module with the placeholder values of a torch.export capture (the flat leaves of its
-    ``(args, kwargs)``) and returns its output."""
+class _OwnCall(WidensCalls):
+    """Calls a module's own forward with a graph's placeholder values: the flat leaves of its ``(args, kwargs)``
+    for a torch.export capture (``spec``), the positional inputs for a torch.fx one. The re-check in a wider
+    dtype runs it widened (``precision.widened_calls``), reading folded norm weights unrounded (``exact``)."""
 
     __name__ = "call_model"  # torch.fx names the node after its target
 
-    def __init__(self, spec: Any, kwargs: dict[str, Any]):
-        self.spec, self.kwargs = spec, kwargs
+    def __init__(self, spec: Any, kwargs: dict[str, Any], exact: dict[int, torch.Tensor]):
+        self.spec, self.kwargs, self.exact = spec, kwargs, exact
 
     def __call__(self, module: nn.Module, *leaves: Any) -> Any:
+        if self.spec is None:
+            return module(*leaves)
         args, kwargs = pytree.tree_unflatten(list(leaves), self.spec)
         return module(*args, **kwargs, **self.kwargs)
 
@@ -304,13 +308,15 @@ def _call_graph(compressed: fx.GraphModule, module: nn.Module) -> fx.GraphModule
                for n in compressed.graph.nodes if n.op == "placeholder"]
     root = nn.Module()
     root.model = module
+    exact = {id(t): v for t in [*module.parameters(), *module.buffers()]
+             if (v := owners.exact_value(t)) is not None}
+    spec, extra = None, {}
     if isinstance(compressed.graph._codegen, fx.graph._PyTreeCodeGen):
         # A capture with the cache off (its notes say so) is compared with the model called the same way.
         extra = {"use_cache": False} if any("use_cache=False" in n for n in capture_notes(compressed)) else {}
-        model = graph.get_attr("model")
-        out = graph.call_function(_Flat(compressed._in_spec, extra), (model, *holders))
-    else:
-        out = graph.call_module("model", tuple(holders))
+        spec = compressed._in_spec
+    # A function call, not a module call: the module's tensors are read op by op, never copied all at once.
+    out = graph.call_function(_OwnCall(spec, extra, exact), (graph.get_attr("model"), *holders))
     graph.output(out)
     return fx.GraphModule(root, graph, class_name=type(module).__name__)
 
