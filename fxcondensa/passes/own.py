@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import nn as fxnn
 from ..capture.exported import capture_notes, capture_of
+from ..capture.records import work_copy
 from ..errors import ThinningCheckError
 from ..rules import owners
 from .analysis import analyze
@@ -176,7 +177,8 @@ def own_model(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphMod
         memo[id(_lookup(model, names[0]))] = new[found]
         if found not in dense or new[found] is not dense[found]:
             changed.update(n.rpartition(".")[0] for n in names)
-    result = copy.deepcopy(model, memo)
+    with work_copy():  # what was beside the model (a compressed graph) is not the thinned model's
+        result = copy.deepcopy(model, memo)
     dense_modules = dict(compressed.named_modules())
     for path, m in thinned.named_modules():
         if not path or path not in dense_modules:
