@@ -287,3 +287,47 @@ def test_a_failed_symbolic_trace_leaves_no_copy_alive_while_export_captures():
     fxcondensa.trace(model, torch.randn(2, 4))
     # the user's model and the copy torch.export runs (the failed symbolic trace's copy is gone)
     assert _Branchy.seen and max(_Branchy.seen) <= 2, _Branchy.seen
+
+
+class _TiedWidth(nn.Module):
+    """An attention-like block that sizes its output by its input's width (``B, N, C = x.shape``, then
+    ``reshape(B, N, C)`` on a tensor of its own width), as BEiT's and CaiT's attention do."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h = self.up(x).relu()
+        return self.out(h.reshape(B * N, C).reshape(B, N, C))
+
+
+class _TiedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.block = _TiedWidth()
+
+    def forward(self, x):
+        return self.block(self.stem(x).relu())
+
+
+def test_a_size_read_from_a_tensor_that_thins_otherwise_blocks_with_the_module_and_sizes_named():
+    torch.manual_seed(0)
+    model, x = _TiedNet(), torch.randn(2, 3, 4)
+    with torch.no_grad():  # the stream keeps 2 of 8 channels, the block's own width 5 of 8
+        model.stem.weight[2:] = 0
+        model.stem.bias[2:] = 0
+        model.block.up.weight[5:] = 0
+        model.block.up.bias[5:] = 0
+    before = state_hash(model)
+    with pytest.raises(ValueError, match=r"module 'block' \(_TiedWidth\).*read from a tensor's shape "
+                                         r"\(thinned: 2\) where the thinned model needs 5"):
+        fxcondensa.thin(model, None, x, output="module")
+    assert state_hash(model) == before
+    small = fxcondensa.thin(model, None, x)
+    assert isinstance(small, torch.fx.GraphModule) and "thinned: 2" in thin_record(small).reason
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ user's forward.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..capture.exported import capture_notes, capture_of
 from ..capture.records import work_copy
 from ..errors import ThinningCheckError
 from ..rules import owners
+from ..rules.registry import node_shape
 from .analysis import analyze
 from .precision import WidensCalls
 from .thin import _check
@@ -101,6 +103,7 @@ def graph_edits(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphM
     ``model`` and, where the user's forward cannot follow, why."""
     exported = capture_of(compressed) == "export"
     dense = {n.name: n for n in compressed.graph.nodes}
+    nodes = {n.name: n for n in thinned.graph.nodes}
     edits = []
     for node in thinned.graph.nodes:
         old = dense.get(node.name)
@@ -133,8 +136,48 @@ def graph_edits(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphM
             edits.append(Edit(edit.node, owner, edit.before, edit.after,
                               f"the literal size {a!r} in {edit.before} (thinned: {b!r})"))
             continue
+        computed = _computed_mismatch(pairs, nodes)
+        if computed and not any(owners.has_attributes(m) for m in chain):
+            edits.append(Edit(edit.node, owner, edit.before, edit.after, computed))
+            continue
         edits.append(edit)
     return edits
+
+
+def _computed_mismatch(pairs: list[tuple[Any, Any]], nodes: dict[str, fx.Node]) -> str:
+    """Why a size the forward computes from a tensor's shape (``B, N, C = x.shape``) cannot follow, where
+    the pass wrote a literal in its place: the tensor's thinned width is not that literal (BEiT's and CoaT's
+    attention reshape their output to the width of their input, which thins otherwise). "" where it
+    follows or cannot be told."""
+    for a, b in pairs:
+        if not isinstance(a, fx.Node) or not isinstance(b, int) or isinstance(b, bool):
+            continue
+        width = _width_read(nodes.get(a.name))
+        if width is not None and width != b:
+            return (f"the size {a.name} read from a tensor's shape (thinned: {width}) where the thinned model "
+                    f"needs {b}: the forward sizes one tensor by another that thins differently")
+    return ""
+
+
+def _width_read(node: fx.Node | None) -> int | None:
+    """The value of ``node`` in the thinned graph where it reads one dim of a tensor's shape (``x.size(k)``,
+    ``x.shape[k]``, ``aten.sym_size.int(x, k)``) and that tensor's shape is known, else None."""
+    if node is None or not node.args:
+        return None
+    t, k = None, None
+    if len(node.args) == 2 and ((node.op == "call_method" and node.target == "size")
+                                or node.target is torch.ops.aten.sym_size.int):
+        t, k = node.args
+    elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+        q = node.args[0]
+        if isinstance(q, fx.Node) and ((q.op == "call_function" and q.target is getattr and q.args[1] == "shape")
+                                       or (q.op == "call_method" and q.target == "size" and len(q.args) == 1)):
+            t, k = q.args[0], node.args[1]
+    # Shapes the pass propagated on the thinned graph only: a torch.export ``val`` may still be the dense one.
+    shape = node_shape(t) if isinstance(t, fx.Node) and isinstance(k, int) else None
+    if shape is None or not -len(shape) <= k < len(shape) or not isinstance(shape[k], int):
+        return None
+    return int(shape[k])
 
 
 _FORMS = (fxnn.layer_norm_width, fxnn.rms_norm_width, fxnn.mean_width)
