@@ -255,14 +255,17 @@ def own_model(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphMod
 
 def _shapes(edits: list[Edit], nodes: dict[str, fx.Node], dense: dict[str, fx.Node]
             ) -> dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]]:
-    """Module path -> the (dense, thinned) sizes of the reshapes and views the pass rewrote inside it."""
+    """Module path -> the (dense, thinned) sizes of the reshapes and views the pass rewrote inside it, and the
+    (dense, thinned) index tuples of its rewritten slices."""
     out: dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]] = {}
     for e in edits:
         if e.blocking or e.form:
             continue
         old, new = dense[e.node], nodes[e.node]
-        if "reshape" in str(getattr(new.target, "__name__", new.target)) or \
-                "view" in str(getattr(new.target, "__name__", new.target)):
+        name = str(getattr(new.target, "__name__", new.target))
+        if "reshape" in name or "view" in name or (new.target is operator.getitem and len(new.args) == 2
+                                                    and isinstance(new.args[1], tuple)):
+            # A slice's new bounds too (``x[:, :self.num_1x1_c]``): an attribute may hold them.
             out.setdefault(e.owner, []).append((_sizes(old.args[1:]), _sizes(new.args[1:])))
     return out
 

@@ -98,6 +98,17 @@ def _hiera_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     m.dim_out = m.heads * m.head_dim  # the output reshape's width
 
 
+def _dpn_block(m: nn.Module, shapes: Shapes = ()) -> None:
+    # The residual path is the first ``num_1x1_c`` channels of two tensors (summed, so they keep the same
+    # count): the rewritten slice ``[:, :num_1x1_c]`` gives the kept count.
+    for dense, thinned in shapes:
+        for d, a in zip(dense, thinned, strict=False):
+            if isinstance(d, slice) and isinstance(a, slice) and d.start is None and d.stop == m.num_1x1_c \
+                    and isinstance(a.stop, int):
+                m.num_1x1_c = a.stop
+                return
+
+
 def _timm_window_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     m.num_heads = int(m.relative_position_bias_table.shape[-1])  # one bias column per head, cut with it
 
@@ -120,6 +131,7 @@ ATTRIBUTES: dict[Any, Callable[[nn.Module, Shapes], None]] = {
     "timm.layers.attention.Attention": _timm_attention,
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
     "timm.models.hiera.MaskUnitAttention": _hiera_attention,
+    "timm.models.dpn.DualPathBlock": _dpn_block,
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
 }
 
