@@ -208,6 +208,7 @@ VISION = {
     "tv_resnet50": (lambda: _tv("resnet50"), 32),
     "tv_vit_b_16": (lambda: _tv("vit_b_16", image_size=32), 32),
     "tv_mobilenet_v3": (lambda: _tv("mobilenet_v3_small"), 32),
+    "tv_shufflenet_v2": (lambda: _tv("shufflenet_v2_x0_5"), 32),  # chunk(2) into equal halves
 }
 
 
@@ -332,3 +333,15 @@ def test_a_size_read_from_a_tensor_that_thins_otherwise_blocks_with_the_module_a
     assert isinstance(small, torch.fx.GraphModule) and "thinned: 2" in thin_record(small).reason
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hf_convnext_comes_back_as_its_class_with_its_layer_norms_swapped():
+    """ConvNextLayerNorm (both layouts) over a thinned stream becomes a width-preserving LayerNorm."""
+    torch.manual_seed(0)
+    model, x, fresh, _ = _bench.build_hf("convnext")
+    small = fxcondensa.thin(model, StructurePrune(0.5), x)
+    assert type(small) is type(model), thin_record(small).reason
+    assert any(isinstance(m, fxcondensa.nn.WidthLayerNorm) for m in small.modules())
+    ref = _compressed_dense(model, StructurePrune(0.5), x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(**fresh).logits, ref(**fresh).logits, rtol=1e-4, atol=1e-5)

@@ -125,6 +125,8 @@ def graph_edits(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphM
                 blocking = f"a layer_norm inside {type(chain[0]).__name__}, which is no LayerNorm"
             edits.append(Edit(edit.node, owner, edit.before, edit.after, blocking, form=True))
             continue
+        if _is_even_chunk(old, node):
+            continue  # the forward's own chunk cuts the thinned tensor into the same equal parts
         if node.target is not old.target and not _is_split(old, node):
             edits.append(Edit(edit.node, owner, edit.before, edit.after,
                               f"the op is replaced ({edit.before} becomes {edit.after})"))
@@ -181,6 +183,19 @@ def _width_read(node: fx.Node | None) -> int | None:
 
 
 _FORMS = (fxnn.layer_norm_width, fxnn.rms_norm_width, fxnn.mean_width)
+
+
+def _is_even_chunk(old: fx.Node, new: fx.Node) -> bool:
+    """A ``chunk(x, n, dim)`` the pass wrote as a split into ``n`` equal sizes (ShuffleNetV2's channel halves):
+    the user's forward chunks the thinned tensor into exactly those parts."""
+    if "chunk" not in str(getattr(old.target, "__name__", old.target)) or new.target not in (torch.split, "split"):
+        return False
+    chunks = old.args[1] if len(old.args) > 1 else old.kwargs.get("chunks")
+    dim = old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0)
+    sizes = new.args[1] if len(new.args) > 1 else new.kwargs.get("split_size_or_sections")
+    new_dim = new.args[2] if len(new.args) > 2 else new.kwargs.get("dim", 0)
+    return (isinstance(chunks, int) and isinstance(sizes, (list, tuple)) and len(sizes) == chunks
+            and len(set(sizes)) == 1 and dim == new_dim)
 
 
 def _is_split(old: fx.Node, new: fx.Node) -> bool:

@@ -178,8 +178,16 @@ _PER_CHANNEL = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 # ------------------------------------------------------------------------------- module forms of rewrites
 
-_LAYER_NORMS = {nn.LayerNorm: -1, "timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1,
-                "torchvision.models.convnext.LayerNorm2d": 1}
+def _channels_first(m: nn.Module) -> int:  # a norm with both layouts, permuted to channels-last for channels_first
+    return 1 if getattr(m, "data_format", "channels_last") == "channels_first" else -1
+
+
+# LayerNorm subclass -> the channel dim of its forward: an int, or a function of the module
+_LAYER_NORMS: dict[Any, Any] = {
+    nn.LayerNorm: -1, "timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1,
+    "torchvision.models.convnext.LayerNorm2d": 1,
+    "transformers.models.convnext.modeling_convnext.ConvNextLayerNorm": _channels_first,
+}
 
 
 def _layer_norm_dim(m: nn.Module) -> int | None:
@@ -189,7 +197,8 @@ def _layer_norm_dim(m: nn.Module) -> int | None:
         return -1
     if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1:
         return None
-    return _LAYER_NORMS.get(_qualname(type(m)))
+    dim = _LAYER_NORMS.get(_qualname(type(m)))
+    return dim(m) if callable(dim) else dim
 
 
 def module_form(owner: nn.Module, op: Any, width: int) -> nn.Module | None:
