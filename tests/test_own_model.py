@@ -205,6 +205,7 @@ VISION = {
                        32),
     "timm_hiera_tiny": (lambda: _timm("hiera_tiny_224", img_size=(64, 64), stages=(1, 1, 1, 1)), 64),
     "timm_dpn": (lambda: _timm("dpn48b", k_sec=(1, 1, 1, 1)), 32),  # a residual path sliced by an attribute
+    "timm_ghostnet": (lambda: _timm("ghostnet_050"), 32),  # x[:, :self.out_chs]
     "tv_resnet50": (lambda: _tv("resnet50"), 32),
     "tv_vit_b_16": (lambda: _tv("vit_b_16", image_size=32), 32),
     "tv_mobilenet_v3": (lambda: _tv("mobilenet_v3_small"), 32),

@@ -98,15 +98,18 @@ def _hiera_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     m.dim_out = m.heads * m.head_dim  # the output reshape's width
 
 
-def _dpn_block(m: nn.Module, shapes: Shapes = ()) -> None:
-    # The residual path is the first ``num_1x1_c`` channels of two tensors (summed, so they keep the same
-    # count): the rewritten slice ``[:, :num_1x1_c]`` gives the kept count.
-    for dense, thinned in shapes:
-        for d, a in zip(dense, thinned, strict=False):
-            if isinstance(d, slice) and isinstance(a, slice) and d.start is None and d.stop == m.num_1x1_c \
-                    and isinstance(a.stop, int):
-                m.num_1x1_c = a.stop
-                return
+def _sliced_by(name: str) -> Callable[[nn.Module, Shapes], None]:
+    """The entry of a module whose forward keeps the first ``getattr(m, name)`` channels of a tensor
+    (``x[:, :self.out_chs]``; DPN's residual path, the first ``num_1x1_c`` channels of two summed tensors,
+    so both keep one count): the rewritten slice gives the kept count."""
+    def follow(m: nn.Module, shapes: Shapes = ()) -> None:
+        for dense, thinned in shapes:
+            for d, a in zip(dense, thinned, strict=False):
+                if isinstance(d, slice) and isinstance(a, slice) and d.start is None \
+                        and d.stop == getattr(m, name) and isinstance(a.stop, int):
+                    setattr(m, name, a.stop)
+                    return
+    return follow
 
 
 def _timm_window_attention(m: nn.Module, shapes: Shapes = ()) -> None:
@@ -131,7 +134,10 @@ ATTRIBUTES: dict[Any, Callable[[nn.Module, Shapes], None]] = {
     "timm.layers.attention.Attention": _timm_attention,
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
     "timm.models.hiera.MaskUnitAttention": _hiera_attention,
-    "timm.models.dpn.DualPathBlock": _dpn_block,
+    "timm.models.dpn.DualPathBlock": _sliced_by("num_1x1_c"),
+    "timm.models.ghostnet.GhostModule": _sliced_by("out_chs"),
+    "timm.models.ghostnet.GhostModuleV2": _sliced_by("out_chs"),
+    "timm.models.ghostnet.GhostModuleV3": _sliced_by("out_chs"),
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
 }
 
