@@ -3,13 +3,17 @@ kept beside it, methods intact (generate, forward_features), the same footprint,
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 from _models import bench_coverage, state_hash
 from test_lc import run, tiny_model, tiny_problem
 
 import fxcondensa
-from fxcondensa.capture.records import compressed_graph, graph_record
+from fxcondensa.capture.records import compressed_graph, graph_record, thin_record
 from fxcondensa.opt import LC, FineTune
 from fxcondensa.schemes import Compose, Prune, Quantize, StructurePrune
 
@@ -112,3 +116,69 @@ def test_compressor_output_graph_returns_the_graph():
     c = fxcondensa.Compressor(fxcondensa.opt.Direct(), Prune(0.1), tiny_model(), tiny_problem()[0],
                               output="graph")
     assert isinstance(c.run(), torch.fx.GraphModule)
+
+
+def _pickled(m):
+    return pickle.loads(pickle.dumps(m))
+
+
+def _torch_saved(m):
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)  # a whole module is code: the user's explicit choice
+
+
+COPIES = {"deepcopy": copy.deepcopy, "pickle": _pickled, "torch.save": _torch_saved}
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+def test_a_copied_compressed_model_keeps_its_graph_sharing_the_copy_tensors(how, tmp_path):
+    """The graph beside a compressed model travels with copies and pickles of it: shared with the copy's
+    tensors (not the original's), with its masks and storage dtypes, so footprint, save and thin still work."""
+    torch.manual_seed(0)
+    model, x = fxcondensa.models.LeNet5(), torch.randn(2, 1, 28, 28)
+    small = fxcondensa.compress(model, Compose([StructurePrune(0.5), Quantize(fxcondensa.float16)]), x)
+    again = COPIES[how](small)
+    graph = compressed_graph(again)
+    assert type(again) is type(small) and isinstance(graph, torch.fx.GraphModule) and graph is not compressed_graph(small)
+    assert all(a is b for a, b in zip(again.parameters(), graph.parameters(), strict=True))
+    assert all(a is not b for a, b in zip(again.parameters(), small.parameters(), strict=True))
+    assert fxcondensa.footprint(again) == fxcondensa.footprint(small) < fxcondensa.footprint(model) // 3
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+    fxcondensa.save_compressed(again, tmp_path / "m.pt")  # read back with weights_only loads
+    loaded = fxcondensa.load_compressed(tmp_path / "m.pt", fxcondensa.models.LeNet5())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    thinned = fxcondensa.thin(again, example_inputs=x)
+    assert type(thinned) is type(model) and thinned.ip1.out_features < 500
+    assert compressed_graph(thinned) is None  # a thinned model: the dense graph did not come along
+
+
+def test_a_copied_thinned_model_keeps_its_record_and_saves():
+    torch.manual_seed(0)
+    model, x = fxcondensa.models.LeNet5(), torch.randn(2, 1, 28, 28)
+    small = fxcondensa.thin(model, StructurePrune(0.5), x)
+    for how, make in COPIES.items():
+        again = make(small)
+        rec = thin_record(again)
+        assert rec is not None and rec.returns == "module" and rec is not thin_record(small), how
+        assert torch.equal(rec.keep, thin_record(small).keep)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_compressed_gpt2_keeps_its_export_graph_and_generates(how):
+    torch.manual_seed(0)
+    model, x, _, _ = _bench.build_hf("gpt2-lm")
+    small = fxcondensa.compress(model.to(torch.bfloat16), StructurePrune(0.5), x)
+    again = COPIES[how](small)
+    graph = compressed_graph(again)
+    assert isinstance(graph, torch.fx.GraphModule)
+    assert all(a is b for a, b in zip(again.parameters(), graph.parameters(), strict=True))
+    assert fxcondensa.footprint(again) == fxcondensa.footprint(small)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again.generate(ids, max_new_tokens=4, do_sample=False),
+                           small.generate(ids, max_new_tokens=4, do_sample=False))
+        assert torch.equal(dict(graph(**x))["logits"], again(**x).logits)

@@ -156,14 +156,16 @@ def test_uniform_lm_keeps_its_class_generate_shapes_and_stock_round_trip(name, t
 def test_bf16_lm_comes_back_as_its_class_and_generates_like_the_compressed_one(name):
     model, x = _lm(name, torch.bfloat16)
     scheme = StructurePrune(0.5, uniform=True)
-    # bf16 sums in another order over fewer channels differ beyond the float32 check's tolerance: compared here
-    # at bf16's own, the module path itself is what is tested.
-    small = fxcondensa.thin(model, scheme, x, check=False, output="module")
+    # The full check: bf16 rounding that exceeds bf16's tolerance is told from a wrong model by re-running
+    # the model's own forward widened (and the folded RMSNorm weights unrounded).
+    small = fxcondensa.thin(model, scheme, x, output="module")
     assert type(small) is type(model) and next(small.parameters()).dtype == torch.bfloat16
     ref = _compressed_dense(model, scheme, x)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(small(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0.05, atol=0.05)
+        tokens = small.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+        assert torch.equal(tokens, ref.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True))
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2-gqa"])
@@ -202,9 +204,12 @@ VISION = {
     "timm_swin_tiny": (lambda: _timm("swin_tiny_patch4_window7_224", img_size=32, window_size=4, depths=(1, 1, 1, 1)),
                        32),
     "timm_hiera_tiny": (lambda: _timm("hiera_tiny_224", img_size=(64, 64), stages=(1, 1, 1, 1)), 64),
+    "timm_dpn": (lambda: _timm("dpn48b", k_sec=(1, 1, 1, 1)), 32),  # a residual path sliced by an attribute
+    "timm_ghostnet": (lambda: _timm("ghostnet_050"), 32),  # x[:, :self.out_chs]
     "tv_resnet50": (lambda: _tv("resnet50"), 32),
     "tv_vit_b_16": (lambda: _tv("vit_b_16", image_size=32), 32),
     "tv_mobilenet_v3": (lambda: _tv("mobilenet_v3_small"), 32),
+    "tv_shufflenet_v2": (lambda: _tv("shufflenet_v2_x0_5"), 32),  # chunk(2) into equal halves
 }
 
 
@@ -227,14 +232,35 @@ def test_vision_models_come_back_as_their_class_exact(name):
             assert small.forward_features(y).shape[0] == 2
 
 
-@pytest.mark.parametrize("name", ["gpt2-lm", "llama"])
-def test_non_uniform_lm_round_trips_through_save_thinned_as_its_class(name, tmp_path):
-    model, x = _lm(name, torch.float32)
-    small = fxcondensa.thin(model, StructurePrune(0.5), x, output="module")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", LMS)
+def test_non_uniform_lm_is_its_class_checked_generates_and_round_trips(name, dtype, tmp_path):
+    """Layers of different widths (no ``uniform``): the same class comes back through the full check (in
+    bfloat16 too: its re-check in wider dtypes runs the model's own forward widened), each attention with
+    its own head counts, equal to the compressed model at other batch sizes and lengths and in generate."""
+    model, x = _lm(name, dtype)
+    scheme = StructurePrune(0.5)
+    small = fxcondensa.thin(model, scheme, x, output="module")
+    assert type(small) is type(model) and thin_record(small).returns == "module"
+    assert next(small.parameters()).dtype == dtype and _params(small) < _params(model)
+    if name != "gpt2-lm":
+        for layer in small.model.layers:
+            attn = layer.self_attn
+            assert attn.num_key_value_groups * attn.k_proj.weight.shape[0] == attn.q_proj.weight.shape[0]
+    ref = _compressed_dense(model, scheme, x)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for batch, length in ((1, 3), (2, 8), (2, 13)):
+            ids = torch.randint(0, 128, (batch, length), generator=g)
+            torch.testing.assert_close(small(input_ids=ids).logits, ref(input_ids=ids).logits, **tol)
+        ids = torch.randint(0, 128, (2, 5), generator=g)
+        tokens = small.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+        assert torch.equal(tokens, ref.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True))
     fxcondensa.save_thinned(small, tmp_path / "small.pt")
     back = fxcondensa.load_thinned(tmp_path / "small.pt", model)
     assert type(back) is type(model) and thin_record(back).returns == "module"
-    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(6))
+    assert next(back.parameters()).dtype == dtype
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(input_ids=ids).logits, small.eval()(input_ids=ids).logits,
                                    rtol=0, atol=0)
@@ -264,3 +290,59 @@ def test_a_failed_symbolic_trace_leaves_no_copy_alive_while_export_captures():
     fxcondensa.trace(model, torch.randn(2, 4))
     # the user's model and the copy torch.export runs (the failed symbolic trace's copy is gone)
     assert _Branchy.seen and max(_Branchy.seen) <= 2, _Branchy.seen
+
+
+class _TiedWidth(nn.Module):
+    """An attention-like block that sizes its output by its input's width (``B, N, C = x.shape``, then
+    ``reshape(B, N, C)`` on a tensor of its own width), as BEiT's and CaiT's attention do."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h = self.up(x).relu()
+        return self.out(h.reshape(B * N, C).reshape(B, N, C))
+
+
+class _TiedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.block = _TiedWidth()
+
+    def forward(self, x):
+        return self.block(self.stem(x).relu())
+
+
+def test_a_size_read_from_a_tensor_that_thins_otherwise_blocks_with_the_module_and_sizes_named():
+    torch.manual_seed(0)
+    model, x = _TiedNet(), torch.randn(2, 3, 4)
+    with torch.no_grad():  # the stream keeps 2 of 8 channels, the block's own width 5 of 8
+        model.stem.weight[2:] = 0
+        model.stem.bias[2:] = 0
+        model.block.up.weight[5:] = 0
+        model.block.up.bias[5:] = 0
+    before = state_hash(model)
+    with pytest.raises(ValueError, match=r"module 'block' \(_TiedWidth\).*read from a tensor's shape "
+                                         r"\(thinned: 2\) where the thinned model needs 5"):
+        fxcondensa.thin(model, None, x, output="module")
+    assert state_hash(model) == before
+    small = fxcondensa.thin(model, None, x)
+    assert isinstance(small, torch.fx.GraphModule) and "thinned: 2" in thin_record(small).reason
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hf_convnext_comes_back_as_its_class_with_its_layer_norms_swapped():
+    """ConvNextLayerNorm (both layouts) over a thinned stream becomes a width-preserving LayerNorm."""
+    torch.manual_seed(0)
+    model, x, fresh, _ = _bench.build_hf("convnext")
+    small = fxcondensa.thin(model, StructurePrune(0.5), x)
+    assert type(small) is type(model), thin_record(small).reason
+    assert any(isinstance(m, fxcondensa.nn.WidthLayerNorm) for m in small.modules())
+    ref = _compressed_dense(model, StructurePrune(0.5), x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(**fresh).logits, ref(**fresh).logits, rtol=1e-4, atol=1e-5)

@@ -77,10 +77,10 @@ def test_a_bf16_llama_runs_at_other_shapes(bf16_llama, batch, length):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
-def test_an_fp16_llama_thins_and_checks():
+def test_an_fp16_llama_thins_and_checks_as_its_class():
     model = llama(torch.float16)
-    with pytest.warns(UserWarning, match="use_cache=False"):
-        thinned = fxcondensa.thin(model, SCHEME, tokens(1, 8))
+    thinned = fxcondensa.thin(model, SCHEME, tokens(1, 8))  # its own forward passes the widened re-check
+    assert type(thinned) is type(model) and thin_record(thinned).returns == "module"
     assert {p.dtype for p in thinned.parameters()} == {torch.float16}
     assert sum(p.numel() for p in thinned.parameters()) < sum(p.numel() for p in model.parameters())
 
@@ -149,3 +149,51 @@ def test_run_in_skips_the_dtype_asserts_of_an_export_graph():
 
 def test_the_record_of_a_bf16_thin_is_export(bf16_llama):
     assert thin_record(bf16_llama[1]).capture == "export"
+
+
+class _Eager(_Casts):
+    """A cast by method (``.half()``) as well as by dtype argument."""
+
+    def forward(self, x):
+        return super().forward(x.half().to(self.fc.weight.dtype))
+
+
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), seed=st.integers(0, 2**16))
+def test_widened_calls_runs_eager_code_in_float64_without_widening_the_model(dtype, seed):
+    torch.manual_seed(seed)
+    model = _Eager().to(dtype)
+    x = torch.randn(2, 4, dtype=dtype)
+    with precision.widened_calls(torch.float64):
+        got = model(x)
+    w, b = model.fc.weight.double(), model.fc.bias.double()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, x.double() @ w.T + b, rtol=1e-12, atol=1e-12)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_widened_calls_reads_a_rounded_tensor_as_its_exact_value():
+    lin = nn.Linear(2, 1, bias=False).to(torch.bfloat16)
+    exact = torch.tensor([[1 / 3, 2 / 3]], dtype=torch.float64)
+    with precision.widened_calls(torch.float64, {id(lin.weight): exact}):
+        got = lin(torch.ones(1, 2, dtype=torch.bfloat16))
+    assert got.item() == pytest.approx(1.0, abs=1e-15)
+
+
+def test_a_wrong_bf16_own_model_is_refused_by_the_widened_recheck(monkeypatch):
+    """The model's own forward is re-run widened in the check: a wrong weight in it is not excused as bf16
+    rounding, and the graph comes back with the reason."""
+    from fxcondensa.compression import thinning
+
+    real = thinning.own_model
+
+    def wrong(*args):
+        result = real(*args)  # shares its tensors with the thinned graph: a new one, not an in-place change
+        result.lm_head.weight = nn.Parameter(result.lm_head.weight.detach() + 0.05)
+        return result
+
+    monkeypatch.setattr(thinning, "own_model", wrong)
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        small = fxcondensa.thin(llama(torch.bfloat16, hidden=64), SCHEME, tokens(1, 8))
+    reason = thin_record(small).reason
+    assert isinstance(small, torch.fx.GraphModule)
+    assert "own forward differs" in reason and "float32 and float64" in reason, reason

@@ -59,7 +59,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .guards import export_guards, insert_guard_node
-from .records import META, GraphRecord, RecordedGraphModule, ThinRecord, graph_record
+from .records import META, GraphRecord, RecordedGraphModule, ThinRecord, graph_record, work_copy
 from .sharing import copy_model
 
 __all__ = ["split_inputs", "export_capture", "capture_of", "capture_notes", "graph_inputs",
@@ -177,7 +177,8 @@ def export_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     Raises whatever ``torch.export`` raises; ``fxcondensa.trace`` turns that into a ``TraceError``.
     """
     kwargs = dict(kwargs or {})
-    work = copy_model(model).eval()
+    with work_copy():  # the records beside a compressed model stay with it
+        work = copy_model(model).eval()
     # A model that generates (a Hugging Face causal or seq2seq LM) returns its key-value cache: turn it off
     # before the capture rather than after a failed one, which costs as much as a capture.
     can_generate = getattr(work, "can_generate", None)

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from ..errors import ExampleInputError, TraceError
 from .exported import export_capture, graph_inputs, split_inputs, user_frame
 from .modes import eval_mode
-from .records import RecordedGraphModule, graph_record
+from .records import RecordedGraphModule, graph_record, work_copy
 from .sharing import copy_model
 
 __all__ = ["trace", "as_input_tuple", "flatten_outputs", "logits_of", "DEFAULT_LEAF_MODULES"]
@@ -206,7 +206,8 @@ CAPTURES = ("auto", "fx", "export")
 
 def _fx_trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
               concrete_args: dict[str, Any] | None) -> fx.GraphModule:
-    work = copy_model(model)
+    with work_copy():  # the records beside a compressed model stay with it
+        work = copy_model(model)
     tracer = _Tracer(tuple(DEFAULT_LEAF_MODULES) + tuple(leaf_modules))
     try:
         graph = tracer.trace(work, concrete_args=concrete_args)

@@ -25,8 +25,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import importlib
-import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +53,7 @@ __all__ = [
     "set_thin_record",
     "compressed_graph",
     "set_compressed_graph",
+    "work_copy",
     "RecordedGraphModule",
 ]
 
@@ -209,13 +213,61 @@ def thin_record(gm: Any) -> ThinRecord | None:
     meta = getattr(gm, "meta", None)
     rec = meta.get(META) if isinstance(meta, dict) else None
     if rec is None and isinstance(gm, torch.nn.Module):
-        rec = _MODULE_RECORDS.get(gm)
+        rec = _beside(gm).record
     return rec if isinstance(rec, ThinRecord) else None
 
 
-# The records of thinned models of the user's own class: kept beside the model (a weak map) rather than set
-# on it, so that no attribute is added to an object of a class that is not ours.
-_MODULE_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# What fxcondensa keeps beside a model of the user's own class (its thin record, the compressed graph
+# behind it) lives in one entry of the model's ``__dict__``: a plain object, not a submodule or a tensor, so
+# ``state_dict``, ``parameters()`` and the class's own methods never see it, while ``copy.deepcopy`` and
+# pickling (``torch.save`` of the whole model) carry it with the model.
+_KEY = "_fxcondensa_beside"
+
+# Set while fxcondensa copies a model for its own work (a capture): the copy is not the user's, and carrying
+# the graph beside it (masks included) would only cost memory.
+_WORK_COPY: contextvars.ContextVar[bool] = contextvars.ContextVar("fxcondensa_work_copy", default=False)
+
+
+class _Beside:
+    """The records beside a model. A deep copy copies the graph with the same memo as the model, so the
+    copies share their tensors as the originals do; a pickle holds both once (pickle's own memo)."""
+
+    def __init__(self, graph: fx.GraphModule | None = None, record: ThinRecord | None = None):
+        self.graph, self.record = graph, record
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Beside:
+        if _WORK_COPY.get():
+            return _Beside()
+        return _Beside(copy.deepcopy(self.graph, memo), copy.deepcopy(self.record, memo))
+
+
+def _beside(model: torch.nn.Module, *, create: bool = False) -> _Beside:
+    found = model.__dict__.get(_KEY)
+    if not isinstance(found, _Beside):
+        found = _Beside()
+        if create:
+            model.__dict__[_KEY] = found
+    return found
+
+
+@contextlib.contextmanager
+def work_copy() -> Iterator[None]:
+    """Deep copies made inside leave the records beside a model behind (a capture's working copy).
+
+    Example:
+        >>> import copy, fxcondensa
+        >>> from fxcondensa.schemes import Prune
+        >>> small = fxcondensa.compress(fxcondensa.models.LeNet5(), Prune(0.1))
+        >>> with work_copy():
+        ...     bare = copy.deepcopy(small)
+        >>> compressed_graph(bare) is None, compressed_graph(copy.deepcopy(small)) is not None
+        (True, True)
+    """
+    token = _WORK_COPY.set(True)
+    try:
+        yield
+    finally:
+        _WORK_COPY.reset(token)
 
 
 def set_thin_record(model: torch.nn.Module, record: ThinRecord) -> None:
@@ -223,18 +275,14 @@ def set_thin_record(model: torch.nn.Module, record: ThinRecord) -> None:
     if isinstance(model, fx.GraphModule):
         model.meta[META] = record
     else:
-        _MODULE_RECORDS[model] = record
-
-
-# The compressed graph behind a compressed model of the user's own class (``compress`` with output "auto" or
-# "module"): its node records hold the masks and storage dtypes, its tensors are the model's. Kept beside
-# the model (a weak map), like the thin records.
-_COMPRESSED_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        beside = _beside(model, create=True)
+        beside.record, beside.graph = record, None  # a thinned model: no compressed graph is behind it
 
 
 def compressed_graph(model: Any) -> fx.GraphModule | None:
     """The annotated graph of a compressed model: ``model`` itself when it is a ``GraphModule``, the graph
-    ``compress`` kept beside a compressed model of the user's own class, else None.
+    ``compress`` kept beside a compressed model of the user's own class (it travels with ``copy.deepcopy``
+    and pickling), else None.
 
     Example:
         >>> import torch, fxcondensa
@@ -245,12 +293,13 @@ def compressed_graph(model: Any) -> fx.GraphModule | None:
     """
     if isinstance(model, fx.GraphModule):
         return model
-    return _COMPRESSED_GRAPHS.get(model) if isinstance(model, torch.nn.Module) else None
+    return _beside(model).graph if isinstance(model, torch.nn.Module) else None
 
 
 def set_compressed_graph(model: torch.nn.Module, gm: fx.GraphModule) -> None:
     """Keep ``gm`` (the annotated graph whose tensors ``model`` shares) beside ``model``."""
-    _COMPRESSED_GRAPHS[model] = gm
+    beside = _beside(model, create=True)
+    beside.graph, beside.record = gm, None
 
 
 class RecordedGraphModule(fx.GraphModule):

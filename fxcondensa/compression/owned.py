@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import nn as fxnn
-from ..capture.records import graph_record, set_compressed_graph
+from ..capture.records import graph_record, set_compressed_graph, work_copy
 
 __all__ = ["OUTPUTS", "check_output", "own_compressed", "own_blocker"]
 
@@ -76,7 +76,8 @@ def own_compressed(model: nn.Module, gm: fx.GraphModule, *, output: str, where: 
     for name, t in _tensors(model).items():
         if name in new:
             memo[id(t)] = new[name]
-    result = copy.deepcopy(model, memo)
+    with work_copy():  # what was beside the model (an earlier compress) is replaced below
+        result = copy.deepcopy(model, memo)
     _follow_device(result, new)  # train/eval flags: the model's own, copied module by module
     record.returns, record.reason = "module", ""
     set_compressed_graph(result, gm)

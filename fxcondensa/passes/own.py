@@ -12,6 +12,7 @@ user's forward.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +23,12 @@ from torch import nn
 
 from .. import nn as fxnn
 from ..capture.exported import capture_notes, capture_of
+from ..capture.records import work_copy
 from ..errors import ThinningCheckError
 from ..rules import owners
+from ..rules.registry import node_shape
 from .analysis import analyze
+from .precision import WidensCalls
 from .thin import _check
 
 __all__ = ["Edit", "graph_edits", "own_model", "check_own", "install"]
@@ -99,6 +103,7 @@ def graph_edits(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphM
     ``model`` and, where the user's forward cannot follow, why."""
     exported = capture_of(compressed) == "export"
     dense = {n.name: n for n in compressed.graph.nodes}
+    nodes = {n.name: n for n in thinned.graph.nodes}
     edits = []
     for node in thinned.graph.nodes:
         old = dense.get(node.name)
@@ -120,6 +125,8 @@ def graph_edits(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphM
                 blocking = f"a layer_norm inside {type(chain[0]).__name__}, which is no LayerNorm"
             edits.append(Edit(edit.node, owner, edit.before, edit.after, blocking, form=True))
             continue
+        if _is_even_chunk(old, node):
+            continue  # the forward's own chunk cuts the thinned tensor into the same equal parts
         if node.target is not old.target and not _is_split(old, node):
             edits.append(Edit(edit.node, owner, edit.before, edit.after,
                               f"the op is replaced ({edit.before} becomes {edit.after})"))
@@ -131,11 +138,64 @@ def graph_edits(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphM
             edits.append(Edit(edit.node, owner, edit.before, edit.after,
                               f"the literal size {a!r} in {edit.before} (thinned: {b!r})"))
             continue
+        computed = _computed_mismatch(pairs, nodes)
+        if computed and not any(owners.has_attributes(m) for m in chain):
+            edits.append(Edit(edit.node, owner, edit.before, edit.after, computed))
+            continue
         edits.append(edit)
     return edits
 
 
+def _computed_mismatch(pairs: list[tuple[Any, Any]], nodes: dict[str, fx.Node]) -> str:
+    """Why a size the forward computes from a tensor's shape (``B, N, C = x.shape``) cannot follow, where
+    the pass wrote a literal in its place: the tensor's thinned width is not that literal (BEiT's and CoaT's
+    attention reshape their output to the width of their input, which thins otherwise). "" where it
+    follows or cannot be told."""
+    for a, b in pairs:
+        if not isinstance(a, fx.Node) or not isinstance(b, int) or isinstance(b, bool):
+            continue
+        width = _width_read(nodes.get(a.name))
+        if width is not None and width != b:
+            return (f"the size {a.name} read from a tensor's shape (thinned: {width}) where the thinned model "
+                    f"needs {b}: the forward sizes one tensor by another that thins differently")
+    return ""
+
+
+def _width_read(node: fx.Node | None) -> int | None:
+    """The value of ``node`` in the thinned graph where it reads one dim of a tensor's shape (``x.size(k)``,
+    ``x.shape[k]``, ``aten.sym_size.int(x, k)``) and that tensor's shape is known, else None."""
+    if node is None or not node.args:
+        return None
+    t, k = None, None
+    if len(node.args) == 2 and ((node.op == "call_method" and node.target == "size")
+                                or node.target is torch.ops.aten.sym_size.int):
+        t, k = node.args
+    elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+        q = node.args[0]
+        if isinstance(q, fx.Node) and ((q.op == "call_function" and q.target is getattr and q.args[1] == "shape")
+                                       or (q.op == "call_method" and q.target == "size" and len(q.args) == 1)):
+            t, k = q.args[0], node.args[1]
+    # Shapes the pass propagated on the thinned graph only: a torch.export ``val`` may still be the dense one.
+    shape = node_shape(t) if isinstance(t, fx.Node) and isinstance(k, int) else None
+    if shape is None or not -len(shape) <= k < len(shape) or not isinstance(shape[k], int):
+        return None
+    return int(shape[k])
+
+
 _FORMS = (fxnn.layer_norm_width, fxnn.rms_norm_width, fxnn.mean_width)
+
+
+def _is_even_chunk(old: fx.Node, new: fx.Node) -> bool:
+    """A ``chunk(x, n, dim)`` the pass wrote as a split into ``n`` equal sizes (ShuffleNetV2's channel halves):
+    the user's forward chunks the thinned tensor into exactly those parts."""
+    if "chunk" not in str(getattr(old.target, "__name__", old.target)) or new.target not in (torch.split, "split"):
+        return False
+    chunks = old.args[1] if len(old.args) > 1 else old.kwargs.get("chunks")
+    dim = old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0)
+    sizes = new.args[1] if len(new.args) > 1 else new.kwargs.get("split_size_or_sections")
+    new_dim = new.args[2] if len(new.args) > 2 else new.kwargs.get("dim", 0)
+    return (isinstance(chunks, int) and isinstance(sizes, (list, tuple)) and len(sizes) == chunks
+            and len(set(sizes)) == 1 and dim == new_dim)
 
 
 def _is_split(old: fx.Node, new: fx.Node) -> bool:
@@ -175,7 +235,8 @@ def own_model(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphMod
         memo[id(_lookup(model, names[0]))] = new[found]
         if found not in dense or new[found] is not dense[found]:
             changed.update(n.rpartition(".")[0] for n in names)
-    result = copy.deepcopy(model, memo)
+    with work_copy():  # what was beside the model (a compressed graph) is not the thinned model's
+        result = copy.deepcopy(model, memo)
     dense_modules = dict(compressed.named_modules())
     for path, m in thinned.named_modules():
         if not path or path not in dense_modules:
@@ -209,14 +270,17 @@ def own_model(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphMod
 
 def _shapes(edits: list[Edit], nodes: dict[str, fx.Node], dense: dict[str, fx.Node]
             ) -> dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]]:
-    """Module path -> the (dense, thinned) sizes of the reshapes and views the pass rewrote inside it."""
+    """Module path -> the (dense, thinned) sizes of the reshapes and views the pass rewrote inside it, and the
+    (dense, thinned) index tuples of its rewritten slices."""
     out: dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]] = {}
     for e in edits:
         if e.blocking or e.form:
             continue
         old, new = dense[e.node], nodes[e.node]
-        if "reshape" in str(getattr(new.target, "__name__", new.target)) or \
-                "view" in str(getattr(new.target, "__name__", new.target)):
+        name = str(getattr(new.target, "__name__", new.target))
+        if "reshape" in name or "view" in name or (new.target is operator.getitem and len(new.args) == 2
+                                                    and isinstance(new.args[1], tuple)):
+            # A slice's new bounds too (``x[:, :self.num_1x1_c]``): an attribute may hold them.
             out.setdefault(e.owner, []).append((_sizes(old.args[1:]), _sizes(new.args[1:])))
     return out
 
@@ -282,16 +346,19 @@ def install(model: nn.Module, result: nn.Module) -> None:
                 old.__dict__[key] = value
 
 
-class _Flat:
-    """Calls a module with the placeholder values of a torch.export capture (the flat leaves of its
-    ``(args, kwargs)``) and returns its output."""
+class _OwnCall(WidensCalls):
+    """Calls a module's own forward with a graph's placeholder values: the flat leaves of its ``(args, kwargs)``
+    for a torch.export capture (``spec``), the positional inputs for a torch.fx one. The re-check in a wider
+    dtype runs it widened (``precision.widened_calls``), reading folded norm weights unrounded (``exact``)."""
 
     __name__ = "call_model"  # torch.fx names the node after its target
 
-    def __init__(self, spec: Any, kwargs: dict[str, Any]):
-        self.spec, self.kwargs = spec, kwargs
+    def __init__(self, spec: Any, kwargs: dict[str, Any], exact: dict[int, torch.Tensor]):
+        self.spec, self.kwargs, self.exact = spec, kwargs, exact
 
     def __call__(self, module: nn.Module, *leaves: Any) -> Any:
+        if self.spec is None:
+            return module(*leaves)
         args, kwargs = pytree.tree_unflatten(list(leaves), self.spec)
         return module(*args, **kwargs, **self.kwargs)
 
@@ -304,13 +371,15 @@ def _call_graph(compressed: fx.GraphModule, module: nn.Module) -> fx.GraphModule
                for n in compressed.graph.nodes if n.op == "placeholder"]
     root = nn.Module()
     root.model = module
+    exact = {id(t): v for t in [*module.parameters(), *module.buffers()]
+             if (v := owners.exact_value(t)) is not None}
+    spec, extra = None, {}
     if isinstance(compressed.graph._codegen, fx.graph._PyTreeCodeGen):
         # A capture with the cache off (its notes say so) is compared with the model called the same way.
         extra = {"use_cache": False} if any("use_cache=False" in n for n in capture_notes(compressed)) else {}
-        model = graph.get_attr("model")
-        out = graph.call_function(_Flat(compressed._in_spec, extra), (model, *holders))
-    else:
-        out = graph.call_module("model", tuple(holders))
+        spec = compressed._in_spec
+    # A function call, not a module call: the module's tensors are read op by op, never copied all at once.
+    out = graph.call_function(_OwnCall(spec, extra, exact), (graph.get_attr("model"), *holders))
     graph.output(out)
     return fx.GraphModule(root, graph, class_name=type(module).__name__)
 

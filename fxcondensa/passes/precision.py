@@ -38,10 +38,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
+from torch.overrides import TorchFunctionMode
 
 from .reference import MaskedInterpreter
 
-__all__ = ["TOLERANCES", "tolerance", "compute_dtype", "wider_dtypes", "run_in", "WidenedInterpreter"]
+__all__ = ["TOLERANCES", "tolerance", "compute_dtype", "wider_dtypes", "run_in", "WidenedInterpreter",
+           "WidensCalls", "widened_calls"]
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-4, 1e-5),
@@ -85,7 +87,8 @@ class WidenedInterpreter(MaskedInterpreter):
     to ``dtype`` as the node that reads them runs (a weight's widened copy lives while that node runs, never
     the whole model's), narrower float dtypes named in the graph's arguments (casts, tensor creations)
     become ``dtype``, and dtype assertions of a torch.export capture are skipped. Masks kept beside the
-    graph (``reference.py``) are applied first."""
+    graph (``reference.py``) are applied first. A node calling a ``WidensCalls`` (a module's own forward,
+    not a graph) runs under ``widened_calls``: its ops widen what they read the same way."""
 
     def __init__(self, gm: fx.GraphModule, dtype: torch.dtype):
         super().__init__(gm)
@@ -121,6 +124,12 @@ class WidenedInterpreter(MaskedInterpreter):
                     self._raw = False
         return super().run_node(n)
 
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if isinstance(target, WidensCalls):
+            with widened_calls(self.dtype, target.exact):
+                return super().call_function(target, args, kwargs)
+        return super().call_function(target, args, kwargs)
+
 
 def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
     return dtype != than and torch.finfo(dtype).bits <= torch.finfo(than).bits
@@ -129,3 +138,55 @@ def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
 def run_in(gm: fx.GraphModule, inputs: tuple[Any, ...], dtype: torch.dtype) -> Any:
     """``gm``'s outputs for its placeholder values ``inputs``, computed in ``dtype`` (see the module text)."""
     return WidenedInterpreter(gm, dtype).run(*inputs)
+
+
+class WidensCalls:
+    """A graph's call into eager code (a user's own forward): the re-check in a wider dtype runs it under
+    ``widened_calls``. ``exact`` maps ``id`` of a tensor that holds a rounded value (a norm weight with a
+    factor folded in) to its unrounded value, which the widened run reads instead: that rounding is the
+    model's dtype's, as a reordered sum is."""
+
+    exact: dict[int, torch.Tensor] = {}
+
+
+# Tensor methods that convert to a named narrower dtype without a dtype argument.
+_CASTS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class widened_calls(TorchFunctionMode):
+    """Run eager code (a module's forward) in ``dtype``, as ``WidenedInterpreter`` runs a graph: every torch
+    function widens the floating tensors it reads (one op's copy at a time, never the model's) and the
+    narrower float dtypes named in its arguments; attribute reads (``.shape``, ``.dtype``) and dtype-meaning
+    ops (a view as another dtype) pass unchanged.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2).to(torch.bfloat16)
+        >>> with widened_calls(torch.float64):
+        ...     lin(torch.ones(1, 2, dtype=torch.bfloat16)).dtype
+        torch.float64
+    """
+
+    def __init__(self, dtype: torch.dtype, exact: dict[int, torch.Tensor] | None = None):
+        super().__init__()
+        self.dtype, self.exact = dtype, exact or {}
+
+    def _widen(self, value: Any) -> Any:
+        def one(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                exact = self.exact.get(id(v))
+                if exact is not None:
+                    return exact.to(self.dtype)
+                return v.to(self.dtype) if _narrower(v.dtype, self.dtype) else v
+            if isinstance(v, torch.dtype) and v.is_floating_point and _narrower(v, self.dtype):
+                return self.dtype
+            return v
+        return map_aggregate(value, one)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__get__" or name in _KEEP_DTYPE:
+            return func(*args, **kwargs)
+        if name in _CASTS and _narrower(_CASTS[name], self.dtype) and args and isinstance(args[0], torch.Tensor):
+            return self._widen(args[0]).to(self.dtype)
+        return func(*self._widen(args), **self._widen(kwargs))

@@ -37,12 +37,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import nn as fxnn
 from . import registry
 
 __all__ = ["ATTRIBUTES", "follow_tensors", "has_attributes", "module_form", "update_config", "config_fields",
-           "fold_rms_norm"]
+           "fold_rms_norm", "exact_value"]
 
 
 # (dense, thinned) literal sizes of the reshapes the pass rewrote inside a module: ``(3, 3, 64)`` -> ``(3, 3, 32)``
@@ -62,6 +63,14 @@ def _gpt2_attention(m: nn.Module, shapes: Shapes = ()) -> None:
 def _bert_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     m.all_head_size = int(m.query.weight.shape[0])
     m.num_attention_heads = m.all_head_size // m.attention_head_size
+
+
+def _llama_attention(m: nn.Module, shapes: Shapes = ()) -> None:
+    # Each layer's own head counts: q and k/v rows are heads * head_dim (head_dim whole), and the forward
+    # repeats each key/value head ``num_key_value_groups`` times to meet the query heads.
+    q, k = int(m.q_proj.weight.shape[0]), int(m.k_proj.weight.shape[0])
+    if k and q % k == 0:
+        m.num_key_value_groups = q // k
 
 
 def _timm_attention(m: nn.Module, shapes: Shapes = ()) -> None:
@@ -89,6 +98,20 @@ def _hiera_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     m.dim_out = m.heads * m.head_dim  # the output reshape's width
 
 
+def _sliced_by(name: str) -> Callable[[nn.Module, Shapes], None]:
+    """The entry of a module whose forward keeps the first ``getattr(m, name)`` channels of a tensor
+    (``x[:, :self.out_chs]``; DPN's residual path, the first ``num_1x1_c`` channels of two summed tensors,
+    so both keep one count): the rewritten slice gives the kept count."""
+    def follow(m: nn.Module, shapes: Shapes = ()) -> None:
+        for dense, thinned in shapes:
+            for d, a in zip(dense, thinned, strict=False):
+                if isinstance(d, slice) and isinstance(a, slice) and d.start is None \
+                        and d.stop == getattr(m, name) and isinstance(a.stop, int):
+                    setattr(m, name, a.stop)
+                    return
+    return follow
+
+
 def _timm_window_attention(m: nn.Module, shapes: Shapes = ()) -> None:
     m.num_heads = int(m.relative_position_bias_table.shape[-1])  # one bias column per head, cut with it
 
@@ -105,9 +128,16 @@ ATTRIBUTES: dict[Any, Callable[[nn.Module, Shapes], None]] = {
     "transformers.models.gpt2.modeling_gpt2.GPT2Attention": _gpt2_attention,
     "transformers.models.bert.modeling_bert.BertSelfAttention": _bert_attention,
     "transformers.models.roberta.modeling_roberta.RobertaSelfAttention": _bert_attention,
+    "transformers.models.llama.modeling_llama.LlamaAttention": _llama_attention,
+    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": _llama_attention,
+    "transformers.models.mistral.modeling_mistral.MistralAttention": _llama_attention,
     "timm.layers.attention.Attention": _timm_attention,
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
     "timm.models.hiera.MaskUnitAttention": _hiera_attention,
+    "timm.models.dpn.DualPathBlock": _sliced_by("num_1x1_c"),
+    "timm.models.ghostnet.GhostModule": _sliced_by("out_chs"),
+    "timm.models.ghostnet.GhostModuleV2": _sliced_by("out_chs"),
+    "timm.models.ghostnet.GhostModuleV3": _sliced_by("out_chs"),
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
 }
 
@@ -181,8 +211,16 @@ _PER_CHANNEL = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 # ------------------------------------------------------------------------------- module forms of rewrites
 
-_LAYER_NORMS = {nn.LayerNorm: -1, "timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1,
-                "torchvision.models.convnext.LayerNorm2d": 1}
+def _channels_first(m: nn.Module) -> int:  # a norm with both layouts, permuted to channels-last for channels_first
+    return 1 if getattr(m, "data_format", "channels_last") == "channels_first" else -1
+
+
+# LayerNorm subclass -> the channel dim of its forward: an int, or a function of the module
+_LAYER_NORMS: dict[Any, Any] = {
+    nn.LayerNorm: -1, "timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1,
+    "torchvision.models.convnext.LayerNorm2d": 1,
+    "transformers.models.convnext.modeling_convnext.ConvNextLayerNorm": _channels_first,
+}
 
 
 def _layer_norm_dim(m: nn.Module) -> int | None:
@@ -192,7 +230,8 @@ def _layer_norm_dim(m: nn.Module) -> int | None:
         return -1
     if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1:
         return None
-    return _LAYER_NORMS.get(_qualname(type(m)))
+    dim = _LAYER_NORMS.get(_qualname(type(m)))
+    return dim(m) if callable(dim) else dim
 
 
 def module_form(owner: nn.Module, op: Any, width: int) -> nn.Module | None:
@@ -219,9 +258,22 @@ def module_form(owner: nn.Module, op: Any, width: int) -> nn.Module | None:
         # A new tensor: the thinned graph (returned instead if the check fails) shares the old one.
         folded, eps = fold_rms_norm(weight.detach(), getattr(owner, name), width, kept)
         owner.weight = nn.Parameter(folded, requires_grad=weight.requires_grad)
+        if folded.dtype != torch.float64:  # rounded once: the wider re-check reads the exact product
+            _EXACT[owner.weight] = fold_rms_norm(weight.detach(), 0.0, width, kept, dtype=torch.float64)[0]
         setattr(owner, name, eps)
         return owner
     return None
+
+
+# A folded weight -> its unrounded float64 value, for as long as the weight lives.
+_EXACT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def exact_value(t: torch.Tensor) -> torch.Tensor | None:
+    """The unrounded (float64) value of a tensor ``module_form`` rounded after folding a factor into it, or
+    None for any other tensor. The thinning check's re-run in a wider dtype reads it: the fold's one rounding
+    is the model dtype's, like the changed order of a sum, and must not count as a difference there."""
+    return _EXACT.get(t)
 
 
 def fold_rms_norm(weight: torch.Tensor, eps: float, width: int, kept: int, *,
