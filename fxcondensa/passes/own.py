@@ -25,6 +25,7 @@ from ..capture.exported import capture_notes, capture_of
 from ..errors import ThinningCheckError
 from ..rules import owners
 from .analysis import analyze
+from .memo import remember
 from .thin import _check
 
 __all__ = ["Edit", "graph_edits", "own_model", "check_own", "install"]
@@ -287,11 +288,14 @@ class _Flat:
     ``(args, kwargs)``) and returns its output."""
 
     __name__ = "call_model"  # torch.fx names the node after its target
+    widen_inside = True  # the check's wider re-run widens the forward's ops (precision.py)
 
     def __init__(self, spec: Any, kwargs: dict[str, Any]):
         self.spec, self.kwargs = spec, kwargs
 
     def __call__(self, module: nn.Module, *leaves: Any) -> Any:
+        if self.spec is None:  # a torch.fx capture: the placeholders are the model's own arguments
+            return module(*leaves)
         args, kwargs = pytree.tree_unflatten(list(leaves), self.spec)
         return module(*args, **kwargs, **self.kwargs)
 
@@ -310,7 +314,7 @@ def _call_graph(compressed: fx.GraphModule, module: nn.Module) -> fx.GraphModule
         model = graph.get_attr("model")
         out = graph.call_function(_Flat(compressed._in_spec, extra), (model, *holders))
     else:
-        out = graph.call_module("model", tuple(holders))
+        out = graph.call_function(_Flat(None, {}), (graph.get_attr("model"), *holders))
     graph.output(out)
     return fx.GraphModule(root, graph, class_name=type(module).__name__)
 
@@ -319,7 +323,7 @@ def check_own(compressed: fx.GraphModule, module: nn.Module, keep: torch.Tensor,
               inputs: tuple[Any, ...]) -> str | None:
     """Run ``module``'s own forward against ``compressed`` with the thinning check (``passes/thin.py``):
     None when they agree, else why not."""
-    analysis = analyze(compressed)
+    analysis = remember((id(compressed), "analysis"), lambda: analyze(compressed))
     try:
         _check(compressed, _call_graph(compressed, module), analysis, keep[:analysis.num_channels], inputs)
     except ThinningCheckError as exc:

@@ -39,6 +39,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 
+from .lean_reads import WidenMode
 from .reference import MaskedInterpreter
 
 __all__ = ["TOLERANCES", "tolerance", "compute_dtype", "wider_dtypes", "run_in", "WidenedInterpreter"]
@@ -105,6 +106,9 @@ class WidenedInterpreter(MaskedInterpreter):
         value = super().prepare(value)
         return value if self._raw else self._widen(value)
 
+    def cast(self, value: torch.Tensor) -> torch.Tensor:
+        return self._widen(value)
+
     def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
         return self._widen(super().placeholder(target, args, kwargs))
 
@@ -113,6 +117,9 @@ class WidenedInterpreter(MaskedInterpreter):
             name = _op_name(n)
             if name == "_assert_tensor_metadata":
                 return None  # it asserts the captured dtype, which is now widened
+            if getattr(n.target, "widen_inside", False):  # eager code (a model's own forward): widened op by op
+                with WidenMode(self.dtype):
+                    return super().run_node(n)
             if name in _KEEP_DTYPE:  # masked, never widened: the dtype argument means what it says
                 self._raw = True
                 try:

@@ -24,6 +24,7 @@ from ..errors import ExampleInputError, ThinningCheckError
 from ..rules.api import ChanInfo, ChannelAnalysis
 from ..rules.heads import has_attention_products, head_channels, head_dim_channels
 from .analysis import analyze, balance_grouped, removable_channels
+from .memo import remember
 from .precision import WidenedInterpreter, compute_dtype, run_in, tolerance, wider_dtypes
 from .reference import MaskedInterpreter, masks_of
 from .slicing import _kept, apply_keep
@@ -93,7 +94,8 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
     tolerance of that dtype, then, where that fails, again in wider dtypes (``precision``) with float32's."""
     with eval_mode(compressed, thinned), torch.no_grad():
         try:
-            expected = _run(compressed, inputs)
+            # The same reference for every candidate checked in one ``thin`` (passes/memo.py).
+            expected = remember((id(compressed), "outputs"), lambda: _run(compressed, inputs))
         except Exception as exc:  # shapes passed on fake tensors, but real arithmetic refuses the inputs
             shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs if isinstance(t, torch.Tensor))
             raise ExampleInputError(
@@ -110,7 +112,8 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
         # bfloat16 at any width) that rounding alone can exceed the tolerance. The same comparison in a
         # wider dtype tells rounding (it vanishes) from a wrong model (it does not).
         for wider in wider_dtypes(dtype):
-            if _outputs_close(run_in(compressed, inputs, wider), run_in(thinned, inputs, wider)):
+            reference = remember((id(compressed), wider), lambda w=wider: run_in(compressed, inputs, w))
+            if _outputs_close(reference, run_in(thinned, inputs, wider)):
                 return
         where = _first_divergence(compressed, thinned, analysis, keep, inputs)
         rtol, atol = tolerance(dtype)
