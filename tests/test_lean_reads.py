@@ -158,3 +158,17 @@ def test_owned_scores_of_the_heads_only_equal_those_of_all_channels():
     everything = _owned_scores(gm, analysis, True)
     only = _owned_scores(gm, analysis, True, only=heads)
     torch.testing.assert_close(only[heads], everything[heads], rtol=0, atol=0)
+
+
+def test_the_own_check_does_not_search_for_the_first_differing_node(monkeypatch):
+    """Its message stops before the node, so the node-by-node re-run (every value kept) is not made."""
+    def no(*args, **kwargs):
+        raise AssertionError("searched for the first differing node")
+
+    monkeypatch.setattr(thin_module, "_first_divergence", no)
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4)
+    gm = fxcondensa.trace(model, x)
+    keep = torch.ones(analyze(gm).num_channels, dtype=torch.bool)
+    reason = own.check_own(gm, nn.Sequential(nn.Linear(4, 3)), keep, (x,))
+    assert reason is not None and "the model's own forward differs" in reason

@@ -89,9 +89,11 @@ def _first_divergence(compressed: fx.GraphModule, thinned: fx.GraphModule, analy
 
 
 def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor,
-           inputs: tuple[torch.Tensor, ...]) -> None:
+           inputs: tuple[torch.Tensor, ...], *, locate: bool = True) -> None:
     """Compare the thinned graph with the compressed one on ``inputs``: in the model's own dtype with the
-    tolerance of that dtype, then, where that fails, again in wider dtypes (``precision``) with float32's."""
+    tolerance of that dtype, then, where that fails, again in wider dtypes (``precision``) with float32's.
+    ``locate=False``: a failure names the outputs, not the first node that differs (finding it runs both
+    models again keeping every node's value)."""
     with eval_mode(compressed, thinned), torch.no_grad():
         try:
             # The same reference for every candidate checked in one ``thin`` (passes/memo.py).
@@ -115,7 +117,7 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
             reference = remember((id(compressed), wider), lambda w=wider: run_in(compressed, inputs, w))
             if _outputs_close(reference, run_in(thinned, inputs, wider)):
                 return
-        where = _first_divergence(compressed, thinned, analysis, keep, inputs)
+        where = _first_divergence(compressed, thinned, analysis, keep, inputs) if locate else "the graph outputs"
         rtol, atol = tolerance(dtype)
         tried = " and ".join(f"{str(d).removeprefix('torch.')}" for d in wider_dtypes(dtype))
         raise ThinningCheckError(
