@@ -21,6 +21,7 @@ from ..capture.records import compressed_graph, graph_record, set_thin_record, t
 from ..capture.sharing import shared_tensors
 from ..passes.analysis import analyze
 from ..passes.annotate import annotations
+from ..passes.memo import remember, remembered
 from ..passes.own import blocking_reason, check_own, graph_edits, install, own_model
 from ..passes.reference import set_masks
 from ..passes.thin import _check, thin_graph
@@ -144,7 +145,8 @@ def thin(
     own = output != "graph"
     thinned = thin_graph(compressed, inputs, check=check and not own, strict=strict, columns=columns)
     if own:
-        result = _own(model, compressed, thinned, inputs, check=check, output=output, inplace=inplace)
+        with remembered():  # the own class and then the graph are checked against one reference run
+            result = _own(model, compressed, thinned, inputs, check=check, output=output, inplace=inplace)
         if result is not None:
             return result
     for note in capture_notes(compressed):
@@ -183,6 +185,6 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                          "(exclude the layers involved from the scheme)")
     record.reason = reason
     if check:
-        analysis = analyze(compressed)
+        analysis = remember((id(compressed), "analysis"), lambda: analyze(compressed))
         _check(compressed, thinned, analysis, record.keep[:analysis.num_channels], inputs)
     return None

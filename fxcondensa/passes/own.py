@@ -28,6 +28,7 @@ from ..errors import ThinningCheckError
 from ..rules import owners
 from ..rules.registry import node_shape
 from .analysis import analyze
+from .memo import remember
 from .precision import WidensCalls
 from .thin import _check
 
@@ -357,7 +358,7 @@ class _OwnCall(WidensCalls):
         self.spec, self.kwargs, self.exact = spec, kwargs, exact
 
     def __call__(self, module: nn.Module, *leaves: Any) -> Any:
-        if self.spec is None:
+        if self.spec is None:  # a torch.fx capture: the placeholders are the model's own arguments
             return module(*leaves)
         args, kwargs = pytree.tree_unflatten(list(leaves), self.spec)
         return module(*args, **kwargs, **self.kwargs)
@@ -388,9 +389,11 @@ def check_own(compressed: fx.GraphModule, module: nn.Module, keep: torch.Tensor,
               inputs: tuple[Any, ...]) -> str | None:
     """Run ``module``'s own forward against ``compressed`` with the thinning check (``passes/thin.py``):
     None when they agree, else why not."""
-    analysis = analyze(compressed)
+    analysis = remember((id(compressed), "analysis"), lambda: analyze(compressed))
     try:
-        _check(compressed, _call_graph(compressed, module), analysis, keep[:analysis.num_channels], inputs)
+        # Where it differs is not reported (the message stops before it): no node-by-node re-run to find it.
+        _check(compressed, _call_graph(compressed, module), analysis, keep[:analysis.num_channels], inputs,
+               locate=False)
     except ThinningCheckError as exc:
         first = str(exc).split(", first at")[0].replace("the thinned model", "the model's own forward")
         return first

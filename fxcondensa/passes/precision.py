@@ -40,6 +40,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.overrides import TorchFunctionMode
 
+from .lean_reads import METADATA_OPS, lean_call
 from .reference import MaskedInterpreter
 
 __all__ = ["TOLERANCES", "tolerance", "compute_dtype", "wider_dtypes", "run_in", "WidenedInterpreter",
@@ -107,6 +108,9 @@ class WidenedInterpreter(MaskedInterpreter):
     def prepare(self, value: Any) -> Any:
         value = super().prepare(value)
         return value if self._raw else self._widen(value)
+
+    def cast(self, value: torch.Tensor) -> torch.Tensor:
+        return self._widen(value)
 
     def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
         return self._widen(super().placeholder(target, args, kwargs))
@@ -182,11 +186,19 @@ class widened_calls(TorchFunctionMode):
             return v
         return map_aggregate(value, one)
 
+    def _read(self, t: torch.Tensor, index: Any) -> torch.Tensor:
+        exact = self.exact.get(id(t))
+        return self._widen((t if exact is None else exact).detach()[index])
+
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name == "__get__" or name in _KEEP_DTYPE:
+        if name in METADATA_OPS or name in _KEEP_DTYPE:  # widening a weight to read its shape would copy it
             return func(*args, **kwargs)
         if name in _CASTS and _narrower(_CASTS[name], self.dtype) and args and isinstance(args[0], torch.Tensor):
             return self._widen(args[0]).to(self.dtype)
+        # A large linear's weight and an embedding are read a part at a time (``lean_reads``).
+        out = lean_call(func, args, kwargs, self._read, self._widen)
+        if out is not NotImplemented:
+            return out
         return func(*self._widen(args), **self._widen(kwargs))

@@ -33,6 +33,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.fx.node import map_aggregate
 
+from .lean_reads import lean_call
+
 __all__ = ["set_masks", "masks_of", "masked_view", "MaskedInterpreter", "mask_sliced"]
 
 # Kept beside the graph, not in it: a deep copy of the graph (the thinned copy) must not inherit them.
@@ -127,7 +129,23 @@ class MaskedInterpreter(fx.Interpreter):
             return v if mask is None else _apply(v, mask)
         return map_aggregate(value, one)
 
+    def cast(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor as an op reads it once masked (subclasses widen it)."""
+        return value
+
+    def read(self, t: torch.Tensor, index: Any) -> torch.Tensor:
+        """Rows ``index`` of ``t`` as an op reads them: masked (its mask cut the same way), then ``cast``."""
+        part = t.detach()[index]
+        mask = self._by_id.get(id(t))
+        if mask is not None:
+            part = part * mask[index].to(part.device)
+        return self.cast(part)
+
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # A large linear or an embedding reads its weight a part at a time (lean_reads.py): no masked copy.
+        out = lean_call(target, args, kwargs, self.read, self.prepare)
+        if out is not NotImplemented:
+            return out
         return super().call_function(target, self.prepare(args), self.prepare(kwargs))
 
     def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:

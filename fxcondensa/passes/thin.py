@@ -25,6 +25,7 @@ from ..rules.api import ChanInfo, ChannelAnalysis
 from ..rules.heads import has_attention_products, head_channels, head_dim_channels
 from .analysis import analyze, balance_grouped, removable_channels
 from .experts import remove_experts, thin_experts
+from .memo import remember
 from .precision import WidenedInterpreter, compute_dtype, run_in, tolerance, wider_dtypes
 from .reference import MaskedInterpreter, masks_of
 from .slicing import _kept, apply_keep
@@ -89,12 +90,15 @@ def _first_divergence(compressed: fx.GraphModule, thinned: fx.GraphModule, analy
 
 
 def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor,
-           inputs: tuple[torch.Tensor, ...]) -> None:
+           inputs: tuple[torch.Tensor, ...], *, locate: bool = True) -> None:
     """Compare the thinned graph with the compressed one on ``inputs``: in the model's own dtype with the
-    tolerance of that dtype, then, where that fails, again in wider dtypes (``precision``) with float32's."""
+    tolerance of that dtype, then, where that fails, again in wider dtypes (``precision``) with float32's.
+    ``locate=False``: a failure names the outputs, not the first node that differs (finding it runs both
+    models again keeping every node's value)."""
     with eval_mode(compressed, thinned), torch.no_grad():
         try:
-            expected = _run(compressed, inputs)
+            # The same reference for every candidate checked in one ``thin`` (passes/memo.py).
+            expected = remember((id(compressed), "outputs"), lambda: _run(compressed, inputs))
         except Exception as exc:  # shapes passed on fake tensors, but real arithmetic refuses the inputs
             shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs if isinstance(t, torch.Tensor))
             raise ExampleInputError(
@@ -111,9 +115,10 @@ def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: Channe
         # bfloat16 at any width) that rounding alone can exceed the tolerance. The same comparison in a
         # wider dtype tells rounding (it vanishes) from a wrong model (it does not).
         for wider in wider_dtypes(dtype):
-            if _outputs_close(run_in(compressed, inputs, wider), run_in(thinned, inputs, wider)):
+            reference = remember((id(compressed), wider), lambda w=wider: run_in(compressed, inputs, w))
+            if _outputs_close(reference, run_in(thinned, inputs, wider)):
                 return
-        where = _first_divergence(compressed, thinned, analysis, keep, inputs)
+        where = _first_divergence(compressed, thinned, analysis, keep, inputs) if locate else "the graph outputs"
         rtol, atol = tolerance(dtype)
         tried = " and ".join(f"{str(d).removeprefix('torch.')}" for d in wider_dtypes(dtype))
         raise ThinningCheckError(

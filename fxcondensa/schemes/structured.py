@@ -32,7 +32,7 @@ from ..rules.heads import head_channels, head_dim_channels
 from .base import Scheme, _LayerSelection, _match, validate_density
 from .calibration import CALIBRATED_CRITERIA, Calibration, calibrated_scores, measure
 from .latency_model import validate_target_latency
-from .scores import channel_scores, check_criteria, row_scores
+from .scores import channel_scores, check_criteria, row_norms
 from .selection import Channels, Target, select, select_channels
 
 __all__ = ["NeuronPrune", "FilterPrune", "StructurePrune", "select_channels", "ATTENTION_CHOICES"]
@@ -224,7 +224,7 @@ class _ChannelPrune(Scheme, _LayerSelection):
         if self.attention in ("keep", "head_dim"):
             candidate &= ~heads
         elif bool(heads.any()) and self.criteria in ("l2norm", "bn_or_l2norm"):
-            score = torch.where(heads, _owned_scores(gm, analysis, self.normalize), score)
+            score = torch.where(heads, _owned_scores(gm, analysis, self.normalize, only=heads), score)
         # With "both" each attention keeps sqrt(density) of its heads (and of its columns, below): about
         # density of its width. A group given a density of its own through ``layers`` keeps that one. At least
         # two heads (key/value heads) stay where there were two: thin's second stage finds head_dim columns
@@ -307,20 +307,24 @@ def _layer_norm_channels(gm: fx.GraphModule, analysis: ChannelAnalysis) -> torch
     return out
 
 
-def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool) -> torch.Tensor:
+def _owned_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, normalize: bool,
+                  only: torch.Tensor | None = None) -> torch.Tensor:
     """Root mean square per channel over every row (producers) and column (consumers) it owns: for a head,
     its q, k and v rows and its out-projection columns. With ``normalize`` each tensor's scores are first
-    divided by their mean, as in ``channel_scores``."""
+    divided by their mean, as in ``channel_scores``. ``only`` (bool per channel): the channels wanted; a
+    tensor carrying none of them is not read (their scores are then unspecified)."""
     n = analysis.num_channels
     acc, count = torch.zeros(n), torch.zeros(n)
     params = dict(gm.named_parameters())
     for s in analysis.slices:
         if s.role not in ("producer", "consumer") or s.path not in params:
             continue
-        r = host(row_scores(params[s.path], s.dim, lambda rows: rows.pow(2).sum(1).sqrt()))
+        ch = analysis.channel_of[s.atoms]
+        if only is not None and not bool(only[ch].any()):  # e.g. the residual stream's rows, for heads
+            continue
+        r = host(row_norms(params[s.path], s.dim))
         if normalize:
             r = r / r.mean().clamp(min=torch.finfo(torch.float32).tiny)
-        ch = analysis.channel_of[s.atoms]
         acc.index_add_(0, ch, r.pow(2))
         count.index_add_(0, ch, torch.ones(len(ch)))
     return torch.where(count > 0, (acc / count.clamp(min=1)).sqrt(), torch.full((n,), float("nan")))
