@@ -17,6 +17,7 @@ from fxcondensa.capture.graph import flatten_outputs
 from fxcondensa.passes import lean_reads, memo, own, precision, reference
 from fxcondensa.passes import thin as thin_module
 from fxcondensa.passes.analysis import analyze
+from fxcondensa.rules import owners
 from fxcondensa.schemes import StructurePrune
 from fxcondensa.schemes.scores import row_norms, row_scores
 from fxcondensa.schemes.structured import _owned_scores
@@ -115,6 +116,9 @@ def test_the_reference_runs_once_per_dtype_for_both_candidates(monkeypatch):
                         or real_run(gm, inputs))
     monkeypatch.setattr(thin_module, "run_in", lambda gm, inputs, d: runs.append((id(gm), d))
                         or real_run_in(gm, inputs, d))
+    # Without the exact values of the folded norm weights the own class of a bf16 Llama fails its wider
+    # re-check, so the graph is checked after it: both candidates, one reference run per dtype.
+    monkeypatch.setattr(owners, "exact_value", lambda t: None)
     model, x = llama(torch.bfloat16), tokens()
     with pytest.warns(UserWarning):
         fxcondensa.thin(model, StructurePrune(0.5), x)
