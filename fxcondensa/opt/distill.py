@@ -133,8 +133,9 @@ class Distill(FineTune):
             0.15 after a warm-up over the first 10%: the KL term's gradient, ``p_student - p_teacher``, is far
             smaller than a task loss's ``p_student - onehot`` once the student is near its teacher, so it takes
             a larger rate to move as far; the warm-up keeps the first steps, where the freshly compressed
-            student is furthest from the teacher, from overshooting (on a small Llama, 0.2 and 0.3 gained less
-            without it, or diverged). With ``task_weight`` > 0 the task loss's larger gradient may want ``lr`` nearer 0.05.
+            student is furthest from the teacher, from overshooting (on a small Llama, without it 0.2 gained
+            less and 0.4 diverged). With ``task_weight`` > 0 the task loss's larger gradient may want ``lr``
+            nearer 0.05 (0.2 with ``task_weight=0.5`` diverged on that Llama).
         l_batch_size, momentum, weight_decay, val_batch_size, device, seed, checkpoint, progress,
         bn_batches, autocast, tf32: as for :class:`fxcondensa.opt.FineTune`.
 
