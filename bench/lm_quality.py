@@ -21,7 +21,9 @@ windows of the held-out text):
   its dependency search runs with the rotary embedding switched off, see ``_rotary_off``);
 - the pruned models of ``--recover-criteria`` (default: ``activation``) recovered with ``FineTune`` and with
   ``Distill`` (from the dense model) at the same budget of training tokens (``--recover-steps`` minibatches
-  of ``--batch`` windows), each ``--seeds`` times (the seed orders the minibatches), the mean reported.
+  of ``--batch`` windows), each with its own default schedule (``FineTune``: a cosine from lr 0.05;
+  ``Distill``: a 10% warm-up to 0.15, then a cosine), each ``--seeds`` times (the seed orders the
+  minibatches), the mean reported.
 
 Run: ``python bench/lm_quality.py`` (defaults: a 0.85M-parameter model, 1200 AdamW steps of 16 x 64 bytes;
 one thread), or ``--quick`` for a smaller model and budget. Prints a table and writes ``bench/results/lm_quality.json``.
@@ -269,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k, v in DEFAULTS.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v}")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the dense training")
-    p.add_argument("--recover-lr", type=float, default=0.05, help="SGD learning rate of FineTune and Distill")
+    p.add_argument("--recover-lr", type=float, default=None,
+                   help="SGD peak learning rate of FineTune and Distill (default: each one's own, 0.05 and 0.15)")
     p.add_argument("--temperature", type=float, default=1.0, help="Distill's temperature")
     p.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.5], help="fractions of parameters removed")
     p.add_argument("--criteria", nargs="+", default=["magnitude", "activation", "taylor"])
@@ -316,24 +319,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         target = round((1 - removed) * dense_params)
         for criteria in a.criteria:
             density, small = ours(model, criteria, target, example, calibration, a.bisect_steps)
+            pruned_ppl = perplexity(small, held, a.batch)
             add({"method": f"fxcondensa {criteria}", "removed": removed, "density": density,
-                 "params": params(small), "ppl": perplexity(small, held, a.batch)})
+                 "params": params(small), "ppl": pruned_ppl})
             if a.no_recovery or criteria not in a.recover_criteria:
                 continue
             scheme = scheme_for(criteria, density, calibration)
             for make in (FineTune, Distill):
                 ppls, seconds = [], 0.0
                 for seed in range(a.seed, a.seed + a.seeds):
-                    common = dict(evaluations=1, l_batch_size=a.batch, lr=a.recover_lr, device="cpu",
-                                  progress=False, seed=seed, bn_batches=0)
+                    common = dict(evaluations=1, l_batch_size=a.batch, device="cpu", progress=False, seed=seed,
+                                  bn_batches=0)
+                    if a.recover_lr is not None:
+                        common["lr"] = a.recover_lr
                     opt = Distill(a.recover_steps, temperature=a.temperature, **common) if make is Distill \
                         else FineTune(a.recover_steps, **common)
                     t0 = time.perf_counter()
                     result, _ = opt.compress(model, scheme, data, None, None, lm_loss, example)
                     seconds += time.perf_counter() - t0
                     ppls.append(perplexity(result, held, a.batch))
+                mean = sum(ppls) / len(ppls)
                 add({"method": f"fxcondensa {criteria} + {make.__name__}", "removed": removed, "density": density,
-                     "params": params(small), "ppl": sum(ppls) / len(ppls), "ppl_seeds": ppls,
+                     "params": params(small), "ppl": mean, "ppl_seeds": ppls, "optimizer": repr(opt),
+                     # the share of the pruned model's perplexity gap to the dense one that recovery closes
+                     "gap_closed": (pruned_ppl - mean) / (pruned_ppl - dense_ppl),
                      "tokens": a.recover_steps * a.batch * a.seq, "seconds": seconds / len(ppls)})
         if not a.no_torch_pruning:
             ratio, pruned = torch_pruning(model, target, example, a.bisect_steps + 2)

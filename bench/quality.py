@@ -118,8 +118,9 @@ def optimizers(budget: int, seed: int, names: list[str]) -> dict[str, Any]:
                                                val_batch_size=1000, **every),
         "LC defaults": lambda: condensa.opt.LC(steps=7, sgd_iterations_first_l=first, sgd_iterations_per_l=per,
                                                **every),
-        # Another split of the same budget (the 150:60 x 3 one of the original LeNet comparison at 330).
-        "LC defaults 4 steps": lambda: condensa.opt.LC(steps=4, sgd_iterations_first_l=budget - 3 * (budget * 2 // 11),
+        # Another split of the same budget: 4 steps (3 L steps), the later ones 2/11 of it each (210:60:60 at
+        # 330). The first L step takes the rest, so the L steps add up to the budget.
+        "LC defaults 4 steps": lambda: condensa.opt.LC(steps=4, sgd_iterations_first_l=budget - 2 * (budget * 2 // 11),
                                                        sgd_iterations_per_l=budget * 2 // 11, **every),
         "Distill": lambda: condensa.opt.Distill(iterations=budget, **every),
     }

@@ -171,10 +171,23 @@ def test_distill_gets_closer_to_the_teacher_than_fine_tuning():
     (dict(teacher_dtype="int8"), "teacher_dtype must be None .* got 'int8'"),
     (dict(dim="last"), "dim must be an int"),
     (dict(iterations=3, evaluations=4), "evaluations=4 exceeds iterations=3"),
+    (dict(warmup=1.5), r"Distill: warmup must be a finite number in \[0.0, 1.0\), got 1.5"),
 ])
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         Distill(**kw)
+
+
+def test_defaults_warm_up_to_a_larger_rate_than_fine_tuning():
+    # The KL term's gradient is smaller than the task loss's: distillation's default rate is 3x FineTune's,
+    # reached after a linear warm-up over the first 10% of the budget (FineTune: none).
+    kd, ft = Distill(iterations=100, evaluations=2), FineTune(iterations=100, evaluations=2)
+    assert (kd.lr, kd.warmup, kd.warmup_iterations) == (0.15, 0.1, 10)
+    assert (ft.lr, ft.warmup, ft.warmup_iterations) == (0.05, 0.0, 0)
+    flat = [lr for j in range(kd.steps) for lr in kd.step_lrs(j)]
+    assert flat[:10] == pytest.approx([0.015 * (i + 1) for i in range(10)]) and max(flat) == pytest.approx(0.15)
+    assert all(a >= b for a, b in zip(flat[9:], flat[10:], strict=False)) and flat[-1] < 0.001
+    assert kd.config["warmup"] == 0.1 and kd.config["lr"] == 0.15
 
 
 def test_unknown_hidden_state_is_named_with_examples():

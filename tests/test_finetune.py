@@ -27,6 +27,16 @@ def test_plan_splits_the_budget_and_decays_on_one_cosine():
     assert flat[5] == pytest.approx(0.05 * (1 + torch.cos(torch.tensor(torch.pi * 5 / 10)).item()))
 
 
+def test_warmup_rises_linearly_then_decays_on_one_cosine():
+    ft = FineTune(iterations=10, evaluations=2, lr=0.1, warmup=0.2)
+    flat = [lr for j in range(ft.steps) for lr in ft.step_lrs(j)]
+    assert ft.warmup_iterations == 2 and len(flat) == 10
+    assert flat[:3] == pytest.approx([0.05, 0.1, 0.1])  # lr / 2, lr, then the cosine from its peak
+    assert flat[3:] == pytest.approx([0.05 * (1 + torch.cos(torch.tensor(torch.pi * i / 8)).item()) for i in range(1, 8)])
+    assert FineTune(iterations=10).warmup == 0.0 and FineTune(iterations=10).step_lrs(1)[0] == pytest.approx(0.05)
+    assert FineTune(iterations=1000, warmup=1e-6).warmup_iterations == 1  # a warm-up asked for is never empty
+
+
 def test_masks_and_dtypes_are_those_of_direct_compression():
     scheme = Compose([Prune(0.1), Quantize(condensa.float16)])
     model = tiny_model()
@@ -88,6 +98,8 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, make):
     (dict(evaluations=0), "evaluations must be an int >= 1"),
     (dict(iterations=3, evaluations=4), "evaluations=4 exceeds iterations=3"),
     (dict(lr=-1.0), "lr must be"),
+    (dict(warmup=1.0), r"FineTune: warmup must be a finite number in \[0.0, 1.0\), got 1.0"),
+    (dict(warmup=-0.1), "warmup must be a finite number"),
     (dict(autocast="float16"), "autocast must be None or 'bfloat16'"),
     (dict(tf32=1), "tf32 must be True or False"),
 ])

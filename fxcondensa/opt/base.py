@@ -191,3 +191,16 @@ class Trained:
 def cosine(lr: float, i: int, n: int) -> float:
     """Cosine decay from ``lr`` at step 0 toward 0 at step n."""
     return 0.5 * lr * (1.0 + math.cos(math.pi * i / n))
+
+
+def warmup_cosine(lr: float, i: int, n: int, warm: int) -> float:
+    """Step ``i`` of ``n``: a linear rise to ``lr`` over the first ``warm`` steps (``lr / warm`` at step 0),
+    then one cosine from ``lr`` toward 0 over the remaining ``n - warm``; ``warm = 0`` is :func:`cosine`.
+
+    Example:
+        >>> [round(warmup_cosine(1.0, i, 6, 2), 2) for i in range(6)]
+        [0.5, 1.0, 1.0, 0.85, 0.5, 0.15]
+    """
+    if i < warm:
+        return lr * (i + 1) / warm
+    return cosine(lr, i - warm, n - warm)

@@ -1,7 +1,8 @@
 """``FineTune``: compress once, then fine-tune under the scheme's masks (prune + fine-tune, the baseline).
 
 The compressed weights restart from the projection ``Pi(w)`` and keep its zeros after every SGD update; the
-learning rate decays to zero on one cosine over the whole budget. The budget is cut into ``evaluations``
+learning rate decays to zero on one cosine over the whole budget (after a linear warm-up over its first
+``warmup`` share, when given). The budget is cut into ``evaluations``
 iterations: after each, the weights are projected again (which rounds them to the storage dtypes and, since
 their zeros are held, keeps the masks), BatchNorm statistics are recalibrated and the result evaluated; the
 best on validation is returned. Checkpoints, progress and torchrun work as for ``LC`` (one shared loop).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import Trained, check_int, cosine
+from .base import Trained, check_float, check_int, warmup_cosine
 
 __all__ = ["FineTune"]
 
@@ -31,6 +32,8 @@ class FineTune(Trained):
             evaluated (and checkpointed) along the way; the best evaluation is returned.
         lr: the peak of the cosine (0.05: a cosine from 0.02 moves the weights about half as far as a constant
             0.02, and lost 1.5 points to plain masked SGD at that constant rate on LeNet-5, 330 iterations).
+        warmup: the share of the budget (in [0, 1)) over which the rate rises linearly to ``lr`` before the
+            cosine (0: none; the cosine starts at ``lr``).
         l_batch_size, momentum (Nesterov form, as LC), weight_decay, val_batch_size, device, seed,
         checkpoint, progress, bn_batches, autocast, tf32: as for :class:`fxcondensa.opt.LC`.
 
@@ -47,11 +50,11 @@ class FineTune(Trained):
         (3, 0.1, 6)
     """
 
-    _HYPER = ("iterations", "evaluations", "l_batch_size", "lr", "momentum", "weight_decay", "val_batch_size",
-              "seed", "bn_batches")
+    _HYPER = ("iterations", "evaluations", "l_batch_size", "lr", "warmup", "momentum", "weight_decay",
+              "val_batch_size", "seed", "bn_batches")
 
     def __init__(self, iterations: int = 1000, *, evaluations: int = 4, l_batch_size: int = 128, lr: float = 0.05,
-                 momentum: float = 0.9, weight_decay: float = 0.0, val_batch_size: int = 256, device: Any = None,
+                 warmup: float = 0.0, momentum: float = 0.9, weight_decay: float = 0.0, val_batch_size: int = 256, device: Any = None,
                  seed: int = 0, checkpoint: str | os.PathLike[str] | None = None, progress: bool | None = None,
                  bn_batches: int = 20, autocast: str | None = None, tf32: bool = False):
         self.iterations = check_int("FineTune", "iterations", iterations, 1)
@@ -62,16 +65,25 @@ class FineTune(Trained):
         self._common(l_batch_size=l_batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      val_batch_size=val_batch_size, device=device, seed=seed, checkpoint=checkpoint,
                      progress=progress, bn_batches=bn_batches, autocast=autocast, tf32=tf32)
+        name = type(self).__name__
+        self.warmup = check_float(name, "warmup", warmup, 0.0, 1.0, high_open=True)
         self.steps = 1 + self.evaluations
         self._sizes = [0] + split(self.iterations, self.evaluations)
 
+    @property
+    def warmup_iterations(self) -> int:
+        """Minibatches of the linear warm-up: the ``warmup`` share of the budget, rounded (at least one when
+        ``warmup`` is above 0)."""
+        return max(1, round(self.warmup * self.iterations)) if self.warmup else 0
+
     def step_lrs(self, j: int) -> list[float]:
-        start = sum(self._sizes[:j])
-        return [cosine(self.lr, start + i, self.iterations) for i in range(self._sizes[j])]
+        start, warm = sum(self._sizes[:j]), self.warmup_iterations
+        return [warmup_cosine(self.lr, start + i, self.iterations, warm) for i in range(self._sizes[j])]
 
     def opening(self, j: int, mu: float, lrs: list[float]) -> list[str]:
         if j == 0:
             return ["FineTune: direct compression first (evaluation 0, no training)"]
         start = sum(self._sizes[:j])
-        return [f"FineTune evaluation {j} of {self.evaluations}: minibatches {start + 1}-{start + len(lrs)} of "
-                f"{self.iterations} under the masks, lr {lrs[0]:.5f} (cosine)"]
+        shape = "warm-up, then cosine" if start < self.warmup_iterations else "cosine"
+        return [f"FineTune evaluation {j} of {self.evaluations}: minibatches {start + 1}-"
+                f"{start + len(lrs)} of {self.iterations} under the masks, lr {lrs[0]:.5f} ({shape})"]

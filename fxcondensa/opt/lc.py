@@ -14,11 +14,13 @@ The algorithm (Carreira-Perpinan's L-C, as Condensa runs it; the loop is ``fxcon
   ``Delta(theta)``: the weights restart from the projection and keep its zeros, with the learning rate
   decayed to zero on a cosine.
 
-Defaults: every argument has one. Left to ``None``, ``lr``, ``lr_decay``, ``momentum`` and the mu schedule
-are chosen from the budget (``steps``, ``sgd_iterations_first_l``, ``sgd_iterations_per_l``): the
-penalty's pull over an L step, ``mu * sum(lr) / (1 - momentum)`` (how many e-folds of ``w - theta`` it
-removes on its own), grows geometrically from 0.25 in the first L step to 4 in the last L-C one, so ``w``
-reaches the compressed set whatever the budget, and one final iteration fine-tunes ``Delta(theta)``.
+Defaults: every argument has one. Left to ``None``, ``lr`` is 0.05 (at 0.02 the final fine-tune, a cosine
+from 0.02, moved the weights too little: 1.5 points under plain masked SGD at a constant 0.02 on LeNet-5,
+99.3% pruned, 330 iterations), ``lr_decay`` 1, ``momentum`` 0.9, and the mu schedule is chosen from the
+budget (``steps``, ``sgd_iterations_first_l``, ``sgd_iterations_per_l``): the penalty's pull over an L step,
+``mu * sum(lr) / (1 - momentum)`` (how many e-folds of ``w - theta`` it removes on its own), grows
+geometrically from 0.25 in the first L step to 4 in the last L-C one, so ``w`` reaches the compressed set
+whatever the budget, and one final iteration fine-tunes ``Delta(theta)``.
 An explicit schedule is used as given; if its total pull is under 3 (``w`` would end more than 5% of
 the way from the compressed set) a warning says which argument to raise.
 
@@ -58,7 +60,7 @@ _ = _Run  # the loop, importable from here as before (tests patch it, bench/lc_s
 PULL_FIRST, PULL_LAST = 0.25, 4.0
 # Below this total pull an explicit schedule leaves w more than e^-3 = 5% of the way from theta.
 PULL_ENOUGH = 3.0
-AUTO_LR, AUTO_MOMENTUM = 0.02, 0.9
+AUTO_LR, AUTO_MOMENTUM = 0.05, 0.9
 # The automatic schedule's share of the budget for the final masked fine-tune of Delta(theta).
 FT_SHARE = 0.5
 
