@@ -93,6 +93,25 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, make):
     assert strip(full.statistics["history"]) == strip(resumed.statistics["history"])
 
 
+def test_a_checkpoint_written_before_warmup_existed_resumes_and_another_warmup_is_refused(tmp_path):
+    """The bug: ``warmup`` joined the recorded configuration, so a checkpoint without it was refused as
+    another run's."""
+    train, val, test = tiny_problem()
+    model = tiny_model(batchnorm=True)
+    ckpt = str(tmp_path / "run.ckpt")
+    with pytest.raises(Crash):
+        condensa.Compressor(FineTune(**SMALL, checkpoint=ckpt), Prune(0.1), model, train, test, val,
+                            _crashing(30)).run()
+    state = torch.load(ckpt, weights_only=True)
+    del state["key"]["warmup"]  # as an older version wrote it
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match=r"warmup: checkpoint has 0.0, this run has 0.5"):
+        condensa.Compressor(FineTune(**SMALL, warmup=0.5, checkpoint=ckpt), Prune(0.1), model, train, test, val,
+                            nn.CrossEntropyLoss()).run()
+    condensa.Compressor(FineTune(**SMALL, checkpoint=ckpt), Prune(0.1), model, train, test, val,
+                        nn.CrossEntropyLoss()).run()
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(iterations=0), "iterations must be an int >= 1, got 0"),
     (dict(evaluations=0), "evaluations must be an int >= 1"),

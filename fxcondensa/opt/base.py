@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Any
@@ -94,6 +95,13 @@ class Trained:
         cfg.update(autocast=self.autocast, tf32=self.tf32, device=str(self.resolved_device),
                    checkpoint=self.checkpoint)
         return cfg
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The default of every argument that has one: a checkpoint written before an argument existed ran
+        with its default, so resuming it still matches."""
+        sig = inspect.signature(type(self).__init__)
+        return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
 
     @property
     def resolved_device(self) -> torch.device:

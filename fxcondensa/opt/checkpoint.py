@@ -55,8 +55,20 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two configurations, one line per key."""
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any],
+                    defaults: dict[str, Any] | None = None) -> list[str]:
+    """Human-readable differences between two configurations, one line per key. A key the checkpoint lacks
+    (an argument added after it was written) counts as its default in ``defaults``, the value the run that
+    wrote it used.
+
+    Example:
+        >>> config_mismatch({"lr": 0.1}, {"lr": 0.1, "warmup": 0.0}, {"warmup": 0.0})
+        []
+        >>> config_mismatch({"lr": 0.1}, {"lr": 0.2})
+        ['lr: checkpoint has 0.1, this run has 0.2']
+    """
+    defaults = defaults or {}
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
-            for k in keys if saved.get(k) != current.get(k)]
+    then = {k: saved[k] if k in saved else defaults.get(k) for k in keys}
+    return [f"{k}: checkpoint has {then[k]!r}, this run has {current.get(k)!r}"
+            for k in keys if then[k] != current.get(k)]

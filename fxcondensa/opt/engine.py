@@ -301,7 +301,7 @@ class _Run:
     @torch.no_grad()
     def _restore(self, state: dict[str, Any]) -> tuple[int, list[torch.Tensor]]:
         path = self.lc.checkpoint
-        diff = config_mismatch(state["key"], self._resume_key())
+        diff = config_mismatch(state["key"], self._resume_key(), self.lc.defaults)
         if diff:
             raise ValueError(f"L-C checkpoint {path!r} belongs to another run:\n  " + "\n  ".join(diff)
                              + "\nResume with the same model, scheme and LC arguments, or pass another "
