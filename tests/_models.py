@@ -121,3 +121,23 @@ def crashing_criterion(at: int):
         return nn.functional.cross_entropy(out, y)
 
     return criterion
+
+
+def small_llama(dtype: torch.dtype, *, hidden: int = 64, layers: int = 1) -> nn.Module:
+    """A ``LlamaForCausalLM`` from a small GQA config (4 heads, 2 key/value heads, vocabulary 96), random
+    weights with every constant randomised, in ``dtype``."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    bench_coverage().randomize_constants(model)
+    return model.to(dtype)
+
+
+def llama_tokens(length: int = 8) -> dict[str, torch.Tensor]:
+    """Keyword inputs for ``small_llama``: one sequence of ``length`` token ids, nothing masked."""
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, 96, (1, length), generator=g),
+            "attention_mask": torch.ones(1, length, dtype=torch.long)}

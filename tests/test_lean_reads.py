@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models import bench_coverage
+from _models import llama_tokens, small_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -24,20 +24,10 @@ from fxcondensa.schemes.structured import _owned_scores
 
 
 def llama(dtype: torch.dtype, hidden: int = 64) -> nn.Module:
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    bench_coverage().randomize_constants(model)
-    return model.to(dtype)
+    return small_llama(dtype, hidden=hidden, layers=1)
 
 
-def tokens(length: int = 8) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, 96, (1, length), generator=g),
-            "attention_mask": torch.ones(1, length, dtype=torch.long)}
+tokens = llama_tokens
 
 
 class Net(nn.Module):

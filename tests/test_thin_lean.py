@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models import bench_coverage, state_hash
+from _models import llama_tokens, small_llama, state_hash
 from torch import nn
 
 import fxcondensa
@@ -22,20 +22,10 @@ from fxcondensa.schemes import Prune, Quantize, StructurePrune
 
 
 def llama(dtype: torch.dtype, hidden: int = 128) -> nn.Module:
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    bench_coverage().randomize_constants(model)
-    return model.to(dtype)
+    return small_llama(dtype, hidden=hidden, layers=2)
 
 
-def tokens(length: int = 8) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, 96, (1, length), generator=g),
-            "attention_mask": torch.ones(1, length, dtype=torch.long)}
+tokens = llama_tokens
 
 
 def _pointers(module: nn.Module) -> set[int]:

@@ -297,18 +297,7 @@ def fold_rms_norm(weight: torch.Tensor, eps: float, width: int, kept: int, *,
 
 def _llama_like(model: nn.Module) -> dict[str, list[Any]]:
     layers = model.get_submodule("model.layers")
-    attn = [layer.self_attn for layer in layers]
-    head_dim = [a.head_dim for a in attn]
-    norm = model.get_submodule("model.norm")
-    return {
-        "hidden_size": [model.get_input_embeddings().weight.shape[1]],
-        "intermediate_size": [layer.mlp.up_proj.weight.shape[0] for layer in layers],
-        "num_attention_heads": [a.q_proj.weight.shape[0] // d for a, d in zip(attn, head_dim, strict=True)],
-        "num_key_value_heads": [a.k_proj.weight.shape[0] // d for a, d in zip(attn, head_dim, strict=True)],
-        "head_dim": head_dim,
-        "rms_norm_eps": [m.variance_epsilon for m in [norm, *(x for layer in layers for x in
-                                                             (layer.input_layernorm, layer.post_attention_layernorm))]],
-    }
+    return {**_attention_fields(model), "intermediate_size": [layer.mlp.up_proj.weight.shape[0] for layer in layers]}
 
 
 def _attention_fields(model: nn.Module) -> dict[str, list[Any]]:
