@@ -15,12 +15,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import nn as fxnn
 from ..capture.exported import capture_notes, capture_of, graph_inputs, split_inputs
 from ..capture.graph import trace
 from ..capture.records import compressed_graph, graph_record, set_thin_record, thin_record
 from ..capture.sharing import shared_tensors
+from ..errors import ThinningCheckError
 from ..passes.analysis import analyze
 from ..passes.annotate import annotations
+from ..passes.inplace import cut, deferred_cuts, has_deferred, mask_in_place, remember_references
 from ..passes.memo import remember, remembered
 from ..passes.own import blocking_reason, check_own, graph_edits, install, own_model
 from ..passes.reference import set_masks
@@ -132,38 +135,61 @@ def thin(
     inputs = graph_inputs(compressed, example)  # the placeholder values, in graph order
     if strict:  # fail before spending time on the scheme
         analyze(compressed, strict=True)
+    # A scheme that prunes head_dim columns says so on the graph record; without a scheme the pass decides.
+    columns = graph_record(compressed).head_dim_columns if scheme is not None else None
+    own = output != "graph"
+    deferred = False
     if lean:
         with torch.no_grad():
             scheme.annotate(compressed)
-        set_masks(compressed, {k: a.mask for k, a in annotations(compressed).items() if a.mask is not None})
+        masks = {k: a.mask for k, a in annotations(compressed).items() if a.mask is not None}
+        # In place, the user's tensors are cut one at a time after the graph work and the reference run, each
+        # dense one freed as its slice replaces it (passes/inplace.py). Their masks are applied to them in
+        # place first, so that nothing reads a masked copy: the model is its compressed self from here on.
+        deferred = (inplace and own and not isinstance(model, fx.GraphModule) and columns is not True
+                    and not _removes_experts(compressed))
+        if deferred:
+            mask_in_place(compressed, masks)
+        else:
+            set_masks(compressed, masks)
+        del masks
     elif scheme is not None:
         with torch.no_grad():
             scheme.pi(compressed)
             scheme.delta(compressed)
-    # A scheme that prunes head_dim columns says so on the graph record; without a scheme the pass decides.
-    columns = graph_record(compressed).head_dim_columns if scheme is not None else None
-    own = output != "graph"
-    thinned = thin_graph(compressed, inputs, check=check and not own, strict=strict, columns=columns)
     if own:
         with remembered():  # the own class and then the graph are checked against one reference run
+            deferred = deferred and (not check or remember_references(compressed, inputs))
+            with deferred_cuts() if deferred else contextlib.nullcontext():
+                thinned = thin_graph(compressed, inputs, check=False, strict=strict, columns=columns)
             result = _own(model, compressed, thinned, inputs, check=check, output=output, inplace=inplace)
         if result is not None:
             return result
+    else:
+        thinned = thin_graph(compressed, inputs, check=check, strict=strict, columns=columns)
     for note in capture_notes(compressed):
         warnings.warn(f"thin: {type(model).__name__} was {note}", stacklevel=2)
     return thinned
+
+
+def _removes_experts(compressed: fx.GraphModule) -> bool:
+    """A scheme removed whole experts: their cuts (``passes/experts.py``) read the tensors, so none is deferred."""
+    return any(n.op == "call_function" and n.target is fxnn.mask_experts for n in compressed.graph.nodes)
 
 
 def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, inputs: tuple[Any, ...], *,
          check: bool, output: str, inplace: bool) -> nn.Module | None:
     """The user's class thinned, checked; None (the graph is returned, checked) with the reason recorded."""
     record = thin_record(thinned)
+    deferred = has_deferred(thinned)  # its cuts are ours to make (passes/inplace.py)
     if isinstance(model, fx.GraphModule):
         reason = "the model is a GraphModule: its thinned graph is its own class"
     else:
         edits = graph_edits(model, compressed, thinned)
         reason = blocking_reason(model, edits)
         if reason is None:
+            if deferred:  # the own class can follow: the user's model is cut now, tensor by tensor
+                cut(model, thinned, release=True)
             result = own_model(model, compressed, thinned, edits)
             reason = check_own(compressed, result, record.keep, inputs) if check else None
             if reason is not None:
@@ -171,6 +197,14 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                             for e in edits if not e.form][:3]
                 if suspects:
                     reason += "; edits it may compute otherwise: " + "; ".join(suspects)
+                if deferred:
+                    install(model, result)  # its tensors are cut already: its sizes follow them
+                    raise ThinningCheckError(
+                        f"thin(inplace=True): {reason}. {type(model).__name__} was thinned in place before the "
+                        "check (its weights are sliced to the kept channels and its sizes follow them), so it "
+                        "is changed but does not compute the compressed model's outputs: do not use it. Load "
+                        "the model again and call thin without inplace=True (output='auto' then returns the "
+                        "checked thinned GraphModule and leaves your model as it was)")
     if reason is None:
         record.returns, record.reason = "module", ""
         record.input_names = [n.target.lstrip("*") for n in compressed.graph.nodes if n.op == "placeholder"]
@@ -184,6 +218,8 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                          "Use output='auto' or 'graph' for the thinned GraphModule, or keep these channels "
                          "(exclude the layers involved from the scheme)")
     record.reason = reason
+    if deferred:  # nothing was cut: the graph gets tensors of its own, the user's model stays as it was
+        cut(model, thinned, release=False)
     if check:
         analysis = remember((id(compressed), "analysis"), lambda: analyze(compressed))
         _check(compressed, thinned, analysis, record.keep[:analysis.num_channels], inputs)

@@ -8,8 +8,10 @@ uses it after choosing what to keep and checks the result; the latency model use
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,7 +25,12 @@ from ..rules.api import ChanInfo, ChannelAnalysis, KeptView, node_shape
 from ..rules.indexing import channel_slice_rewrite
 from .reference import mask_sliced
 
-__all__ = ["apply_keep"]
+__all__ = ["apply_keep", "DEFER_CUTS"]
+
+# Thinning in place (``inplace.py``) cuts the tensors itself, later, one at a time, releasing each dense one as
+# its slice replaces it; meanwhile ``apply_keep`` hands it the plan and builds the rest of the copy around it.
+DEFER_CUTS: contextvars.ContextVar[Callable[..., None] | None] = contextvars.ContextVar(
+    "fxcondensa_defer_cuts", default=None)
 
 
 def _resolve(gm: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
@@ -298,9 +305,13 @@ def apply_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor
     much as a forward pass on a ResNet-50."""
     thinned = _copy_without_annotations(gm)
     plan = _slice_plan(analysis, keep)
-    _apply_slices(thinned, plan)
-    # Masks kept beside the graph (``reference.py``): the cut tensors are masked now, and none is the user's.
-    mask_sliced(gm, thinned, _cutter(gm, plan))
+    defer = DEFER_CUTS.get()
+    if defer is not None:
+        defer(gm, thinned, analysis, plan)
+    else:
+        _apply_slices(thinned, plan)
+        # Masks kept beside the graph (``reference.py``): the cut tensors are masked now, and none is the user's.
+        mask_sliced(gm, thinned, _cutter(gm, plan))
     _update_modules(thinned, analysis, keep)
     _keep_untracked_sizes(thinned, analysis, keep)
     _rewrite_sizes(thinned, analysis, keep)
