@@ -214,9 +214,11 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
         set_thin_record(result, record)
         return result
     if output == "module":
-        raise ValueError(f"thin(output='module'): {type(model).__name__} cannot come back as its own class: {reason}. "
-                         "Use output='auto' or 'graph' for the thinned GraphModule, or keep these channels "
-                         "(exclude the layers involved from the scheme)")
+        state = (f" (inplace=True: {type(model).__name__} is now the compressed model, its pruned weights zeroed "
+                 "in place and none cut)") if deferred else ""
+        raise ValueError(f"thin(output='module'): {type(model).__name__} cannot come back as its own class: {reason}"
+                         f"{state}. Use output='auto' or 'graph' for the thinned GraphModule, or keep these "
+                         "channels (exclude the layers involved from the scheme)")
     record.reason = reason
     if deferred:  # nothing was cut: the graph gets tensors of its own, the user's model stays as it was
         cut(model, thinned, release=False)

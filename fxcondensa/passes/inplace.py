@@ -84,8 +84,21 @@ def mask_in_place(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> None:
             module, attr = _resolve(gm, name)
             t = getattr(module, attr)
             if id(t) not in done and not bool(mask.all()):
-                t.mul_(_compact(mask).to(device=t.device, dtype=t.dtype))
+                _zero_masked(t, mask)
             done.add(id(t))
+
+
+def _zero_masked(t: torch.Tensor, mask: torch.Tensor) -> None:
+    """``t *= mask`` in place; a mask that varies along one dim only (a keep vector expanded) zeroes just the
+    pruned rows or columns, without reading the rest."""
+    compact = _compact(mask)
+    varying = [d for d, size in enumerate(compact.shape) if size > 1]
+    if len(varying) == 1:
+        dim = varying[0]
+        pruned = torch.nonzero(~compact.reshape(-1)).flatten().to(t.device)
+        t.index_fill_(dim, pruned, 0)
+    else:
+        t.mul_(compact.to(device=t.device, dtype=t.dtype))
 
 
 def _compact(mask: torch.Tensor) -> torch.Tensor:
@@ -236,10 +249,19 @@ def cut(model: nn.Module | None, thinned: fx.GraphModule, *, release: bool) -> N
         del old, value
     if not release:
         mask_sliced(source, thinned, _cutter(source, deferred.plan))
+        # Masks applied in place leave ``mask_sliced`` nothing to do: the tensors left whole are still the
+        # user's, and the graph that comes back shares none of them.
+        thinned_aliases = _aliases(thinned)
+        for name, t in whole:
+            module, attr = _resolve(thinned, name)
+            if getattr(module, attr) is t:  # still the user's (``mask_sliced`` copies those it masks)
+                copy = t.detach().clone()
+                _put(thinned, thinned_aliases.get(name, [name]),
+                     nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy)
         return
     # Tensors left whole are the user's own: their masked values written in place.
     with torch.no_grad():
         for name, t in whole:
             mask = masks.get(name)
             if mask is not None and not bool(mask.all()):
-                t.mul_(_compact(mask).to(device=t.device, dtype=t.dtype))
+                _zero_masked(t, mask)
