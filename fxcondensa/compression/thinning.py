@@ -100,7 +100,10 @@ def thin(
     be captured (a detector's post-processing): each is captured on the inputs it receives, thinned and put
     back as a graph in a copy of the model, and the whole is checked (``fxcondensa.compression.parts``).
     ``inplace=True`` (with ``"auto"`` or ``"module"``) makes ``model`` itself the thinned model when its
-    class comes back, instead of a copy: the input is then changed; when a graph comes back it is not.
+    class comes back, instead of a copy: the input is then changed. With a pruning scheme its weights are
+    zeroed where pruned and then cut one at a time, each dense tensor freed before the next is cut
+    (``fxcondensa.passes.inplace``); when a graph comes back nothing is cut and ``model`` is left compressed
+    (pruned weights zero, same shapes); a check that fails after the cut raises ``ThinningCheckError``.
 
     What was removed, which channel groups were frozen and why, the recipe, and what came back (``returns``,
     ``reason``) are in ``fxcondensa.capture.records.thin_record(thinned)`` (a ``ThinRecord``).
