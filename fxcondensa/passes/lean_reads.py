@@ -37,8 +37,8 @@ from torch.fx.node import map_aggregate
 
 __all__ = ["CHUNK_ELEMENTS", "METADATA_OPS", "lean_call", "widen"]
 
-# Weight elements read per block: 4M elements is 32 MiB in float64.
-CHUNK_ELEMENTS = 1 << 22
+# Weight elements read per block: 1M elements is 8 MiB in float64.
+CHUNK_ELEMENTS = 1 << 20
 
 _LINEARS = (torch.ops.aten.linear.default, torch._C._nn.linear)
 _EMBEDDINGS = (torch.ops.aten.embedding.default, torch.nn.functional.embedding)

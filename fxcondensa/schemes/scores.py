@@ -35,7 +35,7 @@ def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
 
 
 # Rows read per step when scoring a large tensor: its float32 copy is made a slab at a time, never whole.
-_ROW_STEP_ELEMENTS = 1 << 24
+_ROW_STEP_ELEMENTS = 1 << 22
 
 
 def row_scores(w: torch.Tensor, dim: int, row_score: Any) -> torch.Tensor:
