@@ -15,15 +15,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..capture.exported import capture_notes, capture_of, graph_inputs, split_inputs
+from ..capture.exported import capture_notes, capture_of, example_shapes, graph_inputs, split_inputs
 from ..capture.graph import trace
 from ..capture.records import compressed_graph, graph_record, set_thin_record, thin_record
-from ..capture.sharing import shared_tensors
+from ..capture.sharing import adopt_tensors, shared_tensors
 from ..passes.analysis import analyze
 from ..passes.annotate import annotations
 from ..passes.memo import remember, remembered
 from ..passes.own import blocking_reason, check_own, graph_edits, install, own_model
-from ..passes.reference import set_masks
+from ..passes.reference import masks_of, set_masks
 from ..passes.thin import _check, thin_graph
 from ..schemes import check_scheme
 from .parts import thin_modules
@@ -127,8 +127,12 @@ def thin(
     # A scheme that only records masks compresses nothing in place: the capture shares the model's tensors
     # and the masks stay aside (passes/reference.py), so no second dense copy of the weights is made.
     lean = getattr(scheme, "masks_only", False) is True
-    with shared_tensors() if lean else contextlib.nullcontext():
+    # The user's class takes any shape whatever the capture fixed: a torch.export capture with the example's
+    # shapes costs a fraction of one with dynamic dims, which is made only when the graph comes back.
+    static = output != "graph" and not isinstance(model, fx.GraphModule)
+    with shared_tensors() if lean else contextlib.nullcontext(), example_shapes() if static else contextlib.nullcontext():
         compressed = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
+    static = static and capture_of(compressed) == "export"
     inputs = graph_inputs(compressed, example)  # the placeholder values, in graph order
     if strict:  # fail before spending time on the scheme
         analyze(compressed, strict=True)
@@ -146,16 +150,37 @@ def thin(
     thinned = thin_graph(compressed, inputs, check=check and not own, strict=strict, columns=columns)
     if own:
         with remembered():  # the own class and then the graph are checked against one reference run
-            result = _own(model, compressed, thinned, inputs, check=check, output=output, inplace=inplace)
+            result = _own(model, compressed, thinned, inputs, check=check, output=output, inplace=inplace,
+                          check_graph=not static)
         if result is not None:
             return result
+        if static:
+            thinned = _dynamic_graph(model, example, compressed, thinned, check=check, strict=strict,
+                                     columns=columns, leaf_modules=leaf_modules, concrete_args=concrete_args)
     for note in capture_notes(compressed):
         warnings.warn(f"thin: {type(model).__name__} was {note}", stacklevel=2)
     return thinned
 
 
+def _dynamic_graph(model: nn.Module, example: Any, compressed: fx.GraphModule, static: fx.GraphModule, *,
+                   check: bool, strict: bool, columns: bool | None, leaf_modules: Sequence[type[nn.Module]],
+                   concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+    """The graph that comes back, captured again with dynamic batch and sequence dims (the first capture fixed
+    the example's shapes for the user's class), holding the compressed values of the first (its tensors and
+    masks, shared, not copied), thinned and checked; its record says why the user's class did not come back."""
+    with shared_tensors():  # the user's tensors, then the compressed capture's in their place
+        dynamic = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture="export")
+    adopt_tensors(dynamic, compressed)
+    set_masks(dynamic, dict(masks_of(compressed)))
+    first, record = graph_record(compressed), graph_record(dynamic)
+    record.target, record.head_dim_columns = first.target, first.head_dim_columns
+    thinned = thin_graph(dynamic, graph_inputs(dynamic, example), check=check, strict=strict, columns=columns)
+    thin_record(thinned).reason = thin_record(static).reason
+    return thinned
+
+
 def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, inputs: tuple[Any, ...], *,
-         check: bool, output: str, inplace: bool) -> nn.Module | None:
+         check: bool, output: str, inplace: bool, check_graph: bool = True) -> nn.Module | None:
     """The user's class thinned, checked; None (the graph is returned, checked) with the reason recorded."""
     record = thin_record(thinned)
     if isinstance(model, fx.GraphModule):
@@ -184,7 +209,7 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                          "Use output='auto' or 'graph' for the thinned GraphModule, or keep these channels "
                          "(exclude the layers involved from the scheme)")
     record.reason = reason
-    if check:
+    if check and check_graph:
         analysis = remember((id(compressed), "analysis"), lambda: analyze(compressed))
         _check(compressed, thinned, analysis, record.keep[:analysis.num_channels], inputs)
     return None
