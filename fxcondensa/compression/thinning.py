@@ -198,6 +198,7 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                     reason += "; edits it may compute otherwise: " + "; ".join(suspects)
     if reason is None:
         record.returns, record.reason = "module", ""
+        record.input_constraints = []  # the capture's shapes: the user's forward takes any
         record.input_names = [n.target.lstrip("*") for n in compressed.graph.nodes if n.op == "placeholder"]
         if inplace:
             install(model, result)

@@ -120,15 +120,22 @@ def _cut(w: torch.Tensor, dim: int, idx: Any) -> torch.Tensor:
 
 
 def _cutter(gm: fx.GraphModule, plan: list[SliceStep]) -> Any:
-    """``cut(name, t)``: ``t`` cut as the plan cuts the tensor ``gm`` holds under ``name`` (any alias)."""
+    """``cut(name, mask)``: a mask of the tensor ``gm`` holds under ``name`` (any alias) cut as the plan cuts
+    that tensor. A dim the mask only repeats (stride 0: the structured schemes' masks are one keep vector
+    expanded) stays of size 1, uncut: the result broadcasts to the cut tensor, and a dense copy of the mask
+    is never made (cutting it would cost as much as cutting the weight)."""
     canonical = {alias: path for path, names in _aliases(gm).items() for alias in names}
     steps: dict[str, list[SliceStep]] = {}
     for step in plan:
         steps.setdefault(step[0], []).append(step)
 
     def cut(name: str, t: torch.Tensor) -> torch.Tensor:
-        for _path, dim, idx in steps.get(canonical.get(name, name), []):
-            t = _cut(t, dim, idx)
+        todo = steps.get(canonical.get(name, name), [])
+        if all(dim >= 0 for _path, dim, _idx in todo):  # a tied grouped conv's step needs the whole mask
+            t = t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
+        for _path, dim, idx in todo:
+            if dim < 0 or t.shape[dim] != 1:
+                t = _cut(t, dim, idx)
         return t
     return cut
 
