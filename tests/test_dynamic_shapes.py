@@ -114,3 +114,49 @@ def test_unreadable_guards_are_said_in_the_record(monkeypatch):
         "unknown: torch.export's guards could not be read (AttributeError: no _guards_code); the model checks "
         "no input shapes"]
     assert gm(torch.randn(3, 6)).shape == (3, 3)
+
+
+class _RankBranch(nn.Module):
+    """torch.fx cannot trace it (it branches on the input's rank), and a literal channel count (64) in its
+    forward keeps the user's class from computing the same: ``thin`` returns the graph, captured by torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        y = self.conv(x if x.dim() == 4 else x.unsqueeze(0)).relu()
+        return self.head(y.view(y.shape[0], 64, -1).mean(-1))
+
+
+def test_the_users_class_is_captured_with_the_example_shapes_only():
+    """Its forward takes any shape: no capture with dynamic dims is paid for."""
+    torch.manual_seed(0)
+    model, x, _, _ = bench_coverage().build_hf("llama")
+    before = exported.dynamic_capture_count()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = fxcondensa.thin(model, SCHEME, x)
+    record = thin_record(small)
+    assert record.returns == "module" and record.capture == "export" and record.input_constraints == []
+    assert exported.dynamic_capture_count() == before
+    with torch.no_grad():
+        assert small(**tokens(3, 5)).logits.shape == (3, 5, 128)
+
+
+def test_a_graph_that_comes_back_instead_of_the_users_class_takes_any_batch():
+    torch.manual_seed(0)
+    model, x = _RankBranch(), torch.randn(2, 3, 8, 8)
+    before = exported.dynamic_capture_count()
+    small = fxcondensa.thin(model, SCHEME, x)  # output="auto": the literal 64 sends the graph back
+    record = thin_record(small)
+    assert isinstance(small, torch.fx.GraphModule) and record.returns == "graph" and "64" in record.reason
+    assert exported.dynamic_capture_count() == before + 1 and small.conv.weight.shape[0] < 64
+    assert record.input_constraints == ["x.shape[1] == 3", "x.shape[2] == 8", "x.shape[3] == 8"]
+    reference = fxcondensa.thin(model, SCHEME, x, output="graph")
+    x5 = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x5), reference(x5), rtol=RTOL, atol=ATOL)
+        dense = fxcondensa.compress(model, SCHEME, x)
+        torch.testing.assert_close(small(x5), dense(x5), rtol=RTOL, atol=ATOL)

@@ -182,3 +182,29 @@ def test_tracing_needs_no_compiler_stack_and_keeps_torchs_stack_traces():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuts_by_runs_and_compact_masks_equal_index_select(dtype):
+    """A cut of whole heads (a few runs of columns) copies blocks, a mask's repeated dims stay size 1, zero
+    rows are reduced in place, a mask multiplies from its compact form: each equals the plain operation."""
+    from fxcondensa.passes.reference import _apply
+    from fxcondensa.passes.slicing import _cut
+    from fxcondensa.rules.layers import zero_rows
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 256, 3, generator=g).to(dtype)
+    w[2] = 0
+    w[:, 7] = -0.0
+    w[4, 9, 1] = float("nan")
+    for idx in (torch.arange(64, 192), torch.cat([torch.arange(0, 32), torch.arange(96, 128)]),
+                torch.sort(torch.randperm(256, generator=g)[:100]).values, torch.tensor([5]), torch.tensor([3, 4, 1, 2])):
+        cut = _cut(w, 1, idx)
+        torch.testing.assert_close(cut, w.index_select(1, idx), rtol=0, atol=0, equal_nan=True)
+        assert cut.is_contiguous()
+    for dim in range(w.dim()):
+        plain = w.movedim(dim, 0).reshape(w.shape[dim], -1).abs().amax(1) == 0
+        assert torch.equal(zero_rows(w, dim), plain)
+    keep = torch.rand(256, generator=g) > 0.5
+    mask = keep.view(1, -1, 1).expand_as(w)
+    torch.testing.assert_close(_apply(w, mask), w * mask, rtol=0, atol=0, equal_nan=True)

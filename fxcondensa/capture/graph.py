@@ -17,14 +17,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.func import functional_call
 from torch.fx.experimental import symbolic_shapes
-from torch.fx.node import map_aggregate
+from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import ExampleInputError, TraceError
-from .exported import export_capture, graph_inputs, split_inputs, user_frame
+from .exported import capture_of, export_capture, graph_inputs, split_inputs, user_frame
+from .guards import check_input_shapes
 from .modes import eval_mode
 from .records import RecordedGraphModule, graph_record, work_copy
 from .sharing import copy_model
@@ -196,12 +197,75 @@ def trace(
                         raise exc from None
                 else:
                     return gm
-    if example_inputs is not None:
+    if example_inputs is not None and not (capture_of(gm) == "export" and _shapes_from_capture(gm, example_inputs)):
         propagate_shapes(gm, example_inputs, fake=True)
     return gm
 
 
 CAPTURES = ("auto", "fx", "export")
+
+
+def _concrete(value: Any) -> bool:
+    """No symbolic size anywhere in ``value`` (a node's ``val``)."""
+    leaves: list[Any] = []
+    map_aggregate(value, lambda v: leaves.append(v) or v)
+    for v in leaves:
+        if isinstance(v, torch.Tensor) and any(not isinstance(d, int) for d in (*v.shape, *v.stride())):
+            return False
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return False
+    return True
+
+
+def _shapes_from_capture(gm: fx.GraphModule, example_inputs: Any) -> bool:
+    """Record what shape propagation would, from a torch.export capture's own ``val`` of each node, where that
+    capture fixed the example's shapes (``exported.example_shapes``): torch.export already ran every op on
+    fake tensors of those shapes, so a second run on meta tensors would only repeat it. False, with nothing
+    recorded, where a node has no such value, a size is symbolic or the placeholders differ from the inputs."""
+    try:
+        inputs = graph_inputs(gm, example_inputs)
+    except ValueError:
+        return False
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    if len(inputs) != len(placeholders):
+        return False
+    for node, x in zip(placeholders, inputs, strict=True):
+        v = node.meta.get("val")
+        if not _concrete(v) or isinstance(x, torch.Tensor) != isinstance(v, torch.Tensor) or (isinstance(x, torch.Tensor) and (
+                tuple(v.shape) != tuple(x.shape) or v.dtype != x.dtype or v.device != x.device)):
+            return False
+    values: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            value = map_arg(node.args[0], lambda a: values[a])
+        elif node.op == "call_function" and node.target is check_input_shapes:
+            value = None
+        elif "val" in node.meta:
+            value = node.meta["val"]
+        else:
+            return False
+        if not _concrete(value):
+            return False
+        values[node] = value
+    for node, value in values.items():
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(value, extract)
+        if found:
+            node.meta["tensor_meta"] = meta
+        if node.op == "get_attr":  # the attribute itself, as the interpreter fetches it (a Parameter)
+            owner, _, attr = str(node.target).rpartition(".")
+            node.meta["type"] = type(getattr(gm.get_submodule(owner) if owner else gm, attr))
+        else:
+            node.meta["type"] = torch.Tensor if isinstance(value, torch.Tensor) else type(value)
+    return True
 
 
 def _fx_trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
@@ -291,7 +355,7 @@ _METADATA: dict[Any, Any] = {}
 
 
 def _tensor_metadata(t: torch.Tensor) -> Any:
-    if type(t) is not torch.Tensor or t.layout != torch.strided or t.is_quantized:
+    if type(t) not in (torch.Tensor, FakeTensor) or t.layout != torch.strided or t.is_quantized:
         return _extract_tensor_metadata(t)
     key = (tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
     meta = _METADATA.get(key)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["shared_tensors", "sharing", "copy_model"]
+__all__ = ["shared_tensors", "sharing", "copy_model", "adopt_tensors"]
 
 _SHARED: contextvars.ContextVar[bool] = contextvars.ContextVar("fxcondensa_shared_tensors", default=False)
 
@@ -52,3 +52,28 @@ def copy_model(model: nn.Module) -> nn.Module:
     memo = {id(t): t for _, t in [*model.named_parameters(remove_duplicate=False),
                                   *model.named_buffers(remove_duplicate=False)]}
     return copy.deepcopy(model, memo)
+
+
+def adopt_tensors(gm: nn.Module, source: nn.Module) -> None:
+    """Make every parameter and buffer of ``gm`` the tensor object ``source`` holds under the same name (two
+    captures of one model name their tensors alike): a second capture then computes what the first one,
+    compressed in place, computes, without a copy. Names ``source`` lacks keep their tensor.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> adopt_tensors(a, b)
+        >>> a.weight is b.weight, a.bias is b.bias
+        (True, True)
+    """
+    theirs = dict([*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)])
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        tensor = theirs.get(name)
+        if tensor is None:
+            continue
+        owner, _, attr = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        if attr in module._parameters:
+            module._parameters[attr] = tensor
+        else:
+            module._buffers[attr] = tensor

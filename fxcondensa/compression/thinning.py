@@ -16,17 +16,17 @@ import torch.fx as fx
 from torch import nn
 
 from .. import nn as fxnn
-from ..capture.exported import capture_notes, capture_of, graph_inputs, split_inputs
+from ..capture.exported import capture_notes, capture_of, example_shapes, graph_inputs, split_inputs
 from ..capture.graph import trace
 from ..capture.records import compressed_graph, graph_record, set_thin_record, thin_record
-from ..capture.sharing import shared_tensors
+from ..capture.sharing import adopt_tensors, shared_tensors
 from ..errors import ThinningCheckError
 from ..passes.analysis import analyze
 from ..passes.annotate import annotations
 from ..passes.inplace import cut, deferred_cuts, has_deferred, mask_in_place, remember_references
 from ..passes.memo import remember, remembered
 from ..passes.own import blocking_reason, check_own, graph_edits, install, own_model
-from ..passes.reference import set_masks
+from ..passes.reference import masks_of, set_masks
 from ..passes.thin import _check, thin_graph
 from ..schemes import check_scheme
 from .parts import thin_modules
@@ -133,8 +133,12 @@ def thin(
     # A scheme that only records masks compresses nothing in place: the capture shares the model's tensors
     # and the masks stay aside (passes/reference.py), so no second dense copy of the weights is made.
     lean = getattr(scheme, "masks_only", False) is True
-    with shared_tensors() if lean else contextlib.nullcontext():
+    # The user's class takes any shape whatever the capture fixed: a torch.export capture with the example's
+    # shapes costs a fraction of one with dynamic dims, which is made only when the graph comes back.
+    static = output != "graph" and not isinstance(model, fx.GraphModule)
+    with shared_tensors() if lean else contextlib.nullcontext(), example_shapes() if static else contextlib.nullcontext():
         compressed = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
+    static = static and capture_of(compressed) == "export"
     inputs = graph_inputs(compressed, example)  # the placeholder values, in graph order
     if strict:  # fail before spending time on the scheme
         analyze(compressed, strict=True)
@@ -165,9 +169,13 @@ def thin(
             deferred = deferred and (not check or remember_references(compressed, inputs))
             with deferred_cuts() if deferred else contextlib.nullcontext():
                 thinned = thin_graph(compressed, inputs, check=False, strict=strict, columns=columns)
-            result = _own(model, compressed, thinned, inputs, check=check, output=output, inplace=inplace)
+            result = _own(model, compressed, thinned, inputs, check=check, output=output, inplace=inplace,
+                          check_graph=not static)
         if result is not None:
             return result
+        if static:
+            thinned = _dynamic_graph(model, example, compressed, thinned, check=check, strict=strict,
+                                     columns=columns, leaf_modules=leaf_modules, concrete_args=concrete_args)
     else:
         thinned = thin_graph(compressed, inputs, check=check, strict=strict, columns=columns)
     for note in capture_notes(compressed):
@@ -180,8 +188,25 @@ def _removes_experts(compressed: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target is fxnn.mask_experts for n in compressed.graph.nodes)
 
 
+def _dynamic_graph(model: nn.Module, example: Any, compressed: fx.GraphModule, static: fx.GraphModule, *,
+                   check: bool, strict: bool, columns: bool | None, leaf_modules: Sequence[type[nn.Module]],
+                   concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+    """The graph that comes back, captured again with dynamic batch and sequence dims (the first capture fixed
+    the example's shapes for the user's class), holding the compressed values of the first (its tensors and
+    masks, shared, not copied), thinned and checked; its record says why the user's class did not come back."""
+    with shared_tensors():  # the user's tensors, then the compressed capture's in their place
+        dynamic = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture="export")
+    adopt_tensors(dynamic, compressed)
+    set_masks(dynamic, dict(masks_of(compressed)))
+    first, record = graph_record(compressed), graph_record(dynamic)
+    record.target, record.head_dim_columns = first.target, first.head_dim_columns
+    thinned = thin_graph(dynamic, graph_inputs(dynamic, example), check=check, strict=strict, columns=columns)
+    thin_record(thinned).reason = thin_record(static).reason
+    return thinned
+
+
 def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, inputs: tuple[Any, ...], *,
-         check: bool, output: str, inplace: bool) -> nn.Module | None:
+         check: bool, output: str, inplace: bool, check_graph: bool = True) -> nn.Module | None:
     """The user's class thinned, checked; None (the graph is returned, checked) with the reason recorded."""
     record = thin_record(thinned)
     deferred = has_deferred(thinned)  # its cuts are ours to make (passes/inplace.py)
@@ -210,6 +235,7 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                         "checked thinned GraphModule and leaves your model as it was)")
     if reason is None:
         record.returns, record.reason = "module", ""
+        record.input_constraints = []  # the capture's shapes: the user's forward takes any
         record.input_names = [n.target.lstrip("*") for n in compressed.graph.nodes if n.op == "placeholder"]
         if inplace:
             install(model, result)
@@ -223,9 +249,9 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                          f"{state}. Use output='auto' or 'graph' for the thinned GraphModule, or keep these "
                          "channels (exclude the layers involved from the scheme)")
     record.reason = reason
-    if deferred:  # nothing was cut: the graph gets tensors of its own, the user's model stays as it was
+    if deferred and check_graph:  # nothing was cut: the graph gets tensors of its own, the user's model stays
         cut(model, thinned, release=False)
-    if check:
+    if check and check_graph:
         analysis = remember((id(compressed), "analysis"), lambda: analyze(compressed))
         _check(compressed, thinned, analysis, record.keep[:analysis.num_channels], inputs)
     return None

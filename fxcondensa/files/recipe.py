@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +43,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..capture.exported import example_shapes
 from ..capture.graph import flatten_outputs
 from ..capture.modes import eval_mode
 from ..capture.records import (
@@ -354,8 +356,10 @@ def load_thinned(path: str | os.PathLike, model_or_factory: nn.Module | Callable
     record = payload["thin_record"]
     own = record.returns == "module" and bool(record.input_names)
     try:
-        dense, gm = rethin_pair(arch, payload["keep"], dict(zip(record.input_names, inputs, strict=True)) if own
-                                else inputs, experts=record.experts, **tracing)
+        # The user's class came from a capture with the example's shapes (``thin``): replayed on the same.
+        with example_shapes() if own else contextlib.nullcontext():
+            dense, gm = rethin_pair(arch, payload["keep"], dict(zip(record.input_names, inputs, strict=True)) if own
+                                    else inputs, experts=record.experts, **tracing)
     except TraceError:
         raise  # the architecture itself cannot be traced: not the file's fault
     except Exception as exc:  # a recipe of another model fails anywhere inside the slicing: name it

@@ -73,8 +73,22 @@ def _tensor(gm: nn.Module, path: str) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _compact(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` without its repeats: a dim it only repeats (stride 0: the structured schemes' masks are one
+    keep vector expanded) becomes of size 1, and broadcasts back to the full shape."""
+    if 0 not in mask.stride():
+        return mask
+    return mask[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride())]
+
+
+def _masked(part: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Multiplied in ``part``'s dtype by the compact mask: a bool multiplies as 0 or 1 in that dtype, so the
+    # values are those of ``part * mask``, at the speed of a copy (an expanded bool mask costs four in bf16).
+    return part * mask.to(device=part.device, dtype=part.dtype)
+
+
 def _apply(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return t.detach() * mask.to(t.device)
+    return _masked(t.detach(), _compact(mask))
 
 
 class _MaskedParams(dict):
@@ -138,7 +152,8 @@ class MaskedInterpreter(fx.Interpreter):
         part = t.detach()[index]
         mask = self._by_id.get(id(t))
         if mask is not None:
-            part = part * mask[index].to(part.device)
+            mask = _compact(mask)
+            part = _masked(part, mask if mask.shape[0] == 1 else mask[index])
         return self.cast(part)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:

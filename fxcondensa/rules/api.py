@@ -259,9 +259,14 @@ class ChannelAnalysis:
                 if torch.equal(new, label):
                     break
                 label = new
-        uniq, channel_of = torch.unique(label, return_inverse=True)
+        # Labels are atom ids: number the distinct ones in order (what ``torch.unique(label,
+        # return_inverse=True)`` gives) by counting, without sorting a million atoms.
+        present = torch.zeros(n, dtype=torch.bool)
+        present[label] = True
+        rank = torch.cumsum(present, 0) - 1
+        channel_of = rank[label]
         self.channel_of = channel_of
-        self.num_channels = int(uniq.numel())
+        self.num_channels = int(present.sum())
         range_of = torch.tensor(self.range_of, dtype=torch.long)
         # Groups: ranges that share a channel are one group.
         nr = len(self.range_names)

@@ -28,23 +28,14 @@ _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-# Elements read at once by ``zero_rows``: an embedding or output head is read a block at a time, never copied.
-_ZERO_BLOCK = 1 << 22
-
-
 def zero_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     """CPU bool per index along ``dim``: True where that slice is all zeros (computed where ``t`` lives)."""
-    v = t.detach().movedim(dim, 0)  # a view
-    n = v.shape[0]
-    if v.dim() == 1 or n == 0 or v.numel() == 0:
-        return host(v == 0 if v.dim() == 1 else torch.ones(n, dtype=torch.bool))
-    # Blocks along the largest other dim: each block's test is a small bool tensor, not a copy of ``t``.
-    along = 1 + max(range(v.dim() - 1), key=lambda k: v.shape[k + 1])
-    step = max(1, _ZERO_BLOCK * v.shape[along] // max(1, v.numel()))
-    nonzero = torch.zeros(n, dtype=torch.bool, device=v.device)
-    for part in v.split(step, dim=along):
-        nonzero |= (part != 0).reshape(n, -1).any(1)
-    return host(~nonzero)
+    t = t.detach()
+    others = [d for d in range(t.dim()) if d != dim % max(1, t.dim())]
+    if not others:
+        return host(t == 0)
+    # Reduced where the values lie: no transposed or absolute copy of a large weight. NaN is never zero.
+    return host((t.amax(others) == 0) & (t.amin(others) == 0))
 
 
 def fused_heads_zero(gm: fx.GraphModule, w_path: str, b_path: str | None, out_path: str, heads: int,
