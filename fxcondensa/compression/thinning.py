@@ -22,7 +22,8 @@ from ..capture.sharing import shared_tensors
 from ..passes.analysis import analyze
 from ..passes.annotate import annotations
 from ..passes.memo import remember, remembered
-from ..passes.own import blocking_reason, check_own, graph_edits, install, own_model
+from ..passes.own import blocking_edits, blocking_reason, check_own, graph_edits, install, own_model
+from ..passes.own_graphs import swap_blocking, swapped_note
 from ..passes.reference import set_masks
 from ..passes.thin import _check, thin_graph
 from ..schemes import check_scheme
@@ -158,21 +159,28 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
          check: bool, output: str, inplace: bool) -> nn.Module | None:
     """The user's class thinned, checked; None (the graph is returned, checked) with the reason recorded."""
     record = thin_record(thinned)
+    swapped: list[tuple[str, str]] = []
     if isinstance(model, fx.GraphModule):
         reason = "the model is a GraphModule: its thinned graph is its own class"
     else:
         edits = graph_edits(model, compressed, thinned)
         reason = blocking_reason(model, edits)
-        if reason is None:
+        # "auto" may give the user's class back with the modules that block run as their thinned graphs.
+        hybrid = reason is not None and output == "auto" and capture_of(compressed) == "fx"
+        if reason is None or hybrid:
             result = own_model(model, compressed, thinned, edits)
-            reason = check_own(compressed, result, record.keep, inputs) if check else None
+            if hybrid:
+                got = swap_blocking(result, model, compressed, thinned, blocking_edits(edits))
+                swapped, reason = (got, None) if isinstance(got, list) else ([], f"{reason}; {got}")
+            if reason is None:
+                reason = check_own(compressed, result, record.keep, inputs) if check else None
             if reason is not None:
                 suspects = [f"node '{e.node}' in '{e.owner or type(model).__name__}': {e.before} -> {e.after}"
                             for e in edits if not e.form][:3]
                 if suspects:
                     reason += "; edits it may compute otherwise: " + "; ".join(suspects)
     if reason is None:
-        record.returns, record.reason = "module", ""
+        record.returns, record.reason = "module", swapped_note(model, swapped) if swapped else ""
         record.input_names = [n.target.lstrip("*") for n in compressed.graph.nodes if n.op == "placeholder"]
         if inplace:
             install(model, result)
