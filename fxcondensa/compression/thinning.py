@@ -174,7 +174,7 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                 swapped, reason = (got, None) if isinstance(got, list) else ([], f"{reason}; {got}")
             if reason is None:
                 reason = check_own(compressed, result, record.keep, inputs) if check else None
-            if reason is not None:
+            if reason is not None and not (hybrid and not swapped):
                 suspects = [f"node '{e.node}' in '{e.owner or type(model).__name__}': {e.before} -> {e.after}"
                             for e in edits if not e.form][:3]
                 if suspects:

@@ -17,13 +17,18 @@ paths, so the model's ``state_dict`` keys stay.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import itertools
+import re
+import typing
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.fx._symbolic_trace import PH
 
 __all__ = ["carve", "CarveError", "ThinnedForward", "swap_blocking", "swapped_note"]
 
@@ -33,6 +38,7 @@ class CarveError(Exception):
 
 
 _AT = "fxcondensa.swapped_at"
+_PROXY = re.compile(r"Proxy\([^)]*\)")
 
 
 class ThinnedForward(fx.GraphModule):
@@ -47,15 +53,16 @@ class ThinnedForward(fx.GraphModule):
 
 
 class _SubTracer(fx.Tracer):
-    """Traces one module with exactly the leaf modules the whole model's trace had (its ``call_module``
-    targets), so both traces inline the same code."""
+    """Traces one module with exactly the leaf modules the whole model's trace had (the modules its
+    ``call_module`` nodes call, by identity: a module shared under two names is one leaf), so both traces
+    inline the same code."""
 
-    def __init__(self, prefix: str, leaves: set[str]):
+    def __init__(self, leaves: set[int]):
         super().__init__()
-        self.prefix, self.leaves = prefix, leaves
+        self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return self.prefix + qualname in self.leaves
+        return id(m) in self.leaves
 
 
 def _in(node: fx.Node, path: str) -> bool:
@@ -74,47 +81,82 @@ def _leaves(node: fx.Node) -> tuple[list[Any], Any]:
     return pytree.tree_flatten((node.args, node.kwargs))
 
 
-def _sub_trace(module: nn.Module, path: str, leaves: set[str]) -> tuple[fx.Graph, list[str], dict[str, Any]]:
-    """The module traced alone: its graph, its parameter names in order, and the defaults it was traced
-    with (an argument with a default is taken at its default: the whole model's call is matched against
-    that, literal by literal)."""
-    sig = inspect.signature(module.forward)
-    names, concrete = [], {}
-    for p in sig.parameters.values():
+def _signature(module: nn.Module) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """The forward's parameter names in order, their defaults, and the arguments typed as a tuple of a fixed
+    length (``size: Tuple[int, int]``), traced as a tuple of placeholders."""
+    names, defaults, tuples = [], {}, {}
+    for p in inspect.signature(module.forward).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise CarveError(f"its forward takes {p.kind.description} arguments ({p.name})")
         names.append(p.name)
         if p.default is not p.empty:
-            concrete[p.name] = p.default
+            defaults[p.name] = p.default
+        elif typing.get_origin(p.annotation) is tuple and ... not in typing.get_args(p.annotation):
+            tuples[p.name] = tuple(PH for _ in typing.get_args(p.annotation))
+    return names, defaults, tuples
+
+
+def _choices(defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """Which defaults to trace with: all of them first, then with some given (a mask, a rotary embedding the
+    caller passes; a flag the model's own forward takes as an input), fewest first. Only one choice can match
+    the model's call node for node: a given argument adds its ops, or stands where the other trace has a
+    literal."""
+    nones = list(defaults)[:_MAX_GIVEN]
+    out = []
+    for picked in sorted(itertools.product((False, True), repeat=len(nones)), key=sum):
+        given = {k for k, g in zip(nones, picked, strict=True) if g}
+        out.append({k: v for k, v in defaults.items() if k not in given})
+    return out
+
+
+_MAX_GIVEN = 4
+
+
+def _sub_trace(module: nn.Module, leaves: set[int], concrete: dict[str, Any]) -> fx.Graph:
+    """The module traced alone, with ``concrete`` arguments fixed at those values."""
     try:
-        graph = _SubTracer(path + ".", leaves).trace(module, concrete_args=concrete or None)
+        return _SubTracer(leaves).trace(module, concrete_args=concrete or None)
     except Exception as exc:
         raise CarveError(f"its forward does not trace alone: {type(exc).__name__}: "
                          f"{(str(exc).splitlines() or [''])[0][:120]}") from None
-    return graph, names, concrete
 
 
-def _guards(graph: fx.Graph, concrete: set[fx.Node]) -> set[fx.Node]:
-    """The checks torch.fx adds on arguments traced at a fixed value (``_assert_is_none``, ``torch._assert``)."""
-    out = set(concrete)
-    for n in graph.nodes:
-        if n.op == "call_function" and n.all_input_nodes and all(a in out for a in n.all_input_nodes):
-            out.add(n)
-    return out - set(concrete)
+def _guards(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
+    """The checks torch.fx adds on arguments traced at a fixed value (``_assert_is_none``, ``x == 2`` then
+    ``torch._assert``), and the placeholders that only they read (the fixed arguments)."""
+    checks = {n for n in graph.nodes if n.op == "call_function" and n.target in _CHECKS}
+    checks |= {n for n in graph.nodes if n.op == "call_function" and n.users and set(n.users) <= checks}
+    fixed = {n for n in graph.nodes if n.op == "placeholder" and n.users and set(n.users) <= checks}
+    return checks, fixed
 
 
-def _same_target(whole: fx.Node, sub: fx.Node, prefix: str) -> bool:
+_CHECKS = (torch.fx._symbolic_trace._assert_is_none, torch._assert)
+
+
+def _same_target(whole: fx.Node, sub: fx.Node, user: nn.Module, module: nn.Module) -> bool:
+    """Same op on the same thing: a called module or a read tensor is the same object in the user's model
+    (the whole trace names it from the model, the module's own trace from the module)."""
     if whole.op != sub.op:
         return False
     if whole.op in ("call_module", "get_attr"):
-        # A tensor constant the tracer lifted sits at the root in both traces.
-        return whole.target == prefix + sub.target or (not whole.target.startswith(prefix)
-                                                        and not sub.target.startswith(prefix)
-                                                        and sub.op == "get_attr")
+        try:
+            return _fetch(user, whole.target) is _fetch(module, sub.target)
+        except AttributeError:  # a tensor constant the tracer lifted: at the root in both traces
+            return sub.op == "get_attr" and not _has(module, sub.target)
     return whole.target == sub.target
 
 
+def _has(root: nn.Module, target: str) -> bool:
+    try:
+        _fetch(root, target)
+    except AttributeError:
+        return False
+    return True
+
+
 def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str):  # a message naming a traced value (``Proxy(getattr_4)``)
+        return _PROXY.sub("Proxy", a) == _PROXY.sub("Proxy", b)
     try:
         return type(a) is type(b) and bool(a == b)
     except Exception:
@@ -127,8 +169,6 @@ def carve(user: nn.Module, path: str, compressed: fx.GraphModule, thinned: fx.Gr
 
     Example:
         >>> import torch, fxcondensa
-        >>> from fxcondensa.capture.records import thin_record
-        >>> from fxcondensa.schemes import StructurePrune
         >>> m = fxcondensa.models.LeNet5()
         >>> x = torch.randn(1, 1, 28, 28)
         >>> dense = fxcondensa.trace(m, x)
@@ -137,20 +177,34 @@ def carve(user: nn.Module, path: str, compressed: fx.GraphModule, thinned: fx.Gr
         ...
         fxcondensa.passes.own_graphs.CarveError: 'conv1' is a leaf of the graph: there is nothing to cut
     """
-    prefix = path + "."
-    leaves = {n.target for n in compressed.graph.nodes if n.op == "call_module"}
-    if path in leaves:
+    targets = {n.target for n in compressed.graph.nodes if n.op == "call_module"}
+    if path in targets:
         raise CarveError(f"'{path}' is a leaf of the graph: there is nothing to cut")
     region = [n for n in compressed.graph.nodes if n.op not in ("placeholder", "output") and _in(n, path)]
     if not region:
         raise CarveError("no node of the graph was made by its forward")
     module = user.get_submodule(path)
-    sub, names, concrete = _sub_trace(module, path, leaves)
+    leaves = {id(m) for t in targets if _has(user, t) and isinstance(m := _fetch(user, t), nn.Module)}
+    names, defaults, tuples = _signature(module)
+    first: CarveError | None = None
+    for concrete in _choices(defaults):
+        concrete.update(tuples)
+        try:
+            return _match(user, module, thinned, compressed, path, region, _sub_trace(module, leaves, concrete),
+                          names, concrete)
+        except CarveError as exc:
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def _match(user: nn.Module, module: nn.Module, thinned: fx.GraphModule, compressed: fx.GraphModule, path: str, region: list[fx.Node],
+           sub: fx.Graph, names: list[str], concrete: dict[str, Any]) -> fx.GraphModule:
+    """The region matched node by node with the module's own trace ``sub``, then built."""
     holders = [n for n in sub.nodes if n.op == "placeholder"]
-    if len(holders) != len(names):
+    if not isinstance(sub._codegen, fx.graph._PyTreeCodeGen) and len(holders) != len(names):
         raise CarveError("its traced forward does not take its own arguments one by one")
-    fixed = {h for h, name in zip(holders, names, strict=True) if name in concrete}
-    guards = _guards(sub, fixed)
+    guards, fixed = _guards(sub)
     body = [n for n in sub.nodes if n.op not in ("placeholder", "output") and n not in guards]
     if len(body) != len(region):
         raise CarveError(f"its forward traced alone makes {len(body)} nodes where the model's call made "
@@ -160,7 +214,7 @@ def carve(user: nn.Module, path: str, compressed: fx.GraphModule, thinned: fx.Gr
     outside: dict[str, fx.Node] = {}
     names_in = {n.name for n in region}
     for w, s in zip(region, body, strict=True):
-        if not _same_target(w, s, prefix):
+        if not _same_target(w, s, user, module):
             raise CarveError(f"node '{w.name}' ({w.op} {w.target}) is {s.op} {s.target} when traced alone")
         wl, wspec = _leaves(w)
         sl, sspec = _leaves(s)
@@ -192,8 +246,14 @@ def _build(thinned: fx.GraphModule, path: str, sub: fx.Graph, names: list[str], 
     prefix = path + "."
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for h, name in zip([n for n in sub.nodes if n.op == "placeholder"], names, strict=True):
-        env[h] = graph.placeholder(name, default_value=concrete.get(name, inspect.Signature.empty))
+    holders_sub = [n for n in sub.nodes if n.op == "placeholder"]
+    if isinstance(sub._codegen, fx.graph._PyTreeCodeGen):  # a tuple argument, taken apart by pytree
+        graph._codegen = copy.deepcopy(sub._codegen)
+        for h in holders_sub:
+            env[h] = graph.node_copy(h)
+    else:  # the forward's own names (torch.fx renames a fixed one ``mask_1``): keyword calls still work
+        for h, name in zip(holders_sub, names, strict=True):
+            env[h] = graph.placeholder(name, default_value=concrete.get(name, inspect.Signature.empty))
     for n in sub.nodes:
         if n in guards:
             env[n] = graph.node_copy(n, lambda a: env[a])
@@ -201,6 +261,7 @@ def _build(thinned: fx.GraphModule, path: str, sub: fx.Graph, names: list[str], 
     new: dict[str, fx.Node] = {}
     holders = {name: env[s] for name, s in outside.items()}
     root = nn.Module()
+    places: list[tuple[str, str, str]] = []
 
     def arg(a: fx.Node) -> fx.Node:
         if a.name in new:
@@ -221,7 +282,7 @@ def _build(thinned: fx.GraphModule, path: str, sub: fx.Graph, names: list[str], 
             rel = s.target if s is not None else (n.target[len(prefix):] if n.target.startswith(prefix)
                                                   else "_thin_" + n.target.replace(".", "_"))
             copied.target = rel
-            _place(root, rel, thinned, n.target, n.op)
+            places.append((rel, n.target, n.op))
         new[n.name] = copied
     out = next(n for n in sub.nodes if n.op == "output")
 
@@ -234,6 +295,9 @@ def _build(thinned: fx.GraphModule, path: str, sub: fx.Graph, names: list[str], 
         return new[w]
 
     graph.output(fx.node.map_arg(out.args[0], result))
+    # Modules first, outermost first: a tensor read inside a called module is that module's own.
+    for rel, target, op in sorted(places, key=lambda p: (p[2] != "call_module", p[0].count("."))):
+        _place(root, rel, thinned, target, op)
     gm = ThinnedForward(root, graph, class_name="ThinnedForward")
     gm.meta[_AT] = path
     gm.graph.eliminate_dead_code()
