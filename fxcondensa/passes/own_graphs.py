@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx._symbolic_trace import PH
 
@@ -77,8 +76,31 @@ def _fetch(root: nn.Module, target: str) -> Any:
     return obj
 
 
-def _leaves(node: fx.Node) -> tuple[list[Any], Any]:
-    return pytree.tree_flatten((node.args, node.kwargs))
+class _Mark(tuple):
+    """A container's shape among the flattened arguments (its type and length, or its keys)."""
+
+
+def _leaves(node: fx.Node) -> list[Any]:
+    """The node's arguments flattened, slices too (``x[:, :n]`` holds nodes inside a slice)."""
+    out: list[Any] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, (list, tuple)):
+            out.append(_Mark((type(x).__name__, len(x))))
+            for e in x:
+                walk(e)
+        elif isinstance(x, dict):
+            out.append(_Mark(("dict", *x)))
+            for e in x.values():
+                walk(e)
+        elif isinstance(x, slice):
+            out.append(_Mark(("slice",)))
+            walk((x.start, x.stop, x.step))
+        else:
+            out.append(x)
+
+    walk((node.args, node.kwargs))
+    return out
 
 
 def _signature(module: nn.Module) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
@@ -114,11 +136,15 @@ _MAX_GIVEN = 4
 
 def _sub_trace(module: nn.Module, leaves: set[int], concrete: dict[str, Any]) -> fx.Graph:
     """The module traced alone, with ``concrete`` arguments fixed at those values."""
+    before = set(module.__dict__)
     try:
         return _SubTracer(leaves).trace(module, concrete_args=concrete or None)
     except Exception as exc:
         raise CarveError(f"its forward does not trace alone: {type(exc).__name__}: "
                          f"{(str(exc).splitlines() or [''])[0][:120]}") from None
+    finally:  # the tracer keeps tensor constants on the module it traces: the user's module stays as it was
+        for key in set(module.__dict__) - before:
+            del module.__dict__[key]
 
 
 def _guards(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
@@ -155,6 +181,8 @@ def _has(root: nn.Module, target: str) -> bool:
 
 
 def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, _Mark) or isinstance(b, _Mark):
+        return isinstance(a, _Mark) and isinstance(b, _Mark) and tuple(a) == tuple(b)
     if isinstance(a, str) and isinstance(b, str):  # a message naming a traced value (``Proxy(getattr_4)``)
         return _PROXY.sub("Proxy", a) == _PROXY.sub("Proxy", b)
     try:
@@ -216,9 +244,8 @@ def _match(user: nn.Module, module: nn.Module, thinned: fx.GraphModule, compress
     for w, s in zip(region, body, strict=True):
         if not _same_target(w, s, user, module):
             raise CarveError(f"node '{w.name}' ({w.op} {w.target}) is {s.op} {s.target} when traced alone")
-        wl, wspec = _leaves(w)
-        sl, sspec = _leaves(s)
-        if wspec != sspec:
+        wl, sl = _leaves(w), _leaves(s)
+        if len(wl) != len(sl):
             raise CarveError(f"node '{w.name}' takes other arguments when traced alone")
         for a, b in zip(wl, sl, strict=True):
             if isinstance(a, fx.Node) != isinstance(b, fx.Node):
