@@ -22,7 +22,15 @@ from ..capture.sharing import shared_tensors
 from ..passes.analysis import analyze
 from ..passes.annotate import annotations
 from ..passes.memo import remember, remembered
-from ..passes.own import blocking_edits, blocking_reason, check_own, graph_edits, install, own_model
+from ..passes.own import (
+    blocking_edits,
+    blocking_reason,
+    check_own,
+    graph_edits,
+    install,
+    own_model,
+    suspect_edits,
+)
 from ..passes.own_graphs import swap_blocking, swapped_note
 from ..passes.reference import set_masks
 from ..passes.thin import _check, thin_graph
@@ -174,6 +182,11 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                 swapped, reason = (got, None) if isinstance(got, list) else ([], f"{reason}; {got}")
             if reason is None:
                 reason = check_own(compressed, result, record.keep, inputs) if check else None
+            if reason is not None and output == "auto" and capture_of(compressed) == "fx" and (swapped or not hybrid):
+                # The forward computes an edited size otherwise: its modules run as their graphs, checked again.
+                more = swap_blocking(result, model, compressed, thinned, suspect_edits(edits))
+                if isinstance(more, list) and more and check_own(compressed, result, record.keep, inputs) is None:
+                    swapped, reason = swapped + more, None
             if reason is not None and not (hybrid and not swapped):
                 suspects = [f"node '{e.node}' in '{e.owner or type(model).__name__}': {e.before} -> {e.after}"
                             for e in edits if not e.form][:3]
