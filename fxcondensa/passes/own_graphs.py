@@ -407,5 +407,5 @@ def swapped_note(user: nn.Module, swapped: list[tuple[str, str]]) -> str:
     """The record's line for a model that came back with submodules as graphs: how many, and the first with
     why, e.g. ``2 submodules as graphs (first: 'blocks.0.attn' (Attention): ...)``."""
     path, why = swapped[0]
-    noun = "submodule" if len(swapped) == 1 else "submodules"
-    return f"{len(swapped)} {noun} as graphs (first: '{path}' ({type(user.get_submodule(path)).__name__}): {why})"
+    noun = "submodule as a graph" if len(swapped) == 1 else "submodules as graphs"
+    return f"{len(swapped)} {noun} (first: '{path}' ({type(user.get_submodule(path)).__name__}): {why})"
