@@ -318,7 +318,8 @@ def _close(ref: list, got: list) -> bool:
 
 
 def _own_class(model: Any, scheme: Any, x: Any, fresh: Any, compressed: Any) -> tuple[str, bool]:
-    """What ``thin(..., output="auto")`` returns ("module", or "graph: why") and whether that model equals the
+    """What ``thin(..., output="auto")`` returns ("module"; "module, N submodules as graphs (first: ...)" where
+    some run as their thinned graphs; or "graph: why") and whether that model equals the
     compressed one on the fresh input (in float32, or else in float64: rounding vanishes there)."""
     import copy
 

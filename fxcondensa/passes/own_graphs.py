@@ -208,7 +208,10 @@ def carve(user: nn.Module, path: str, compressed: fx.GraphModule, thinned: fx.Gr
     targets = {n.target for n in compressed.graph.nodes if n.op == "call_module"}
     if path in targets:
         raise CarveError(f"'{path}' is a leaf of the graph: there is nothing to cut")
-    region = [n for n in compressed.graph.nodes if n.op not in ("placeholder", "output") and _in(n, path)]
+    # A tensor of another module read inside this one was handed in as an argument (a block's mask given
+    # to its attention): torch.fx reads it where it is used, but it is an input of the module.
+    region = [n for n in compressed.graph.nodes if n.op not in ("placeholder", "output") and _in(n, path)
+              and not (n.op == "get_attr" and not n.target.startswith(path + ".") and _has(user, n.target))]
     if not region:
         raise CarveError("no node of the graph was made by its forward")
     module = user.get_submodule(path)
@@ -262,10 +265,10 @@ def _match(user: nn.Module, module: nn.Module, thinned: fx.GraphModule, compress
                                      f"not one of its arguments")
         match[w.name] = s
     dense = {n.name for n in compressed.graph.nodes}
-    return _build(thinned, path, sub, names, concrete, guards, match, outside, region, dense)
+    return _build(module, thinned, path, sub, names, concrete, guards, match, outside, region, dense)
 
 
-def _build(thinned: fx.GraphModule, path: str, sub: fx.Graph, names: list[str], concrete: dict[str, Any],
+def _build(user_module: nn.Module, thinned: fx.GraphModule, path: str, sub: fx.Graph, names: list[str], concrete: dict[str, Any],
            guards: set[fx.Node], match: dict[str, fx.Node], outside: dict[str, fx.Node],
            region: list[fx.Node], dense: set[str]) -> fx.GraphModule:
     """The new graph: the module's placeholders (its own argument names), torch.fx's guards on the fixed
@@ -324,15 +327,28 @@ def _build(thinned: fx.GraphModule, path: str, sub: fx.Graph, names: list[str], 
     graph.output(fx.node.map_arg(out.args[0], result))
     # Modules first, outermost first: a tensor read inside a called module is that module's own.
     for rel, target, op in sorted(places, key=lambda p: (p[2] != "call_module", p[0].count("."))):
-        _place(root, rel, thinned, target, op)
+        _place(root, rel, thinned, target, op, user_module)
     gm = ThinnedForward(root, graph, class_name="ThinnedForward")
+    for name, m in root.named_modules():  # torch.fx copies every tensor as a persistent buffer
+        if m._non_persistent_buffers_set:
+            gm.get_submodule(name)._non_persistent_buffers_set |= m._non_persistent_buffers_set
     gm.meta[_AT] = path
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
 
 
-def _place(root: nn.Module, rel: str, thinned: fx.GraphModule, target: str, op: str) -> None:
+def _persistent(module: nn.Module, rel: str) -> bool:
+    """Whether ``rel`` is a buffer of the user's ``module`` that its ``state_dict`` holds."""
+    owner_path, _, attr = rel.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_path) if owner_path else module
+    except AttributeError:
+        return False
+    return attr in owner._buffers and attr not in owner._non_persistent_buffers_set
+
+
+def _place(root: nn.Module, rel: str, thinned: fx.GraphModule, target: str, op: str, module: nn.Module) -> None:
     """Put the thinned graph's module or tensor at ``target`` into ``root`` at ``rel``: a buffer stays a
     buffer (it moves with ``.to()`` and is in the ``state_dict``)."""
     owner_path, _, attr = target.rpartition(".")
@@ -351,7 +367,8 @@ def _place(root: nn.Module, rel: str, thinned: fx.GraphModule, target: str, op: 
     elif isinstance(value, nn.Parameter):
         at.register_parameter(last, value)
     elif isinstance(value, torch.Tensor):
-        at.register_buffer(last, value, persistent=attr not in getattr(owner, "_non_persistent_buffers_set", ()))
+        # A plain tensor attribute (the user's ``self.temperature``) becomes a buffer left out of the state_dict.
+        at.register_buffer(last, value, persistent=_persistent(module, rel))
     else:
         setattr(at, last, value)
 
