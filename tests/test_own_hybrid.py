@@ -170,3 +170,18 @@ def test_a_hybrid_deep_copies_saves_and_loads_back_as_its_class(tmp_path):
     # A pickle would carry the swapped module's generated code: refused, with what to do.
     with pytest.raises(TypeError, match=r"'blocks.0.attn'.*save_thinned"):
         pickle.dumps(small)
+
+
+def test_timm_relpos_vit_comes_back_as_its_class_with_attention_as_graphs():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit_relpos", pretrained=False, img_size=32).eval()
+    x = torch.randn(1, 3, 32, 32)
+    small = fxcondensa.thin(model, StructurePrune(0.5), x)
+    assert type(small) is type(model) and "(RelPosAttention)" in thin_record(small).reason
+    ref = _reference(model, StructurePrune(0.5), x)
+    with torch.no_grad():
+        y = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(small(y), ref(y), rtol=1e-4, atol=1e-5)
+        assert small.forward_features(y).shape[0] == 2
