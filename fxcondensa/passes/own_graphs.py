@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import operator
 import re
 import typing
 from typing import Any
@@ -148,11 +149,17 @@ def _sub_trace(module: nn.Module, leaves: set[int], concrete: dict[str, Any]) ->
 
 
 def _guards(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
-    """The checks torch.fx adds on arguments traced at a fixed value (``_assert_is_none``, ``x == 2`` then
-    ``torch._assert``), and the placeholders that only they read (the fixed arguments)."""
-    checks = {n for n in graph.nodes if n.op == "call_function" and n.target in _CHECKS}
-    checks |= {n for n in graph.nodes if n.op == "call_function" and n.users and set(n.users) <= checks}
-    fixed = {n for n in graph.nodes if n.op == "placeholder" and n.users and set(n.users) <= checks}
+    """The checks torch.fx adds on arguments traced at a fixed value (``_assert_is_none(mask)``, ``k == 2``
+    then ``torch._assert``: they read placeholders only, unlike the model's own asserts), and the
+    placeholders that only they read (the fixed arguments)."""
+    holders = {n for n in graph.nodes if n.op == "placeholder"}
+    checks: set[fx.Node] = set()
+    for n in graph.nodes:
+        if (n.op == "call_function" and (n.target in _CHECKS or n.target is operator.eq) and n.all_input_nodes
+                and all(a in holders or a in checks for a in n.all_input_nodes)):
+            checks.add(n)
+    checks = {n for n in checks if n.target in _CHECKS or (n.users and set(n.users) <= checks)}
+    fixed = {n for n in holders if n.users and set(n.users) <= checks}
     return checks, fixed
 
 
