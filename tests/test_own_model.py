@@ -74,9 +74,11 @@ def test_a_literal_size_blocks_the_own_class_named_in_the_error_and_the_record()
     with pytest.raises(ValueError, match=r"module 'body' \(_Literal\).*literal size 64"):
         fxcondensa.thin(model, StructurePrune(0.5), x, output="module")
     assert state_hash(model) == before
+    # "auto" gives the class back with that module run as its thinned graph, and says so.
     small = fxcondensa.thin(model, StructurePrune(0.5), x, output="auto")
     rec = thin_record(small)
-    assert isinstance(small, torch.fx.GraphModule) and rec.returns == "graph" and "literal size 64" in rec.reason
+    assert type(small) is _Net and isinstance(small.body, torch.fx.GraphModule) and rec.returns == "module"
+    assert rec.reason.startswith("1 submodule as a graph (first: 'body' (_Literal)") and "literal size 64" in rec.reason
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
@@ -330,8 +332,9 @@ def test_a_size_read_from_a_tensor_that_thins_otherwise_blocks_with_the_module_a
                                          r"\(thinned: 2\) where the thinned model needs 5"):
         fxcondensa.thin(model, None, x, output="module")
     assert state_hash(model) == before
-    small = fxcondensa.thin(model, None, x)
-    assert isinstance(small, torch.fx.GraphModule) and "thinned: 2" in thin_record(small).reason
+    small = fxcondensa.thin(model, None, x)  # the class back, that module run as its thinned graph
+    assert type(small) is _TiedNet and "'block' (_TiedWidth)" in thin_record(small).reason
+    assert "thinned: 2" in thin_record(small).reason
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
 

@@ -25,7 +25,16 @@ from ..passes.analysis import analyze
 from ..passes.annotate import annotations
 from ..passes.inplace import cut, deferred_cuts, has_deferred, mask_in_place, remember_references
 from ..passes.memo import remember, remembered
-from ..passes.own import blocking_reason, check_own, graph_edits, install, own_model
+from ..passes.own import (
+    blocking_edits,
+    blocking_reason,
+    check_own,
+    graph_edits,
+    install,
+    own_model,
+    suspect_edits,
+)
+from ..passes.own_graphs import swap_blocking, swapped_note
 from ..passes.reference import masks_of, set_masks
 from ..passes.thin import _check, thin_graph
 from ..schemes import check_scheme
@@ -210,17 +219,30 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
     """The user's class thinned, checked; None (the graph is returned, checked) with the reason recorded."""
     record = thin_record(thinned)
     deferred = has_deferred(thinned)  # its cuts are ours to make (passes/inplace.py)
+    swapped: list[tuple[str, str]] = []
     if isinstance(model, fx.GraphModule):
         reason = "the model is a GraphModule: its thinned graph is its own class"
     else:
         edits = graph_edits(model, compressed, thinned)
         reason = blocking_reason(model, edits)
-        if reason is None:
+        # "auto" may give the user's class back with the modules that block run as their thinned graphs. Not
+        # after in-place cuts were deferred: those graphs would read tensors not cut yet.
+        hybrid = reason is not None and output == "auto" and capture_of(compressed) == "fx" and not deferred
+        if reason is None or hybrid:
             if deferred:  # the own class can follow: the user's model is cut now, tensor by tensor
                 cut(model, thinned, release=True)
             result = own_model(model, compressed, thinned, edits)
-            reason = check_own(compressed, result, record.keep, inputs) if check else None
-            if reason is not None:
+            if hybrid:
+                got = swap_blocking(result, model, compressed, thinned, blocking_edits(edits))
+                swapped, reason = (got, None) if isinstance(got, list) else ([], f"{reason}; {got}")
+            if reason is None:
+                reason = check_own(compressed, result, record.keep, inputs) if check else None
+            if reason is not None and output == "auto" and capture_of(compressed) == "fx" and (swapped or not hybrid):
+                # The forward computes an edited size otherwise: its modules run as their graphs, checked again.
+                more = swap_blocking(result, model, compressed, thinned, suspect_edits(edits))
+                if isinstance(more, list) and more and check_own(compressed, result, record.keep, inputs) is None:
+                    swapped, reason = swapped + more, None
+            if reason is not None and not (hybrid and not swapped):
                 suspects = [f"node '{e.node}' in '{e.owner or type(model).__name__}': {e.before} -> {e.after}"
                             for e in edits if not e.form][:3]
                 if suspects:
@@ -234,7 +256,7 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                         "the model again and call thin without inplace=True (output='auto' then returns the "
                         "checked thinned GraphModule and leaves your model as it was)")
     if reason is None:
-        record.returns, record.reason = "module", ""
+        record.returns, record.reason = "module", swapped_note(model, swapped) if swapped else ""
         record.input_constraints = []  # the capture's shapes: the user's forward takes any
         record.input_names = [n.target.lstrip("*") for n in compressed.graph.nodes if n.op == "placeholder"]
         if inplace:

@@ -56,7 +56,8 @@ from ..capture.records import (
     thin_record,
 )
 from ..errors import FileFormatError, TraceError
-from ..passes.own import graph_edits, own_model
+from ..passes.own import blocking_edits, graph_edits, own_model
+from ..passes.own_graphs import swap_blocking
 from ..passes.thin import rethin_pair
 from .fileio import load_plain, no_tf32, save_atomic
 from .serialize import architecture, decode_table, encode_tensor
@@ -137,6 +138,7 @@ def _record_to_plain(rec: ThinRecord) -> dict[str, Any]:
         "rule_failures": int(rec.rule_failures),
         "capture": str(rec.capture),
         "returns": str(rec.returns),
+        "reason": str(rec.reason),  # for the user's class: which submodules run as their thinned graphs
         "input_names": [str(n) for n in rec.input_names],
         "experts": {str(k): [int(e) for e in v] for k, v in rec.experts.items()},
     }
@@ -166,7 +168,7 @@ def _record_from_plain(d: dict[str, Any], keep: torch.Tensor, shapes: list[list[
     return ThinRecord(keep=keep, input_shapes=[list(s) for s in shapes], input_dtypes=list(dtypes),
                       groups=groups, frozen=frozen, target=target, rule_failures=rule_failures,
                       capture=str(d.get("capture", "fx")), returns=str(d.get("returns", "graph")),
-                      input_names=[str(n) for n in d.get("input_names", [])],
+                      reason=str(d.get("reason", "")), input_names=[str(n) for n in d.get("input_names", [])],
                       experts={str(k): [int(e) for e in v] for k, v in d.get("experts", {}).items()})
 
 
@@ -387,9 +389,14 @@ def _load_own(path: str, arch: nn.Module, dense: fx.GraphModule, thinned: fx.Gra
               tensors: dict[str, torch.Tensor], payload: dict[str, Any], misfit: str) -> nn.Module:
     record = payload["thin_record"]
     try:
-        model = own_model(arch, dense, thinned, graph_edits(arch, dense, thinned))
+        edits = graph_edits(arch, dense, thinned)
+        model = own_model(arch, dense, thinned, edits)
     except ValueError as exc:
         raise _fail(path, f"{misfit}: {exc}") from exc
+    if record.reason:  # thin gave the class back with submodules run as their thinned graphs: so again
+        swapped = swap_blocking(model, arch, dense, thinned, blocking_edits(edits))
+        if isinstance(swapped, str):
+            raise _fail(path, f"{misfit}: {swapped}")
     _load_values(path, model, tensors, misfit)
     _check_reference(path, model, payload["inputs"], payload["reference"], payload.get("reference_device", "cpu"),
                      misfit, record.input_names)

@@ -32,7 +32,7 @@ from .memo import remember
 from .precision import WidensCalls
 from .thin import _check
 
-__all__ = ["Edit", "graph_edits", "own_model", "check_own", "install"]
+__all__ = ["Edit", "blocking_edits", "suspect_edits", "graph_edits", "own_model", "check_own", "install"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,25 @@ def blocking_reason(model: nn.Module, edits: list[Edit]) -> str | None:
                 else f"{type(model).__name__}'s own forward"
             return f"{where} needs a graph rewrite at node '{e.node}': {e.blocking}"
     return None
+
+
+def blocking_edits(edits: list[Edit]) -> list[tuple[str, str]]:
+    """``(owner, why)`` of each module holding an edit the user's forward cannot follow, first edit first."""
+    out: dict[str, str] = {}
+    for e in edits:
+        if e.blocking and e.owner not in out:
+            out[e.owner] = f"node '{e.node}': {e.blocking}"
+    return list(out.items())
+
+
+def suspect_edits(edits: list[Edit]) -> list[tuple[str, str]]:
+    """``(owner, why)`` of each submodule holding a size edit its forward was expected to follow through its
+    attributes: where the own class then differs from the compressed model, these run as their graphs."""
+    out: dict[str, str] = {}
+    for e in edits:
+        if not e.blocking and not e.form and e.owner and e.owner not in out:
+            out[e.owner] = f"node '{e.node}': its forward computes {e.before} otherwise (thinned: {e.after})"
+    return list(out.items())
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
