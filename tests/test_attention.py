@@ -243,7 +243,7 @@ def test_torchvision_swin_windows_heads_and_stream_are_thinned_exactly():
     model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                                window_size=[4, 4], num_classes=3).eval()
     x = torch.randn(2, 3, 32, 32)
-    small = _exact(model, x)
+    small = _exact(model, x, output="graph")  # the graph, to read its window attention calls
     calls = [n for n in small.graph.nodes if n.op == "call_function" and "window_attention" in n.target.__name__]
     assert calls and all(n.target is fxcondensa.nn.window_attention for n in calls)
     dense = sum(p.numel() for p in model.parameters())

@@ -82,7 +82,7 @@ def test_sdpa_keeps_the_dense_softmax_scale():
     torch.manual_seed(3)
     model = Encoder(style="fused_sdpa", heads=2, head_dim=4, blocks=1).eval()
     scheme = StructurePrune(0.5, attention="head_dim")
-    small = thin(model, scheme, X)
+    small = thin(model, scheme, X, output="graph")  # the graph, to read its sdpa call
     calls = [n for n in small.graph.nodes if n.target is F.scaled_dot_product_attention]
     assert len(calls) == 1 and calls[0].kwargs["scale"] == pytest.approx(0.5)
     assert small.get_submodule("attn.0.proj").in_features < 8  # columns went, so the default scale would be another one
@@ -348,3 +348,16 @@ def test_sdpa_cost_counts_the_value_head_dim_apart_from_the_query_one():
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
     (cost,) = [c for c in profile_costs(Attn(), (q, k, v)) if c.macs]
     assert cost.macs == 2 * 3 * 5 * 7 * (8 + 4)  # q @ k^T over 8 columns, attn @ v producing 4
+
+
+def test_inplace_head_dim_thins_columns_exactly():
+    # The scheme says on the graph record, as it annotates, that it prunes head_dim columns: thin reads that
+    # after the scheme ran, inplace or not (read before it, the columns stayed whole).
+    torch.manual_seed(0)
+    model = Encoder(style="separate", heads=4, head_dim=4).eval()
+    scheme = StructurePrune(0.5, attention="head_dim")
+    expected = compress(model, scheme, X)(X)
+    small = thin(model, scheme, X, inplace=True)
+    assert small is model and _widths(model, "separate", 0)["q"] < 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), expected, rtol=1e-4, atol=1e-5)

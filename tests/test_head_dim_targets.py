@@ -99,7 +99,7 @@ def test_head_dim_search_counts_what_whole_heads_cannot_reach():
 def test_report_shows_the_mac_target_and_what_it_reached():
     torch.manual_seed(0)
     model, x = Encoder(c=32, heads=4, head_dim=8, style="fused_sdpa").eval(), torch.randn(2, 6, 5)
-    small = thin(model, StructurePrune(target_flops=0.45, attention="both"), x)
+    small = thin(model, StructurePrune(target_flops=0.45, attention="both"), x, output="graph")
     reached = _reached(model, small, x, 0.45)
     rep = fxcondensa.report(model, small, x, latency=False)
     assert rep.totals["flop_target"]["reached"] == pytest.approx(reached)

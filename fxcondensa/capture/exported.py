@@ -84,7 +84,7 @@ def example_shapes() -> Iterator[None]:
         >>> with example_shapes():
         ...     gm = export_capture(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
         >>> graph_record(gm).input_constraints
-        ['x.shape[0] == 2', 'x.shape[1] == 4']
+        ['input.shape[0] == 2', 'input.shape[1] == 4']
     """
     token = _EXAMPLE_SHAPES.set(True)
     try:

@@ -151,8 +151,6 @@ def thin(
     inputs = graph_inputs(compressed, example)  # the placeholder values, in graph order
     if strict:  # fail before spending time on the scheme
         analyze(compressed, strict=True)
-    # A scheme that prunes head_dim columns says so on the graph record; without a scheme the pass decides.
-    columns = graph_record(compressed).head_dim_columns if scheme is not None else None
     own = output != "graph"
     deferred = False
     if lean:
@@ -162,8 +160,8 @@ def thin(
         # In place, the user's tensors are cut one at a time after the graph work and the reference run, each
         # dense one freed as its slice replaces it (passes/inplace.py). Their masks are applied to them in
         # place first, so that nothing reads a masked copy: the model is its compressed self from here on.
-        deferred = (inplace and own and not isinstance(model, fx.GraphModule) and columns is not True
-                    and not _removes_experts(compressed))
+        deferred = (inplace and own and not isinstance(model, fx.GraphModule)
+                    and graph_record(compressed).head_dim_columns is not True and not _removes_experts(compressed))
         if deferred:
             mask_in_place(compressed, masks)
         else:
@@ -173,6 +171,9 @@ def thin(
         with torch.no_grad():
             scheme.pi(compressed)
             scheme.delta(compressed)
+    # A scheme that prunes head_dim columns says so on the graph record (as it annotates); without a scheme the
+    # pass decides.
+    columns = graph_record(compressed).head_dim_columns if scheme is not None else None
     if own:
         with remembered():  # the own class and then the graph are checked against one reference run
             deferred = deferred and (not check or remember_references(compressed, inputs))

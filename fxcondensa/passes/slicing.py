@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..capture.graph import propagate_shapes
 from ..capture.records import META
@@ -138,8 +139,8 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int]] | None:
 
     An index_select along an inner dim gathers element by element (in bfloat16 a hundred times slower than
     along the first dim); the columns of whole heads lie in a few runs, each copied as one block."""
-    if idx.numel() == 0 or idx.device.type != "cpu":
-        return None
+    if idx.numel() == 0 or idx.device.type != "cpu" or _get_current_dispatch_mode() is not None:
+        return None  # under a dispatch mode (fake tensors, a device emulation) the runs cannot be read: gather
     breaks = torch.nonzero(idx[1:] - idx[:-1] != 1).flatten() + 1
     if breaks.numel() >= _MAX_RUNS:
         return None
