@@ -50,7 +50,7 @@ def test_each_dense_tensor_is_freed_before_the_next_is_cut(monkeypatch):
     numel = {n: p.numel() for n, p in model.named_parameters()}
     order: list[list[str]] = []
     alive_after: list[list[str]] = []
-    put = inplace._put
+    put = inplace.put_tensor
 
     def spy(root, names, value):
         if value.untyped_storage().nbytes() == value.numel() * value.element_size() and root is not model:
@@ -58,7 +58,7 @@ def test_each_dense_tensor_is_freed_before_the_next_is_cut(monkeypatch):
             order.append(names)
         put(root, names, value)
 
-    monkeypatch.setattr(inplace, "_put", spy)
+    monkeypatch.setattr(inplace, "put_tensor", spy)
     fxcondensa.thin(model, StructurePrune(0.5), x, inplace=True)
     assert len(order) > 5 and not any(alive_after), alive_after
     sizes = [numel[names[0]] for names in order]

@@ -248,18 +248,7 @@ def _shapes_from_capture(gm: fx.GraphModule, example_inputs: Any) -> bool:
             return False
         values[node] = value
     for node, value in values.items():
-        found = False
-
-        def extract(obj: Any) -> Any:
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _tensor_metadata(obj)
-            return obj
-
-        meta = map_aggregate(value, extract)
-        if found:
-            node.meta["tensor_meta"] = meta
+        _record_metadata(node, value)
         if node.op == "get_attr":  # the attribute itself, as the interpreter fetches it (a Parameter)
             owner, _, attr = str(node.target).rpartition(".")
             node.meta["type"] = type(getattr(gm.get_submodule(owner) if owner else gm, attr))
@@ -333,18 +322,7 @@ class _ShapeProp(fx.Interpreter):
         except Exception as exc:
             first_line = (str(exc).splitlines() or [""])[0]
             raise ExampleInputError(f"node '{n.name}' ({n.op} {n.target}) failed: {type(exc).__name__}: {first_line}") from exc
-        found = False
-
-        def extract(obj: Any) -> Any:
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _tensor_metadata(obj)
-            return obj
-
-        meta = map_aggregate(result, extract)
-        if found:
-            n.meta["tensor_meta"] = meta
+        _record_metadata(n, result)
         n.meta["type"] = type(result)
         return result
 
@@ -352,6 +330,22 @@ class _ShapeProp(fx.Interpreter):
 # torch's extraction tests three memory formats per tensor (a tenth of a millisecond); a network has few
 # distinct (shape, stride, dtype) triples, so plain tensors share one extraction per triple.
 _METADATA: dict[Any, Any] = {}
+
+
+def _record_metadata(node: fx.Node, value: Any) -> None:
+    """Store the shape metadata of the tensors in ``value`` (a tensor or a structure of them) on ``node``."""
+    found = False
+
+    def extract(obj: Any) -> Any:
+        nonlocal found
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return _tensor_metadata(obj)
+        return obj
+
+    meta = map_aggregate(value, extract)
+    if found:
+        node.meta["tensor_meta"] = meta
 
 
 def _tensor_metadata(t: torch.Tensor) -> Any:

@@ -44,7 +44,7 @@ from ..capture.modes import eval_mode
 from .memo import remember
 from .precision import compute_dtype, run_in, wider_dtypes
 from .reference import mask_sliced, masks_of
-from .slicing import DEFER_CUTS, SliceStep, _aliases, _cut, _cutter, _resolve
+from .slicing import DEFER_CUTS, SliceStep, _aliases, _cut, _cutter, _resolve, put_tensor
 from .thin import _run
 
 __all__ = ["mask_in_place", "remember_references", "deferred_cuts", "cut", "has_deferred"]
@@ -114,15 +114,6 @@ def _stand_in(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
 
 
-def _put(root: nn.Module, names: list[str], value: torch.Tensor) -> None:
-    for name in names:
-        module, attr = _resolve(root, name)
-        if isinstance(value, nn.Parameter):
-            setattr(module, attr, value)
-        else:
-            module._buffers[attr] = value
-
-
 def _defer(gm: fx.GraphModule, thinned: fx.GraphModule, analysis: Any, plan: list[SliceStep]) -> None:
     """``slicing.apply_keep``'s cuts, deferred: shape-only stand-ins in ``thinned``, the plan kept for ``cut``."""
     if gm in _PLANS:
@@ -139,7 +130,7 @@ def _defer(gm: fx.GraphModule, thinned: fx.GraphModule, analysis: Any, plan: lis
         shape = t.detach().to("meta")
         for _path, dim, idx in todo:
             shape = _cut(shape, dim, idx)
-        _put(thinned, aliases.get(path, [path]), _stand_in(t, shape.shape))
+        put_tensor(thinned, aliases.get(path, [path]), _stand_in(t, shape.shape))
     _PLANS[thinned] = _Deferred(gm, plan, steps)
 
 
@@ -237,7 +228,7 @@ def cut(model: nn.Module | None, thinned: fx.GraphModule, *, release: bool) -> N
         value = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
         del new
         names = aliases.get(path, [path])
-        _put(thinned, names, value)
+        put_tensor(thinned, names, value)
         if release:
             # Every holder of the dense tensor lets it go: the user's model (by the names the capture gives
             # it, and whatever ties it there), then the capture, which keeps its shape only.
@@ -256,7 +247,7 @@ def cut(model: nn.Module | None, thinned: fx.GraphModule, *, release: bool) -> N
             module, attr = _resolve(thinned, name)
             if getattr(module, attr) is t:  # still the user's (``mask_sliced`` copies those it masks)
                 copy = t.detach().clone()
-                _put(thinned, thinned_aliases.get(name, [name]),
+                put_tensor(thinned, thinned_aliases.get(name, [name]),
                      nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy)
         return
     # Tensors left whole are the user's own: their masked values written in place.

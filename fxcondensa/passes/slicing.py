@@ -45,12 +45,17 @@ def _set_tensor(gm: fx.GraphModule, names: list[str], value: torch.Tensor) -> No
     old = getattr(module, attr)
     new = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
         else value.contiguous()
+    put_tensor(gm, names, new)
+
+
+def put_tensor(root: nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """Hold ``value`` under each of ``names`` in ``root``: as a parameter where it is one, else as a buffer."""
     for name in names:
-        module, attr = _resolve(gm, name)
-        if isinstance(new, nn.Parameter):
-            setattr(module, attr, new)
+        module, attr = _resolve(root, name)
+        if isinstance(value, nn.Parameter):
+            setattr(module, attr, value)
         else:
-            module._buffers[attr] = new
+            module._buffers[attr] = value
 
 
 def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
