@@ -221,7 +221,7 @@ def lenet_part(rows: Rows, data: tuple, args: argparse.Namespace) -> None:
         for sname, scheme in schemes.items():
             if sname not in args.schemes:
                 continue
-            for seed in range(args.lenet_seeds):
+            for seed in (range(args.lenet_seeds) if args.lenet_seed is None else [args.lenet_seed]):
                 if "masked SGD" in args.optimizers:
                     start = time.perf_counter()
                     w = masked_sgd(model, scheme, data[0], budget, seed, x)
@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                "masked SGD"]
     p.add_argument("--optimizers", nargs="+", default=choices, choices=choices)
     p.add_argument("--lenet-seeds", type=int, default=3, help="seeds of each LeNet-5 row")
+    p.add_argument("--lenet-seed", type=int, default=None,
+                   help="only this LeNet-5 seed (to add a seed to rows measured before)")
     p.add_argument("--resnet-budget", type=int, default=120, help="ResNet-20 fine-tune SGD iterations")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=None, help="only this ResNet seed (what --jobs gives each job)")

@@ -82,3 +82,16 @@ def test_compressed_export_graph_saves_as_pruned_hugging_face_directory(tmp_path
     folder = save_pretrained_like(compress(model, Prune(0.3), x), model, tmp_path / "pruned")
     again = transformers.LlamaForCausalLM.from_pretrained(folder)
     assert density(again) == pytest.approx(0.3, abs=0.01)
+
+
+def test_compress_takes_the_capture_option_of_trace():
+    from fxcondensa.capture.exported import capture_of
+    from fxcondensa.capture.records import compressed_graph
+    from fxcondensa.models import LeNet5
+    from fxcondensa.schemes import StructurePrune
+
+    model, x = LeNet5(), torch.randn(2, 1, 28, 28)
+    w = compress(model, StructurePrune(0.3), x, capture="export")
+    assert capture_of(compressed_graph(w)) == "export"
+    with pytest.raises(ValueError, match="capture must be one of"):
+        compress(model, Prune(0.5), x, capture="jit")

@@ -63,6 +63,8 @@ from torch import nn
 
 from .guards import export_guards, insert_guard_node
 from .records import META, GraphRecord, RecordedGraphModule, ThinRecord, graph_record, work_copy
+from .repeated import Stack, find_stacks, stitch, truncated
+from .repeated import enabled as repeated_enabled
 from .sharing import copy_model
 
 __all__ = ["split_inputs", "export_capture", "capture_of", "capture_notes", "graph_inputs",
@@ -216,15 +218,39 @@ def export_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     # before the capture rather than after a failed one, which costs as much as a capture.
     can_generate = getattr(work, "can_generate", None)
     notes: list[str] = _disable_cache(work, kwargs) if callable(can_generate) and _safe(can_generate) else []
+    # Inside ``repeated_once()`` a stack of identical blocks is traced two blocks deep and copied
+    # (``capture/repeated.py``); where the short capture or the copy fails, the model is captured whole.
+    stacks = find_stacks(work) if repeated_enabled() else []
+    if stacks:
+        short_notes = list(notes)
+        try:
+            with truncated(stacks):
+                ep = _export_model(work, args, kwargs, short_notes)
+        except Exception:
+            ep = None
+        gm = _module_of(ep, model, short_notes, stacks) if ep is not None else None
+        if gm is not None:
+            return gm
+    return _module_of(_export_model(work, args, kwargs, notes), model, notes, [])
+
+
+def _export_model(work: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], notes: list[str]) -> Any:
+    """torch.export of ``work``; once more without a key-value cache where the first capture fails and the model
+    has one to turn off (a cache object in the output, GPT-2 and Llama with use_cache=True, is no tensor
+    structure); anything else fails as it did."""
     try:
-        ep = _export_dynamic(work, args, kwargs, notes)
+        return _export_dynamic(work, args, kwargs, notes)
     except Exception:
-        # A cache object in the output (GPT-2, Llama with use_cache=True) is no tensor structure: capture
-        # again without the cache when the model has one to turn off; anything else fails as it did.
-        notes = _disable_cache(work, kwargs)
-        if not notes:
+        off = _disable_cache(work, kwargs)
+        if not off:
             raise
-        ep = _export_dynamic(work, args, kwargs, notes)
+        notes[:] = off
+        return _export_dynamic(work, args, kwargs, notes)
+
+
+def _module_of(ep: Any, model: nn.Module, notes: list[str], stacks: list[Stack]) -> fx.GraphModule | None:
+    """The plain ``GraphModule`` of an ExportedProgram, each stack's blocks written in; None where a stack
+    cannot be copied."""
     source = ep.module()
     try:
         guards, unread = export_guards(ep, source), None
@@ -237,12 +263,20 @@ def export_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
         # torch's input guard module cannot be pickled: the same guards are checked by ``check_input_shapes``.
         if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
             graph.erase_node(node)
+    repeated = []
+    for stack in stacks:
+        try:
+            if stitch(graph, stack, source) is not None:
+                return None
+        except Exception:  # a graph this copy does not know: the model is captured whole
+            return None
+        repeated.append(f"{stack.path}: {len(stack.blocks)} blocks, 2 traced")
     gm = RecordedGraphModule(source, graph, class_name=type(model).__name__)
     gm._in_spec = getattr(source, "_in_spec", None)
     gm._out_spec = getattr(source, "_out_spec", None)
     insert_guard_node(gm, guards)
     record = graph_record(gm)
-    record.capture, record.notes = "export", list(notes)
+    record.capture, record.notes, record.repeated = "export", list(notes), repeated
     record.input_constraints = [shown for _, shown in guards]
     if unread is not None:
         record.input_constraints.append(f"unknown: torch.export's guards could not be read ({unread}); the "

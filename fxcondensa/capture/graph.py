@@ -374,6 +374,20 @@ class _MetaShapeProp(_ShapeProp):
         super().__init__(gm)
         self._memo: dict[Any, Any] = {}
 
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # A torch.export graph reads its weights with get_attr and calls ATen ops on them: the meta view of each
+        # (metadata only, no copy) keeps the whole run on the meta device.
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and value.device.type != "meta" and type(value) in (torch.Tensor, nn.Parameter):
+            return value.detach().to("meta").requires_grad_(value.requires_grad)
+        return value
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # The capture's device, written into the graph (``x.to("cpu")``, ``arange(..., device=cpu)``), is the
+        # meta device here: a move off it would need data that meta tensors do not have.
+        args, kwargs = map_aggregate((args, kwargs), lambda v: _META if isinstance(v, torch.device) else v)
+        return super().call_function(target, args, kwargs)
+
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
         key = _call_key(module, args, kwargs)
@@ -389,6 +403,7 @@ class _MetaShapeProp(_ShapeProp):
 
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+_META = torch.device("meta")
 _NO_TEMPLATE = object()
 _NN_MODULES = "torch.nn.modules."
 

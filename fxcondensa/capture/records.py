@@ -114,6 +114,8 @@ class GraphRecord:
     target: TargetRecord | None = None
     head_dim_columns: bool = False
     input_constraints: list[str] = field(default_factory=list)
+    # Stacks of identical blocks captured two blocks deep and copied (``capture/repeated.py``), one line each.
+    repeated: list[str] = field(default_factory=list)
     # What ``compress`` returned: "module" (a copy of the user's class sharing this graph's tensors) or
     # "graph" (this graph), and for a graph returned where the user's class was asked for, why.
     returns: str = "graph"

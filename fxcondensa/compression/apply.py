@@ -19,7 +19,7 @@ __all__ = ["compress", "density", "layer_densities"]
 
 def compress(model: nn.Module, scheme: Any, example_inputs: Any = None, *,
              leaf_modules: Sequence[type[nn.Module]] = (), concrete_args: dict[str, Any] | None = None,
-             output: str = "auto") -> nn.Module:
+             capture: str = "auto", output: str = "auto") -> nn.Module:
     """Return a compressed copy of ``model``: same shapes, zeros where pruned, values rounded to storage dtypes.
 
     ``output`` says what comes back. ``"auto"`` (the default) and ``"module"``: a copy of ``model`` of its
@@ -31,8 +31,8 @@ def compress(model: nn.Module, scheme: Any, example_inputs: Any = None, *,
     ``graph_record(graph).reason``, and ``"module"`` raises ``ValueError``. Either way the state-dict keys
     equal the model's, so ``original.load_state_dict(compressed.state_dict())`` works. ``example_inputs``
     are needed by structured schemes (shapes drive the channel analysis); unstructured ones work without.
-    ``leaf_modules`` and ``concrete_args`` are the tracing options of ``fxcondensa.trace``. The model is
-    never modified.
+    ``leaf_modules``, ``concrete_args`` and ``capture`` are the capture options of ``fxcondensa.trace``
+    (``capture="export"`` for a model torch.fx's symbolic tracing follows wrongly). The model is never modified.
 
     Example:
         >>> import torch, fxcondensa
@@ -44,7 +44,7 @@ def compress(model: nn.Module, scheme: Any, example_inputs: Any = None, *,
     """
     check_output("compress", output)
     check_scheme(scheme)
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
     with torch.no_grad():
         scheme.pi(gm)
         scheme.delta(gm)

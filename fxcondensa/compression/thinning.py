@@ -7,6 +7,7 @@ thinning pass's (``fxcondensa.passes.thin``), which knows nothing of schemes.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from .. import nn as fxnn
 from ..capture.exported import capture_notes, capture_of, example_shapes, graph_inputs, split_inputs
 from ..capture.graph import trace
 from ..capture.records import compressed_graph, graph_record, set_thin_record, thin_record
+from ..capture.repeated import repeated_once
 from ..capture.sharing import adopt_tensors, shared_tensors
 from ..errors import ThinningCheckError
 from ..passes.analysis import analyze
@@ -145,8 +147,37 @@ def thin(
     # The user's class takes any shape whatever the capture fixed: a torch.export capture with the example's
     # shapes costs a fraction of one with dynamic dims, which is made only when the graph comes back.
     static = output != "graph" and not isinstance(model, fx.GraphModule)
-    with shared_tensors() if lean else contextlib.nullcontext(), example_shapes() if static else contextlib.nullcontext():
+    # A stack of identical blocks (decoder layers) is traced two blocks deep and copied (capture/repeated.py):
+    # only where the user's class is checked against that graph; where the check fails, it is captured whole.
+    once = static and check and not inplace and not _WHOLE.get()
+    with (shared_tensors() if lean else contextlib.nullcontext(),
+          example_shapes() if static else contextlib.nullcontext(),
+          repeated_once() if once else contextlib.nullcontext()):
         compressed = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture)
+    try:
+        return _thin_rest(model, scheme, example, compressed, lean=lean, static=static, check=check, strict=strict,
+                          leaf_modules=leaf_modules, concrete_args=concrete_args, output=output, inplace=inplace)
+    except _Recapture:
+        token = _WHOLE.set(True)
+        try:
+            return thin(model, scheme, example_inputs, check=check, strict=strict, leaf_modules=leaf_modules,
+                        concrete_args=concrete_args, capture=capture, output=output, inplace=inplace)
+        finally:
+            _WHOLE.reset(token)
+
+
+class _Recapture(Exception):
+    """The user's class did not pass its check against a graph whose repeated blocks were copied."""
+
+
+# Set while thin runs again on a whole capture after a copied one failed its check.
+_WHOLE: contextvars.ContextVar[bool] = contextvars.ContextVar("fxcondensa_whole_capture", default=False)
+
+
+def _thin_rest(model: nn.Module, scheme: Any, example: Any, compressed: fx.GraphModule, *, lean: bool, static: bool,
+               check: bool, strict: bool, leaf_modules: Sequence[type[nn.Module]],
+               concrete_args: dict[str, Any] | None, output: str, inplace: bool) -> nn.Module:
+    """``thin`` after the capture: the scheme, the thinning pass, the user's class or the graph, the check."""
     static = static and capture_of(compressed) == "export"
     inputs = graph_inputs(compressed, example)  # the placeholder values, in graph order
     if strict:  # fail before spending time on the scheme
@@ -256,6 +287,8 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                         "is changed but does not compute the compressed model's outputs: do not use it. Load "
                         "the model again and call thin without inplace=True (output='auto' then returns the "
                         "checked thinned GraphModule and leaves your model as it was)")
+    if reason is not None and graph_record(compressed).repeated:
+        raise _Recapture(reason)
     if reason is None:
         record.returns, record.reason = "module", swapped_note(model, swapped) if swapped else ""
         record.input_constraints = []  # the capture's shapes: the user's forward takes any
