@@ -144,3 +144,41 @@ def test_thin_with_copied_blocks_equals_thin_with_a_whole_capture(dtype, monkeyp
     # Unchecked or in-place thinning never copies blocks: nothing would catch a wrong copy.
     fxcondensa.thin(model, StructurePrune(0.5), inputs, check=False)
     assert seen == ["model.layers"]
+
+
+class _LiteralBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)).reshape(-1, 32)  # a literal width: the class cannot follow a thinned fc1
+        return x + self.fc2(h)
+
+
+class _Literal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_LiteralBlock() for _ in range(4))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_class_that_cannot_follow_returns_the_whole_graph_checked_without_a_second_pass(monkeypatch):
+    torch.manual_seed(0)
+    model, x = _Literal(), torch.randn(3, 16)
+    calls = []
+    real = thinning._thin_rest
+    monkeypatch.setattr(thinning, "_thin_rest", lambda *a, **k: calls.append(1) or real(*a, **k))
+    small = fxcondensa.thin(model, StructurePrune(0.5), x, capture="export")
+    assert len(calls) == 1
+    assert isinstance(small, torch.fx.GraphModule) and "32" in thin_record(small).reason
+    assert graph_record(small).repeated == []  # the graph that comes back is a whole capture
+    assert small.get_parameter("blocks.3.fc1.weight").shape[0] < 32
+    compressed = fxcondensa.compress(model, StructurePrune(0.5), x, capture="export")
+    with torch.no_grad():
+        fresh = torch.randn(5, 16)
+        torch.testing.assert_close(small(fresh), compressed(fresh), rtol=1e-4, atol=1e-5)

@@ -14,7 +14,8 @@ code outside the stack reads a block other than the last (the container's owner 
 
 What a copy cannot show is a block whose code branches on its index past the two traced (``if layer_idx >
 3``). So only a caller that checks the graph against the model's own forward asks for this: ``thin`` does, as
-it checks the user's class it returns, and captures again in full when that check fails.
+it checks the user's class it returns. Where that check fails, ``faithful`` tells a copy that computes
+otherwise (the model is then captured again in full) from a class that cannot follow the thinned graph.
 
 Example:
     >>> import torch
@@ -54,7 +55,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["repeated_once", "enabled", "Stack", "find_stacks", "truncated", "stitch"]
+from .sharing import adopt_tensors, copy_model, shared_tensors
+
+__all__ = ["repeated_once", "enabled", "Stack", "find_stacks", "truncated", "stitch", "faithful"]
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("fxcondensa_repeated_once", default=False)
 
@@ -331,3 +334,39 @@ def _put(root: nn.Module, target: str, block: nn.Module, rel: str) -> None:
         module.register_buffer(field, value, persistent=field not in owner._non_persistent_buffers_set)
     else:
         setattr(module, field, value)
+
+
+def faithful(gm: fx.GraphModule, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``gm`` computes, bit for bit on these inputs, what ``model``'s own forward computes with ``gm``'s
+    tensors (a scheme's masks kept aside are not applied by either): every output of the graph equals the
+    model's output of the same name or position (the model may return more, such as a key-value cache the
+    capture turned off).
+
+    Example:
+        >>> import torch
+        >>> from fxcondensa.capture.exported import example_shapes, export_capture
+        >>> model, x = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)]), torch.randn(2, 4)
+        >>> with repeated_once(), example_shapes():
+        ...     gm = export_capture(model, (x,))
+        >>> faithful(gm, model, (x,), {})
+        True
+    """
+    with shared_tensors():
+        twin = copy_model(model)
+    adopt_tensors(twin, gm)
+    try:
+        with torch.no_grad():
+            return _same_outputs(gm(*args, **kwargs), twin.eval()(*args, **kwargs))
+    except Exception:
+        return False
+
+
+def _same_outputs(got: Any, want: Any) -> bool:
+    if isinstance(got, torch.Tensor):
+        return isinstance(want, torch.Tensor) and got.shape == want.shape and torch.equal(got, want)
+    if isinstance(got, dict):
+        return isinstance(want, dict) and all(k in want and _same_outputs(v, want[k]) for k, v in got.items())
+    if isinstance(got, (tuple, list)):
+        return (isinstance(want, (tuple, list)) and len(got) <= len(want)
+                and all(_same_outputs(a, b) for a, b in zip(got, want[:len(got)], strict=True)))
+    return True  # a plain value the capture baked in

@@ -20,7 +20,7 @@ from .. import nn as fxnn
 from ..capture.exported import capture_notes, capture_of, example_shapes, graph_inputs, split_inputs
 from ..capture.graph import trace
 from ..capture.records import compressed_graph, graph_record, set_thin_record, thin_record
-from ..capture.repeated import repeated_once
+from ..capture.repeated import faithful, repeated_once
 from ..capture.sharing import adopt_tensors, shared_tensors
 from ..errors import ThinningCheckError
 from ..passes.analysis import analyze
@@ -167,7 +167,8 @@ def thin(
 
 
 class _Recapture(Exception):
-    """The user's class did not pass its check against a graph whose repeated blocks were copied."""
+    """The user's class did not pass its check against a graph whose repeated blocks were copied. (Where the
+    class cannot follow for another reason, the graph that comes back is captured again in full and checked.)"""
 
 
 # Set while thin runs again on a whole capture after a copied one failed its check.
@@ -210,7 +211,7 @@ def _thin_rest(model: nn.Module, scheme: Any, example: Any, compressed: fx.Graph
             deferred = deferred and (not check or remember_references(compressed, inputs))
             with deferred_cuts() if deferred else contextlib.nullcontext():
                 thinned = thin_graph(compressed, inputs, check=False, strict=strict, columns=columns)
-            result = _own(model, compressed, thinned, inputs, check=check, output=output, inplace=inplace,
+            result = _own(model, compressed, thinned, inputs, example=example, check=check, output=output, inplace=inplace,
                           check_graph=not static)
         if result is not None:
             return result
@@ -246,7 +247,7 @@ def _dynamic_graph(model: nn.Module, example: Any, compressed: fx.GraphModule, s
     return thinned
 
 
-def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, inputs: tuple[Any, ...], *,
+def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, inputs: tuple[Any, ...], *, example: Any,
          check: bool, output: str, inplace: bool, check_graph: bool = True) -> nn.Module | None:
     """The user's class thinned, checked; None (the graph is returned, checked) with the reason recorded."""
     record = thin_record(thinned)
@@ -269,6 +270,10 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                 swapped, reason = (got, None) if isinstance(got, list) else ([], f"{reason}; {got}")
             if reason is None:
                 reason = check_own(compressed, result, record.keep, inputs) if check else None
+                if reason is not None and graph_record(compressed).repeated and not faithful(
+                        compressed, model, *split_inputs(example)):
+                    # The class's own forward disagrees with a graph whose blocks were copied: capture it whole.
+                    raise _Recapture(reason)
             if reason is not None and output == "auto" and capture_of(compressed) == "fx" and (swapped or not hybrid):
                 # The forward computes an edited size otherwise: its modules run as their graphs, checked again.
                 more = swap_blocking(result, model, compressed, thinned, suspect_edits(edits))
@@ -287,8 +292,6 @@ def _own(model: nn.Module, compressed: fx.GraphModule, thinned: fx.GraphModule, 
                         "is changed but does not compute the compressed model's outputs: do not use it. Load "
                         "the model again and call thin without inplace=True (output='auto' then returns the "
                         "checked thinned GraphModule and leaves your model as it was)")
-    if reason is not None and graph_record(compressed).repeated:
-        raise _Recapture(reason)
     if reason is None:
         record.returns, record.reason = "module", swapped_note(model, swapped) if swapped else ""
         record.input_constraints = []  # the capture's shapes: the user's forward takes any
