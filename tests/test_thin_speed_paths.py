@@ -236,3 +236,30 @@ def test_a_scattered_cut_copies_the_bits_index_select_copies(shape, data, dtype,
         assert cut.shape == plain.shape and cut.dtype == dtype and cut.is_contiguous()
         as_int = torch.int16 if dtype.itemsize == 2 else None
         assert torch.equal(cut.view(as_int), plain.view(as_int)) if as_int else torch.equal(cut, plain)
+
+
+_SPECIAL = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1.0, 2.0**-24, 3.0]
+
+
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), data=st.data(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+       slab=st.sampled_from([1, 5, 1 << 18]))
+@settings(max_examples=60, deadline=None)
+def test_zero_rows_by_bits_equals_amax_and_amin(shape, data, dtype, slab):
+    """Zero slices found on the bits (slab by slab of rows) are those of the float reductions: signed zeros
+    are zero, NaN, infinities and subnormals are not."""
+    from fxcondensa.rules import layers
+
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    values = data.draw(st.lists(st.sampled_from(_SPECIAL), min_size=1, max_size=4))
+    zeros = data.draw(st.floats(0, 1))
+    g = torch.Generator().manual_seed(len(values))
+    pick = torch.tensor(values)[torch.randint(0, len(values), shape, generator=g)]
+    w = torch.where(torch.rand(shape, generator=g) < zeros, torch.zeros(shape), pick).to(dtype)
+    others = [d for d in range(w.dim()) if d != dim]
+    plain = ((w.amax(others) == 0) & (w.amin(others) == 0)) if others else w == 0
+    before, layers._ZERO_SLAB = layers._ZERO_SLAB, slab
+    try:
+        assert torch.equal(layers.zero_rows(w, dim), plain)
+    finally:
+        layers._ZERO_SLAB = before
