@@ -5,6 +5,8 @@ float32's tolerance, so the re-check runs (it used to crash there)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _models import bench_coverage, state_hash
@@ -197,3 +199,46 @@ def test_a_wrong_bf16_own_model_is_refused_by_the_widened_recheck(monkeypatch):
     reason = thin_record(small).reason
     assert isinstance(small, torch.fx.GraphModule)
     assert "own forward differs" in reason and "float32 and float64" in reason, reason
+
+
+def _count_forwards(monkeypatch) -> dict[str, int]:
+    """Counts the check's forward passes: the compressed model's in its own dtype (``_run``), the thinned
+    model's in its own dtype (shape propagation) and each widened run (``run_in``)."""
+    counts = {"compressed own dtype": 0, "thinned own dtype": 0, "widened": 0}
+
+    def counted(key, real):
+        def run(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(thin_module, "_run", counted("compressed own dtype", thin_module._run))
+    monkeypatch.setattr(thin_module, "propagate_shapes", counted("thinned own dtype", thin_module.propagate_shapes))
+    monkeypatch.setattr(thin_module, "run_in", counted("widened", thin_module.run_in))
+    return counts
+
+
+@pytest.mark.parametrize("output", ["graph", "auto"])
+def test_a_bf16_check_settled_in_float32_never_runs_the_compressed_model_in_bf16(monkeypatch, output):
+    """A bf16 model compares in float32 first; it agrees, so the compressed model's bf16 run (the dearest, and
+    at real widths a comparison bound to fail) is never made: three forwards, where the bf16-first order made
+    four whenever bf16 rounding exceeded its tolerance."""
+    model, x = llama(torch.bfloat16), tokens(1, 8)
+    counts = _count_forwards(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the graph's use_cache=False note
+        small = fxcondensa.thin(model, SCHEME, x, output=output)
+    assert isinstance(small, torch.fx.GraphModule) == (output == "graph")
+    assert counts == {"compressed own dtype": 0, "thinned own dtype": 1, "widened": 2}, counts
+
+
+def test_a_bf16_check_the_wider_dtypes_cannot_settle_compares_in_bf16_last(monkeypatch):
+    """Where the widened comparisons fail, the bf16 one still runs (last) and its verdict stands: the order
+    changes the cost of the check, never its outcome."""
+    model, x = llama(torch.bfloat16, hidden=64), tokens(1, 8)
+    counts = _count_forwards(monkeypatch)
+    monkeypatch.setattr(thin_module, "_outputs_close",
+                        lambda a, b, rtol=RTOL, atol=ATOL: rtol > RTOL)  # only bf16's tolerance agrees
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        fxcondensa.thin(model, SCHEME, x, output="graph")
+    assert counts == {"compressed own dtype": 1, "thinned own dtype": 1, "widened": 4}, counts

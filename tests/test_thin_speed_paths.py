@@ -12,6 +12,8 @@ import textwrap
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fxcondensa
@@ -208,3 +210,56 @@ def test_cuts_by_runs_and_compact_masks_equal_index_select(dtype):
     keep = torch.rand(256, generator=g) > 0.5
     mask = keep.view(1, -1, 1).expand_as(w)
     torch.testing.assert_close(_apply(w, mask), w * mask, rtol=0, atol=0, equal_nan=True)
+
+
+@given(shape=st.lists(st.integers(1, 9), min_size=2, max_size=4), data=st.data(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.bool]),
+       block=st.sampled_from([1, 7, 1 << 18]))
+@settings(max_examples=40, deadline=None)
+def test_a_scattered_cut_copies_the_bits_index_select_copies(shape, data, dtype, block):
+    """Scattered indices along an inner dim are gathered a block of rows at a time in 2-byte dtypes (``_cut``
+    does so past ``_MAX_RUNS`` runs; ``_gather`` is called here directly too): the same bits as
+    ``index_select`` (NaN payloads and signed zeros included), whatever the block."""
+    from fxcondensa.passes import slicing
+
+    dim = data.draw(st.integers(1, len(shape) - 1))
+    idx = torch.tensor(sorted(data.draw(st.sets(st.integers(0, shape[dim] - 1), min_size=1))))
+    bits = torch.randint(-2**15, 2**15, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(len(idx)))
+    w = bits.to(torch.int16).view(dtype) if dtype.itemsize == 2 else bits.to(dtype)
+    before, slicing._GATHER_BLOCK = slicing._GATHER_BLOCK, block
+    try:
+        cuts = [slicing._cut(w, dim, idx), slicing._gather(w, dim, idx)]
+    finally:
+        slicing._GATHER_BLOCK = before
+    plain = w.index_select(dim, idx)
+    for cut in cuts:
+        assert cut.shape == plain.shape and cut.dtype == dtype and cut.is_contiguous()
+        as_int = torch.int16 if dtype.itemsize == 2 else None
+        assert torch.equal(cut.view(as_int), plain.view(as_int)) if as_int else torch.equal(cut, plain)
+
+
+_SPECIAL = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1.0, 2.0**-24, 3.0]
+
+
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), data=st.data(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+       slab=st.sampled_from([1, 5, 1 << 18]))
+@settings(max_examples=60, deadline=None)
+def test_zero_rows_by_bits_equals_amax_and_amin(shape, data, dtype, slab):
+    """Zero slices found on the bits (slab by slab of rows) are those of the float reductions: signed zeros
+    are zero, NaN, infinities and subnormals are not."""
+    from fxcondensa.rules import layers
+
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    values = data.draw(st.lists(st.sampled_from(_SPECIAL), min_size=1, max_size=4))
+    zeros = data.draw(st.floats(0, 1))
+    g = torch.Generator().manual_seed(len(values))
+    pick = torch.tensor(values)[torch.randint(0, len(values), shape, generator=g)]
+    w = torch.where(torch.rand(shape, generator=g) < zeros, torch.zeros(shape), pick).to(dtype)
+    others = [d for d in range(w.dim()) if d != dim]
+    plain = ((w.amax(others) == 0) & (w.amin(others) == 0)) if others else w == 0
+    before, layers._ZERO_SLAB = layers._ZERO_SLAB, slab
+    try:
+        assert torch.equal(layers.zero_rows(w, dim), plain)
+    finally:
+        layers._ZERO_SLAB = before

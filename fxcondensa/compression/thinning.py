@@ -89,8 +89,9 @@ def thin(
     taken from the graph kept beside it). The model is never modified (unless ``inplace=True``). ``check=True`` compares the
     thinned model with the compressed dense one on ``example_inputs`` in eval mode: in the model's dtype with
     that dtype's tolerance (float32 rtol 1e-4, atol 1e-5; bfloat16 and float16 looser, see
-    ``fxcondensa.passes.precision``), then, where rounding may explain a difference, again in float32 and
-    float64 at rtol 1e-4; it raises ``ThinningCheckError`` naming the first node that differs.
+    ``fxcondensa.passes.precision``), and, where rounding may explain a difference, again in float32 and
+    float64 at rtol 1e-4 (a bfloat16 or float16 model compares in float32 first); it passes when one of
+    these agrees, else raises ``ThinningCheckError`` naming the first node that differs.
     ``strict=True`` raises ``UnknownOpError`` at the first op the channel analysis has no rule for
     (``RuleFailedError`` where an op's rule fails on a call), instead of keeping its channels whole (see
     ``fxcondensa.register_rule``). ``leaf_modules``, ``concrete_args`` and ``capture`` are passed to ``trace``:

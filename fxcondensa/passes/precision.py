@@ -16,7 +16,10 @@ bfloat16    1.6e-2   1e-5     about 2 units in the last place (2**-7 each)
 (float16 and bfloat16 are the tolerances ``torch.testing.assert_close`` uses for one op in those dtypes.)
 Where the comparison in the model's dtype fails, the check runs both graphs again in float32 (for a float16
 or bfloat16 model) and then in float64, with the float32 tolerance: rounding vanishes there, a wrong model
-does not. That re-run is ``run_in``: an interpreter that widens every floating weight, input and constant
+does not; the check passes when any one of these comparisons agrees. (For a float16 or bfloat16 model the
+wider comparisons run first and the model's own dtype last: at a language model's width its rounding
+exceeds its tolerance almost always, so its reference run is made only where the wider ones do not settle
+the check; the verdict is the same in either order.) That re-run is ``run_in``: an interpreter that widens every floating weight, input and constant
 as it is read, and every cast or tensor creation the graph states in a narrower float dtype (a graph
 captured by ``torch.export`` holds them as literals, with ``_assert_tensor_metadata`` nodes that insist on
 the captured dtype; those asserts are skipped). No widened copy of the model is ever made: one weight at a

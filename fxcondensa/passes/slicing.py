@@ -126,6 +126,8 @@ def _cut(w: torch.Tensor, dim: int, idx: Any) -> torch.Tensor:
         runs = _runs(idx) if dim > 0 else None
         if runs is not None:  # whole heads: a few blocks copied as they lie
             return torch.cat([w.narrow(dim, start, length) for start, length in runs], dim)
+        if dim > 0 and _gathers_faster(w):
+            return _gather(w, dim, idx)
         return w.index_select(dim, idx.to(w.device))
     rows, cols, per = idx
     out = w.index_select(0, rows.to(w.device))
@@ -133,6 +135,40 @@ def _cut(w: torch.Tensor, dim: int, idx: Any) -> torch.Tensor:
         index = cols.to(w.device).view(*cols.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
         out = out.gather(1, index)
     return out
+
+
+# Output elements gathered per block of rows: a block's source rows stay in cache while they are read.
+_GATHER_BLOCK = 1 << 18
+
+
+def _gathers_faster(w: torch.Tensor) -> bool:
+    """Scattered indices along an inner dim of a 2-byte CPU tensor (bfloat16, float16): ``index_select``
+    there copies element by element at about a fifth of its float32 speed, where ``gather`` blocked by rows
+    runs two to three times faster (float32 and wider: no gain, ``index_select`` stays)."""
+    return (w.device.type == "cpu" and w.element_size() <= 2 and w.dim() >= 2 and not w.requires_grad
+            and _get_current_dispatch_mode() is None)
+
+
+def _gather(w: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``w.index_select(dim, idx)`` (``dim > 0``) by ``gather`` into one new tensor, a block of rows at a time,
+    on ``w``'s bits seen as integers: a float16 gather passes values through float and quiets a signalling
+    NaN, an integer one copies every bit as ``index_select`` does."""
+    bits = w.view(_BITS[w.element_size()])
+    shape = list(w.shape)
+    shape[dim] = idx.numel()
+    out = torch.empty(shape, dtype=bits.dtype, device=w.device)
+    if out.numel() == 0:
+        return out.view(w.dtype)
+    index = idx.to(w.device).view([-1 if d == dim else 1 for d in range(w.dim())])
+    rows = max(1, _GATHER_BLOCK // (out.numel() // shape[0]))
+    for start in range(0, shape[0], rows):
+        part = bits[start:start + rows]
+        torch.gather(part, dim, index.expand(*part.shape[:dim], idx.numel(), *part.shape[dim + 1:]),
+                     out=out[start:start + rows])
+    return out.view(w.dtype)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 # Above this many runs of consecutive indices, one index_select beats copying each run.

@@ -92,32 +92,65 @@ def _first_divergence(compressed: fx.GraphModule, thinned: fx.GraphModule, analy
 def _check(compressed: fx.GraphModule, thinned: fx.GraphModule, analysis: ChannelAnalysis, keep: torch.Tensor,
            inputs: tuple[torch.Tensor, ...], *, locate: bool = True) -> None:
     """Compare the thinned graph with the compressed one on ``inputs``: in the model's own dtype with the
-    tolerance of that dtype, then, where that fails, again in wider dtypes (``precision``) with float32's.
-    ``locate=False``: a failure names the outputs, not the first node that differs (finding it runs both
-    models again keeping every node's value)."""
-    with eval_mode(compressed, thinned), torch.no_grad():
+    tolerance of that dtype, and again in wider dtypes (``precision``) with float32's; it passes when one
+    of these comparisons does. ``locate=False``: a failure names the outputs, not the first node that differs
+    (finding it runs both models again keeping every node's value).
+
+    The order saves forward passes, never changes the verdict (any one comparison that agrees passes, and
+    each runs the same whatever ran before it). A float32 model compares in float32 first. A bfloat16 or
+    float16 one compares in float32 first and in its own dtype last: reordered sums at a language model's
+    width exceed that dtype's tolerance almost always, and the compressed model's run in its own dtype is
+    the dearest of all (dense, masked on the fly, in a dtype the CPU computes slowly), so it is made only
+    when the wider ones did not settle the check. The thinned model still runs in its own dtype first:
+    that run records its shapes and shows it computes in its dtype."""
+    def reference() -> Any:
         try:
             # The same reference for every candidate checked in one ``thin`` (passes/memo.py).
-            expected = remember((id(compressed), "outputs"), lambda: _run(compressed, inputs))
+            return remember((id(compressed), "outputs"), lambda: _run(compressed, inputs))
         except Exception as exc:  # shapes passed on fake tensors, but real arithmetic refuses the inputs
             shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs if isinstance(t, torch.Tensor))
             raise ExampleInputError(
                 f"the example inputs ({shapes}) do not run through {type(compressed).__name__}: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Pass inputs of the shape, dtype and "
                 "device the model expects.") from exc
+
+    with eval_mode(compressed, thinned), torch.no_grad():
         dtype = compute_dtype(compressed, inputs)
+        wider = wider_dtypes(dtype)
+        narrow = torch.float32 in wider  # bfloat16, float16: their own comparison goes last
+        if not narrow:
+            expected = reference()
         # The thinned model runs through shape propagation: one real run both gives the outputs to
         # compare and records its shapes, which ``apply_keep(..., shapes=False)`` left to it.
-        if _outputs_close(expected, propagate_shapes(thinned, inputs), *tolerance(dtype)):
-            return
-        del expected
+        try:
+            got = propagate_shapes(thinned, inputs)
+        except Exception:
+            if narrow:
+                reference()  # inputs the compressed model refuses too: that is the error to report
+            raise
+        if not narrow:
+            if _outputs_close(expected, got, *tolerance(dtype)):
+                return
+            del expected, got
         # Removing zero channels changes the order of sums; in a deep net with large activations (or in
         # bfloat16 at any width) that rounding alone can exceed the tolerance. The same comparison in a
         # wider dtype tells rounding (it vanishes) from a wrong model (it does not).
-        for wider in wider_dtypes(dtype):
-            reference = remember((id(compressed), wider), lambda w=wider: run_in(compressed, inputs, w))
-            if _outputs_close(reference, run_in(thinned, inputs, wider)):
+        failed: Exception | None = None
+        for w in wider:
+            try:
+                widened = remember((id(compressed), w), lambda w=w: run_in(compressed, inputs, w))
+                if _outputs_close(widened, run_in(thinned, inputs, w)):
+                    return
+            except Exception as exc:
+                if not narrow:
+                    raise
+                failed = exc  # the own dtype's comparison may still pass, as it did when it ran first
+                break
+        if narrow:
+            if _outputs_close(reference(), got, *tolerance(dtype)):
                 return
+            if failed is not None:
+                raise failed
         where = _first_divergence(compressed, thinned, analysis, keep, inputs) if locate else "the graph outputs"
         rtol, atol = tolerance(dtype)
         tried = " and ".join(f"{str(d).removeprefix('torch.')}" for d in wider_dtypes(dtype))

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .api import ChanInfo, RuleContext, ZeroRule, host, node_arg, node_shape
 from .api import tensor_at as _tensor
@@ -29,13 +30,49 @@ _INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 def zero_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """CPU bool per index along ``dim``: True where that slice is all zeros (computed where ``t`` lives)."""
+    """CPU bool per index along ``dim``: True where that slice is all zeros (computed where ``t`` lives).
+
+    Example:
+        >>> zero_rows(torch.tensor([[0.0, -0.0], [0.0, float("nan")]], dtype=torch.bfloat16), 0)
+        tensor([ True, False])
+    """
     t = t.detach()
-    others = [d for d in range(t.dim()) if d != dim % max(1, t.dim())]
+    dim = dim % max(1, t.dim())
+    others = [d for d in range(t.dim()) if d != dim]
     if not others:
         return host(t == 0)
+    magnitude = _MAGNITUDE.get(t.dtype)
+    if (magnitude is not None and (t.element_size() == 2 or dim > 0) and t.numel() > 0 and t.device.type == "cpu"
+            and _get_current_dispatch_mode() is None):
+        return host(_zero_by_bits(t, dim, others, *magnitude))
     # Reduced where the values lie: no transposed or absolute copy of a large weight. NaN is never zero.
     return host((t.amax(others) == 0) & (t.amin(others) == 0))
+
+
+# A float is +-0 exactly where its bits other than the sign are 0 (NaN and inf have exponent bits set).
+_MAGNITUDE = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+              torch.float32: (torch.int32, 0x7FFFFFFF)}
+# Elements per slab of rows: the masked bits of a slab are a small scratch, never a copy of the weight.
+_ZERO_SLAB = 1 << 18
+
+
+def _zero_by_bits(t: torch.Tensor, dim: int, others: list[int], as_int: torch.dtype, magnitude: int) -> torch.Tensor:
+    """``zero_rows`` on a CPU float tensor by its bits: the largest magnitude bits of a slice are 0 exactly where
+    ``amax == 0 and amin == 0``; an integer reduction, slab by slab of rows, is several times faster than the
+    two float ones in bfloat16 and float16 (which convert every element), and along an inner dim in float32."""
+    bits = t.view(as_int)
+    rows = max(1, _ZERO_SLAB // max(1, t.numel() // t.shape[0]))
+    parts: list[torch.Tensor] = []
+    largest: torch.Tensor | None = None
+    for start in range(0, t.shape[0], rows):
+        slab = (bits.narrow(0, start, min(rows, t.shape[0] - start)) & magnitude).amax(others)
+        if dim == 0:
+            parts.append(slab)
+        else:
+            largest = slab if largest is None else torch.maximum(largest, slab, out=largest)
+    found = torch.cat(parts) if dim == 0 else largest
+    assert found is not None
+    return found == 0
 
 
 def fused_heads_zero(gm: fx.GraphModule, w_path: str, b_path: str | None, out_path: str, heads: int,
