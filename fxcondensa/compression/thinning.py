@@ -25,7 +25,14 @@ from ..capture.sharing import adopt_tensors, shared_tensors
 from ..errors import ThinningCheckError
 from ..passes.analysis import analyze
 from ..passes.annotate import annotations
-from ..passes.inplace import cut, deferred_cuts, has_deferred, mask_in_place, remember_references
+from ..passes.inplace import (
+    cut,
+    deferred_cuts,
+    has_deferred,
+    mask_in_place,
+    remember_references,
+    return_free_memory,
+)
 from ..passes.memo import remember, remembered
 from ..passes.own import (
     blocking_edits,
@@ -189,6 +196,8 @@ def _thin_rest(model: nn.Module, scheme: Any, example: Any, compressed: fx.Graph
     if lean:
         with torch.no_grad():
             scheme.annotate(compressed)
+        if inplace:  # the scores' scratch, freed, leaves the process before the reference runs
+            return_free_memory()
         masks = {k: a.mask for k, a in annotations(compressed).items() if a.mask is not None}
         # In place, the user's tensors are cut one at a time after the graph work and the reference run, each
         # dense one freed as its slice replaces it (passes/inplace.py). Their masks are applied to them in

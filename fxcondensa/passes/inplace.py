@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import weakref
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ from .reference import mask_sliced, masks_of
 from .slicing import DEFER_CUTS, SliceStep, _aliases, _cut, _cutter, _resolve, put_tensor
 from .thin import _run
 
-__all__ = ["mask_in_place", "remember_references", "deferred_cuts", "cut", "has_deferred"]
+__all__ = ["mask_in_place", "remember_references", "deferred_cuts", "cut", "has_deferred", "return_free_memory"]
 
 
 @dataclass
@@ -70,8 +71,10 @@ def remember_references(compressed: fx.GraphModule, inputs: tuple[Any, ...]) -> 
             remember((id(compressed), "outputs"), lambda: _run(compressed, inputs))
         except Exception:  # noqa: BLE001 - the check, run the usual way, names the error
             return False
+        return_free_memory()  # each run's scratch, freed, is not left resident for the next
         for wider in wider_dtypes(compute_dtype(compressed, inputs)):
             remember((id(compressed), wider), lambda w=wider: run_in(compressed, inputs, w))
+            return_free_memory()
     return True
 
 
@@ -149,6 +152,29 @@ def has_deferred(thinned: fx.GraphModule) -> bool:
     return thinned in _PLANS
 
 
+_TRIM: list[Any] = []
+
+
+def return_free_memory() -> None:
+    """Hand the C allocator's free memory back to the system (glibc's ``malloc_trim``). Blocks freed by the
+    work before and between the cuts (the reference runs' scratch, each dense tensor once cut) otherwise
+    stay resident in the process, or not, depending on its allocation history (glibc raises its threshold for
+    returning large blocks as they are freed, and each thread allocates from an arena of its own): the peak
+    of an in-place thin varied from 0.14x to 0.96x the model's bytes from one process to the next without it.
+    Nothing where the C library has no such call.
+
+    Example:
+        >>> return_free_memory()  # returns nothing; the process's resident memory may shrink
+    """
+    if not _TRIM:
+        try:
+            _TRIM.append(ctypes.CDLL(None).malloc_trim)
+        except (OSError, AttributeError):
+            _TRIM.append(None)
+    if _TRIM[0] is not None:
+        _TRIM[0](0)
+
+
 def _holders(root: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     """id of each tensor of ``root`` -> every (module, attribute, is parameter) that holds it."""
     out: dict[int, list[tuple[nn.Module, str, bool]]] = {}
@@ -195,6 +221,7 @@ def cut(model: nn.Module | None, thinned: fx.GraphModule, *, release: bool) -> N
         # What the capture left behind in reference cycles (torch.export's copies of the model's modules)
         # still holds the dense tensors: collected now, so that each is freed when its slice replaces it.
         gc.collect()
+        return_free_memory()
     source = deferred.source
     aliases = _aliases(thinned)
     masks = masks_of(source)
@@ -238,6 +265,8 @@ def cut(model: nn.Module | None, thinned: fx.GraphModule, *, release: bool) -> N
             _replace(user, id(old), value)
             _replace(capture, id(old), _meta_twin(old))
         del old, value
+        if release:
+            return_free_memory()
     if not release:
         mask_sliced(source, thinned, _cutter(source, deferred.plan))
         # Masks applied in place leave ``mask_sliced`` nothing to do: the tensors left whole are still the

@@ -62,10 +62,14 @@ def _zero_by_bits(t: torch.Tensor, dim: int, others: list[int], as_int: torch.dt
     two float ones in bfloat16 and float16 (which convert every element), and along an inner dim in float32."""
     bits = t.view(as_int)
     rows = max(1, _ZERO_SLAB // max(1, t.numel() // t.shape[0]))
+    # One scratch for every slab's masked bits: a fresh block per slab (a thousand for a language model) would
+    # leave the C allocator's heap fragmented, the process's resident memory growing with it.
+    scratch = torch.empty(min(rows, t.shape[0]) * (t.numel() // t.shape[0]), dtype=as_int)
     parts: list[torch.Tensor] = []
     largest: torch.Tensor | None = None
     for start in range(0, t.shape[0], rows):
-        slab = (bits.narrow(0, start, min(rows, t.shape[0] - start)) & magnitude).amax(others)
+        part = bits.narrow(0, start, min(rows, t.shape[0] - start))
+        slab = torch.bitwise_and(part, magnitude, out=scratch[:part.numel()].view(part.shape)).amax(others)
         if dim == 0:
             parts.append(slab)
         else:
