@@ -98,6 +98,12 @@ class WidenedInterpreter(MaskedInterpreter):
         super().__init__(gm)
         self.dtype = dtype
         self._raw = False
+        self._rows = False
+        # A large linear's weight is read a block of rows at a time (lean_reads.py), each block used at once
+        # and dropped: one widened buffer per block shape, refilled, instead of a fresh block per read. Fresh
+        # blocks left the C allocator's heap fragmented on some runs, the process holding about the model's
+        # bytes of freed float64 blocks at the end of the run.
+        self._blocks: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _widen(self, value: Any) -> Any:
         def one(v: Any) -> Any:
@@ -113,7 +119,22 @@ class WidenedInterpreter(MaskedInterpreter):
         return value if self._raw else self._widen(value)
 
     def cast(self, value: torch.Tensor) -> torch.Tensor:
-        return self._widen(value)
+        if not (self._rows and value.is_floating_point() and _narrower(value.dtype, self.dtype)):
+            return self._widen(value)
+        key = tuple(value.shape)
+        block = self._blocks.get(key)
+        if block is None or block.device != value.device:
+            block = self._blocks[key] = torch.empty(key, dtype=self.dtype, device=value.device)
+        return block.copy_(value)
+
+    def read(self, t: torch.Tensor, index: Any) -> torch.Tensor:
+        # A slice of rows is a linear's block (used before the next read); rows gathered by index are an
+        # embedding's output, which stays: only the former share a buffer.
+        self._rows = isinstance(index, slice)
+        try:
+            return super().read(t, index)
+        finally:
+            self._rows = False
 
     def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
         return self._widen(super().placeholder(target, args, kwargs))
