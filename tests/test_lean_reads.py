@@ -166,3 +166,21 @@ def test_the_own_check_does_not_search_for_the_first_differing_node(monkeypatch)
     keep = torch.ones(analyze(gm).num_channels, dtype=torch.bool)
     reason = own.check_own(gm, nn.Sequential(nn.Linear(4, 3)), keep, (x,))
     assert reason is not None and "the model's own forward differs" in reason
+
+
+def test_widened_row_blocks_share_one_buffer_and_gathered_rows_do_not():
+    # A linear's blocks are used before the next read: one buffer per shape, refilled (a fresh block per read
+    # left the C allocator's heap holding about the model's bytes on some runs). Gathered rows are an
+    # embedding's output and stay: never shared.
+    import torch.fx as fx
+
+    from fxcondensa.passes.precision import WidenedInterpreter
+
+    w = torch.randn(8, 4, dtype=torch.bfloat16)
+    reader = WidenedInterpreter(fx.symbolic_trace(torch.nn.Identity()), torch.float64)
+    a = reader.read(w, slice(0, 4))
+    assert torch.equal(a, w[0:4].double())
+    b = reader.read(w, slice(4, 8))
+    assert b is a and torch.equal(b, w[4:8].double())
+    c, d = reader.read(w, torch.tensor([1, 2])), reader.read(w, torch.tensor([3, 5]))
+    assert c is not d and torch.equal(c, w[[1, 2]].double()) and torch.equal(d, w[[3, 5]].double())
